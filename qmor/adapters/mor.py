@@ -1,0 +1,55 @@
+"""MoR, mixture of ranks (arXiv 2410.13408; no official code, our reading of the paper).
+
+One shared pair A (r, d_in), B (d_out, r) and N experts that are only scaling vectors λA_i (r) and λB_i (d_out),
+mixed per token by a dense softmax router g = softmax(W_g x):
+
+    Δy = s · Σ_i g_i(x) · λB_i ⊙ (B (λA_i ⊙ (A x)))
+
+With all λ = 1 every expert is the same LoRA and Σ g_i = 1, so routing does not matter at init or after `fit`.
+"""
+
+import math
+
+import torch
+from torch import nn
+
+from qmor.adapters.factor import low_rank
+from qmor.config import AdapterConfig
+from qmor.errors import NotMergeable
+
+
+class MoR(nn.Module):
+    def __init__(self, d_in: int, d_out: int, cfg: AdapterConfig):
+        super().__init__()
+        self.scale = cfg.alpha / cfg.r
+        self.A = nn.Parameter(torch.empty(cfg.r, d_in))  # (r, d_in), shared
+        self.B = nn.Parameter(torch.zeros(d_out, cfg.r))  # (d_out, r), shared
+        self.lam_A = nn.Parameter(torch.ones(cfg.experts, cfg.r))  # (N, r)
+        self.lam_B = nn.Parameter(torch.ones(cfg.experts, d_out))  # (N, d_out)
+        # A random router breaks the symmetry between the identical experts; a zero router would keep them equal.
+        self.router = nn.Parameter(torch.empty(cfg.experts, d_in))  # (N, d_in)
+        nn.init.kaiming_uniform_(self.A, a=math.sqrt(5))
+        nn.init.kaiming_uniform_(self.router, a=math.sqrt(5))
+
+    @staticmethod
+    def num_params(d_in: int, d_out: int, cfg: AdapterConfig) -> int:
+        return cfg.r * (d_in + d_out) + cfg.experts * (cfg.r + d_out + d_in)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gates = torch.softmax(x @ self.router.T, dim=-1)  # (..., N)
+        h = (x @ self.A.T)[..., None, :] * self.lam_A * gates[..., None]  # (..., N, r)
+        # Σ_i λB_i ⊙ (B h_i) as one matmul against the stacked, rescaled copies of B: (N r) -> d_out.
+        stacked = (self.lam_B[:, :, None] * self.B).permute(1, 0, 2).flatten(1)  # (d_out, N r)
+        return h.flatten(-2) @ stacked.T * self.scale
+
+    def delta_weight(self) -> torch.Tensor:
+        raise NotMergeable("MoR routes each token to its own mix of experts, so it has no single dense delta weight; "
+                           "export it as an adapter, or train lora, moslora or mora to merge")
+
+    @torch.no_grad()
+    def fit(self, residual: torch.Tensor) -> None:
+        B, A = low_rank(residual / self.scale, self.A.shape[0])
+        self.B.copy_(B)
+        self.A.copy_(A)
+        self.lam_A.fill_(1.0)
+        self.lam_B.fill_(1.0)

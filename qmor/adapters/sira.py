@@ -1,0 +1,71 @@
+"""SiRA (arXiv 2311.09179): a sparse mixture of E LoRA experts, top-k per token, with capacity.
+
+The paper's hyperparameters and several details are not public; these are our choices:
+- the k kept gate probabilities are renormalised to sum to 1, so identical experts give exactly one LoRA's output
+  (this is what makes `fit`, and with it LoftQ, exact);
+- the capacity limit (at most ceil(cf · k · T / E) of a batch's T tokens per expert, first come first served in
+  token order, overflow tokens skip that expert) applies in training only: at inference a token's output must not
+  depend on the other tokens in the batch, or generation with a KV cache would disagree with a full forward;
+- expert dropout is ordinary dropout on the kept gate weights, in training only;
+- the load-balancing loss is the Switch Transformer one, E · Σ_e f_e · p_e (f_e: share of routed token slots,
+  p_e: mean gate probability), stored in `aux_loss` by each training forward for the loop to add.
+The experts are computed densely as one rank E·r LoRA with per-token masked gates: the output is the sparse
+mixture's, and at matched parameters the cost is a LoRA's.
+"""
+
+import math
+
+import torch
+from torch import nn
+
+from qmor.adapters.factor import low_rank
+from qmor.config import AdapterConfig
+from qmor.errors import NotMergeable
+
+
+class SiRA(nn.Module):
+    def __init__(self, d_in: int, d_out: int, cfg: AdapterConfig):
+        super().__init__()
+        self.scale = cfg.alpha / cfg.r
+        self.experts, self.r, self.top_k = cfg.experts, cfg.r, min(cfg.top_k, cfg.experts)
+        self.capacity_factor = cfg.capacity_factor
+        self.gate_dropout = nn.Dropout(cfg.expert_dropout)
+        self.A = nn.Parameter(torch.empty(cfg.experts * cfg.r, d_in))  # (E r, d_in): expert e owns rows e r..
+        self.B = nn.Parameter(torch.zeros(d_out, cfg.experts * cfg.r))  # (d_out, E r)
+        self.router = nn.Parameter(torch.empty(cfg.experts, d_in))  # (E, d_in)
+        nn.init.kaiming_uniform_(self.A, a=math.sqrt(5))
+        nn.init.kaiming_uniform_(self.router, a=math.sqrt(5))
+        self.aux_loss: torch.Tensor | None = None
+
+    @staticmethod
+    def num_params(d_in: int, d_out: int, cfg: AdapterConfig) -> int:
+        return cfg.experts * (cfg.r * (d_in + d_out) + d_in)
+
+    def gates(self, x: torch.Tensor) -> torch.Tensor:
+        """Dense (T, E) gate weights: renormalised top-k, zero elsewhere; capacity and dropout when training."""
+        probs = torch.softmax(x @ self.router.T, dim=-1)  # (T, E)
+        top, idx = probs.topk(self.top_k, dim=-1)  # (T, k)
+        mask = torch.zeros_like(probs).scatter_(-1, idx, 1.0)
+        gates = probs * mask / top.sum(-1, keepdim=True)
+        if self.training:
+            capacity = math.ceil(self.capacity_factor * self.top_k * x.shape[0] / self.experts)
+            keep = (mask.cumsum(0) <= capacity).to(mask.dtype)  # first come, first served per expert
+            gates = self.gate_dropout(gates * keep)
+            self.aux_loss = self.experts * (mask.mean(0) / self.top_k * probs.mean(0)).sum()
+        return gates
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        tokens = x.reshape(-1, x.shape[-1])  # (T, d_in)
+        h = (tokens @ self.A.T).view(-1, self.experts, self.r)  # (T, E, r)
+        h = h * self.gates(tokens)[..., None]
+        return (h.flatten(1) @ self.B.T * self.scale).view(*x.shape[:-1], -1)
+
+    def delta_weight(self) -> torch.Tensor:
+        raise NotMergeable("SiRA routes each token to its own top-k experts, so it has no single dense delta weight; "
+                           "export it as an adapter, or train lora, moslora or mora to merge")
+
+    @torch.no_grad()
+    def fit(self, residual: torch.Tensor) -> None:
+        B, A = low_rank(residual / self.scale, self.r)
+        self.A.copy_(A.repeat(self.experts, 1))
+        self.B.copy_(B.repeat(1, self.experts))

@@ -1,0 +1,167 @@
+"""Wrap a model's target linears with adapters, freeze the rest, and save / load adapters as safetensors."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from qmor import __version__
+from qmor.adapters import build_adapter
+from qmor.config import AdapterConfig, QuantConfig, from_dict, to_dict
+from qmor.errors import QmorError
+from qmor.files import atomic_dir, load_json, save_json
+from qmor.layer import AdaptedLinear
+
+WEIGHTS = "adapter.safetensors"
+CONFIG = "adapter_config.json"
+
+
+@dataclass
+class AdapterMeta:
+    """What travels with an adapter so that loading and merging can check they use the right base."""
+
+    adapter: AdapterConfig
+    base_model: str = ""  # hub id or local path of the base the adapter was trained on
+    quant: QuantConfig = field(default_factory=QuantConfig)
+    init: str = "default"  # "default" or "loftq": LoftQ changes the quantised base, so the merge base must be Q_T
+    merge_base: str = "dequantized"  # "dequantized" (dequant(Q), always right) or "original" (W; wrong after LoftQ)
+    base_weights: str | None = None  # folder with the LoftQ-initialised 4-bit base (Q_T), when init == "loftq"
+
+    def to_json(self) -> dict:
+        return {"adapter": to_dict(self.adapter), "base_model": self.base_model, "quant": to_dict(self.quant),
+                "init": self.init, "merge_base": self.merge_base, "base_weights": self.base_weights,
+                "qmor_version": __version__}
+
+    @classmethod
+    def from_json(cls, data: dict) -> AdapterMeta:
+        return cls(adapter=from_dict(AdapterConfig, data["adapter"]), base_model=data.get("base_model", ""),
+                   quant=from_dict(QuantConfig, data.get("quant", {})), init=data.get("init", "default"),
+                   merge_base=data.get("merge_base", "dequantized"), base_weights=data.get("base_weights"))
+
+
+def _output_head(model: nn.Module) -> nn.Module | None:
+    get = getattr(model, "get_output_embeddings", None)
+    return get() if get else None
+
+
+def find_targets(model: nn.Module, targets: str | list[str]) -> list[str]:
+    """Names of the linears to adapt: every linear but the output head, name suffixes, or a regex."""
+    head = _output_head(model)
+    linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and m is not head]
+    if targets == "all-linear":
+        found = linears
+    elif isinstance(targets, str):
+        try:
+            pattern = re.compile(targets)
+        except re.error as e:
+            raise QmorError(f"targets regex {targets!r} is invalid ({e}); fix the pattern") from None
+        found = [n for n in linears if pattern.fullmatch(n) or pattern.search(n)]
+    else:
+        found = [n for n in linears if any(n == t or n.endswith("." + t) for t in targets)]
+    if not found:
+        sample = sorted({n.rsplit(".", 1)[-1] for n in linears})
+        raise QmorError(f"targets {targets!r} match no linear layer; this model's linears end in {sample}")
+    return found
+
+
+def attach(model: nn.Module, cfg: AdapterConfig) -> list[str]:
+    """Freeze the model, wrap each target linear in an AdaptedLinear and return the wrapped names."""
+    for p in model.parameters():
+        p.requires_grad_(False)
+    names = find_targets(model, cfg.targets)
+    for name in names:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name)
+        base = getattr(parent, child)
+        device = next(base.parameters()).device
+        adapter = build_adapter(cfg, base.in_features, base.out_features, name).to(device)
+        setattr(parent, child, AdaptedLinear(base, adapter, cfg.dropout))
+    return names
+
+
+def adapted_layers(model: nn.Module) -> dict[str, AdaptedLinear]:
+    return {n: m for n, m in model.named_modules() if isinstance(m, AdaptedLinear)}
+
+
+def detach(model: nn.Module) -> None:
+    """Put the plain base linears back, dropping the adapters."""
+    for name, layer in adapted_layers(model).items():
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name), child, layer.base)
+
+
+def set_enabled(model: nn.Module, enabled: bool) -> None:
+    for layer in adapted_layers(model).values():
+        layer.enabled = enabled
+
+
+def aux_loss(model: nn.Module) -> torch.Tensor | None:
+    """Sum of the routed adapters' auxiliary losses from the last training forward (SiRA load balancing)."""
+    losses = [layer.adapter.aux_loss for layer in adapted_layers(model).values()
+              if getattr(layer.adapter, "aux_loss", None) is not None]
+    return torch.stack(losses).sum() if losses else None
+
+
+def count_parameters(model: nn.Module) -> tuple[int, int]:
+    """(trainable, total) parameters; 4-bit weights count as their logical size, not their packed bytes."""
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = 0
+    for m in model.modules():
+        for p in m.parameters(recurse=False):
+            total += m.in_features * m.out_features if (p is getattr(m, "weight", None) and p.dtype == torch.uint8
+                                                        and hasattr(m, "in_features")) else p.numel()
+    return trainable, total
+
+
+def adapter_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {f"{name}.{k}": v.detach().contiguous().cpu()
+            for name, layer in adapted_layers(model).items() for k, v in layer.adapter.state_dict().items()}
+
+
+def save_adapter(model: nn.Module, path: str | Path, meta: AdapterMeta) -> Path:
+    """adapter.safetensors + adapter_config.json, written under a temporary name and renamed when complete."""
+    path = Path(path)
+    with atomic_dir(path) as tmp:
+        save_file(adapter_state(model), str(tmp / WEIGHTS), metadata={"format": "qmor"})
+        save_json(meta.to_json(), tmp / CONFIG)
+    return path
+
+
+def read_meta(path: str | Path) -> AdapterMeta:
+    path = Path(path)
+    if not (path / CONFIG).is_file():
+        raise QmorError(f"{path} holds no {CONFIG}; pass the adapter folder of a qmor run (e.g. runs/NAME/adapter)")
+    return AdapterMeta.from_json(load_json(path / CONFIG))
+
+
+def load_adapter_weights(model: nn.Module, path: str | Path) -> None:
+    """Copy saved adapter weights into an already attached model, checking every name and shape first."""
+    path = Path(path)
+    state = load_file(str(path / WEIGHTS))
+    expected = adapter_state(model)
+    missing = sorted(set(expected) - set(state))
+    extra = sorted(set(state) - set(expected))
+    if missing or extra:
+        raise QmorError(f"adapter {path} does not fit this model: {len(missing)} tensors missing (e.g. "
+                        f"{missing[:1]}), {len(extra)} unexpected (e.g. {extra[:1]}); load it onto the base model "
+                        "it was trained on")
+    for key, value in state.items():
+        if value.shape != expected[key].shape:
+            raise QmorError(f"adapter {path} does not fit this model: {key} has shape {tuple(value.shape)} in the "
+                            f"file but {tuple(expected[key].shape)} here; load it onto the base it was trained on")
+    for name, layer in adapted_layers(model).items():
+        prefix = name + "."
+        layer.adapter.load_state_dict({k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)})
+
+
+def load_adapter(model: nn.Module, path: str | Path) -> AdapterMeta:
+    """Attach the saved family to `model` and load its weights; returns the saved metadata."""
+    meta = read_meta(path)
+    attach(model, meta.adapter)
+    load_adapter_weights(model, path)
+    return meta

@@ -1,0 +1,131 @@
+"""NF4 quantisation and 4-bit model loading. The only module that imports bitsandbytes.
+
+Everything that quantises or dequantises goes through `quantize` / `dequantize` here, so the Q that LoftQ
+optimises is bit for bit the Q that training uses (same block size, same double quantisation).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import bitsandbytes as bnb
+import torch
+from torch import nn
+
+from qmor.config import QuantConfig
+from qmor.errors import QmorError
+
+Packed = bnb.nn.Params4bit  # NF4 storage: packed uint8 codes plus their quant_state (absmax, nested absmax)
+
+
+def compute_dtype(cfg: QuantConfig, device: str | torch.device) -> torch.dtype:
+    if cfg.compute_dtype != "auto":
+        return getattr(torch, cfg.compute_dtype)
+    return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+
+
+def quantize(weight: torch.Tensor, cfg: QuantConfig = QuantConfig()) -> Packed:
+    """NF4-quantise a dense (d_out, d_in) weight on its own device."""
+    packed = bnb.nn.Params4bit(
+        weight.detach().to(torch.float32).contiguous(),
+        requires_grad=False,
+        quant_type="nf4",
+        compress_statistics=cfg.double_quant,
+        blocksize=cfg.blocksize,
+    )
+    return packed.to(weight.device)  # moving a Params4bit is what quantises it
+
+
+def dequantize(packed: Packed) -> torch.Tensor:
+    """The dense fp32 weight that a 4-bit layer multiplies by."""
+    return bnb.functional.dequantize_4bit(packed.data, packed.quant_state).to(torch.float32)
+
+
+def nf4_roundtrip(weight: torch.Tensor, cfg: QuantConfig = QuantConfig()) -> torch.Tensor:
+    return dequantize(quantize(weight, cfg))
+
+
+def is_4bit(module: nn.Module) -> bool:
+    return isinstance(module, bnb.nn.Linear4bit)
+
+
+def dense_weight(linear: nn.Linear) -> torch.Tensor:
+    """fp32 weight of a plain or 4-bit linear: what the frozen base actually computes with."""
+    return dequantize(linear.weight) if is_4bit(linear) else linear.weight.detach().to(torch.float32)
+
+
+def set_packed(linear: nn.Module, packed: Packed) -> None:
+    """Replace a 4-bit layer's stored weight (e.g. with LoftQ's Q_T)."""
+    packed.module = linear
+    linear.weight = packed
+
+
+def packed_state(packed: Packed) -> dict[str, torch.Tensor]:
+    """Tensors that fully describe an NF4 weight, for safetensors (quant_state serialised the bitsandbytes way)."""
+    out = {"weight": packed.data}
+    out.update(packed.quant_state.as_dict(packed=True))
+    return out
+
+
+def packed_from_state(state: dict[str, torch.Tensor], device: str | torch.device) -> Packed:
+    stats = {k: v for k, v in state.items() if k != "weight"}
+    return bnb.nn.Params4bit.from_prequantized(state["weight"], stats, requires_grad=False, device=device)
+
+
+def is_local(name_or_path: str) -> bool:
+    return os.path.isdir(name_or_path) or name_or_path.startswith((".", "/", "~"))
+
+
+def check_model_source(name_or_path: str) -> None:
+    """Fail early, in one line, on a path that does not hold a model."""
+    if is_local(name_or_path):
+        path = Path(name_or_path).expanduser()
+        if not path.is_dir():
+            raise QmorError(f"model folder {name_or_path} does not exist; pass a local folder or a hub id such as "
+                            "meta-llama/Llama-2-7b-hf")
+        if not (path / "config.json").is_file():
+            raise QmorError(f"{name_or_path} has no config.json, so it is not a Hugging Face model folder")
+
+
+def load_4bit(
+    name_or_path: str,
+    cfg: QuantConfig = QuantConfig(),
+    device: str | None = None,
+    trust_remote_code: bool = False,
+) -> nn.Module:
+    """Load a causal LM with every linear layer but the output head in NF4 (double quantisation by default)."""
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    check_model_source(name_or_path)
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = compute_dtype(cfg, device)
+    quant = BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=cfg.double_quant,
+        bnb_4bit_compute_dtype=dtype,
+    )
+    if cfg.blocksize != 64:
+        raise QmorError("transformers loads NF4 with block size 64 only; set QuantConfig.blocksize = 64")
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            str(Path(name_or_path).expanduser()) if is_local(name_or_path) else name_or_path,
+            quantization_config=quant,
+            dtype=dtype,
+            device_map={"": device},
+            trust_remote_code=trust_remote_code,
+        )
+    except OSError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise QmorError(f"could not load model {name_or_path!r}: {first}") from None
+    model.config.use_cache = False
+    return model
+
+
+def load_dense(name_or_path: str, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False) -> nn.Module:
+    """The same model unquantised (for references in tests and benchmarks)."""
+    from transformers import AutoModelForCausalLM
+
+    check_model_source(name_or_path)
+    return AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype, trust_remote_code=trust_remote_code)
