@@ -52,10 +52,10 @@ def load_trained(
     if not base:
         raise QmorError(f"adapter {adapter_dir} does not record its base model; pass the base with --base-model")
     model = load_4bit(base, meta.quant, device, trust_remote_code)
+    attach(model, meta.adapter)
     if meta.init == "loftq":
         from qmor.loftq import restore_base
 
         restore_base(model, meta, base, trust_remote_code)
-    attach(model, meta.adapter)
     load_adapter_weights(model, adapter_dir)
     return model, meta

@@ -1,0 +1,305 @@
+"""LoftQ-style initialisation for every adapter family, streamed from safetensors checkpoints.
+
+For each target weight W (read from the checkpoint one tensor at a time, never the whole model):
+
+    adapter starts at ΔW = 0
+    repeat T times:  Q = nf4(W - ΔW);  adapter.fit(W - deq(Q))
+
+nf4 is `qmor.quant.quantize`, the quantiser the 4-bit layers train with, so the Q_T written into the layer is the
+Q that LoftQ optimised. Q_T is not nf4(W), so it is cached on disk (keyed by model, family, rank, targets, T and
+quantisation) and every later load of a LoftQ adapter puts it back with `apply_base_weights`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sys
+import zlib
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+from torch import nn
+from tqdm import tqdm
+
+from qmor.adapters import build_adapter
+from qmor.attach import WEIGHTS, AdapterMeta, adapted_layers, adapter_state, attach, load_adapter_weights
+from qmor.config import AdapterConfig, QuantConfig, to_dict
+from qmor.errors import NotMergeable, QmorError
+from qmor.files import atomic_dir, load_json, save_json
+from qmor.layer import AdaptedLinear
+from qmor.quant import Packed, dequantize, is_4bit, is_local, load_4bit, packed_from_state, packed_state, quantize
+from qmor.quant import set_packed as put_packed
+
+BASE = "base.safetensors"  # Q_T of every target, keys "<module name>|<packed_state key>"
+REPORT = "loftq_report.json"
+KEY = "key.json"
+ALGORITHM = 1  # bump when the loop changes, so old caches are not mistaken for new results
+# AdapterConfig fields that change only training, never the result of `fit`: left out of the cache key
+TRAINING_ONLY = ("dropout", "expert_dropout", "aux_loss_weight", "capacity_factor", "top_k", "init")
+
+
+# ---------------------------------------------------------------------------------------------------- one layer
+
+
+def effective_delta(adapter: nn.Module, d_in: int) -> torch.Tensor:
+    """The adapter's dense ΔW (d_out, d_in). Routed families have no delta_weight, but right after `fit` their
+    output does not depend on routing, so feeding the basis vectors reads ΔW off column by column."""
+    try:
+        return adapter.delta_weight().to(torch.float32)
+    except NotMergeable:
+        pass
+    was_training = adapter.training
+    adapter.eval()
+    device = next(adapter.parameters()).device
+    cols = []
+    for start in range(0, d_in, 2048):
+        eye = torch.eye(d_in, device=device)[start : start + 2048]  # (c, d_in): rows are basis vectors
+        cols.append(adapter(eye).T.to(torch.float32))  # (d_out, c)
+    adapter.train(was_training)
+    return torch.cat(cols, dim=1)
+
+
+@torch.no_grad()
+def loftq_layer(
+    weight: torch.Tensor, adapter: nn.Module, quant: QuantConfig, iters: int
+) -> tuple[Packed, float, float]:
+    """Run T LoftQ alternations for one (d_out, d_in) weight on its own device, fitting `adapter` in place.
+
+    Returns (Q_T, relative error of plain NF4, relative error after LoftQ), errors as ||W - deq(Q) - ΔW|| / ||W||.
+    """
+    if iters < 1:
+        raise QmorError(f"loftq_iters must be at least 1, got {iters}; pass e.g. --loftq-iters 1")
+    W = weight.to(torch.float32)
+    norm = W.norm().clamp(min=1e-12)
+    packed = quantize(W, quant)
+    plain = ((W - dequantize(packed)).norm() / norm).item()
+    delta = None
+    for step in range(iters):
+        if step > 0:
+            packed = quantize(W - delta, quant)
+        adapter.fit(W - dequantize(packed))
+        delta = effective_delta(adapter, W.shape[1])
+    err = ((W - dequantize(packed) - delta).norm() / norm).item()
+    return packed, plain, err
+
+
+# ---------------------------------------------------------------------------------------------------- checkpoints
+
+
+def resolve_model(model_path: str) -> Path:
+    """The local folder of a model: the path itself, or a hub id's snapshot in the Hugging Face cache."""
+    if is_local(model_path):
+        path = Path(model_path).expanduser()
+        if not (path / "config.json").is_file():
+            raise QmorError(f"{model_path} is not a Hugging Face model folder (no config.json); pass a model folder")
+        return path.resolve()
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(model_path, local_files_only=True))
+    except Exception:  # any failure means the same thing here: there is no usable local copy
+        raise QmorError(f"LoftQ reads weights from disk, and {model_path!r} is neither a local folder nor in the "
+                        f"Hugging Face cache; run `huggingface-cli download {model_path}` first or pass a folder"
+                        ) from None
+
+
+def weight_files(folder: Path) -> dict[str, Path]:
+    """Map of tensor name -> safetensors file, from model.safetensors.index.json or a single model.safetensors."""
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        return {name: folder / file for name, file in load_json(index)["weight_map"].items()}
+    single = folder / "model.safetensors"
+    if single.is_file():
+        with safe_open(str(single), framework="pt") as f:
+            return {name: single for name in f.keys()}
+    raise QmorError(f"{folder} has no safetensors weights (model.safetensors or an index); LoftQ never unpickles "
+                    ".bin files, so convert the checkpoint to safetensors first")
+
+
+def checkpoint_name(module: str, names: dict[str, Path], prefix: str) -> str:
+    """The checkpoint key of a module's weight (checkpoints saved from the bare base model lack the prefix)."""
+    for key in (f"{module}.weight", f"{module.removeprefix(prefix + '.')}.weight"):
+        if key in names:
+            return key
+    raise QmorError(f"the checkpoint has no tensor for {module}.weight; LoftQ streaming needs checkpoint tensor "
+                    "names that match the model's modules (re-save the model with save_pretrained)")
+
+
+def read_tensor(names: dict[str, Path], key: str) -> torch.Tensor:
+    with safe_open(str(names[key]), framework="pt") as f:
+        return f.get_tensor(key)
+
+
+def fingerprint(files: list[Path]) -> str:
+    """Cheap content hash of the weight files: size, the safetensors header and 16 sampled 64 KiB chunks each,
+    so a re-saved checkpoint at the same path gets a new key without reading gigabytes."""
+    h = hashlib.sha256()
+    for path in sorted(set(files)):
+        size = path.stat().st_size
+        h.update(f"{path.name}:{size}".encode())
+        with open(path, "rb") as f:
+            header = int.from_bytes(f.read(8), "little")
+            h.update(f.read(min(header, 1 << 24)))
+            for i in range(16):
+                f.seek(size * i // 16)
+                h.update(f.read(1 << 16))
+    return h.hexdigest()[:16]
+
+
+# ---------------------------------------------------------------------------------------------------- cache
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("QMOR_CACHE") or Path.home() / ".cache" / "qmor")
+
+
+def cache_key(model_path: str, files: list[Path], cfg: AdapterConfig, targets: list[str], quant: QuantConfig) -> dict:
+    adapter = {k: v for k, v in to_dict(cfg).items() if k not in TRAINING_ONLY}
+    return {"model": model_path, "weights": fingerprint(files), "adapter": adapter,
+            "targets": hashlib.sha256("\n".join(targets).encode()).hexdigest()[:16],
+            "quant": {"blocksize": quant.blocksize, "double_quant": quant.double_quant}, "algorithm": ALGORITHM}
+
+
+def cache_folder(root: Path, key: dict, cfg: AdapterConfig) -> Path:
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+    name = Path(key["model"]).name.replace(".", "-") or "model"
+    return root / f"{name}-{cfg.family}-r{cfg.r}-T{cfg.loftq_iters}-{digest}"
+
+
+def _target_linear(model: nn.Module, name: str) -> nn.Module:
+    try:
+        module = model.get_submodule(name)
+    except AttributeError:
+        raise QmorError(f"cached LoftQ base has weights for {name}, which this model lacks; load it onto the base "
+                        "model it was computed for") from None
+    linear = module.base if isinstance(module, AdaptedLinear) else module
+    if not is_4bit(linear):
+        raise QmorError(f"{name} is not a 4-bit layer; LoftQ base weights go into a model loaded in 4-bit")
+    return linear
+
+
+def apply_base_weights(model: nn.Module, folder: str | Path) -> None:
+    """Put the cached Q_T from `folder` into a loaded 4-bit model (adapters attached or not)."""
+    path = Path(folder) / BASE
+    if not path.is_file():
+        raise QmorError(f"{path} does not exist; the LoftQ base weights are gone, so recompute them with the same "
+                        "--init loftq settings")
+    grouped: dict[str, dict[str, torch.Tensor]] = {}
+    for key, value in load_file(str(path)).items():
+        name, _, part = key.partition("|")
+        grouped.setdefault(name, {})[part] = value
+    for name, state in grouped.items():
+        linear = _target_linear(model, name)
+        packed = packed_from_state(state, linear.weight.device)
+        if packed.quant_state.shape != linear.weight.quant_state.shape:
+            raise QmorError(f"cached LoftQ base for {name} has shape {tuple(packed.quant_state.shape)}, the model "
+                            f"{tuple(linear.weight.quant_state.shape)}; load it onto the base it was computed for")
+        put_packed(linear, packed)
+
+
+def save_cache(model: nn.Module, folder: Path, key: dict, report: dict) -> None:
+    state = {f"{name}|{k}": v.detach().contiguous().cpu()
+             for name, layer in adapted_layers(model).items() for k, v in packed_state(layer.base.weight).items()}
+    with atomic_dir(folder) as tmp:
+        save_file(state, str(tmp / BASE), metadata={"format": "qmor-loftq"})
+        save_file(adapter_state(model), str(tmp / WEIGHTS), metadata={"format": "qmor"})
+        save_json(key, tmp / KEY)
+        save_json(report, tmp / REPORT)
+
+
+# ---------------------------------------------------------------------------------------------------- whole model
+
+
+def initialise(model: nn.Module, names: dict[str, Path], quant: QuantConfig, iters: int) -> dict[str, dict]:
+    """LoftQ every attached layer in place, one checkpoint tensor at a time; per-layer errors."""
+    prefix = getattr(model, "base_model_prefix", "model")
+    layers = adapted_layers(model)
+    errors = {}
+    for name, layer in tqdm(layers.items(), desc="LoftQ init", unit="layer", file=sys.stderr):
+        device = layer.base.weight.device
+        W = read_tensor(names, checkpoint_name(name, names, prefix)).to(device, torch.float32)  # (d_out, d_in)
+        # svd_lowrank draws random vectors: a per-layer seed makes Q_T reproducible when the cache is gone
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            torch.manual_seed(zlib.crc32(name.encode()))
+            packed, plain, err = loftq_layer(W, layer.adapter, quant, iters)
+        put_packed(layer.base, packed)
+        errors[name] = {"nf4": plain, "loftq": err}
+        del W
+    return errors
+
+
+def make_report(errors: dict[str, dict], cfg: AdapterConfig, folder: Path) -> dict:
+    plain = [e["nf4"] for e in errors.values()]
+    after = [e["loftq"] for e in errors.values()]
+    mean_plain, mean_after = sum(plain) / len(plain), sum(after) / len(after)
+    return {"family": cfg.family, "r": cfg.r, "alpha": cfg.alpha, "iters": cfg.loftq_iters,
+            "base_weights": str(folder), "layers": errors,
+            "mean_nf4": mean_plain, "mean_loftq": mean_after, "worst_nf4": max(plain), "worst_loftq": max(after),
+            "gain": mean_plain / max(mean_after, 1e-12)}
+
+
+def summary(report: dict) -> str:
+    return (f"LoftQ {report['family']} r={report['r']} T={report['iters']} over {len(report['layers'])} layers: "
+            f"relative error mean {report['mean_nf4']:.4f} -> {report['mean_loftq']:.4f} "
+            f"({report['gain']:.2f}x lower), worst {report['worst_nf4']:.4f} -> {report['worst_loftq']:.4f}")
+
+
+def loftq_init(
+    model_path: str,
+    adapter_cfg: AdapterConfig,
+    quant: QuantConfig = QuantConfig(),
+    device: str | None = None,
+    cache_dir: str | Path | None = None,
+    trust_remote_code: bool = False,
+) -> tuple[nn.Module, AdapterMeta, dict]:
+    """4-bit model with LoftQ-initialised adapters: loaded from the cache when the same key was computed before,
+    else computed layer by layer from the checkpoint and cached. Returns (model, meta, report)."""
+    from qmor.load import model_source
+
+    if adapter_cfg.loftq_iters < 1:
+        raise QmorError(f"loftq_iters must be at least 1, got {adapter_cfg.loftq_iters}; pass e.g. --loftq-iters 1")
+    folder = resolve_model(model_path)
+    names = weight_files(folder)
+    model = load_4bit(str(folder), quant, device, trust_remote_code)
+    targets = attach(model, adapter_cfg)
+    source = model_source(model_path)
+    key = cache_key(source, list(names.values()), adapter_cfg, targets, quant)
+    cache = cache_folder(Path(cache_dir) if cache_dir else default_cache_dir(), key, adapter_cfg)
+    if (cache / BASE).is_file() and (cache / REPORT).is_file():
+        apply_base_weights(model, cache)
+        load_adapter_weights(model, cache)
+        report = load_json(cache / REPORT)
+        print(f"LoftQ: loaded cached init from {cache}", file=sys.stderr)
+    else:
+        report = make_report(initialise(model, names, quant, adapter_cfg.loftq_iters), adapter_cfg, cache)
+        save_cache(model, cache, key, report)
+    print(summary(report), file=sys.stderr)
+    meta = AdapterMeta(adapter=adapter_cfg, base_model=source, quant=quant, init="loftq", base_weights=str(cache))
+    return model, meta, report
+
+
+def restore_base(model: nn.Module, meta: AdapterMeta, base: str, trust_remote_code: bool = False) -> None:
+    """Put a LoftQ adapter's Q_T into an attached 4-bit model: from its cache folder, or recomputed (and cached
+    again) with the same seeds when the folder is gone. Leaves the adapters at their LoftQ init."""
+    folder = Path(meta.base_weights) if meta.base_weights else None
+    if folder is not None and (folder / BASE).is_file():
+        apply_base_weights(model, folder)
+        return
+    print(f"LoftQ base weights {folder} are missing; recomputing them from {base} (deterministic, same settings)",
+          file=sys.stderr)
+    names = weight_files(resolve_model(base))
+    errors = initialise(model, names, meta.quant, meta.adapter.loftq_iters)
+    if folder is not None:
+        try:
+            save_cache(model, folder, {"model": base, "recomputed": True}, make_report(errors, meta.adapter, folder))
+        except OSError as e:
+            print(f"could not write the LoftQ cache {folder} ({e}); it will be recomputed next time", file=sys.stderr)
+
+
+def fresh_adapter(cfg: AdapterConfig, weight: torch.Tensor) -> nn.Module:
+    """A default-initialised adapter for one (d_out, d_in) weight, on the weight's device (benchmarks, tests)."""
+    return build_adapter(cfg, weight.shape[1], weight.shape[0]).to(weight.device)
