@@ -1,0 +1,84 @@
+"""Chat templates: the tokenizer's own, or a ChatML-style fallback for tokenizers that ship none (base models)."""
+
+from __future__ import annotations
+
+import copy
+import logging
+
+log = logging.getLogger(__name__)
+_warned = False  # the fallback is stated once per process, not once per evaluation prompt
+_warned_prefix = False  # likewise for templates whose prefixes are not token prefixes
+
+# ChatML layout; the EOS token after each assistant turn is what teaches a base model to stop generating
+CHATML_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>"
+    "{% if m['role'] == 'assistant' and eos_token %}{{ eos_token }}{% endif %}\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def with_chat_template(tokenizer):
+    """Return `tokenizer` if it has a chat template, else a copy carrying the ChatML fallback (logged once).
+
+    The copy keeps the caller's tokenizer untouched, so a model saved later is not silently given a template.
+    """
+    global _warned
+    if getattr(tokenizer, "chat_template", None):
+        return tokenizer
+    if not _warned:
+        _warned = True
+        log.warning("tokenizer has no chat template; using a ChatML-style fallback (<|im_start|>role ... <|im_end|>)")
+    tok = copy.deepcopy(tokenizer)
+    tok.chat_template = CHATML_TEMPLATE
+    return tok
+
+
+def template_name(tokenizer) -> str:
+    """'tokenizer' when the tokenizer's own template is used, 'chatml-fallback' otherwise (for stats and logs)."""
+    return "tokenizer" if getattr(tokenizer, "chat_template", None) else "chatml-fallback"
+
+
+def render(tokenizer, messages: list[dict], add_generation_prompt: bool = False) -> str:
+    """The template applied to `messages` as text (special tokens such as BOS included by the template itself)."""
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+
+
+def encode(tokenizer, text: str) -> list[int]:
+    """Token ids of rendered text; no special tokens added, since the template already wrote those it wants."""
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    n = 0
+    for x, y in zip(a, b, strict=False):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def encode_chat(tokenizer, messages: list[dict], train_on_prompt: bool = False) -> tuple[list[int], list[int]]:
+    """Token ids of a conversation and its labels: the ids on every assistant turn, -100 elsewhere.
+
+    Turn boundaries come from rendering the template prefix by prefix: assistant turn i spans from the end of
+    messages[:i] + generation prompt to the end of messages[:i+1], both in tokens. Each end is measured as the
+    common token prefix with the full conversation; for ordinary templates that is the prefix's own length. A
+    template that rewrites earlier turns (e.g. dropping reasoning) breaks that property; it is logged once.
+    """
+    global _warned_prefix
+    ids = encode(tokenizer, render(tokenizer, messages))
+    if train_on_prompt:
+        return ids, list(ids)
+    labels = [-100] * len(ids)
+    for i, m in enumerate(messages):
+        if m["role"] != "assistant":
+            continue
+        head = encode(tokenizer, render(tokenizer, messages[:i], True)) if i else []
+        upto = encode(tokenizer, render(tokenizer, messages[: i + 1]))
+        start, end = _common_prefix(ids, head), _common_prefix(ids, upto)
+        if (start < len(head) or end < len(upto)) and not _warned_prefix:
+            _warned_prefix = True
+            log.warning("chat template renders a conversation prefix differently from the full conversation; "
+                        "loss masks near turn boundaries may be off by a few tokens")
+        labels[start:end] = ids[start:end]
+    return ids, labels
