@@ -137,6 +137,8 @@ def score(task_name: str, predictions: list[str], references: list[str], tasks: 
         raise QmorError(f"{len(predictions)} predictions for {len(references)} references; pass one per reference")
     if not references:
         raise QmorError("nothing to score: the reference list is empty")
+    if tasks is not None and len(tasks) != len(references):
+        raise QmorError(f"{len(tasks)} task names for {len(references)} references; pass one per reference")
     preds = [p.strip() for p in predictions]
     refs = [r.strip() for r in references]
     em = [float(p == r) for p, r in zip(preds, refs, strict=True)]
