@@ -129,3 +129,9 @@ def load_dense(name_or_path: str, dtype: torch.dtype = torch.float32, trust_remo
 
     check_model_source(name_or_path)
     return AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype, trust_remote_code=trust_remote_code)
+
+
+def paged_adamw_8bit(params, lr: float, weight_decay: float = 0.0) -> torch.optim.Optimizer:
+    """AdamW with 8-bit states in paged (unified) memory: states move to CPU RAM instead of failing on a GPU
+    memory spike. Needs CUDA; CPU training uses torch.optim.AdamW."""
+    return bnb.optim.PagedAdamW8bit(params, lr=lr, weight_decay=weight_decay)
