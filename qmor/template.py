@@ -9,10 +9,11 @@ log = logging.getLogger(__name__)
 _warned = False  # the fallback is stated once per process, not once per evaluation prompt
 _warned_prefix = False  # likewise for templates whose prefixes are not token prefixes
 
-# ChatML layout; the EOS token after each assistant turn is what teaches a base model to stop generating
+# ChatML layout. The EOS after each assistant turn is what teaches a base model to stop generating; the newline is
+# an expression because templates are rendered with trim_blocks, which eats a literal one after a block tag
 CHATML_TEMPLATE = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>"
-    "{% if m['role'] == 'assistant' and eos_token %}{{ eos_token }}{% endif %}\n{% endfor %}"
+    "{% if m['role'] == 'assistant' and eos_token %}{{ eos_token }}{% endif %}{{ '\\n' }}{% endfor %}"
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
 
