@@ -1,0 +1,227 @@
+"""Export a trained adapter: merged into a plain fp16/bf16 Hugging Face model, or as a PEFT LoRA adapter.
+
+The merge base is dequant(Q), the 4-bit base the adapter was trained against (Q_T for LoftQ adapters); the original
+weights W only on request, and never for LoftQ adapters, which already hold W - Q_T. Every export is checked
+against the 4-bit + adapter model before it is renamed into place.
+"""
+
+from __future__ import annotations
+
+import gc
+import shutil
+import sys
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from qmor import __version__
+from qmor.adapters import MERGEABLE
+from qmor.attach import CONFIG, AdapterMeta, read_meta
+from qmor.errors import NotMergeable, QmorError
+from qmor.files import atomic_dir, load_json, save_json
+from qmor.merge import INDEX, check_dtype, parse_size, write_merged
+from qmor.peft_export import check_peft_family, write_peft
+from qmor.verify import Check, compare, logits, prompt_ids, require
+
+MERGE_BASES = ("dequantized", "original")
+# files copied verbatim from the base folder: tokenizer, chat template, generation defaults
+SUPPORT = ["tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+           "tokenizer.model", "vocab.json", "vocab.txt", "merges.txt", "*.tiktoken", "chat_template.jinja",
+           "chat_template.json", "generation_config.json"]
+
+
+def find_adapter(path: str | Path) -> Path:
+    """A run folder (runs/NAME, holding adapter/) or an adapter folder itself."""
+    path = Path(path)
+    for candidate in (path / "adapter", path):
+        if (candidate / CONFIG).is_file():
+            return candidate
+    raise QmorError(f"{path} holds neither {CONFIG} nor adapter/{CONFIG}; pass a run folder (runs/NAME) or its "
+                    "adapter folder")
+
+
+def check_merge(meta: AdapterMeta, merge_base: str) -> None:
+    """Refuse what cannot be merged before anything is loaded or written."""
+    family = meta.adapter.family
+    if family not in MERGEABLE:
+        raise NotMergeable(f"{family} routes each token to its own experts, so it has no single dense delta weight "
+                           "to merge; serve it with qmor (scripts/chat.py --adapter), or train lora, moslora or mora")
+    if merge_base not in MERGE_BASES:
+        raise QmorError(f"merge base {merge_base!r} is unknown; choose one of {', '.join(MERGE_BASES)}")
+    if merge_base == "original" and meta.init == "loftq":
+        raise QmorError("this adapter was LoftQ-initialised, so it already holds W - Q_T; merging it onto the "
+                        "original weights W would count that residual twice: use --merge-base dequantized")
+
+
+def check_output(output: Path, overwrite: bool) -> None:
+    if output.exists() and not overwrite:
+        raise QmorError(f"{output} already exists; choose another --output or pass --overwrite")
+
+
+def base_checkpoint(base: str) -> tuple[Path, dict[str, Path]]:
+    """The base model's local folder and its tensor -> safetensors file map (never .bin: no unpickling)."""
+    from qmor.loftq import resolve_model, weight_files
+
+    folder = resolve_model(base)
+    if "quantization_config" in load_json(folder / "config.json"):
+        raise QmorError(f"{base} is stored pre-quantised; export merges from the original 16/32-bit checkpoint, "
+                        "so pass that with --base-model")
+    return folder, weight_files(folder)
+
+
+def copy_support(folder: Path, out: Path, dtype: torch.dtype, trust_remote_code: bool) -> None:
+    config = load_json(folder / "config.json")
+    config.pop("quantization_config", None)
+    config["dtype"] = str(dtype).removeprefix("torch.")
+    config.pop("torch_dtype", None)
+    save_json(config, out / "config.json")
+    patterns = SUPPORT + (["*.py"] if trust_remote_code else [])  # remote code travels with the weights
+    for pattern in patterns:
+        for file in folder.glob(pattern):
+            shutil.copy2(file, out / file.name)
+    if not any((out / name).exists() for name in ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt")):
+        print(f"warning: {folder} has no tokenizer files, so the export has none either", file=sys.stderr)
+
+
+def model_card(meta: AdapterMeta, merge_base: str, dtype: torch.dtype, check: Check, what: str) -> str:
+    cfg, quant = meta.adapter, meta.quant
+    rows = [("base model", f"`{meta.base_model}`"), ("adapter family", cfg.family),
+            ("rank", f"{cfg.r} (alpha {cfg.alpha})"), ("targets", f"`{cfg.targets}`"), ("init", meta.init),
+            ("merge base", merge_base),
+            ("quantisation", f"NF4, block size {quant.blocksize}, double quant {quant.double_quant}"),
+            ("dtype", str(dtype).removeprefix("torch.")),
+            ("verification", f"max abs logit difference {check.max_abs:.4g}, top-1 agreement {check.top1:.1%}")]
+    table = "\n".join(f"| {k} | {v} |" for k, v in rows)
+    return f"# {what}\n\nExported with qmor {__version__}.\n\n| | |\n|---|---|\n{table}\n"
+
+
+def verify_folder(reference: nn.Module, folder: Path, dtype: torch.dtype, tolerance: float | None,
+                  trust_remote_code: bool, peft_dir: Path | None = None) -> Check:
+    """Load the export like a user would and compare its logits with the 4-bit + adapter model's."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    device = next(reference.parameters()).device
+    verify_dtype = torch.float32 if device.type == "cpu" else dtype  # fp32 on CPU: only weight rounding remains
+    tokenizer = AutoTokenizer.from_pretrained(str(folder), trust_remote_code=trust_remote_code)
+    ids = prompt_ids(tokenizer)
+    expected = logits(reference, ids)
+    model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=verify_dtype, device_map={"": str(device)},
+                                                 trust_remote_code=trust_remote_code)
+    if peft_dir is not None:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, str(peft_dir))
+    check = compare(expected, logits(model, ids), verify_dtype, tolerance)
+    del model
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    print(check.line(), file=sys.stderr)
+    return check
+
+
+def load_source(source: str | Path, device: str | None, base_model: str | None, trust_remote_code: bool):
+    from qmor.load import load_trained
+
+    model, meta = load_trained(find_adapter(source), device, base_model, trust_remote_code)
+    return model.eval(), meta
+
+
+def export_merged(
+    source: str | Path,
+    output: str | Path,
+    dtype: str = "fp16",
+    merge_base: str = "dequantized",
+    shard_size: str | int = "2GB",
+    overwrite: bool = False,
+    device: str | None = None,
+    base_model: str | None = None,
+    trust_remote_code: bool = False,
+    tolerance: float | None = None,
+) -> dict:
+    """Merge a run's adapter into its base and write a plain Hugging Face model folder; returns a summary."""
+    output = Path(output)
+    meta = read_meta(find_adapter(source))
+    check_merge(meta, merge_base)
+    torch_dtype, shard_bytes = check_dtype(dtype), parse_size(shard_size)
+    check_output(output, overwrite)
+    folder, names = base_checkpoint(base_model or meta.base_model)
+    model, meta = load_source(source, device, base_model, trust_remote_code)
+    with atomic_dir(output, overwrite) as tmp:
+        index = write_merged(model, names, tmp, torch_dtype, shard_bytes, merge_base)
+        copy_support(folder, tmp, torch_dtype, trust_remote_code)
+        check = verify_folder(model, tmp, torch_dtype, tolerance, trust_remote_code)
+        require(check, "the merged export")
+        (tmp / "README.md").write_text(model_card(meta, merge_base, torch_dtype, check, f"{output.name}: merged "
+                                                  f"{meta.adapter.family} model"))
+    shards = sorted(set(index["weight_map"].values()))
+    print(f"wrote {output} ({len(shards)} shard(s), {index['metadata']['total_size'] / 1e6:.1f} MB)", file=sys.stderr)
+    return {"output": str(output), "shards": shards, "max_abs": check.max_abs, "top1": check.top1,
+            "tolerance": check.tolerance}
+
+
+def export_peft(
+    source: str | Path,
+    output: str | Path,
+    with_base: bool = True,
+    dtype: str = "fp16",
+    shard_size: str | int = "2GB",
+    overwrite: bool = False,
+    device: str | None = None,
+    base_model: str | None = None,
+    trust_remote_code: bool = False,
+    tolerance: float | None = None,
+) -> dict:
+    """PEFT LoRA adapter in `output`, plus (by default) the base it belongs on in `output/base`.
+
+    The adapter was trained over dequant(Q), not W, so the matching base is the dequantised 4-bit base, written as
+    a plain fp16 model. Without it (with_base=False) the adapter names the original base: fine for default-init
+    adapters up to NF4 rounding, wrong for LoftQ adapters (they hold W - Q_T), which are refused.
+    """
+    output = Path(output)
+    meta = read_meta(find_adapter(source))
+    check_peft_family(meta.adapter.family)
+    if not with_base and meta.init == "loftq":
+        raise QmorError("this adapter was LoftQ-initialised, so it only fits the LoftQ base Q_T, not the original "
+                        "model; export it with its dequantised base (drop --no-base)")
+    torch_dtype, shard_bytes = check_dtype(dtype), parse_size(shard_size)
+    check_output(output, overwrite)
+    folder, names = base_checkpoint(base_model or meta.base_model)
+    model, meta = load_source(source, device, base_model, trust_remote_code)
+    with atomic_dir(output, overwrite) as tmp:
+        if with_base:
+            base_dir = output.resolve() / "base"  # where it will be once renamed into place
+            (tmp / "base").mkdir()
+            write_merged(model, names, tmp / "base", torch_dtype, shard_bytes, with_adapter=False)
+            copy_support(folder, tmp / "base", torch_dtype, trust_remote_code)
+            targets = write_peft(model, meta, tmp, str(base_dir))
+            check = verify_folder(model, tmp / "base", torch_dtype, tolerance, trust_remote_code, peft_dir=tmp)
+            require(check, "the PEFT export")
+        else:
+            targets = write_peft(model, meta, tmp, meta.base_model)
+            check = Check(0.0, 0.0, 1.0, 0.0)  # no base to run; the factors are checked exactly below
+            check_factors(model, tmp)
+        what = f"{output.name}: PEFT LoRA adapter ({meta.adapter.family}, {len(targets)} modules)"
+        base_note = "dequantized, in base/" if with_base else "original (NF4 rounding not included)"
+        (tmp / "README.md").write_text(model_card(meta, base_note, torch_dtype, check, what))
+    print(f"wrote {output} (PEFT adapter over {len(targets)} modules)", file=sys.stderr)
+    return {"output": str(output), "targets": targets, "max_abs": check.max_abs, "top1": check.top1}
+
+
+def check_factors(model: nn.Module, folder: Path) -> None:
+    """The written A, B reproduce every layer's ΔW (what PEFT will add), when there is no base to run."""
+    from safetensors.torch import load_file
+
+    from qmor.attach import adapted_layers
+    from qmor.peft_export import PEFT_WEIGHTS
+
+    state = load_file(str(folder / PEFT_WEIGHTS))
+    for name, layer in adapted_layers(model).items():
+        A, B = state[f"base_model.model.{name}.lora_A.weight"], state[f"base_model.model.{name}.lora_B.weight"]
+        expected = layer.adapter.delta_weight().float().cpu()
+        if not torch.allclose(layer.adapter.scale * B @ A, expected, rtol=1e-4, atol=1e-6):
+            raise QmorError(f"PEFT factors for {name} do not reproduce the adapter's ΔW; the export was not kept")
+
+
+__all__ = ["INDEX", "export_merged", "export_peft", "find_adapter"]
