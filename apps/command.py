@@ -1,0 +1,92 @@
+"""Form values -> the exact `scripts/finetune_4bit.py` command line, so the app trains through the CLI's code."""
+
+from __future__ import annotations
+
+import shlex
+import sys
+from pathlib import Path
+
+from apps.paths import Workspace, dataset_arg, model_arg, run_dir
+
+ROOT = Path(__file__).resolve().parents[1]
+TRAIN_SCRIPT = ROOT / "scripts" / "finetune_4bit.py"
+EXPORT_SCRIPT = ROOT / "scripts" / "export_fp16.py"
+
+FAMILIES = ("lora", "moslora", "mora", "mor", "sira")
+# which family-specific fields each family shows and passes; everything else is common
+FAMILY_FIELDS = {
+    "lora": ("alpha",),
+    "moslora": ("alpha",),
+    "mora": ("mora_kind",),  # MoRA has no alpha scaling
+    "mor": ("alpha", "experts"),
+    "sira": ("alpha", "experts", "top_k", "capacity_factor", "expert_dropout", "aux_loss_weight"),
+}
+SPECIFIC = sorted({f for fs in FAMILY_FIELDS.values() for f in fs})
+
+# (form key, flag); a value of None, "" or 0 where 0 means "unset" is left out
+VALUE_FLAGS = [
+    ("format", "--format"), ("family", "--family"), ("rank", "--rank"), ("alpha", "--alpha"),
+    ("dropout", "--dropout"), ("targets", "--targets"), ("mora_kind", "--mora-kind"), ("experts", "--experts"),
+    ("top_k", "--top-k"), ("capacity_factor", "--capacity-factor"), ("expert_dropout", "--expert-dropout"),
+    ("aux_loss_weight", "--aux-loss-weight"), ("init", "--init"), ("loftq_iters", "--loftq-iters"), ("lr", "--lr"),
+    ("epochs", "--epochs"), ("max_steps", "--max-steps"), ("batch_size", "--batch-size"),
+    ("grad_accum", "--grad-accum"), ("max_len", "--max-len"), ("warmup_ratio", "--warmup-ratio"),
+    ("weight_decay", "--weight-decay"), ("max_grad_norm", "--max-grad-norm"), ("val_size", "--val-size"),
+    ("eval_steps", "--eval-steps"), ("save_steps", "--save-steps"), ("log_steps", "--log-steps"),
+    ("num_examples", "--num-examples"), ("seed", "--seed"), ("loss_chunk", "--loss-chunk"), ("device", "--device"),
+]
+ZERO_IS_UNSET = {"max_steps", "num_examples", "loss_chunk"}
+SWITCHES = [("packing", "--packing"), ("train_on_prompt", "--train-on-prompt"),
+            ("offload_activations", "--offload-activations"), ("trust_remote_code", "--trust-remote-code")]
+
+
+def _fmt(v) -> str:
+    if isinstance(v, float) and v.is_integer() and abs(v) >= 1:
+        return str(int(v))
+    return str(v)
+
+
+def train_args(ws: Workspace, values: dict) -> list[str]:
+    """Arguments after the script name; validates model, dataset and run name (raises QmorError)."""
+    family = values.get("family") or "lora"
+    out = run_dir(ws, values.get("run_name", ""))
+    args = ["--model", model_arg(ws, values.get("model", "")), "--dataset", dataset_arg(ws, values.get("dataset", "")),
+            "--output", str(out)]
+    own = FAMILY_FIELDS.get(family, ())
+    for key, flag in VALUE_FLAGS:
+        v = values.get(key)
+        if key in SPECIFIC and key not in own:
+            continue
+        if key == "loftq_iters" and values.get("init") != "loftq":
+            continue
+        if v is None or v == "" or (key in ZERO_IS_UNSET and not v):
+            continue
+        if isinstance(v, float) and key in ("rank", "experts", "top_k", "epochs", "max_steps", "batch_size",
+                                             "grad_accum", "max_len", "eval_steps", "save_steps", "log_steps",
+                                             "num_examples", "seed", "loss_chunk", "loftq_iters"):
+            v = int(v)
+        args += [flag, _fmt(v)]
+    if values.get("gradient_checkpointing") is False:
+        args.append("--no-gradient-checkpointing")
+    args += [flag for key, flag in SWITCHES if values.get(key)]
+    return args
+
+
+def train_command(args: list[str]) -> list[str]:
+    return [sys.executable, str(TRAIN_SCRIPT), *args]
+
+
+def resume_command(run: Path) -> list[str]:
+    return [sys.executable, str(TRAIN_SCRIPT), "--resume", "--output", str(run)]
+
+
+def export_command(run: Path, out: Path, dtype: str, overwrite: bool) -> list[str]:
+    cmd = [sys.executable, str(EXPORT_SCRIPT), str(run), "--output", str(out), "--dtype", dtype]
+    return cmd + (["--overwrite"] if overwrite else [])
+
+
+def shown(cmd: list[str]) -> str:
+    """The command as a user would type it from the project folder."""
+    rest = [str(Path(c).relative_to(ROOT)) if c.startswith(str(ROOT) + "/") and c.endswith(".py") else c
+            for c in cmd[1:]]
+    return shlex.join(["python", *rest])

@@ -1,0 +1,46 @@
+"""Small helpers every tab shares: turning exceptions into a readable line, listing runs."""
+
+from __future__ import annotations
+
+import html
+import json
+from pathlib import Path
+
+import gradio as gr
+
+from apps.paths import Workspace
+from qmor.errors import QmorError
+
+
+def message(e: BaseException) -> str:
+    """User errors are already one readable line; anything else gets its type so a bug report can name it."""
+    return str(e) if isinstance(e, QmorError) else f"{type(e).__name__}: {e}"
+
+
+def error_md(e: BaseException) -> str:
+    text = message(e)
+    gr.Warning(text)
+    return f"<div class='qmor-error'>⚠️ {html.escape(text)}</div>"
+
+
+def ok_md(text: str) -> str:
+    return f"<div class='qmor-ok'>{html.escape(text)}</div>"
+
+
+def adapter_config(run: Path) -> dict:
+    try:
+        return json.loads((run / "adapter" / "adapter_config.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return {}
+
+
+def trained_runs(ws: Workspace) -> list[str]:
+    """Runs with a final adapter, newest first."""
+    runs = [p for p in ws.runs.iterdir() if (p / "adapter" / "adapter_config.json").is_file()]
+    return [p.name for p in sorted(runs, key=lambda p: p.stat().st_mtime, reverse=True)]
+
+
+CSS = """
+.qmor-error { color: #b91c1c; background: #fef2f2; border: 1px solid #fecaca; padding: 6px 10px; border-radius: 6px; }
+.qmor-ok { color: #166534; background: #f0fdf4; border: 1px solid #bbf7d0; padding: 6px 10px; border-radius: 6px; }
+"""
