@@ -88,7 +88,7 @@ def _read(source: str, skip_bad: bool) -> tuple[list[dict], list[str], int]:
         return _read_folder(path)
     if path.suffix not in (".json", ".jsonl"):
         raise QmorError(f"{source}: unsupported file type {path.suffix!r}; use .jsonl, .json or a datasets folder")
-    text = path.read_text(encoding="utf-8")
+    text = path.read_text(encoding="utf-8-sig")  # tolerate a byte-order mark
     if path.suffix == ".json":
         try:
             data = json.loads(text)

@@ -62,9 +62,10 @@ def encode_chat(tokenizer, messages: list[dict], train_on_prompt: bool = False) 
     """Token ids of a conversation and its labels: the ids on every assistant turn, -100 elsewhere.
 
     Turn boundaries come from rendering the template prefix by prefix: assistant turn i spans from the end of
-    messages[:i] + generation prompt to the end of messages[:i+1], both in tokens. Each end is measured as the
-    common token prefix with the full conversation; for ordinary templates that is the prefix's own length. A
-    template that rewrites earlier turns (e.g. dropping reasoning) breaks that property; it is logged once.
+    messages[:i] + generation prompt to the end of messages[:i+1], in tokens. Each end is measured as the common
+    token prefix with the full conversation; for ordinary templates that is the prefix's own length. A template
+    that rewrites earlier turns (e.g. dropping reasoning) breaks that property (logged once); the turn then starts
+    after the next occurrence of the generation-prompt tokens, so prompt tokens are never labelled.
     """
     global _warned_prefix
     ids = encode(tokenizer, render(tokenizer, messages))
@@ -75,11 +76,23 @@ def encode_chat(tokenizer, messages: list[dict], train_on_prompt: bool = False) 
         if m["role"] != "assistant":
             continue
         head = encode(tokenizer, render(tokenizer, messages[:i], True)) if i else []
-        upto = encode(tokenizer, render(tokenizer, messages[: i + 1]))
+        upto = ids if i == len(messages) - 1 else encode(tokenizer, render(tokenizer, messages[: i + 1]))
         start, end = _common_prefix(ids, head), _common_prefix(ids, upto)
-        if (start < len(head) or end < len(upto)) and not _warned_prefix:
-            _warned_prefix = True
-            log.warning("chat template renders a conversation prefix differently from the full conversation; "
-                        "loss masks near turn boundaries may be off by a few tokens")
+        if start < len(head) or end < len(upto):
+            if not _warned_prefix:
+                _warned_prefix = True
+                log.warning("chat template renders a conversation prefix differently from the full conversation; "
+                            "loss masks near turn boundaries may be off by a few tokens")
+            if start < len(head):
+                start = _after_generation_prompt(tokenizer, messages[:i], head, ids, start)
         labels[start:end] = ids[start:end]
     return ids, labels
+
+
+def _after_generation_prompt(tokenizer, before: list[dict], head: list[int], ids: list[int], start: int) -> int:
+    """Where the reply begins: after the first generation-prompt tokens in `ids` from `start`; len(ids) if absent."""
+    gen = head[_common_prefix(head, encode(tokenizer, render(tokenizer, before))):]  # e.g. "<|assistant|>"
+    for j in range(start, len(ids) - len(gen) + 1):
+        if gen and ids[j: j + len(gen)] == gen:
+            return j + len(gen)
+    return len(ids)

@@ -4,6 +4,7 @@ from collections import Counter
 import pytest
 import torch
 
+from qmor import template
 from qmor.data import DataConfig, build_datasets, collate, detect_format, load_records, preview, prompt_text
 from qmor.errors import QmorError
 from qmor.tiny import tiny_tokenizer
@@ -82,11 +83,13 @@ def test_train_on_prompt_labels_everything(tok, tmp_path):
     assert ex["labels"] == ex["input_ids"]
 
 
-def test_fallback_template_when_tokenizer_has_none(tmp_path, caplog):
+def test_fallback_template_when_tokenizer_has_none(tmp_path, caplog, monkeypatch):
+    monkeypatch.setattr(template, "_warned", False)
     bare = tiny_tokenizer()
     bare.chat_template = None
     ex, stats = build_one(bare, tmp_path, {"prompt": "key", "completion": "value"})
     assert stats.template == "chatml-fallback"
+    assert "no chat template; using a ChatML-style fallback" in caplog.text
     assert bare.chat_template is None  # the caller's tokenizer is left as it was
     assert bare.decode(ex["input_ids"]) == "<|im_start|>user\nkey<|im_end|>\n<|im_start|>assistant\nvalue<|im_end|>" \
                                            + END + "\n"
@@ -238,3 +241,34 @@ def test_collate_pads_right(tok):
     assert batch["labels"].tolist() == [[-100, 6, 7], [9, -100, -100]]
     assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
     assert all(v.dtype == torch.long for v in batch.values())
+
+
+def test_masks_follow_a_template_with_bos_and_newlines(tok, tmp_path):
+    t = tiny_tokenizer()
+    t.chat_template = ("{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}<|end|>"
+                       "{{ '\\n' }}{% endfor %}{% if add_generation_prompt %}<|assistant|>\n{% endif %}")
+    msgs = [{"role": "user", "content": "q1"}, {"role": "assistant", "content": "a1"},
+            {"role": "user", "content": "q2"}, {"role": "assistant", "content": "a2"}]
+    ex, _ = build_one(t, tmp_path, {"messages": msgs})
+    assert t.decode(ex["input_ids"]).startswith("<s><|user|>\nq1")
+    assert spans(t, ex) == ["a1<|end|>\n", "a2<|end|>\n"]
+    assert prompt_text(t, msgs[:3]) == "<s><|user|>\nq1<|end|>\n<|assistant|>\na1<|end|>\n<|user|>\nq2<|end|>\n" \
+                                       "<|assistant|>\n"
+
+
+def test_template_that_rewrites_earlier_turns_never_labels_them(tmp_path, caplog, monkeypatch):
+    monkeypatch.setattr(template, "_warned_prefix", False)
+    t = tiny_tokenizer()
+    # shows the last message only in full, as reasoning templates do with earlier thoughts
+    t.chat_template = ("{% for m in messages %}<|{{ m['role'] }}|>{% if loop.last %}{{ m['content'] }}{% else %}"
+                       "{{ m['content'][:1] }}{% endif %}<|end|>{% endfor %}"
+                       "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+    msgs = [{"role": "user", "content": "question"}, {"role": "assistant", "content": "answer"}]
+    ex, _ = build_one(t, tmp_path, {"messages": msgs})
+    assert t.decode(ex["input_ids"]) == "<|user|>q<|end|><|assistant|>answer<|end|>"
+    assert spans(t, ex) == ["answer<|end|>"]
+    ex, _ = build_one(t, tmp_path, {"messages": msgs + [{"role": "user", "content": "again"},
+                                                        {"role": "assistant", "content": "reply"}]})
+    assert t.decode(ex["input_ids"]) == "<|user|>q<|end|><|assistant|>a<|end|><|user|>a<|end|><|assistant|>reply<|end|>"
+    assert spans(t, ex) == ["a", "reply<|end|>"]  # the shortened first reply is all the input holds of it
+    assert "renders a conversation prefix differently" in caplog.text
