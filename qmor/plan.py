@@ -1,0 +1,297 @@
+"""Predict the peak GPU memory of a 4-bit + adapter training step before loading anything.
+
+The model is built on the meta device (shapes only, no weights), so the linear shapes, the adapter parameter
+counts (`ADAPTERS[family].num_params`) and the target selection are exactly those `qmor.attach` would produce.
+
+The peak of a step, for checkpointed training, comes at one of two moments, and only the larger one counts:
+- the loss phase: every layer's checkpointed input is alive and the logits (or one chunk of them) are being
+  differentiated: fp32 log-probs, their gradient and the incoming gradient, 12 bytes per logit;
+- the layer phase: the backward pass recomputes one decoder layer and holds all its activations plus the
+  gradients flowing through it.
+Without checkpointing every layer's activations are alive during the loss phase.
+
+Activations assume a Llama-style decoder layer (pre-norm attention + gated MLP, as in transformers) with SDPA's
+flash or memory-efficient kernel: O(T) memory per head. `attention="eager"` adds the T x T score matrix (fp32
+softmax + its compute-dtype copy). Other architectures get the same per-token formula from their config sizes.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+
+from qmor.adapters import check_family
+from qmor.config import AdapterConfig
+from qmor.errors import QmorError
+
+GIB = 1024**3
+CUDA_CONTEXT = 512 * 1024**2  # CUDA context, cuBLAS workspace and kernels: ~0.5 GiB, outside max_memory_allocated
+ALLOCATOR_SLACK = 0.10  # the caching allocator reserves about this much more than the live tensors need
+LOGIT_BYTES = 12  # at the softmax backward: fp32 log-probs + incoming fp32 gradient + outgoing fp32 gradient
+ADAM_BYTES = {"adamw": 8.0, "paged-adamw-8bit": 2.0 + 8 / 256}  # state bytes per trainable parameter
+ADAPTER_BYTES = 4  # adapters train in fp32: parameter and gradient are 4 bytes each
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """The shapes that memory depends on, read from a model config."""
+
+    layers: int  # decoder layers
+    hidden: int  # residual stream width d
+    intermediate: int  # MLP width m
+    heads: int  # attention heads
+    q_dim: int  # heads x head_dim
+    kv_dim: int  # key/value heads x head_dim
+    vocab: int  # vocabulary size V
+    tied: bool  # lm_head shares the embedding matrix
+    quantized: tuple[tuple[int, int], ...]  # (d_in, d_out) of every 4-bit linear (all but the head)
+    targets: tuple[tuple[int, int], ...]  # (d_in, d_out) of every adapted linear
+    other_params: int  # 16-bit parameters that are not linears: embeddings, norms (head counted separately)
+
+
+@dataclass
+class Plan:
+    """Predicted peak memory of one training step; `parts` add up to `total_bytes`."""
+
+    parts: dict[str, int]  # what is alive at the peak, by kind
+    seq_len: int  # tokens per sequence
+    batch: int  # sequences per step
+    trainable: int  # adapter parameters
+    peak_phase: str  # "loss" or "layer": which moment of the step is the peak
+    phases: dict[str, int] = field(default_factory=dict)  # size of each phase's transient memory
+    notes: list[str] = field(default_factory=list)  # assumptions worth printing
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(self.parts.values())
+
+    def fits(self, gpu_gb: float) -> bool:
+        return self.total_bytes <= gpu_gb * GIB
+
+    def verdict(self, gpu_gb: float) -> str:
+        spare = gpu_gb - self.total_bytes / GIB
+        if self.fits(gpu_gb):
+            return f"fits: {self.total_bytes / GIB:.2f} GiB of {gpu_gb:g} GiB ({spare:.2f} GiB spare)"
+        return f"does not fit: {self.total_bytes / GIB:.2f} GiB needed, {gpu_gb:g} GiB available"
+
+    def table(self) -> str:
+        width = max(len(k) for k in self.parts)
+        rows = [f"{'part':<{width}}  {'GiB':>8}  {'share':>6}"]
+        for name, value in self.parts.items():
+            rows.append(f"{name:<{width}}  {value / GIB:>8.3f}  {value / max(self.total_bytes, 1):>6.1%}")
+        rows.append(f"{'total':<{width}}  {self.total_bytes / GIB:>8.3f}")
+        rows.append(f"peak at the {self.peak_phase} phase (loss phase {self.phases['loss'] / GIB:.3f} GiB, "
+                    f"layer phase {self.phases['layer'] / GIB:.3f} GiB); trainable parameters {self.trainable:,}")
+        rows += [f"note: {n}" for n in self.notes]
+        return "\n".join(rows)
+
+    def to_json(self) -> dict:
+        return {"total_bytes": self.total_bytes, "parts": self.parts, "seq_len": self.seq_len, "batch": self.batch,
+                "trainable": self.trainable, "peak_phase": self.peak_phase, "phases": self.phases,
+                "notes": self.notes}
+
+
+def load_config(source: str):
+    """A model config from a folder holding config.json, a config.json path, or a hub id."""
+    from transformers import AutoConfig
+
+    path = Path(source).expanduser()
+    if path.is_file():
+        try:
+            data = json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            raise QmorError(f"{source} is not valid JSON ({e.msg}); pass a model's config.json") from None
+        if "model_type" not in data:
+            raise QmorError(f"{source} has no model_type, so it is not a model config.json")
+        try:
+            return AutoConfig.for_model(data.pop("model_type"), **data)
+        except ValueError as e:
+            raise QmorError(f"{source}: {str(e).splitlines()[0]}") from None
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise QmorError(f"{source} has no config.json; pass a model folder, a config.json or a hub id")
+        return AutoConfig.from_pretrained(str(path))
+    if source.startswith((".", "/", "~")) or source.endswith(".json") or source.count("/") > 1:
+        raise QmorError(f"{source} does not exist; pass a model folder, a config.json or a hub id")
+    try:
+        return AutoConfig.from_pretrained(source)
+    except (OSError, ValueError) as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise QmorError(f"could not read the config of {source!r} ({first}); offline, pass a local folder or "
+                        "config.json instead") from None
+
+
+def _targets_key(targets) -> str:
+    return json.dumps(targets)
+
+
+@lru_cache(maxsize=32)
+def _geometry(config_json: str, targets_json: str) -> Geometry:
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from qmor.attach import find_targets
+
+    data = json.loads(config_json)
+    config = AutoConfig.for_model(data.pop("model_type"), **data)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    head = model.get_output_embeddings()
+    linears = {n: m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and m is not head}
+    names = find_targets(model, json.loads(targets_json))
+    linear_params = {id(m.weight) for m in linears.values()} | ({id(head.weight)} if head is not None else set())
+    other = sum(p.numel() for p in model.parameters() if id(p) not in linear_params)
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    heads = text.num_attention_heads
+    head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
+    return Geometry(
+        layers=text.num_hidden_layers, hidden=text.hidden_size,
+        intermediate=getattr(text, "intermediate_size", 4 * text.hidden_size), heads=heads,
+        q_dim=heads * head_dim, kv_dim=(getattr(text, "num_key_value_heads", None) or heads) * head_dim,
+        vocab=text.vocab_size, tied=bool(getattr(config, "tie_word_embeddings", False)),
+        quantized=tuple((m.in_features, m.out_features) for m in linears.values()),
+        targets=tuple((linears[n].in_features, linears[n].out_features) for n in names),
+        other_params=other,
+    )
+
+
+def geometry(model_config, targets="all-linear") -> Geometry:
+    """Shapes of `model_config` (a transformers config or its dict) with the adapted linears for `targets`."""
+    data = model_config if isinstance(model_config, dict) else model_config.to_dict()
+    return _geometry(json.dumps(data, sort_keys=True, default=str), _targets_key(targets))
+
+
+def nf4_bytes(numel: int, double_quant: bool = True, blocksize: int = 64) -> int:
+    """Packed NF4 codes (half a byte each) plus the block scales: uint8 + one fp32 per 256 blocks with double
+    quantisation, else one fp32 per block."""
+    blocks = -(-numel // blocksize)
+    scales = blocks + 4 * -(-blocks // 256) if double_quant else 4 * blocks
+    return numel // 2 + scales
+
+
+def adapter_activation(family: str, d_in: int, d_out: int, cfg: AdapterConfig) -> int:
+    """fp32 elements per token that one adapter saves for backward, beyond its input."""
+    if family == "lora":
+        return cfg.r
+    if family == "moslora":
+        return 2 * cfg.r
+    if family == "mora":
+        from qmor.adapters.mora import mora_kind, mora_rank
+
+        kind = mora_kind(cfg)
+        r_hat = mora_rank(d_in, d_out, cfg.r, kind)
+        return -(-d_in // r_hat) * r_hat if kind == "rope" else r_hat  # rope saves the rotated, padded input
+    if family == "mor":
+        return cfg.r + 3 * cfg.experts * cfg.r + 2 * cfg.experts
+    return 3 * cfg.experts * cfg.r + 4 * cfg.experts  # sira: expert projections, gates, capacity masks
+
+
+def layer_activation(g: Geometry, cfg: AdapterConfig, a: int, tokens: int, batch: int, attention: str) -> int:
+    """Bytes one decoder layer saves for backward (what a checkpoint recomputes), for `tokens` tokens in all."""
+    d, m = g.hidden, g.intermediate
+    per_token = 2 * (4 * d + a * d)  # two RMSNorms: fp32 upcast of the input + the normalised output
+    per_token += a * (g.q_dim + 2 * g.kv_dim)  # rotated q, k and v, saved by attention
+    per_token += 2 * a * g.q_dim + 4 * g.heads  # attention output + its reshaped copy for o_proj; logsumexp
+    per_token += a * d  # residual stream after attention
+    per_token += 4 * a * m  # gate, up, silu(gate), silu(gate) * up
+    per_layer = len(g.targets) // max(g.layers, 1)
+    adapters = g.targets[:per_layer]
+    for d_in, d_out in adapters:
+        per_token += 4 * adapter_activation(cfg.family, d_in, d_out, cfg)
+        if a != 4:
+            per_token += 4 * d_in  # each adapter casts its input to fp32 and keeps the copy
+    total = per_token * tokens
+    if attention == "eager":
+        total += batch * g.heads * (tokens // batch) ** 2 * (4 + a)  # fp32 softmax + compute-dtype copy
+    return total
+
+
+def estimate(
+    model_config,
+    seq_len: int,
+    batch: int,
+    adapter_cfg: AdapterConfig,
+    checkpointing: bool = True,
+    offload: bool = False,
+    loss_chunk: int | None = 1024,
+    optimizer: str = "adamw",
+    param_dtype_bytes: int = 2,
+    attention: str = "sdpa",
+    device: str = "cuda",
+    double_quant: bool = True,
+) -> Plan:
+    """Peak memory of one training step. `loss_chunk` None or 0 means logits for the whole sequence at once;
+    `param_dtype_bytes` is the compute dtype's size (2 for bf16 on CUDA, 4 on the fp32 CPU path), used for
+    embeddings, head and activations; `device="cpu"` drops the CUDA context and allocator slack."""
+    if seq_len < 1 or batch < 1:
+        raise QmorError(f"sequence length and batch must be positive, got seq {seq_len}, batch {batch}")
+    if offload and not checkpointing:
+        raise QmorError("offloading moves checkpointed activations to CPU RAM, so it needs checkpointing; "
+                        "drop --no-checkpointing or --offload-activations")
+    if optimizer not in ADAM_BYTES:
+        raise QmorError(f"unknown optimizer {optimizer!r}; choose one of {', '.join(ADAM_BYTES)}")
+    if attention not in ("sdpa", "eager"):
+        raise QmorError(f"attention must be 'sdpa' or 'eager', got {attention!r}")
+    family = adapter_cfg.family
+    check = check_family(family)
+    g = model_config if isinstance(model_config, Geometry) else geometry(model_config, adapter_cfg.targets)
+    a, tokens = param_dtype_bytes, seq_len * batch
+
+    trainable = sum(check.num_params(d_in, d_out, adapter_cfg) for d_in, d_out in g.targets)
+    head = 0 if g.tied else g.vocab * g.hidden
+    parts = {
+        "4-bit weights": sum(nf4_bytes(i * o, double_quant) for i, o in g.quantized),
+        "16-bit embeddings + head": (g.other_params + head) * a,
+        "adapter parameters": trainable * ADAPTER_BYTES,
+        "adapter gradients": trainable * ADAPTER_BYTES,
+        "optimizer states": int(trainable * ADAM_BYTES[optimizer]),
+    }
+
+    one_layer = layer_activation(g, adapter_cfg, a, tokens, batch, attention)
+    boundary = tokens * g.hidden * a  # one layer's input: what a checkpoint keeps
+    if not checkpointing:
+        saved = g.layers * one_layer
+    elif offload:
+        saved = 2 * boundary  # the layer being computed and the copy on its way to or from host memory
+    else:
+        saved = g.layers * boundary
+    largest = max(i * o for i, o in g.quantized)
+    dequant = 2 * largest * a  # the dense weight of a 4-bit matmul and its transposed use in backward
+    layer_grads = tokens * (2 * a * g.intermediate + 4 * max(g.hidden, g.intermediate))  # gradients in flight
+    chunk = min(loss_chunk, tokens) if loss_chunk else tokens
+    loss_phase = chunk * g.vocab * LOGIT_BYTES + tokens * g.hidden * 4  # + fp32 gradient of the hidden states
+    layer_phase = (one_layer if checkpointing else 0) + layer_grads + dequant
+    phase = "loss" if loss_phase >= layer_phase else "layer"
+
+    parts["activations (saved)"] = saved
+    parts["activations (recompute + gradients)"] = layer_phase if phase == "layer" else 0
+    parts["logits + loss"] = loss_phase if phase == "loss" else 0
+    kernel = "SDPA flash/memory-efficient kernel, O(T) per head" if attention == "sdpa" else "eager, T x T scores"
+    notes = [f"attention: {kernel}", f"loss: {f'chunks of {chunk} tokens' if chunk < tokens else 'whole sequence'}"]
+    if device == "cuda":
+        parts["allocator slack"] = int(ALLOCATOR_SLACK * (saved + max(loss_phase, layer_phase)))
+        parts["CUDA context"] = CUDA_CONTEXT
+    return Plan(parts=parts, seq_len=seq_len, batch=batch, trainable=trainable, peak_phase=phase,
+                phases={"loss": loss_phase, "layer": layer_phase}, notes=notes)
+
+
+def longest_sequence(model_config, gpu_gb: float, batch: int, adapter_cfg: AdapterConfig, step: int = 256,
+                     limit: int = 1 << 21, **kwargs) -> int:
+    """The longest multiple of `step` tokens whose plan fits in `gpu_gb` GiB (0 if not even `step` fits)."""
+    g = model_config if isinstance(model_config, Geometry) else geometry(model_config, adapter_cfg.targets)
+
+    def fits(n: int) -> bool:
+        return estimate(g, n * step, batch, adapter_cfg, **kwargs).fits(gpu_gb)
+
+    lo, hi = 0, 1  # fits(lo * step) holds (or lo == 0); find the first hi that does not fit
+    while hi * step <= limit and fits(hi):
+        lo, hi = hi, hi * 2
+    if hi * step > limit:
+        return lo * step
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if fits(mid) else (lo, mid)
+    return lo * step
