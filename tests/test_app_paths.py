@@ -1,0 +1,136 @@
+"""The app's safety rules and job manager, without a browser: paths confined to the workspace, no exposed app
+without a password, the CLI line the form builds, and stopping a job's whole process group."""
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from apps import command, jobs, progress
+from apps.paths import check_launch, dataset_arg, make_workspace, model_arg, run_dir, user_path
+from qmor.errors import QmorError
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def ws(tmp_path):
+    return make_workspace(tmp_path / "ws", restrict=True)
+
+
+def test_path_outside_workspace_is_refused(ws, tmp_path):
+    outside = tmp_path / "secret.jsonl"
+    outside.write_text('{"text": "x"}\n')
+    with pytest.raises(QmorError, match="outside the workspace"):
+        user_path(ws, str(outside))
+    with pytest.raises(QmorError, match="outside the workspace"):
+        user_path(ws, "../secret.jsonl")  # relative paths are relative to the workspace, and may not climb out
+    with pytest.raises(QmorError, match="outside the workspace"):
+        dataset_arg(ws, str(outside))
+    (ws.root / "link").symlink_to(outside)
+    with pytest.raises(QmorError, match="outside the workspace"):
+        user_path(ws, "link")  # a symlink pointing out is resolved first
+    inside = ws.data / "ok.jsonl"
+    inside.write_text('{"text": "x"}\n')
+    assert dataset_arg(ws, "data/ok.jsonl") == str(inside)
+
+
+def test_unrestricted_workspace_allows_outside_paths(tmp_path):
+    ws = make_workspace(tmp_path / "ws", restrict=False)
+    f = tmp_path / "d.jsonl"
+    f.write_text('{"text": "x"}\n')
+    assert dataset_arg(ws, str(f)) == str(f.resolve())
+
+
+def test_model_and_run_names(ws, tmp_path):
+    assert model_arg(ws, "tiny") == "tiny"
+    assert model_arg(ws, "Qwen/Qwen2.5-0.5B") == "Qwen/Qwen2.5-0.5B"
+    with pytest.raises(QmorError, match="outside the workspace"):
+        model_arg(ws, str(tmp_path))
+    with pytest.raises(QmorError, match="not valid"):
+        run_dir(ws, "../escape")
+    with pytest.raises(QmorError, match="not valid"):
+        run_dir(ws, "a/b")
+    assert run_dir(ws, "my-run.1") == ws.runs / "my-run.1"
+
+
+def test_exposed_app_needs_a_password():
+    check_launch("127.0.0.1", False, None)
+    with pytest.raises(QmorError, match="password"):
+        check_launch("0.0.0.0", False, None)
+    with pytest.raises(QmorError, match="password"):
+        check_launch("127.0.0.1", True, None)
+    check_launch("0.0.0.0", False, "pw")
+
+
+def test_app_refuses_to_start_exposed_without_password(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "QMOR_APP_PASSWORD"}
+    r = subprocess.run([sys.executable, str(ROOT / "apps" / "app.py"), "--host", "0.0.0.0", "--workspace",
+                        str(tmp_path / "ws")], capture_output=True, text=True, env=env, timeout=120)
+    assert r.returncode == 2
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and "password" in lines[0], r.stderr
+
+
+def test_command_has_only_the_family_own_flags(ws):
+    base = {"model": "tiny", "dataset": "uuid", "run_name": "r1", "rank": 8.0, "alpha": 16.0, "experts": 4,
+            "top_k": 2, "mora_kind": "rope", "init": "default", "loftq_iters": 2, "max_steps": 0, "lr": 1e-3,
+            "gradient_checkpointing": False, "packing": True}
+    mora = command.train_args(ws, {**base, "family": "mora"})
+    assert "--mora-kind" in mora and "--alpha" not in mora and "--experts" not in mora
+    assert mora[mora.index("--rank") + 1] == "8" and "--max-steps" not in mora and "--loftq-iters" not in mora
+    assert "--no-gradient-checkpointing" in mora and "--packing" in mora
+    assert mora[mora.index("--output") + 1] == str(ws.runs / "r1")
+    sira = command.train_args(ws, {**base, "family": "sira", "init": "loftq"})
+    assert "--top-k" in sira and "--experts" in sira and "--mora-kind" not in sira and "--loftq-iters" in sira
+    line = command.shown(command.train_command(mora))
+    assert line.startswith("python scripts/finetune_4bit.py --model tiny --dataset uuid")
+
+
+def test_progress_summary_follows_events():
+    events = [{"event": "start", "total_steps": 10},
+              {"event": "train", "step": 4, "loss": 2.0, "tokens_per_s": 100.0, "eta_s": 65},
+              {"event": "eval", "step": 4, "eval_loss": 2.5}]
+    s = progress.summary(events)
+    assert (s["state"], s["step"], s["percent"], s["eta"]) == ("running", 4, 40.0, "0:01:05")
+    frame = progress.loss_frame(events)
+    assert list(frame["series"]) == ["train", "eval"]
+    stopped = [*events, {"event": "stopped", "step": 4, "checkpoint": "ckpt"}]
+    assert progress.summary(stopped)["state"] == "stopped"
+    resumed = [*stopped, {"event": "start", "total_steps": 10}]  # a resumed run is running again
+    assert progress.summary(resumed)["state"] == "running"
+
+
+def test_stop_signals_the_whole_group_and_registry_survives(tmp_path):
+    root = tmp_path / "ws"
+    root.mkdir()
+    # a job that spawns a grandchild, and on SIGINT writes a marker and exits like the trainer does
+    script = tmp_path / "job.py"
+    script.write_text(
+        "import signal, subprocess, sys, time\n"
+        "child = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(300)'])\n"
+        f"open({str(tmp_path / 'child.pid')!r}, 'w').write(str(child.pid))\n"
+        "def stop(*a):\n"
+        f"    open({str(tmp_path / 'stopped')!r}, 'w').write('ok'); sys.exit(0)\n"
+        "signal.signal(signal.SIGINT, stop)\n"
+        "print('ready', flush=True)\n"
+        "while True: time.sleep(0.1)\n")
+    log = tmp_path / "run" / "train.log"
+    job = jobs.start(root, "train", [sys.executable, str(script)], log, tmp_path / "run")
+    deadline = time.monotonic() + 60
+    while "ready" not in jobs.tail(log) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert jobs.running(root, "train")["pid"] == job["pid"]  # what a refreshed page finds
+    assert jobs.stop(root, job, wait_s=30)
+    assert (tmp_path / "stopped").read_text() == "ok"
+    child = int((tmp_path / "child.pid").read_text())
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and Path(f"/proc/{child}").exists() and \
+            ") Z " not in Path(f"/proc/{child}/stat").read_text():
+        time.sleep(0.1)
+    assert not Path(f"/proc/{child}").exists() or ") Z " in Path(f"/proc/{child}/stat").read_text()
+    assert jobs.running(root, "train") is None
+    assert jobs.latest(root, "train")["exit_code"] == 0
