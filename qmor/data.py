@@ -97,8 +97,9 @@ def _read(source: str, skip_bad: bool) -> tuple[list[dict], list[str], int]:
                 raise QmorError(f"{source} line {e.lineno}: not valid JSON ({e.msg}); fix the file "
                                 f"(a .json file holds one list of records)") from None
         else:
-            data = data if isinstance(data, list) else [data]
-            return _keep_dicts(data, [f"{source} record {i + 1}" for i in range(len(data))], skip_bad)
+            if not isinstance(data, list):
+                return _keep_dicts([data], [f"{source} line 1"], skip_bad)
+            return _keep_dicts(data, [f"{source} line {n}" for n in _list_lines(text)], skip_bad)
     records, locs, skipped = [], [], 0
     for n, line in enumerate(text.splitlines(), 1):
         if not line.strip():
@@ -113,6 +114,19 @@ def _read(source: str, skip_bad: bool) -> tuple[list[dict], list[str], int]:
             skipped += 1
     records, locs, bad = _keep_dicts(records, locs, skip_bad)
     return records, locs, skipped + bad
+
+
+def _list_lines(text: str) -> list[int]:
+    """The line on which each item of a valid top-level JSON list starts, for error messages."""
+    dec, lines = json.JSONDecoder(), []
+    i = text.index("[") + 1
+    while True:
+        while text[i] in " \t\r\n,":
+            i += 1
+        if text[i] == "]":
+            return lines
+        lines.append(text.count("\n", 0, i) + 1)
+        i = dec.raw_decode(text, i)[1]
 
 
 def _keep_dicts(records: list, locs: list[str], skip_bad: bool) -> tuple[list[dict], list[str], int]:

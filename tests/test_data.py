@@ -272,3 +272,15 @@ def test_template_that_rewrites_earlier_turns_never_labels_them(tmp_path, caplog
     assert t.decode(ex["input_ids"]) == "<|user|>q<|end|><|assistant|>a<|end|><|user|>a<|end|><|assistant|>reply<|end|>"
     assert spans(t, ex) == ["a", "reply<|end|>"]  # the shortened first reply is all the input holds of it
     assert "renders a conversation prefix differently" in caplog.text
+
+
+def test_json_list_errors_name_the_line_of_the_record(tok, tmp_path):
+    path = tmp_path / "list.json"
+    path.write_text('[\n  {"prompt": "a", "completion": "b"},\n  {"prompt": "c"}\n]\n')
+    with pytest.raises(QmorError, match=r"list.json line 3: record has fields \['prompt'\]"):
+        build_datasets(tok, DataConfig(source=str(path)))
+    path.write_text('[\n  {"prompt": "a", "completion": "b"},\n  {"prompt": "c"},\n  "x"\n]\n')
+    with pytest.raises(QmorError, match="list.json line 4: a record must be a JSON object, got str"):
+        load_records(str(path))
+    train, _, stats = build_datasets(tok, DataConfig(source=str(path), skip_bad=True))
+    assert (len(train), stats.n_skipped) == (1, 2)
