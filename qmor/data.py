@@ -61,7 +61,7 @@ class DataConfig:
 class DataStats:
     format: str  # the format the records were read as
     template: str  # "tokenizer", "chatml-fallback", or "none" (plain text)
-    n_records: int  # good records read
+    n_records: int  # records turned into examples (bad ones not counted)
     n_skipped: int  # bad records skipped (skip_bad=True)
     n_truncated: int  # examples cut to max_len
     n_dropped: int  # examples with no response token left after truncation, left out
@@ -314,7 +314,7 @@ def build_datasets(tokenizer, cfg: DataConfig) -> tuple[list[dict], list[dict], 
     val = [kept[i] for i in sorted(val_idx)]
     rows = pack(train, cfg.max_len) if cfg.packing else train
     stats = DataStats(
-        format=fmt, template="none" if fmt == "text" else template_name(tokenizer), n_records=len(records),
+        format=fmt, template="none" if fmt == "text" else template_name(tokenizer), n_records=len(examples),
         n_skipped=skipped, n_truncated=n_truncated, n_dropped=len(cut) - len(kept), n_train=len(rows),
         n_train_examples=len(train), n_val=len(val), n_tokens=sum(len(e["input_ids"]) for e in train),
         n_label_tokens=sum(t != -100 for e in train for t in e["labels"]), packed=cfg.packing)
