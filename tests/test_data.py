@@ -159,7 +159,7 @@ def test_missing_fields_name_what_the_record_has_and_needs(tok, tmp_path):
                                         r"'alpaca' needs \['instruction', 'output'\]"):
         build_datasets(tok, DataConfig(source=src))
     train, _, stats = build_datasets(tok, DataConfig(source=src, skip_bad=True))
-    assert (stats.n_skipped, len(train)) == (1, 2)
+    assert (stats.n_skipped, stats.n_records, len(train)) == (1, 2, 2)
 
 
 def test_malformed_conversations_are_bad_records(tok, tmp_path):
