@@ -23,7 +23,7 @@ FAMILY_FIELDS = {
 }
 SPECIFIC = sorted({f for fs in FAMILY_FIELDS.values() for f in fs})
 
-# (form key, flag); a value of None, "" or 0 where 0 means "unset" is left out
+# (form key, flag); a value of None or "" is left out (the script's default applies)
 VALUE_FLAGS = [
     ("format", "--format"), ("family", "--family"), ("rank", "--rank"), ("alpha", "--alpha"),
     ("dropout", "--dropout"), ("targets", "--targets"), ("mora_kind", "--mora-kind"), ("experts", "--experts"),
@@ -34,8 +34,10 @@ VALUE_FLAGS = [
     ("weight_decay", "--weight-decay"), ("max_grad_norm", "--max-grad-norm"), ("val_size", "--val-size"),
     ("eval_steps", "--eval-steps"), ("save_steps", "--save-steps"), ("log_steps", "--log-steps"),
     ("num_examples", "--num-examples"), ("seed", "--seed"), ("loss_chunk", "--loss-chunk"), ("device", "--device"),
+    ("eval_generate", "--eval-generate"), ("keep_checkpoints", "--keep-checkpoints"),
 ]
-ZERO_IS_UNSET = {"max_steps", "num_examples", "loss_chunk"}
+INTS = {"rank", "experts", "top_k", "max_steps", "batch_size", "grad_accum", "max_len", "eval_steps", "save_steps",
+        "log_steps", "num_examples", "seed", "loss_chunk", "loftq_iters", "eval_generate", "keep_checkpoints"}
 SWITCHES = [("packing", "--packing"), ("train_on_prompt", "--train-on-prompt"),
             ("offload_activations", "--offload-activations"), ("trust_remote_code", "--trust-remote-code")]
 
@@ -59,11 +61,9 @@ def train_args(ws: Workspace, values: dict) -> list[str]:
             continue
         if key == "loftq_iters" and values.get("init") != "loftq":
             continue
-        if v is None or v == "" or (key in ZERO_IS_UNSET and not v):
+        if v is None or v == "":
             continue
-        if isinstance(v, float) and key in ("rank", "experts", "top_k", "epochs", "max_steps", "batch_size",
-                                             "grad_accum", "max_len", "eval_steps", "save_steps", "log_steps",
-                                             "num_examples", "seed", "loss_chunk", "loftq_iters"):
+        if isinstance(v, float) and key in INTS:
             v = int(v)
         args += [flag, _fmt(v)]
     if values.get("gradient_checkpointing") is False:

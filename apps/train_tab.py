@@ -18,15 +18,16 @@ from qmor.errors import QmorError
 # every form field in the order the start/preview endpoints take them, with its initial value
 FIELDS: dict[str, object] = {
     "model": "tiny", "trust_remote_code": False, "run_name": "", "device": "auto",
-    "dataset": "uuid", "format": "auto", "num_examples": 0,
+    "dataset": "uuid", "format": "auto", "num_examples": 48,
     "family": "mora", "rank": 8, "alpha": 16.0, "dropout": 0.0, "targets": "all-linear", "mora_kind": "auto",
     "experts": 4, "top_k": 2, "capacity_factor": 1.25, "expert_dropout": 0.1, "aux_loss_weight": 0.01,
     "init": "loftq", "loftq_iters": 1,
-    "lr": 2e-4, "epochs": 1, "max_steps": 0, "batch_size": 4, "grad_accum": 1, "max_len": 512,
-    "warmup_ratio": 0.03, "weight_decay": 0.0, "max_grad_norm": 1.0, "val_size": 0.0, "eval_steps": 0,
-    "save_steps": 0, "log_steps": 1, "packing": False, "train_on_prompt": False, "seed": 0,
-    "gradient_checkpointing": True, "offload_activations": False, "loss_chunk": 0,
-}
+    "lr": 4e-3, "epochs": 1.0, "max_steps": 240, "batch_size": 16, "grad_accum": 1, "max_len": 96,
+    "warmup_ratio": 0.05, "weight_decay": 0.0, "max_grad_norm": 1.0, "val_size": 0.0, "eval_steps": 0,
+    "save_steps": 100, "keep_checkpoints": 2, "log_steps": 10, "eval_generate": 48, "packing": False,
+    "train_on_prompt": False, "seed": 0, "gradient_checkpointing": True, "offload_activations": False,
+    "loss_chunk": 1024,
+}  # the script's own defaults, so the untouched form runs exactly the CLI default
 FORMATS = ["auto", "alpaca", "messages", "sharegpt", "prompt_completion", "text"]
 
 
@@ -59,7 +60,8 @@ def build(ws: Workspace, env: dict) -> dict:
         c["dataset"] = gr.Dropdown(_dataset_choices(ws), value=FIELDS["dataset"], allow_custom_value=True, scale=3,
                                    label="Dataset (built-in name, or a file path in the workspace)")
         c["format"] = gr.Dropdown(FORMATS, value="auto", label="Format", scale=1)
-        c["num_examples"] = gr.Number(0, label="Examples (0 = all / task default)", precision=0, scale=1)
+        c["num_examples"] = gr.Number(FIELDS["num_examples"], label="Examples (built-in tasks; 0 = task default)",
+                                      precision=0, scale=1)
         upload = gr.File(label="Upload a dataset", file_types=[".json", ".jsonl", ".csv", ".parquet", ".txt"],
                          scale=2, height=90)
     with gr.Accordion("Dataset preview", open=False):
@@ -85,7 +87,7 @@ def build(ws: Workspace, env: dict) -> dict:
         with gr.Row():
             c["lr"] = gr.Number(FIELDS["lr"], label="Learning rate")
             c["epochs"] = gr.Number(FIELDS["epochs"], label="Epochs")
-            c["max_steps"] = gr.Number(0, label="Max steps (0 = by epochs)", precision=0, minimum=0)
+            c["max_steps"] = gr.Number(FIELDS["max_steps"], label="Max steps (0 = by epochs)", precision=0, minimum=0)
             c["batch_size"] = gr.Number(FIELDS["batch_size"], label="Batch size", precision=0, minimum=1)
             c["grad_accum"] = gr.Number(FIELDS["grad_accum"], label="Grad accumulation", precision=0, minimum=1)
             c["max_len"] = gr.Number(FIELDS["max_len"], label="Max length (tokens)", precision=0, minimum=8)
@@ -98,13 +100,16 @@ def build(ws: Workspace, env: dict) -> dict:
             c["save_steps"] = gr.Number(FIELDS["save_steps"], label="Checkpoint every (steps)", precision=0)
         with gr.Row():
             c["log_steps"] = gr.Number(FIELDS["log_steps"], label="Log every (steps)", precision=0, minimum=1)
+            c["keep_checkpoints"] = gr.Number(FIELDS["keep_checkpoints"], label="Checkpoints kept", precision=0)
+            c["eval_generate"] = gr.Number(FIELDS["eval_generate"], label="Score answers at end (examples)",
+                                           precision=0, minimum=0)
             c["seed"] = gr.Number(FIELDS["seed"], label="Seed", precision=0)
             c["packing"] = gr.Checkbox(False, label="Packing")
             c["train_on_prompt"] = gr.Checkbox(False, label="Train on prompt")
     with gr.Accordion("Memory", open=False), gr.Row():
         c["gradient_checkpointing"] = gr.Checkbox(True, label="Gradient checkpointing")
         c["offload_activations"] = gr.Checkbox(False, label="Offload activations to CPU")
-        c["loss_chunk"] = gr.Number(0, label="Loss chunk (tokens, 0 = off)", precision=0, minimum=0)
+        c["loss_chunk"] = gr.Number(FIELDS["loss_chunk"], label="Loss chunk (tokens)", precision=0, minimum=0)
     cmd_box = gr.Code(label="Command (what Start runs)", language="shell", interactive=False, lines=2)
     with gr.Row():
         start_btn = gr.Button("Start", variant="primary", elem_id="train-start")

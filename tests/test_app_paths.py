@@ -81,7 +81,8 @@ def test_command_has_only_the_family_own_flags(ws):
             "gradient_checkpointing": False, "packing": True}
     mora = command.train_args(ws, {**base, "family": "mora"})
     assert "--mora-kind" in mora and "--alpha" not in mora and "--experts" not in mora
-    assert mora[mora.index("--rank") + 1] == "8" and "--max-steps" not in mora and "--loftq-iters" not in mora
+    assert mora[mora.index("--rank") + 1] == "8" and "--loftq-iters" not in mora
+    assert mora[mora.index("--max-steps") + 1] == "0"  # 0 means "by epochs" to the script, so it must be passed
     assert "--no-gradient-checkpointing" in mora and "--packing" in mora
     assert mora[mora.index("--output") + 1] == str(ws.runs / "r1")
     sira = command.train_args(ws, {**base, "family": "sira", "init": "loftq"})
