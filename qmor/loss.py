@@ -1,0 +1,65 @@
+"""Causal LM loss computed in chunks, so the full (tokens, vocab) fp32 logits never exist at once.
+
+The decoder body gives hidden states; the output head and cross-entropy run per chunk of labelled tokens under
+non-reentrant checkpointing, so each chunk's logits are freed after its forward and recomputed in backward. At
+32k tokens and a 32k vocabulary the full fp32 logits alone would be 4 GB, plus as much again for their gradient.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.autograd.graph import save_on_cpu
+from torch.utils.checkpoint import checkpoint
+
+IGNORE = -100  # label of tokens that carry no loss (prompt, padding)
+
+
+def _chunk_ce(head: nn.Module, softcap: float | None, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    logits = head(hidden).float()  # (n, V): only this chunk's logits
+    if softcap:  # Gemma-2 style final logit soft-capping, which the model's own forward would apply
+        logits = torch.tanh(logits / softcap) * softcap
+    return F.cross_entropy(logits, labels, reduction="sum")
+
+
+def chunked_cross_entropy(
+    hidden: torch.Tensor, labels: torch.Tensor, head: nn.Module, chunk: int = 1024, softcap: float | None = None
+) -> tuple[torch.Tensor, int]:
+    """(sum of next-token cross-entropies, number of labelled tokens) for hidden (B, T, d) and labels (B, T).
+
+    Labels are aligned with the inputs (as a data collator writes them); the shift happens here, as in HF models.
+    """
+    h = hidden[:, :-1].reshape(-1, hidden.shape[-1])  # (B (T-1), d)
+    y = labels[:, 1:].reshape(-1)  # (B (T-1),)
+    keep = y != IGNORE
+    h, y = h[keep], y[keep]  # (n, d), (n,): unlabelled positions need no logits at all
+    total = hidden.sum() * 0.0  # zero that stays in the graph, so a batch with no labels still backpropagates
+    for start in range(0, y.numel(), chunk):
+        part = (h[start : start + chunk], y[start : start + chunk])
+        total = total + checkpoint(_chunk_ce, head, softcap, *part, use_reentrant=False)
+    return total.float(), int(y.numel())
+
+
+class ChunkedLoss(nn.Module):
+    """Wraps a causal LM so that forward returns (loss sum, labelled tokens) without full logits.
+
+    A module rather than a function so that data parallelism (DDP) can wrap it: its gradient hooks expect the
+    wrapped module's forward to be the one that runs.
+    """
+
+    def __init__(self, lm: nn.Module, chunk: int = 1024, offload: bool = False):
+        super().__init__()
+        self.lm = lm
+        self.chunk = chunk
+        self.offload = offload  # with checkpointing on, the tensors saved outside the layers are the layer inputs
+
+    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor, **inputs) -> tuple[torch.Tensor, int]:
+        # pinned host memory makes the copies asynchronous, but exists only next to an accelerator
+        offload = save_on_cpu(pin_memory=input_ids.is_cuda) if self.offload else contextlib.nullcontext()
+        with offload:
+            hidden = self.lm.get_decoder()(input_ids=input_ids, **inputs).last_hidden_state  # (B, T, d)
+        softcap = getattr(self.lm.config, "final_logit_softcapping", None)
+        return chunked_cross_entropy(hidden, labels, self.lm.get_output_embeddings(), self.chunk, softcap)

@@ -1,0 +1,89 @@
+"""The run's metrics.jsonl (one JSON object per line, polled by the app) and its loss plot."""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from pathlib import Path
+
+METRICS = "metrics.jsonl"
+PLOT = "loss.png"
+
+
+class MetricsLog:
+    """Appends events to metrics.jsonl and redraws loss.png at most every `plot_every_s` seconds."""
+
+    def __init__(self, run_dir: str | Path, plot_every_s: float = 10.0):
+        self.run_dir = Path(run_dir)
+        self.path = self.run_dir / METRICS
+        self.plot_every_s = plot_every_s
+        self.last_plot = 0.0
+        self.train: list[tuple[int, float]] = []  # (step, loss) of this run so far, including before a resume
+        self.eval: list[tuple[int, float]] = []  # (step, eval loss)
+        for event in read_events(self.path):
+            self._remember(event)
+
+    def _remember(self, event: dict) -> None:
+        if event.get("event") == "train":
+            self.train.append((event["step"], event["loss"]))
+        elif event.get("event") == "eval":
+            self.eval.append((event["step"], event["eval_loss"]))
+
+    def forget_after(self, step: int) -> None:
+        """On resume: steps after the checkpoint are trained again, so their old points leave the plot."""
+        self.train = [p for p in self.train if p[0] <= step]
+        self.eval = [p for p in self.eval if p[0] <= step]
+
+    def log(self, event: str, **fields) -> dict:
+        record = {"time": time.time(), "event": event, **fields}
+        with open(self.path, "a") as f:  # one write per line, flushed: a reader never sees half an object
+            f.write(json.dumps(record) + "\n")
+        self._remember(record)
+        if event in ("eval", "done", "stopped") or time.time() - self.last_plot > self.plot_every_s:
+            self.plot()
+        return record
+
+    def plot(self) -> None:
+        if not self.train and not self.eval:
+            return
+        plot_loss(self.train, self.eval, self.run_dir / PLOT)
+        self.last_plot = time.time()
+
+
+def read_events(path: str | Path) -> list[dict]:
+    """Every complete line of a metrics.jsonl (a line being written is skipped)."""
+    path = Path(path)
+    if not path.is_file():
+        return []
+    events = []
+    for line in path.read_text().splitlines():
+        try:
+            events.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return events
+
+
+def plot_loss(train: list[tuple[int, float]], evals: list[tuple[int, float]], path: str | Path) -> None:
+    """Training (and eval) loss against step, written under a temporary name and renamed."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display: runs in scripts, on servers and in the app's subprocess
+    import matplotlib.pyplot as plt
+
+    path = Path(path)
+    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
+    if train:
+        ax.plot(*zip(*train, strict=True), label="train")
+    if evals:
+        ax.plot(*zip(*evals, strict=True), "o-", label="eval")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.stem}.{uuid.uuid4().hex[:8]}.tmp.png")
+    fig.savefig(tmp)
+    plt.close(fig)
+    tmp.replace(path)

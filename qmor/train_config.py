@@ -1,0 +1,114 @@
+"""TrainConfig: everything a training run needs, nesting the adapter, quantisation and data configs.
+
+The run folder's config.json is `to_json(cfg)`; a config file (`--config`, YAML or JSON) has the same layout, so a
+finished run's config.json can start the next run. Only the keys present are changed; the rest keep their defaults.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from qmor.config import AdapterConfig, QuantConfig, from_dict, to_dict
+from qmor.data import DataConfig
+from qmor.errors import QmorError
+
+SECTIONS = {"adapter": AdapterConfig, "quant": QuantConfig, "data": DataConfig}
+
+
+def default_adapter() -> AdapterConfig:
+    # the built-in default: the MoRA paper's UUID memorisation with MoRA on a LoftQ-initialised 4-bit base
+    return AdapterConfig(family="mora", r=8, init="loftq")
+
+
+def default_data() -> DataConfig:
+    return DataConfig(source="uuid", num_examples=48, max_len=96)
+
+
+@dataclass
+class TrainConfig:
+    model: str = "tiny"  # "tiny" (built-in, offline), a local Hugging Face folder, or a hub id
+    output: str = ""  # run folder; empty: runs/<timestamp>
+    adapter: AdapterConfig = field(default_factory=default_adapter)  # family, rank, targets, init (qmor.config)
+    quant: QuantConfig = field(default_factory=QuantConfig)  # NF4 block size, double quantisation, compute dtype
+    data: DataConfig = field(default_factory=default_data)  # source, format, max_len, packing, split (qmor.data)
+    lr: float = 4e-3  # peak learning rate (after warmup), cosine decay to zero
+    epochs: float = 1.0  # passes over the training set, used when max_steps is 0
+    max_steps: int = 240  # optimizer steps; 0: derived from epochs
+    batch_size: int = 16  # sequences per micro-batch per process
+    grad_accum: int = 1  # micro-batches per optimizer step
+    warmup_ratio: float = 0.05  # share of the steps with a linear warmup from zero
+    weight_decay: float = 0.0  # AdamW weight decay on the adapter parameters
+    max_grad_norm: float = 1.0  # clip the gradient norm to this (0: no clipping)
+    eval_steps: int = 0  # eval loss on the validation split every this many steps (0: only at the end)
+    save_steps: int = 100  # resumable checkpoint every this many steps (0: only when stopped)
+    keep_checkpoints: int = 2  # how many of the latest checkpoints to keep
+    log_steps: int = 10  # training loss logged (averaged) every this many steps
+    eval_generate: int = 48  # built-in tasks: greedy-generate and score this many examples at the end (0: off)
+    seed: int = 0  # seed of the tiny model, the data order, dropout and the built-in task's records
+    gradient_checkpointing: bool = True  # non-reentrant activation checkpointing of every decoder layer
+    offload_activations: bool = False  # keep the checkpointed layer inputs in CPU RAM instead of GPU memory
+    loss_chunk: int = 1024  # tokens per cross-entropy chunk: full-sequence fp32 logits never exist at once
+    trust_remote_code: bool = False  # run model code shipped with a hub model (only for models you trust)
+    device: str = "auto"  # "auto" (CUDA when available), "cpu" or "cuda"
+
+    def __post_init__(self) -> None:
+        for name in ("max_steps", "grad_accum", "batch_size", "loss_chunk", "save_steps", "eval_steps", "log_steps",
+                     "eval_generate"):
+            value = getattr(self, name)
+            low = 1 if name in ("grad_accum", "batch_size", "loss_chunk", "log_steps") else 0
+            if not isinstance(value, int) or value < low:
+                raise QmorError(f"{name} must be an integer >= {low}, got {value!r}; pass --{name.replace('_', '-')}")
+        if self.max_steps == 0 and self.epochs <= 0:
+            raise QmorError(f"epochs must be positive when max_steps is 0, got {self.epochs}; pass --epochs 1")
+        if self.lr <= 0:
+            raise QmorError(f"lr must be positive, got {self.lr}; pass e.g. --lr 2e-4")
+        if not 0 <= self.warmup_ratio < 1:
+            raise QmorError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
+        if self.keep_checkpoints < 1:
+            raise QmorError(f"keep_checkpoints must be at least 1, got {self.keep_checkpoints}")
+        if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
+            raise QmorError(f"device must be auto, cpu or cuda, got {self.device!r}")
+
+
+def to_json(cfg: TrainConfig) -> dict:
+    return to_dict(cfg)
+
+
+def from_json(data: dict) -> TrainConfig:
+    """Build a TrainConfig from a (possibly partial) nested dict; unknown keys are refused with the valid ones."""
+    data = dict(data)
+    top = {f.name for f in dataclasses.fields(TrainConfig)}
+    unknown = sorted(set(data) - top)
+    if unknown:
+        raise QmorError(f"unknown config key(s) {unknown}; valid keys: {sorted(top)}")
+    defaults = TrainConfig()
+    for name, cls in SECTIONS.items():
+        section = data.get(name, {})
+        if not isinstance(section, dict):
+            raise QmorError(f"config key {name!r} must be a mapping of {cls.__name__} fields, got {section!r}")
+        data[name] = from_dict(cls, {**to_dict(getattr(defaults, name)), **section})
+    return TrainConfig(**data)
+
+
+def read_config_file(path: str | Path) -> dict:
+    """The nested dict in a YAML (.yaml/.yml) or JSON config file."""
+    path = Path(path)
+    if not path.is_file():
+        raise QmorError(f"config file {path} does not exist; check the path given to --config")
+    text = path.read_text()
+    try:
+        if path.suffix in (".yaml", ".yml"):
+            import yaml
+
+            data = yaml.safe_load(text) or {}
+        else:
+            data = json.loads(text)
+    except Exception as e:  # yaml and json raise different types; both mean the same to the user
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise QmorError(f"config file {path} could not be parsed ({first}); fix its syntax") from None
+    if not isinstance(data, dict):
+        raise QmorError(f"config file {path} must hold a mapping of TrainConfig keys, not {type(data).__name__}")
+    return data
