@@ -27,10 +27,12 @@ def _load(base: str, adapter: str | None, trust_remote_code: bool) -> str:
     t0 = time.perf_counter()
     if _STATE["session"] is None or _STATE["base"] != base:
         _unload()
-        try:
-            _STATE["session"] = ChatSession(base, trust_remote_code=trust_remote_code)
-        except TypeError:  # a ChatSession without that keyword: only local and trusted models reach here
-            _STATE["session"] = ChatSession(base)
+        path = base
+        if base == "tiny":  # the built-in model, built once into the cache, as the training script does
+            from qmor.train import resolve_model
+
+            path = resolve_model("tiny", 0)
+        _STATE["session"] = ChatSession(path, trust_remote_code=trust_remote_code)
         _STATE["base"] = base
         what = f"loaded {base}"
     else:
@@ -66,7 +68,8 @@ def _plain(history) -> list[dict]:
 
 def build(ws: Workspace) -> dict:
     with gr.Row():
-        run = gr.Dropdown([NONE, *trained_runs(ws)], value=NONE, label="Trained run (adapter)", scale=2)
+        run = gr.Dropdown([NONE, *trained_runs(ws)], value=NONE, label="Trained run (adapter)", scale=2,
+                          allow_custom_value=True)
         base = gr.Textbox("tiny", label="Base model (filled in from the run)", scale=3)
         trust = gr.Checkbox(False, label="Trust remote code", scale=1)
     with gr.Row():

@@ -28,7 +28,8 @@ def verification(log_text: str) -> str | None:
 
 def build(ws: Workspace) -> dict:
     with gr.Row():
-        run = gr.Dropdown(trained_runs(ws), label="Run to export", scale=3, elem_id="export-run")
+        run = gr.Dropdown(trained_runs(ws), label="Run to export", scale=3, elem_id="export-run",
+                          allow_custom_value=True)
         refresh_btn = gr.Button("Refresh runs", size="sm", scale=1)
     with gr.Row():
         name = gr.Textbox("", label="Output name (in the workspace's exports/)", placeholder="RUN-fp16", scale=3)

@@ -11,6 +11,7 @@ import atexit
 import os
 import signal
 import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -49,14 +50,26 @@ def _update(root: Path, pid: int, **fields) -> None:
         _save_jobs(root, jobs)
 
 
-def start(root: Path, kind: str, cmd: list[str], log: Path, run_dir: Path, env: dict | None = None) -> dict:
-    """Start `cmd` with stdout and stderr appended to `log`; record it in the registry."""
-    log.parent.mkdir(parents=True, exist_ok=True)
-    with open(log, "ab") as out:
+def start(root: Path, kind: str, cmd: list[str], log: Path, run_dir: Path, env: dict | None = None,
+          log_in_run: bool = False) -> dict:
+    """Start `cmd` with stdout and stderr appended to `log`; record it in the registry.
+
+    log_in_run: the log lies inside `run_dir`, which the command itself must create (see runlog.py).
+    """
+    if log_in_run:
+        cmd = [sys.executable, str(Path(__file__).with_name("runlog.py")), str(log), str(run_dir), "--", *cmd]
+        out = subprocess.DEVNULL
+    else:
+        log.parent.mkdir(parents=True, exist_ok=True)
+        out = open(log, "ab")
         out.write(f"$ {' '.join(cmd)}\n".encode())
         out.flush()
+    try:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                 start_new_session=True, env={**os.environ, **(env or {})})
+    finally:
+        if out is not subprocess.DEVNULL:
+            out.close()
     job = {"pid": proc.pid, "kind": kind, "run_dir": str(run_dir), "log": str(log), "command": cmd,
            "started": time.time(), "exit_code": None}
     with _LOCK:

@@ -142,8 +142,7 @@ def build(ws: Workspace, env: dict) -> dict:
             if (out / "metrics.jsonl").exists() or (out / "config.json").exists():
                 raise QmorError(f"run {v['run_name']!r} exists already; choose another name, or Resume it")
             cmd = command.train_command(command.train_args(ws, v))
-            out.mkdir(parents=True, exist_ok=True)
-            jobs.start(ws.root, "train", cmd, out / "train.log", out, env)
+            jobs.start(ws.root, "train", cmd, out / "train.log", out, env, log_in_run=True)
             return ok_md(f"started {v['run_name']}"), command.shown(cmd)
         except Exception as e:
             return error_md(e), gr.update()
@@ -176,7 +175,7 @@ def build(ws: Workspace, env: dict) -> dict:
             if not (run / "checkpoints").is_dir():
                 raise QmorError(f"run {run.name} has no checkpoint to resume from; start it again")
             cmd = command.resume_command(run)
-            jobs.start(ws.root, "train", cmd, run / "train.log", run, env)
+            jobs.start(ws.root, "train", cmd, run / "train.log", run, env, log_in_run=True)
             return ok_md(f"resuming {run.name}"), command.shown(cmd)
         except Exception as e:
             return error_md(e), gr.update()
