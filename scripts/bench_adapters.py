@@ -62,7 +62,7 @@ def bench_shape(d_in: int, d_out: int, tokens: int, lora_rank: int, experts: int
         configs[family] = cfg
     x = torch.randn(tokens, d_in)
     times = {name: [] for name in layers}
-    for name, layer in layers.items():
+    for layer in layers.values():
         step_time(layer, x)  # warm-up
     for _ in range(repeats):
         for name, layer in layers.items():
@@ -98,9 +98,9 @@ def main() -> None:
     args = ap.parse_args()
     shapes = [(256, 256), (256, 704)] if args.quick else [(4096, 4096), (4096, 11008)]
     repeats = 2 if args.quick else args.repeats
-    torch.set_num_threads(torch.get_num_threads())
-    print(f"# {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}"
-          f", {args.tokens} tokens, median of {repeats}")
+    cpu = platform.processor() or platform.machine()
+    print(f"# {cpu}, {torch.get_num_threads()} threads, torch {torch.__version__}, {args.tokens} tokens, "
+          f"median of {repeats}")
     print("| shape | family | config | trainable params | fwd+bwd ms | vs LoRA | vs frozen base |")
     print("|---|---|---|---|---|---|---|")
     for d_in, d_out in shapes:
