@@ -158,6 +158,7 @@ def run_one(spec: dict) -> dict:
         torch.cuda.reset_peak_memory_stats()
     else:
         reset_rss_peak()
+    settled = torch.cuda.memory_allocated() if cuda else rss_bytes() - base_rss  # model + optimizer before step 1
     times = []
     try:
         for i in range(spec["warmup"] + spec["steps"]):
@@ -171,7 +172,7 @@ def run_one(spec: dict) -> dict:
                 times.append(time.perf_counter() - start)
     except torch.OutOfMemoryError:
         return {**spec, "oom": True}
-    out = {**spec, "oom": False, "trainable": sum(p.numel() for p in params),
+    out = {**spec, "oom": False, "trainable": sum(p.numel() for p in params), "settled": settled,
            "tokens_per_s": batch * seq / statistics.median(times)}
     if cuda:
         out["peak_allocated"] = torch.cuda.max_memory_allocated()
