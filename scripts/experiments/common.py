@@ -1,0 +1,213 @@
+"""Shared pieces of the experiment scripts: the tiny base, matched-parameter configs, a scored training run,
+tables, plots and the one-line error convention.
+
+Every run goes through `qmor.train.train`; the periodic greedy-decoding scores come from its `on_step` hook.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import sys
+import time
+from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor
+from multiprocessing import get_context
+from pathlib import Path
+
+import torch
+
+from qmor.errors import QmorError
+
+FAMILIES = ("lora", "moslora", "mora", "mor", "sira")
+
+
+def single_thread() -> None:
+    """bitsandbytes' CPU 4-bit kernels run 20-40x slower with two OpenMP threads than with one on a busy 2-core
+    machine (measured: 30 ms vs 0.7 ms per 128x352 layer call), so every run is single-threaded and runs are
+    spread over processes instead."""
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
+
+
+def hardware() -> str:
+    return f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}"
+
+
+# ---------------------------------------------------------------------------------------------------- the base
+
+
+def tiny_base(folder: Path, seed: int, hidden: int, layers: int) -> Path:
+    from qmor.tiny import make_tiny
+
+    return make_tiny(folder / f"tiny-h{hidden}-l{layers}-s{seed}", seed, hidden=hidden, layers=layers)
+
+
+def target_shapes(model_path: str | Path) -> list[tuple[int, int]]:
+    """(d_in, d_out) of every linear an "all-linear" adapter wraps, read without loading any weights."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from qmor.attach import find_targets
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_path))
+    return [(m.in_features, m.out_features) for m in (model.get_submodule(n) for n in
+                                                      find_targets(model, "all-linear"))]
+
+
+# ---------------------------------------------------------------------------------------------------- matching
+
+
+def count(cfg, shapes: list[tuple[int, int]]) -> int:
+    from qmor.adapters import ADAPTERS
+
+    return sum(ADAPTERS[cfg.family].num_params(d_in, d_out, cfg) for d_in, d_out in shapes)
+
+
+def matched_configs(shapes: list[tuple[int, int]], lora_rank: int, mor_experts: int, sira_experts: int,
+                    sira_top_k: int, **fields) -> dict[str, tuple]:
+    """family -> (AdapterConfig, trainable parameters): for each family the rank whose total parameter count over
+    `shapes` is closest to LoRA's at `lora_rank` (MoR and SiRA keep their expert counts fixed)."""
+    from qmor.config import AdapterConfig
+
+    target = count(AdapterConfig(family="lora", r=lora_rank), shapes)
+    limit = min(min(s) for s in shapes)
+    out = {}
+    for family in FAMILIES:
+        extra = {"mor": {"experts": mor_experts}, "sira": {"experts": sira_experts, "top_k": sira_top_k}}
+        options = [AdapterConfig(family=family, r=r, **extra.get(family, {}), **fields) for r in range(1, limit + 1)]
+        if family == "mora":
+            options = [AdapterConfig(family="mora", r=lora_rank, **fields)]  # r_hat follows r by construction
+        best = min(options, key=lambda c: abs(count(c, shapes) - target))
+        out[family] = (best, count(best, shapes))
+    return out
+
+
+def describe(cfg, shapes: list[tuple[int, int]] | None = None) -> str:
+    if cfg.family == "mora":
+        from qmor.adapters import mora_kind, mora_rank
+
+        kind = mora_kind(cfg)
+        hats = sorted({mora_rank(d_in, d_out, cfg.r, kind) for d_in, d_out in shapes or []})
+        return f"r={cfg.r} ({kind}, r_hat {'/'.join(map(str, hats))})"
+    if cfg.family == "mor":
+        return f"r={cfg.r}, N={cfg.experts}"
+    if cfg.family == "sira":
+        return f"r={cfg.r}, E={cfg.experts}, k={cfg.top_k}"
+    return f"r={cfg.r}"
+
+
+def param_rows(configs: dict[str, tuple], shapes) -> list[dict]:
+    lora = configs["lora"][1]
+    return [{"family": f, "config": describe(c, shapes), "params": n, "vs_lora": n / lora - 1}
+            for f, (c, n) in configs.items()]
+
+
+# ---------------------------------------------------------------------------------------------------- scoring
+
+
+class Scorer:
+    """Greedy-decodes the answers to `records` and scores them with `qmor.tasks.score`; called from train's
+    on_step hook every `every` steps (and at `last`), keeping the curve."""
+
+    def __init__(self, tokenizer, records: list[dict], every: int, last: int, task: str):
+        from qmor.data import prompt_text
+        from qmor.template import encode
+
+        self.tokenizer, self.records, self.every, self.last, self.task = tokenizer, records, every, last, task
+        self.prompts = [prompt_text(tokenizer, r) for r in records]
+        self.refs = [r["completion"] for r in records]
+        self.max_new = max(len(encode(tokenizer, r)) for r in self.refs) + 4
+        self.curve: list[dict] = []
+        self.seconds = 0.0  # time spent scoring, left out of the training time
+
+    def score(self, model) -> dict:
+        from qmor import tasks
+        from qmor.evaluate import generate
+
+        start = time.time()
+        preds = generate(model, self.tokenizer, self.prompts, self.max_new, batch_size=64)
+        self.seconds += time.time() - start
+        result = tasks.score(self.task, preds, self.refs, [r["task"] for r in self.records])
+        result["sample"] = {"prompt": self.records[0]["prompt"], "reference": self.refs[0], "prediction": preds[0]}
+        return result
+
+    def __call__(self, step: int, model) -> None:
+        if step % self.every == 0 or step == self.last:
+            self.curve.append({"step": step, **self.score(model)})
+
+
+def scored_run(cfg, scorer_records: list[dict], every: int, task: str) -> dict:
+    """Train with `cfg` through qmor.train, scoring greedy answers on `scorer_records` along the way."""
+    from qmor.train import load_tokenizer, train
+
+    single_thread()
+    tokenizer = load_tokenizer(cfg.model, False)
+    scorer = Scorer(tokenizer, scorer_records, every, cfg.max_steps, task)
+    start = time.time()
+    result = train(cfg, on_step=scorer)
+    wall = time.time() - start
+    losses = [e for e in read_metrics(Path(cfg.output)) if e.get("event") == "train"]
+    return {"family": cfg.adapter.family, "lr": cfg.lr, "curve": scorer.curve, "final": scorer.curve[-1],
+            "losses": [{"step": e["step"], "loss": e["loss"]} for e in losses], "train_loss": result["loss"],
+            "wall_s": wall, "score_s": scorer.seconds}
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    path = run_dir / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
+
+
+def run_all(fn: Callable, jobs: list, workers: int) -> list:
+    """fn(job) for every job, over `workers` spawned processes (1: in this process), results in job order."""
+    if workers <= 1 or len(jobs) <= 1:
+        return [fn(j) for j in jobs]
+    with ProcessPoolExecutor(workers, mp_context=get_context("spawn")) as pool:
+        return list(pool.map(fn, jobs))
+
+
+# ---------------------------------------------------------------------------------------------------- output
+
+
+def fmt(value, digits: int = 3) -> str:
+    if isinstance(value, float):
+        return f"{value:+.1%}" if digits < 0 else f"{value:.{digits}f}"
+    return f"{value:,}" if isinstance(value, int) else str(value)
+
+
+def markdown_table(rows: list[dict], columns: dict[str, str], signed: tuple[str, ...] = ()) -> str:
+    """A markdown table of `rows`; `columns` maps row keys to headers, `signed` keys print as +x.x%."""
+    lines = ["| " + " | ".join(columns.values()) + " |", "|" + "---|" * len(columns)]
+    for row in rows:
+        lines.append("| " + " | ".join(fmt(row[k], -1 if k in signed else 3) for k in columns) + " |")
+    return "\n".join(lines)
+
+
+def save_outputs(out: Path, name: str, results: dict, table: str) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{name}.json").write_text(json.dumps(results, indent=1))
+    (out / f"{name}.md").write_text(table + "\n")
+    print(table)
+    print(f"wrote {out / (name + '.json')} and {out / (name + '.md')}")
+
+
+def new_output(path: str) -> Path:
+    out = Path(path)
+    if out.exists() and any(out.iterdir()):
+        raise QmorError(f"output folder {out} is not empty; choose another --out or remove it")
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def guarded(main: Callable[[list[str] | None], int]) -> Callable[[list[str] | None], int]:
+    """Bad input becomes one `error: ...` line and exit status 2."""
+
+    def wrapped(argv: list[str] | None = None) -> int:
+        try:
+            return main(argv)
+        except QmorError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+
+    return wrapped

@@ -1,0 +1,125 @@
+"""UUID memorisation (MoRA paper, section 3, scaled down): every adapter family at matched trainable parameters
+learns N random UUID key -> value pairs over a frozen 4-bit NF4 base; character accuracy of the greedily decoded
+values is plotted against training steps, for each learning rate.
+
+    python scripts/experiments/uuid_memorization.py --out runs/experiments/uuid --plot docs/experiments_uuid.png
+    python scripts/experiments/uuid_memorization.py --quick --out /tmp/uuid     # smoke run, well under a minute
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import common
+import plots
+
+from qmor.errors import QmorError
+
+
+@dataclass
+class Setup:
+    pairs: int = 32  # UUID key -> value pairs to memorise (the paper: 10,000)
+    steps: int = 120  # optimizer steps per run
+    batch_size: int = 16  # sequences per step
+    eval_every: int = 10  # score greedy answers every this many steps
+    lrs: tuple[float, ...] = (2e-3, 5e-3)  # peak learning rates, each run for every family
+    lora_rank: int = 10  # reference LoRA rank; the other families are matched to its parameter count
+    mor_experts: int = 4  # MoR experts N
+    sira_experts: int = 4  # SiRA experts E
+    sira_top_k: int = 2  # SiRA experts per token
+    hidden: int = 128  # tiny base width
+    layers: int = 2  # tiny base depth
+    seed: int = 0  # seed of the base, the pairs, the data order and the adapters' init
+
+
+QUICK = Setup(pairs=4, steps=3, batch_size=4, eval_every=3, lrs=(5e-3,), lora_rank=8, hidden=64, layers=1)
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default="runs/experiments/uuid", help="folder for runs, JSON and table (must be empty)")
+    p.add_argument("--plot", help="where to write the plot (default: OUT/uuid_memorization.png)")
+    p.add_argument("--quick", action="store_true", help="smoke run: 4 pairs, 4 steps, a smaller base")
+    p.add_argument("--workers", type=int, default=2, help="runs in parallel, one process each (default 2)")
+    for name, default in vars(Setup()).items():
+        kind = float if name == "lrs" else type(default)
+        p.add_argument(f"--{name.replace('_', '-')}", type=kind, nargs="+" if name == "lrs" else None,
+                       default=argparse.SUPPRESS, help=f"default {default}")
+    return p
+
+
+def jobs(setup: Setup, out: Path) -> tuple[list, list[dict], dict]:
+    from qmor import tasks
+    from qmor.config import QuantConfig
+    from qmor.data import DataConfig
+    from qmor.train_config import TrainConfig
+
+    base = common.tiny_base(out / "models", setup.seed, setup.hidden, setup.layers)
+    shapes = common.target_shapes(base)
+    configs = common.matched_configs(shapes, setup.lora_rank, setup.mor_experts, setup.sira_experts,
+                                     setup.sira_top_k)
+    records = tasks.records("uuid", "train", setup.pairs, setup.seed)
+    data = DataConfig(source="uuid", num_examples=setup.pairs, max_len=96, seed=setup.seed)
+    todo = []
+    for lr in setup.lrs:
+        for family, (adapter, _) in configs.items():
+            cfg = TrainConfig(model=str(base), output=str(out / "runs" / f"{family}-lr{lr:g}"), adapter=adapter,
+                              quant=QuantConfig(), data=data, lr=lr, max_steps=setup.steps,
+                              batch_size=min(setup.batch_size, setup.pairs), warmup_ratio=0.05, save_steps=0,
+                              log_steps=max(1, setup.eval_every // 2), eval_generate=0, seed=setup.seed,
+                              gradient_checkpointing=False, device="cpu")
+            todo.append((cfg, records, setup.eval_every, "uuid"))
+    return todo, common.param_rows(configs, shapes), {"shapes": shapes}
+
+
+def run_job(job) -> dict:
+    return common.scored_run(*job)
+
+
+def steps_to(curve: list[dict], level: float) -> int | None:
+    return next((p["step"] for p in curve if p["char_accuracy"] >= level), None)
+
+
+def table(runs: list[dict], params: list[dict]) -> str:
+    n = {r["family"]: r["params"] for r in params}
+    rows = [{"family": r["family"], "lr": f"{r['lr']:g}", "params": n[r["family"]],
+             "mid": next((p["char_accuracy"] for p in r["curve"] if p["step"] >= r["curve"][-1]["step"] // 2),
+                         0.0),
+             "final": r["final"]["char_accuracy"], "em": r["final"]["exact_match"],
+             "to50": steps_to(r["curve"], 0.5) or "-", "loss": r["train_loss"], "wall": r["wall_s"]}
+            for r in runs]
+    half = runs[0]["curve"][-1]["step"] // 2
+    return common.markdown_table(rows, {"family": "family", "lr": "lr", "params": "trainable params",
+                                        "mid": f"char acc @ step {half}", "final": "char acc (final)",
+                                        "em": "exact match (final)", "to50": "steps to 50% char acc",
+                                        "loss": "train loss (last window)", "wall": "wall s"})
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    given = {k: tuple(v) if k == "lrs" else v for k, v in vars(args).items() if k in vars(Setup())}
+    setup = Setup(**{**vars(QUICK if args.quick else Setup()), **given})
+    if setup.pairs < 1 or setup.steps < 1 or setup.eval_every < 1 or not setup.lrs:
+        raise QmorError("pairs, steps and eval-every must be at least 1 and at least one --lrs value given")
+    common.single_thread()
+    out = common.new_output(args.out)
+    start = time.time()
+    todo, params, info = jobs(setup, out)
+    print(common.markdown_table(params, {"family": "family", "config": "config", "params": "trainable params",
+                                         "vs_lora": "vs LoRA"}, signed=("vs_lora",)))
+    runs = common.run_all(run_job, todo, args.workers)
+    results = {"setup": vars(setup), "params": params, "runs": runs, "hardware": common.hardware(),
+               "workers": args.workers, "wall_s": time.time() - start, **info}
+    plot = Path(args.plot) if args.plot else out / "uuid_memorization.png"
+    plots.curves(runs, "char_accuracy", "character accuracy (greedy)", plot,
+                 f"UUID memorisation, {setup.pairs} pairs, tiny 4-bit base (seed {setup.seed})")
+    common.save_outputs(out, "uuid_memorization", results, table(runs, params))
+    print(f"wrote {plot}; total {results['wall_s']:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(common.guarded(main)())
