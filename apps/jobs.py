@@ -16,6 +16,7 @@ import threading
 import time
 from pathlib import Path
 
+from apps.command import shown
 from qmor.files import load_json, save_json
 
 _LOCK = threading.RLock()
@@ -57,12 +58,13 @@ def start(root: Path, kind: str, cmd: list[str], log: Path, run_dir: Path, env: 
     log_in_run: the log lies inside `run_dir`, which the command itself must create (see runlog.py).
     """
     if log_in_run:
-        cmd = [sys.executable, str(Path(__file__).with_name("runlog.py")), str(log), str(run_dir), "--", *cmd]
+        cmd = [sys.executable, str(Path(__file__).with_name("runlog.py")), str(log), str(run_dir), shown(cmd), "--",
+               *cmd]
         out = subprocess.DEVNULL
     else:
         log.parent.mkdir(parents=True, exist_ok=True)
         out = open(log, "ab")
-        out.write(f"$ {' '.join(cmd)}\n".encode())
+        out.write(f"$ {shown(cmd)}\n".encode())
         out.flush()
     try:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,

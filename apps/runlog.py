@@ -5,13 +5,12 @@ front; and a pipe into the app itself would break (and kill the run) when the ap
 in the job's process group, ignores the stop signals meant for the trainer, and exits with the trainer's code
 after copying its last words (the checkpoint line).
 
-    python apps/runlog.py RUN/train.log RUN -- COMMAND...
+    python apps/runlog.py RUN/train.log RUN HEADER -- COMMAND...
 """
 
 from __future__ import annotations
 
 import os
-import shlex
 import signal
 import subprocess
 import sys
@@ -19,13 +18,13 @@ from pathlib import Path
 
 
 def main(argv: list[str]) -> int:
-    log, run, cmd = Path(argv[0]), Path(argv[1]), argv[3:]
+    log, run, header, cmd = Path(argv[0]), Path(argv[1]), argv[2], argv[4:]
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, signal.SIG_IGN)  # the trainer, in the same group, gets the signal and checkpoints
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                             preexec_fn=lambda: [signal.signal(s, signal.SIG_DFL) for s in
                                                 (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)])
-    pending = [f"$ {shlex.join(cmd)}\n".encode()]
+    pending = [f"$ {header}\n".encode()]
     out = None
     while True:
         chunk = os.read(proc.stdout.fileno(), 65536)

@@ -1,0 +1,129 @@
+"""The app in a real browser (headless Chromium via Playwright): train, watch the loss plot, refresh and find the
+job again, stop with a checkpoint, resume, chat, export. Screenshots of each tab are saved (and copied to
+$QMOR_SCREENSHOTS when set)."""
+
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+
+import pytest
+from test_app_api import AppServer
+
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+        "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+
+
+def events(run: Path) -> list[dict]:
+    path = run / "metrics.jsonl"
+    return [json.loads(x) for x in path.read_text().splitlines()] if path.is_file() else []
+
+
+def wait_for(check, timeout: float = 240, what: str = "condition"):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = check()
+        if value:
+            return value
+        time.sleep(0.5)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+@pytest.fixture(scope="module")
+def browser():
+    playwright = pytest.importorskip("playwright.sync_api")
+    if not Path(CHROMIUM).is_file():
+        pytest.fail(f"Chromium is missing ({CHROMIUM}); install it: apt-get install -y chromium")
+    with playwright.sync_playwright() as p:
+        b = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
+        yield b
+        b.close()
+
+
+def shot(page, tmp_path: Path, name: str) -> None:
+    path = tmp_path / f"{name}.png"
+    page.screenshot(path=str(path), full_page=True)
+    if os.environ.get("QMOR_SCREENSHOTS"):
+        out = Path(os.environ["QMOR_SCREENSHOTS"])
+        out.mkdir(parents=True, exist_ok=True)
+        shutil.copy(path, out / path.name)
+
+
+def test_train_refresh_stop_resume_chat_export(browser, tiny_dir, tmp_path):
+    ws = tmp_path / "ws"
+    server = AppServer(ws)
+    run = ws / "runs" / "web"
+    try:
+        page = browser.new_page(viewport={"width": 1280, "height": 900})
+        page.goto(server.url)
+        page.get_by_label("Model (hub id, local folder, or 'tiny')").fill(str(tiny_dir))
+        page.get_by_label("Run name").fill("web")
+        page.get_by_role("radio", name="default").check()
+        page.get_by_text("Training", exact=True).click()
+        for label, value in [("Max steps (0 = by epochs)", "14"), ("Batch size", "2"),
+                             ("Examples (built-in tasks; 0 = task default)", "8"), ("Log every (steps)", "1"),
+                             ("Checkpoint every (steps)", "0"), ("Score answers at end (examples)", "0")]:
+            box = page.get_by_label(label, exact=True)
+            box.fill(value)
+            box.press("Tab")
+        wait_for(lambda: "--max-steps 14" in page.locator("body").inner_text(), 30, "the command preview")
+        page.locator("#train-start").click()
+
+        # the loss plot fills in while the job runs
+        wait_for(lambda: sum(e["event"] == "train" for e in events(run)) >= 2, what="two logged steps")
+        page.locator("#loss-plot canvas, #loss-plot svg").first.wait_for(timeout=30_000)
+        wait_for(lambda: "running" in page.locator("#train-progress").inner_text(), 30, "running status")
+        shot(page, tmp_path, "app-train")
+
+        # a refreshed page shows the same running job, its plot and log
+        page.reload()
+        wait_for(lambda: "web" in page.locator("#train-progress").inner_text()
+                 and "running" in page.locator("#train-progress").inner_text(), 30, "reattached job")
+        assert "finetune_4bit.py" in page.locator("#train-log textarea").input_value()
+
+        # Stop: the run checkpoints and logs a stopped event
+        page.locator("#train-stop").click()
+        wait_for(lambda: "stopped web" in page.locator("#train-status").inner_text(), 120, "stop message")
+        stopped = [e for e in events(run) if e["event"] == "stopped"]
+        assert stopped and Path(stopped[-1]["checkpoint"]).is_dir()
+        assert stopped[-1]["step"] < 14
+
+        # Resume continues from that checkpoint to the end
+        page.locator("#train-resume").click()
+        wait_for(lambda: events(run)[-1]["event"] == "done", what="the resumed run to finish")
+        starts = [e for e in events(run) if e["event"] == "start"]
+        assert starts[-1].get("resumed") is True
+        assert [e["step"] for e in events(run) if e["event"] == "train"][-1] == 14
+
+        # Chat with the trained run, compared with the base
+        page.get_by_role("tab", name="Chat").click()
+        runs = page.get_by_label("Trained run (adapter)")
+        runs.fill("web")
+        runs.press("Enter")
+        page.get_by_label("Base model (filled in from the run)").fill(str(tiny_dir))
+        page.get_by_label("Compare with base (same prompt through the base without the adapter)").check()
+        page.locator("#chat-load").click()
+        wait_for(lambda: "adapter" in page.locator("#chat-status").inner_text(), 120, "model loaded")
+        page.locator("#chat-msg textarea").fill("hello")
+        page.locator("#chat-msg textarea").press("Enter")
+        wait_for(lambda: "reply complete" in page.locator("#chat-status").inner_text(), 120, "a reply")
+        assert page.locator("#chat-adapter .bot").count() >= 1 or page.locator("#chat-adapter").inner_text()
+        shot(page, tmp_path, "app-chat")
+
+        # Export the run: the verification figures and the output path appear
+        page.get_by_role("tab", name="Export").click()
+        export_run = page.get_by_label("Run to export")
+        export_run.fill("web")
+        export_run.press("Enter")
+        page.locator("#export-start").click()
+        wait_for(lambda: "exported" in page.locator("#export-status").inner_text()
+                 or "⚠" in page.locator("#export-status").inner_text(), 180, "export")
+        result = page.locator("#export-result").inner_text()
+        assert "top-1 agreement" in result and "web-fp16" in result, page.locator("#export-log textarea").input_value()
+        shot(page, tmp_path, "app-export")
+        page.get_by_role("tab", name="Train").click()
+        shot(page, tmp_path, "app-train-done")
+    finally:
+        server.close()
