@@ -1,0 +1,111 @@
+"""Chunked loss: same value and gradients as the model's own cross-entropy; offloading changes nothing."""
+
+import pytest
+import torch
+
+from qmor.attach import attach
+from qmor.config import AdapterConfig
+from qmor.loss import ChunkedLoss, chunked_cross_entropy
+from qmor.quant import load_4bit
+
+
+@pytest.fixture()
+def model(tiny_dir):
+    m = load_4bit(str(tiny_dir), device="cpu")
+    attach(m, AdapterConfig(family="lora", r=4))
+    with torch.no_grad():  # B = 0 at init would leave A without gradient; make both matter
+        for p in m.parameters():
+            if p.requires_grad:
+                p.normal_(0, 0.05)
+    m.train()
+    return m
+
+
+def batch(vocab: int):
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(8, vocab, (3, 21), generator=g)  # (B, T)
+    mask = torch.ones_like(ids)
+    mask[1, 15:] = 0  # a padded row
+    labels = ids.clone()
+    labels[:, :6] = -100  # a prompt without loss
+    labels[mask == 0] = -100
+    return ids, mask, labels
+
+
+def grads(model):
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def test_chunked_loss_matches_model_loss_and_grads(model):
+    ids, mask, labels = batch(model.config.vocab_size)
+    ref = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+    ref.backward()
+    expected = grads(model)
+    model.zero_grad()
+    loss_sum, n = ChunkedLoss(model, chunk=7)(input_ids=ids, labels=labels, attention_mask=mask)
+    assert n == int((labels[:, 1:] != -100).sum())
+    (loss_sum / n).backward()
+    torch.testing.assert_close(loss_sum / n, ref, rtol=1e-5, atol=1e-6)
+    for name, g in grads(model).items():
+        torch.testing.assert_close(g, expected[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_chunk_size_does_not_change_result():
+    torch.manual_seed(0)
+    head = torch.nn.Linear(16, 50, bias=False)
+    hidden = torch.randn(2, 9, 16, requires_grad=True)
+    labels = torch.randint(0, 50, (2, 9))
+    labels[0, :3] = -100
+    out = []
+    for chunk in (1, 4, 1000):
+        hidden.grad = None
+        total, n = chunked_cross_entropy(hidden, labels, head, chunk)
+        total.backward()
+        out.append((total.detach(), hidden.grad.clone()))
+    ref = torch.nn.functional.cross_entropy(head(hidden[:, :-1]).reshape(-1, 50), labels[:, 1:].reshape(-1),
+                                            reduction="sum")
+    for total, g in out:
+        torch.testing.assert_close(total, ref)
+        torch.testing.assert_close(g, out[0][1])
+
+
+def test_offloaded_checkpointing_gives_the_same_gradients(model):
+    ids, mask, labels = batch(model.config.vocab_size)
+    model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    results = []
+    for offload in (False, True):
+        model.zero_grad()
+        loss_sum, n = ChunkedLoss(model, chunk=16, offload=offload)(input_ids=ids, labels=labels,
+                                                                     attention_mask=mask)
+        (loss_sum / n).backward()
+        results.append((loss_sum.detach(), grads(model)))
+    torch.testing.assert_close(results[0][0], results[1][0], rtol=0, atol=0)
+    for name, g in results[0][1].items():
+        torch.testing.assert_close(results[1][1][name], g, rtol=0, atol=0, msg=name)
+    assert any(g.abs().sum() > 0 for g in results[0][1].values())
+
+
+def test_offload_moves_saved_tensors_to_cpu_memory(model, monkeypatch):
+    """The offload path really routes the saved activations through save_on_cpu's pack hook."""
+    import qmor.loss as loss_mod
+
+    packed = []
+    real = loss_mod.save_on_cpu
+
+    def counting(**kw):
+        ctx = real(**kw)
+        pack = ctx.pack_hook
+
+        def hook(t):
+            packed.append(t.shape)
+            return pack(t)
+
+        ctx.pack_hook = hook
+        return ctx
+
+    monkeypatch.setattr(loss_mod, "save_on_cpu", counting)
+    model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    ids, mask, labels = batch(model.config.vocab_size)
+    ChunkedLoss(model, offload=True)(input_ids=ids, labels=labels, attention_mask=mask)[0].backward()
+    hidden = model.config.hidden_size
+    assert any(len(s) == 3 and s[-1] == hidden for s in packed)  # the (B, T, d) layer inputs went through it
