@@ -24,7 +24,7 @@ def default_adapter() -> AdapterConfig:
 
 
 def default_data() -> DataConfig:
-    return DataConfig(source="uuid", num_examples=48, max_len=96)
+    return DataConfig(source="uuid", num_examples=32, max_len=96)
 
 
 @dataclass
@@ -34,9 +34,9 @@ class TrainConfig:
     adapter: AdapterConfig = field(default_factory=default_adapter)  # family, rank, targets, init (qmor.config)
     quant: QuantConfig = field(default_factory=QuantConfig)  # NF4 block size, double quantisation, compute dtype
     data: DataConfig = field(default_factory=default_data)  # source, format, max_len, packing, split (qmor.data)
-    lr: float = 4e-3  # peak learning rate (after warmup), cosine decay to zero
+    lr: float = 5e-3  # peak learning rate (after warmup), cosine decay to zero
     epochs: float = 1.0  # passes over the training set, used when max_steps is 0
-    max_steps: int = 240  # optimizer steps; 0: derived from epochs
+    max_steps: int = 150  # optimizer steps; 0: derived from epochs
     batch_size: int = 16  # sequences per micro-batch per process
     grad_accum: int = 1  # micro-batches per optimizer step
     warmup_ratio: float = 0.05  # share of the steps with a linear warmup from zero
@@ -46,7 +46,7 @@ class TrainConfig:
     save_steps: int = 100  # resumable checkpoint every this many steps (0: only when stopped)
     keep_checkpoints: int = 2  # how many of the latest checkpoints to keep
     log_steps: int = 10  # training loss logged (averaged) every this many steps
-    eval_generate: int = 48  # built-in tasks: greedy-generate and score this many examples at the end (0: off)
+    eval_generate: int = 32  # built-in tasks: greedy-generate and score this many examples at the end (0: off)
     seed: int = 0  # seed of the tiny model, the data order, dropout and the built-in task's records
     gradient_checkpointing: bool = True  # non-reentrant activation checkpointing of every decoder layer
     offload_activations: bool = False  # keep the checkpointed layer inputs in CPU RAM instead of GPU memory
