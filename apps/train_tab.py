@@ -18,13 +18,13 @@ from qmor.errors import QmorError
 # every form field in the order the start/preview endpoints take them, with its initial value
 FIELDS: dict[str, object] = {
     "model": "tiny", "trust_remote_code": False, "run_name": "", "device": "auto",
-    "dataset": "uuid", "format": "auto", "num_examples": 48,
+    "dataset": "uuid", "format": "auto", "num_examples": 32,
     "family": "mora", "rank": 8, "alpha": 16.0, "dropout": 0.0, "targets": "all-linear", "mora_kind": "auto",
     "experts": 4, "top_k": 2, "capacity_factor": 1.25, "expert_dropout": 0.1, "aux_loss_weight": 0.01,
     "init": "loftq", "loftq_iters": 1,
-    "lr": 4e-3, "epochs": 1.0, "max_steps": 240, "batch_size": 16, "grad_accum": 1, "max_len": 96,
+    "lr": 5e-3, "epochs": 1.0, "max_steps": 150, "batch_size": 16, "grad_accum": 1, "max_len": 96,
     "warmup_ratio": 0.05, "weight_decay": 0.0, "max_grad_norm": 1.0, "val_size": 0.0, "eval_steps": 0,
-    "save_steps": 100, "keep_checkpoints": 2, "log_steps": 10, "eval_generate": 48, "packing": False,
+    "save_steps": 100, "keep_checkpoints": 2, "log_steps": 10, "eval_generate": 32, "packing": False,
     "train_on_prompt": False, "seed": 0, "gradient_checkpointing": True, "offload_activations": False,
     "loss_chunk": 1024,
 }  # the script's own defaults, so the untouched form runs exactly the CLI default
