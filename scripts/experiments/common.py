@@ -17,6 +17,7 @@ from multiprocessing import get_context
 from pathlib import Path
 
 import torch
+from tqdm import tqdm
 
 from qmor.errors import QmorError
 
@@ -136,6 +137,8 @@ class Scorer:
     def __call__(self, step: int, model) -> None:
         if step % self.every == 0 or step == self.last:
             self.curve.append({"step": step, **self.score(model)})
+            tqdm.write(f"step {step}: character accuracy {self.curve[-1]['char_accuracy']:.3f}, exact match "
+                       f"{self.curve[-1]['exact_match']:.3f} ({self.task}, {len(self.refs)} examples)")
 
 
 def scored_run(cfg, scorer_records: list[dict], every: int, task: str) -> dict:

@@ -27,7 +27,7 @@ class Setup:
     steps: int = 250  # optimizer steps per run
     batch_size: int = 16  # sequences per step
     eval_every: int = 50  # score the test set every this many steps
-    lrs: tuple[float, ...] = (5e-3,)  # peak learning rates, each run for every family
+    lrs: tuple[float, ...] = (2e-3, 5e-3)  # peak learning rates, each run for every family
     lora_rank: int = 10  # reference LoRA rank; the other families are matched to its parameter count
     mor_experts: int = 4  # MoR experts N
     sira_experts: int = 4  # SiRA experts E
@@ -38,7 +38,7 @@ class Setup:
 
 
 QUICK = Setup(train_examples=64, test_examples=16, steps=3, batch_size=8, eval_every=3, lora_rank=8, hidden=64,
-              layers=1)
+              layers=1, lrs=(5e-3,))
 
 
 def parser() -> argparse.ArgumentParser:

@@ -1,0 +1,106 @@
+"""Smoke tests of the experiment scripts: each runs in --quick mode into a temporary folder and must leave a table,
+a JSON of results with one row per family and sane values, and a PNG plot."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPTS = ROOT / "scripts" / "experiments"
+FAMILIES = ("lora", "moslora", "mora", "mor", "sira")
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+def run(script: str, *args: str, cache: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "QMOR_CACHE": str(cache)}  # the LoftQ cache stays inside the test's folder
+    return subprocess.run([sys.executable, str(SCRIPTS / script), *args], capture_output=True, text=True, env=env,
+                          timeout=600)
+
+
+def check_png(path: Path) -> None:
+    assert path.is_file() and path.stat().st_size > 5000
+    assert path.read_bytes()[:8] == PNG
+
+
+def check_scores(score: dict) -> None:
+    for key, value in score.items():
+        if key.startswith(("char_accuracy", "exact_match")):
+            assert 0.0 <= value <= 1.0, (key, value)
+
+
+def test_uuid_memorization_quick(tmp_path):
+    out = tmp_path / "uuid"
+    proc = run("uuid_memorization.py", "--quick", "--out", str(out), cache=tmp_path / "cache")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads((out / "uuid_memorization.json").read_text())
+    assert tuple(r["family"] for r in result["params"]) == FAMILIES
+    assert len(result["runs"]) == len(FAMILIES) * len(result["setup"]["lrs"])
+    for r in result["runs"]:
+        steps = [p["step"] for p in r["curve"]]
+        assert steps == sorted(steps) and steps[-1] == result["setup"]["steps"]
+        for point in r["curve"]:
+            check_scores(point)
+        assert r["train_loss"] > 0
+    table = (out / "uuid_memorization.md").read_text()
+    assert sum(line.startswith(f"| {f} |") for line in table.splitlines() for f in FAMILIES) == len(result["runs"])
+    check_png(out / "uuid_memorization.png")
+
+
+def test_loftq_init_quick(tmp_path):
+    out = tmp_path / "loftq"
+    proc = run("loftq_init.py", "--quick", "--out", str(out), cache=tmp_path / "cache")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads((out / "loftq_init.json").read_text())
+    iters = result["setup"]["iters"]
+    assert tuple(r["family"] for r in result["model"]) == FAMILIES
+    for r in result["matrices"] + result["model"]:
+        plain = r.get("nf4", r.get("err_nf4"))
+        assert 0.0 < plain < 1.0
+        for t in iters:
+            after = r.get(f"T{t}", r.get(f"err_T{t}"))
+            assert 0.0 < after <= plain * 1.001  # LoftQ never makes the weight error worse than plain NF4
+    for r in result["model"]:
+        assert all(v > 0 for k, v in r.items() if k.startswith("loss_"))
+    assert result["fp32_loss"] > 0 and result["nf4_loss"] > 0
+    check_png(out / "loftq_init.png")
+    assert (out / "loftq_init.md").read_text().count("| lora |") == 4  # three matrix kinds + the model
+
+
+def test_multitask_quick(tmp_path):
+    out = tmp_path / "multitask"
+    proc = run("multitask.py", "--quick", "--out", str(out), cache=tmp_path / "cache")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads((out / "multitask.json").read_text())
+    assert tuple(r["family"] for r in result["runs"]) == FAMILIES
+    for r in result["runs"]:
+        final = r["final"]
+        assert {f"exact_match/{t}" for t in ("reverse", "sort", "add", "upper")} <= set(final)
+        check_scores(final)
+        assert final["n"] == result["n_test"]
+    check_png(out / "multitask.png")
+
+
+@pytest.mark.parametrize("script,args", [
+    ("uuid_memorization.py", ["--steps", "0"]),
+    ("multitask.py", ["--test-examples", "0"]),
+    ("loftq_init.py", ["--iters", "0"]),
+])
+def test_bad_input_is_one_error_line(tmp_path, script, args):
+    proc = run(script, "--out", str(tmp_path / "out"), *args, cache=tmp_path / "cache")
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr[-2000:]
+    assert not (tmp_path / "out").exists()  # refused before any output
+
+
+def test_refuses_a_non_empty_output_folder(tmp_path):
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "old.json").write_text("{}")
+    proc = run("uuid_memorization.py", "--quick", "--out", str(tmp_path / "out"), cache=tmp_path / "cache")
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [f"error: output folder {tmp_path / 'out'} is not empty; choose "
+                                                "another --out or remove it"]
