@@ -36,7 +36,7 @@ class TrainConfig:
     data: DataConfig = field(default_factory=default_data)  # source, format, max_len, packing, split (qmor.data)
     lr: float = 5e-3  # peak learning rate (after warmup), cosine decay to zero
     epochs: float = 1.0  # passes over the training set, used when max_steps is 0
-    max_steps: int = 150  # optimizer steps; 0: derived from epochs
+    max_steps: int = 120  # optimizer steps; 0: derived from epochs
     batch_size: int = 16  # sequences per micro-batch per process
     grad_accum: int = 1  # micro-batches per optimizer step
     warmup_ratio: float = 0.05  # share of the steps with a linear warmup from zero
