@@ -259,7 +259,7 @@ def estimate(
     else:
         saved = g.layers * boundary
     largest = max(i * o for i, o in g.quantized)
-    dequant = 2 * largest * a  # the dense weight of a 4-bit matmul and its transposed use in backward
+    dequant = largest * a  # a 4-bit matmul dequantises its weight, one layer at a time (the backward uses a view)
     layer_grads = tokens * (2 * a * g.intermediate + 4 * max(g.hidden, g.intermediate))  # gradients in flight
     chunk = min(loss_chunk, tokens) if loss_chunk else tokens
     loss_phase = chunk * g.vocab * LOGIT_BYTES + tokens * g.hidden * 4  # + fp32 gradient of the hidden states

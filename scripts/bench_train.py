@@ -185,8 +185,11 @@ def run_one(spec: dict) -> dict:
 
 def spawn(spec: dict) -> dict:
     """run_one in a fresh Python process; its last stdout line is the JSON result."""
+    # glibc keeps freed blocks below its (self-raising, up to 32 MiB) mmap threshold in the heap, so peak RSS
+    # would count dead activations; a fixed 64 KiB threshold returns every tensor's pages when it is freed
+    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "MALLOC_MMAP_THRESHOLD_": "65536"}
     proc = subprocess.run([sys.executable, __file__, "--child", json.dumps(spec)], capture_output=True, text=True,
-                          env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
+                          env=env)
     if proc.returncode != 0:
         tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
         raise RuntimeError(f"{spec['runner']} at {spec['seq']} tokens failed: {tail}")

@@ -24,10 +24,10 @@ from qmor.config import AdapterConfig  # noqa: E402
 from qmor.plan import CUDA_CONTEXT, estimate  # noqa: E402
 
 CASES = [  # (family, layers, seq, checkpointing)
+    ("lora", 1, 128, True),
     ("lora", 1, 512, True),
     ("mora", 1, 512, True),
-    ("lora", 2, 1024, True),
-    ("lora", 1, 512, False),
+    ("lora", 1, 256, False),
 ]
 
 
