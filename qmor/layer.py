@@ -24,5 +24,9 @@ class AdaptedLinear(nn.Module):
         pretrained = self.base(x)
         if not self.enabled:
             return pretrained
-        dtype = next(self.adapter.parameters()).dtype  # adapters train in fp32 whatever the compute dtype
-        return pretrained + self.adapter(self.dropout(x).to(dtype)).to(pretrained.dtype)
+        x = self.dropout(x)
+        if not torch.is_autocast_enabled(x.device.type):
+            # adapters keep fp32 weights; under autocast the matmuls cast for themselves, and an explicit cast here
+            # would keep one fp32 copy of the shared input per adapter (q, k and v each) alive for backward
+            x = x.to(next(self.adapter.parameters()).dtype)
+        return pretrained + self.adapter(x).to(pretrained.dtype)
