@@ -223,7 +223,8 @@ def plot(setup: Setup, mats: list[dict], rows: list[dict], path: Path) -> None:
     ], strict=True):
         for i, key in enumerate(keys):
             xs = [f + (i - len(keys) / 2 + 0.5) * width for f in range(len(families))]
-            ax.bar(xs, [d[key] for d in data], width, label="plain NF4" if i == 0 else f"LoftQ T={keys[i][-1]}")
+            label = "plain NF4" if i == 0 else f"LoftQ T={key.rsplit('T', 1)[-1]}"
+            ax.bar(xs, [d[key] for d in data], width, label=label)
         ax.set_xticks(range(len(families)), families)
         ax.set_title(title, fontsize="medium")
         ax.grid(axis="y", alpha=0.3)
