@@ -113,8 +113,8 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
     total = 0
     for m in model.modules():
         for p in m.parameters(recurse=False):
-            total += m.in_features * m.out_features if (p is getattr(m, "weight", None) and p.dtype == torch.uint8
-                                                        and hasattr(m, "in_features")) else p.numel()
+            packed = p is getattr(m, "weight", None) and hasattr(p, "quant_state")
+            total += m.in_features * m.out_features if packed else p.numel()
     return trainable, total
 
 

@@ -40,6 +40,8 @@ class QuantConfig:
     blocksize: int = 64  # NF4 block size: one absmax per this many weights
     double_quant: bool = True  # quantise the absmax values too (about 0.4 bits per weight saved)
     compute_dtype: str = "auto"  # dtype of the dequantised matmul: "auto" (bf16 on CUDA, fp32 on CPU), or a name
+    storage: str = "uint8"  # dtype the packed 4-bit codes are stored as; "bfloat16" lets FSDP shard them with the
+    # rest of the model (same codes, same values: only the container type changes)
 
 
 def to_dict(cfg: Any) -> dict:

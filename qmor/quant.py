@@ -25,6 +25,12 @@ def compute_dtype(cfg: QuantConfig, device: str | torch.device) -> torch.dtype:
     return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
 
 
+def storage_dtype(cfg: QuantConfig) -> torch.dtype:
+    if cfg.storage not in ("uint8", "bfloat16", "float16", "float32"):
+        raise QmorError(f"quant storage must be uint8, bfloat16, float16 or float32, got {cfg.storage!r}")
+    return getattr(torch, cfg.storage)
+
+
 def quantize(weight: torch.Tensor, cfg: QuantConfig = QuantConfig()) -> Packed:
     """NF4-quantise a dense (d_out, d_in) weight on its own device."""
     packed = bnb.nn.Params4bit(
@@ -33,6 +39,7 @@ def quantize(weight: torch.Tensor, cfg: QuantConfig = QuantConfig()) -> Packed:
         quant_type="nf4",
         compress_statistics=cfg.double_quant,
         blocksize=cfg.blocksize,
+        quant_storage=storage_dtype(cfg),
     )
     return packed.to(weight.device)  # moving a Params4bit is what quantises it
 
@@ -105,6 +112,7 @@ def load_4bit(
         bnb_4bit_quant_type="nf4",
         bnb_4bit_use_double_quant=cfg.double_quant,
         bnb_4bit_compute_dtype=dtype,
+        bnb_4bit_quant_storage=storage_dtype(cfg),
     )
     if cfg.blocksize != 64:
         raise QmorError("transformers loads NF4 with block size 64 only; set QuantConfig.blocksize = 64")

@@ -164,6 +164,8 @@ def train(cfg: TrainConfig, resume: bool = False, on_step: Callable[[int, torch.
         train_set, val_set, stats = build_datasets(tokenizer, cfg.data)
         model, meta, report = load_model(cfg, model_path, checkpoint, str(accelerator.device))
 
+    if main:
+        report_memory(cfg, model, accelerator.device)
     # loading worked: only now does the run folder appear
     if main:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -180,6 +182,25 @@ def train(cfg: TrainConfig, resume: bool = False, on_step: Callable[[int, torch.
         if log is not None:
             log.log("error", message=str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__)
         raise
+
+
+def report_memory(cfg: TrainConfig, model: torch.nn.Module, device: torch.device) -> None:
+    """Print the planner's predicted peak before the first step, and warn when it exceeds the GPU: running out of
+    memory an hour in is the most expensive way to find out."""
+    from qmor.plan import GIB, estimate
+
+    cuda = device.type == "cuda"
+    plan = estimate(model.config, cfg.data.max_len, cfg.batch_size, cfg.adapter,
+                    checkpointing=cfg.gradient_checkpointing, offload=cfg.offload_activations,
+                    loss_chunk=cfg.loss_chunk, optimizer="paged-adamw-8bit" if cuda else "adamw",
+                    param_dtype_bytes=2 if cuda else 4, device="cuda" if cuda else "cpu")
+    tqdm.write(f"memory plan: predicted peak {plan.total_bytes / GIB:.2f} GiB at {cfg.batch_size} x "
+               f"{cfg.data.max_len} tokens (see scripts/plan.py for the breakdown)")
+    if cuda:
+        capacity = torch.cuda.get_device_properties(device).total_memory / GIB
+        if not plan.fits(capacity):
+            tqdm.write(f"warning: {plan.verdict(capacity)} on this GPU; try --offload-activations, a smaller "
+                       "--batch-size or --max-len, or a smaller --loss-chunk\n" + plan.table())
 
 
 def load_model(cfg: TrainConfig, model_path: str, checkpoint: Path | None, device: str):

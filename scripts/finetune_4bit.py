@@ -56,6 +56,7 @@ FLAGS = {
     "--seed": (None, "seed", int, "seed of the tiny model, data order, dropout and built-in records"),
     "--loss-chunk": (None, "loss_chunk", int, "tokens per cross-entropy chunk (full logits never exist)"),
     "--device": (None, "device", str, "auto | cpu | cuda | cuda:N"),
+    "--quant-storage": ("quant", "storage", str, "container dtype of the 4-bit codes: uint8, or bfloat16 for FSDP"),
 }
 # on/off switches: flag -> (section, field, help); --no-X turns each off again
 SWITCHES = {

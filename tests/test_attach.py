@@ -161,3 +161,24 @@ def test_lora_matches_peft_lora(tiny_dir):
     ids = batch()
     with torch.no_grad():
         torch.testing.assert_close(ours(input_ids=ids).logits, theirs(input_ids=ids).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_float_storage_holds_the_same_codes(tiny_dir):
+    """bfloat16 storage (what FSDP needs to shard 4-bit weights) changes the container, not the model."""
+    from qmor import QuantConfig
+
+    plain = load_4bit(str(tiny_dir))
+    floaty = load_4bit(str(tiny_dir), QuantConfig(storage="bfloat16"))
+    q = floaty.model.layers[0].self_attn.q_proj.weight
+    assert q.dtype == torch.bfloat16
+    assert torch.equal(q.data.view(torch.uint8).flatten(), plain.model.layers[0].self_attn.q_proj.weight.data.flatten())
+    ids = batch()
+    with torch.no_grad():
+        assert torch.equal(plain(input_ids=ids).logits, floaty(input_ids=ids).logits)
+    attach(floaty, AdapterConfig(**KW))
+    perturb(floaty)
+    floaty(input_ids=ids, labels=ids).loss.backward()
+    attach(plain, AdapterConfig(**KW))
+    assert count_parameters(floaty) == count_parameters(plain)
+    with pytest.raises(QmorError, match="quant storage must be"):
+        load_4bit(str(tiny_dir), QuantConfig(storage="int4"))
