@@ -7,7 +7,7 @@ Two settings, both on weights with structure:
   Per-layer weight error (mean) and the initial loss on held-out `mix` data, against the fp32 model's loss.
 
     python scripts/experiments/loftq_init.py --out runs/experiments/loftq --plot docs/experiments_loftq.png
-    python scripts/experiments/loftq_init.py --quick --out /tmp/loftq      # smoke run
+    python scripts/experiments/loftq_init.py --quick --out runs/quick/loftq      # smoke run
 """
 
 from __future__ import annotations

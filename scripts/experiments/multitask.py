@@ -3,7 +3,7 @@ learns the `mix` of the synthetic tasks (reverse, sort, add, upper) over a froze
 greedy decoding on each task's held-out test prompts (exact match and character accuracy per task).
 
     python scripts/experiments/multitask.py --out runs/experiments/multitask --plot docs/experiments_multitask.png
-    python scripts/experiments/multitask.py --quick --out /tmp/multitask      # smoke run
+    python scripts/experiments/multitask.py --quick --out runs/quick/multitask      # smoke run
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@ learns N random UUID key -> value pairs over a frozen 4-bit NF4 base; character 
 values is plotted against training steps, for each learning rate.
 
     python scripts/experiments/uuid_memorization.py --out runs/experiments/uuid --plot docs/experiments_uuid.png
-    python scripts/experiments/uuid_memorization.py --quick --out /tmp/uuid     # smoke run, well under a minute
+    python scripts/experiments/uuid_memorization.py --quick --out runs/quick/uuid     # smoke run, well under a minute
 """
 
 from __future__ import annotations
