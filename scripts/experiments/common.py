@@ -214,3 +214,21 @@ def guarded(main: Callable[[list[str] | None], int]) -> Callable[[list[str] | No
             return 2
 
     return wrapped
+
+
+def experiment_parser(doc: str, setup, out: str, plot: str, quick: str, workers: bool = True):
+    """The flags every comparison script shares; one --name per field of its Setup dataclass overrides it."""
+    import argparse
+
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default=out, help="folder for runs, JSON and table (must be empty)")
+    p.add_argument("--plot", help=f"where to write the plot (default: OUT/{plot})")
+    p.add_argument("--quick", action="store_true", help=f"smoke run: {quick}")
+    if workers:
+        p.add_argument("--workers", type=int, default=2, help="runs in parallel, one process each (default 2)")
+    for name, default in vars(setup).items():
+        many = isinstance(default, tuple)
+        kind = type(default[0]) if many else type(default)
+        p.add_argument(f"--{name.replace('_', '-')}", type=kind, nargs="+" if many else None,
+                       default=argparse.SUPPRESS, help=f"default {default}")
+    return p

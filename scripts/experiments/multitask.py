@@ -8,7 +8,6 @@ greedy decoding on each task's held-out test prompts (exact match and character 
 
 from __future__ import annotations
 
-import argparse
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,18 +40,9 @@ QUICK = Setup(train_examples=64, test_examples=16, steps=3, batch_size=8, eval_e
               layers=1, lrs=(5e-3,))
 
 
-def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", default="runs/experiments/multitask", help="folder for runs, JSON and table (must be "
-                   "empty)")
-    p.add_argument("--plot", help="where to write the plot (default: OUT/multitask.png)")
-    p.add_argument("--quick", action="store_true", help="smoke run: a few steps on a smaller base")
-    p.add_argument("--workers", type=int, default=2, help="runs in parallel, one process each (default 2)")
-    for name, default in vars(Setup()).items():
-        kind = float if name == "lrs" else type(default)
-        p.add_argument(f"--{name.replace('_', '-')}", type=kind, nargs="+" if name == "lrs" else None,
-                       default=argparse.SUPPRESS, help=f"default {default}")
-    return p
+def parser():
+    return common.experiment_parser(__doc__, Setup(), "runs/experiments/multitask", "multitask.png",
+                                    "a few steps on a smaller base")
 
 
 def jobs(setup: Setup, out: Path) -> tuple[list, list[dict], dict]:

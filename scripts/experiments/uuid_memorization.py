@@ -8,7 +8,6 @@ values is plotted against training steps, for each learning rate.
 
 from __future__ import annotations
 
-import argparse
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,17 +37,9 @@ class Setup:
 QUICK = Setup(pairs=4, steps=3, batch_size=4, eval_every=3, lrs=(5e-3,), lora_rank=8, hidden=64, layers=1)
 
 
-def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", default="runs/experiments/uuid", help="folder for runs, JSON and table (must be empty)")
-    p.add_argument("--plot", help="where to write the plot (default: OUT/uuid_memorization.png)")
-    p.add_argument("--quick", action="store_true", help="smoke run: 4 pairs, 4 steps, a smaller base")
-    p.add_argument("--workers", type=int, default=2, help="runs in parallel, one process each (default 2)")
-    for name, default in vars(Setup()).items():
-        kind = float if name == "lrs" else type(default)
-        p.add_argument(f"--{name.replace('_', '-')}", type=kind, nargs="+" if name == "lrs" else None,
-                       default=argparse.SUPPRESS, help=f"default {default}")
-    return p
+def parser():
+    return common.experiment_parser(__doc__, Setup(), "runs/experiments/uuid", "uuid_memorization.png",
+                                    "4 pairs, 4 steps, a smaller base")
 
 
 def jobs(setup: Setup, out: Path) -> tuple[list, list[dict], dict]:
