@@ -16,6 +16,7 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script: make `apps` and `qmor` importable from the project folder
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from apps.command import short_path  # noqa: E402
 from apps.paths import LOCAL_HOSTS, Workspace, check_launch, make_workspace  # noqa: E402
 from qmor.errors import QmorError  # noqa: E402
 
@@ -40,7 +41,7 @@ def build(ws: Workspace, env: dict | None = None):
     from apps.ui import CSS
 
     with gr.Blocks(title="qmor") as demo:
-        gr.Markdown(f"## qmor · 4-bit fine-tuning\nWorkspace: `{ws.root}`"
+        gr.Markdown(f"## qmor · 4-bit fine-tuning\nWorkspace: `{short_path(str(ws.root))}`"
                     + (" (paths confined to it)" if ws.restrict else ""))
         with gr.Tabs():
             with gr.Tab("Train", id="train"):

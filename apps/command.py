@@ -85,8 +85,16 @@ def export_command(run: Path, out: Path, dtype: str, overwrite: bool) -> list[st
     return cmd + (["--overwrite"] if overwrite else [])
 
 
+def short_path(text: str) -> str:
+    """A path below the folder the app runs in, written relative to it (shorter, and what a user would type)."""
+    cwd = Path.cwd()
+    if text.startswith(str(cwd) + "/"):
+        return str(Path(text).relative_to(cwd))
+    return text
+
+
 def shown(cmd: list[str]) -> str:
     """The command as a user would type it from the project folder."""
-    rest = [str(Path(c).relative_to(ROOT)) if c.startswith(str(ROOT) + "/") and c.endswith(".py") else c
+    rest = [str(Path(c).relative_to(ROOT)) if c.startswith(str(ROOT) + "/") and c.endswith(".py") else short_path(c)
             for c in cmd[1:]]
     return shlex.join(["python", *rest])
