@@ -12,6 +12,7 @@ import time
 
 import gradio as gr
 
+from apps.command import short_path
 from apps.paths import Workspace, model_arg, run_dir
 from apps.ui import adapter_config, error_md, ok_md, trained_runs
 from qmor.errors import QmorError
@@ -97,7 +98,7 @@ def build(ws: Workspace) -> dict:
         if not name or name == NONE:
             return gr.update()
         meta = adapter_config(run_dir(ws, name))
-        return gr.update(value=meta.get("base_model") or "tiny")
+        return gr.update(value=short_path(meta.get("base_model") or "tiny"))
 
     def load(name, base_text, trust_rc):
         try:

@@ -11,6 +11,8 @@ from pathlib import Path
 import pytest
 from test_app_api import AppServer
 
+# enough steps that the run is still going when the test stops it, even on a fast idle machine
+STEPS = 120
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
         "--disable-background-networking", "--disable-component-update", "--disable-sync"]
@@ -62,13 +64,13 @@ def test_train_refresh_stop_resume_chat_export(browser, tiny_dir, tmp_path):
         page.get_by_label("Run name").fill("web")
         page.get_by_role("radio", name="default").check()
         page.get_by_text("Training", exact=True).click()
-        for label, value in [("Max steps (0 = by epochs)", "14"), ("Batch size", "2"),
+        for label, value in [("Max steps (0 = by epochs)", str(STEPS)), ("Batch size", "2"),
                              ("Examples (built-in tasks; 0 = task default)", "8"), ("Log every (steps)", "1"),
                              ("Checkpoint every (steps)", "0"), ("Score answers at end (examples)", "0")]:
             box = page.get_by_label(label, exact=True)
             box.fill(value)
             box.press("Tab")
-        wait_for(lambda: "--max-steps 14" in page.locator("body").inner_text(), 30, "the command preview")
+        wait_for(lambda: f"--max-steps {STEPS}" in page.locator("body").inner_text(), 30, "the command preview")
         page.locator("#train-start").click()
 
         # the loss plot fills in while the job runs
@@ -88,14 +90,14 @@ def test_train_refresh_stop_resume_chat_export(browser, tiny_dir, tmp_path):
         wait_for(lambda: "stopped web" in page.locator("#train-status").inner_text(), 120, "stop message")
         stopped = [e for e in events(run) if e["event"] == "stopped"]
         assert stopped and Path(stopped[-1]["checkpoint"]).is_dir()
-        assert stopped[-1]["step"] < 14
+        assert stopped[-1]["step"] < STEPS
 
         # Resume continues from that checkpoint to the end
         page.locator("#train-resume").click()
-        wait_for(lambda: events(run)[-1]["event"] == "done", what="the resumed run to finish")
+        wait_for(lambda: events(run)[-1]["event"] == "done", 600, "the resumed run to finish")
         starts = [e for e in events(run) if e["event"] == "start"]
         assert starts[-1].get("resumed") is True
-        assert [e["step"] for e in events(run) if e["event"] == "train"][-1] == 14
+        assert [e["step"] for e in events(run) if e["event"] == "train"][-1] == STEPS
 
         # Chat with the trained run, compared with the base
         page.get_by_role("tab", name="Chat").click()
@@ -109,7 +111,7 @@ def test_train_refresh_stop_resume_chat_export(browser, tiny_dir, tmp_path):
         page.locator("#chat-msg textarea").fill("hello")
         page.locator("#chat-msg textarea").press("Enter")
         wait_for(lambda: "reply complete" in page.locator("#chat-status").inner_text(), 120, "a reply")
-        assert page.locator("#chat-adapter .bot").count() >= 1 or page.locator("#chat-adapter").inner_text()
+        assert page.locator("#chat-adapter").inner_text().strip()
         shot(page, tmp_path, "app-chat")
 
         # Export the run: the verification figures and the output path appear
