@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from qmor.adapters import MERGEABLE
 from qmor.attach import aux_loss, count_parameters
 from qmor.checkpoint import latest_checkpoint, load_checkpoint, rng_state, save_checkpoint
 from qmor.data import build_datasets, collate
@@ -358,7 +359,8 @@ def _finish(cfg, accelerator, loss_fn, meta, tokenizer, val_set, run_dir, step, 
             tqdm.write(f"{cfg.data.source}: character accuracy {scores['char_accuracy']:.3f}, exact match "
                        f"{scores['exact_match']:.3f} on {scores['n']} examples (greedy generation)")
         emit("done", **{k: v for k, v in result.items() if k != "stopped"})
-        tqdm.write(f"wrote {run_dir}: adapter/, config.json, metrics.jsonl, loss.png; export with "
-                   f"python scripts/export_fp16.py {run_dir} --output {run_dir}-fp16")
+        tqdm.write(f"wrote {run_dir}: adapter/, config.json, metrics.jsonl, loss.png")
+        if meta.adapter.family in MERGEABLE:
+            tqdm.write(f"merge it into an fp16 model: python scripts/export_fp16.py {run_dir} --output {run_dir}-fp16")
     accelerator.wait_for_everyone()
     return result
