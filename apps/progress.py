@@ -28,7 +28,10 @@ def loss_frame(events: list[dict]) -> pd.DataFrame:
             for e in events if e.get("event") == "train" and "loss" in e]
     rows += [{"step": e["step"], "loss": e["eval_loss"], "series": "eval"}
              for e in events if e.get("event") == "eval" and "eval_loss" in e]
-    return pd.DataFrame(rows, columns=["step", "loss", "series"])
+    # typed even when empty: the plot reads its axis types from the first frame it gets, and an untyped empty frame
+    # would make the loss axis categorical for good
+    return pd.DataFrame(rows, columns=["step", "loss", "series"]).astype({"step": "int64", "loss": "float64",
+                                                                          "series": "str"})
 
 
 def _clock(seconds) -> str:

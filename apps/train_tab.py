@@ -14,20 +14,32 @@ from apps import command, jobs, progress
 from apps.paths import BUILTIN_DATASETS, Workspace, dataset_arg, run_dir, user_path
 from apps.ui import error_md, ok_md
 from qmor.errors import QmorError
+from qmor.train_config import TrainConfig
 
-# every form field in the order the start/preview endpoints take them, with its initial value
-FIELDS: dict[str, object] = {
-    "model": "tiny", "trust_remote_code": False, "run_name": "", "device": "auto",
-    "dataset": "uuid", "format": "auto", "num_examples": 32,
-    "family": "mora", "rank": 8, "alpha": 16.0, "dropout": 0.0, "targets": "all-linear", "mora_kind": "auto",
-    "experts": 4, "top_k": 2, "capacity_factor": 1.25, "expert_dropout": 0.1, "aux_loss_weight": 0.01,
-    "init": "loftq", "loftq_iters": 1,
-    "lr": 5e-3, "epochs": 1.0, "max_steps": 150, "batch_size": 16, "grad_accum": 1, "max_len": 96,
-    "warmup_ratio": 0.05, "weight_decay": 0.0, "max_grad_norm": 1.0, "val_size": 0.0, "eval_steps": 0,
-    "save_steps": 100, "keep_checkpoints": 2, "log_steps": 10, "eval_generate": 32, "packing": False,
-    "train_on_prompt": False, "seed": 0, "gradient_checkpointing": True, "offload_activations": False,
-    "loss_chunk": 1024,
-}  # the script's own defaults, so the untouched form runs exactly the CLI default
+
+def _defaults() -> dict[str, object]:
+    """The training script's own defaults (read from TrainConfig, so they cannot drift): the untouched form runs
+    exactly the CLI default."""
+    cfg = TrainConfig()
+    a, d = cfg.adapter, cfg.data
+    return {
+        "model": cfg.model, "trust_remote_code": cfg.trust_remote_code, "run_name": "", "device": cfg.device,
+        "dataset": d.source, "format": d.format, "num_examples": d.num_examples,
+        "family": a.family, "rank": a.r, "alpha": a.alpha, "dropout": a.dropout, "targets": a.targets,
+        "mora_kind": a.mora_kind, "experts": a.experts, "top_k": a.top_k, "capacity_factor": a.capacity_factor,
+        "expert_dropout": a.expert_dropout, "aux_loss_weight": a.aux_loss_weight, "init": a.init,
+        "loftq_iters": a.loftq_iters, "lr": cfg.lr, "epochs": cfg.epochs, "max_steps": cfg.max_steps,
+        "batch_size": cfg.batch_size, "grad_accum": cfg.grad_accum, "max_len": d.max_len,
+        "warmup_ratio": cfg.warmup_ratio, "weight_decay": cfg.weight_decay, "max_grad_norm": cfg.max_grad_norm,
+        "val_size": d.val_size, "eval_steps": cfg.eval_steps, "save_steps": cfg.save_steps,
+        "keep_checkpoints": cfg.keep_checkpoints, "log_steps": cfg.log_steps, "eval_generate": cfg.eval_generate,
+        "packing": d.packing, "train_on_prompt": d.train_on_prompt, "seed": cfg.seed,
+        "gradient_checkpointing": cfg.gradient_checkpointing, "offload_activations": cfg.offload_activations,
+        "loss_chunk": cfg.loss_chunk,
+    }
+
+
+FIELDS = _defaults()  # every form field in the order the start/preview endpoints take them, with its initial value
 FORMATS = ["auto", "alpaca", "messages", "sharegpt", "prompt_completion", "text"]
 
 
