@@ -53,7 +53,7 @@ def train_args(ws: Workspace, values: dict) -> list[str]:
     family = values.get("family") or "lora"
     out = run_dir(ws, values.get("run_name", ""))
     args = ["--model", model_arg(ws, values.get("model", "")), "--dataset", dataset_arg(ws, values.get("dataset", "")),
-            "--output", str(out)]
+            "--output", short_path(str(out))]
     own = FAMILY_FIELDS.get(family, ())
     for key, flag in VALUE_FLAGS:
         v = values.get(key)
@@ -77,11 +77,11 @@ def train_command(args: list[str]) -> list[str]:
 
 
 def resume_command(run: Path) -> list[str]:
-    return [sys.executable, str(TRAIN_SCRIPT), "--resume", "--output", str(run)]
+    return [sys.executable, str(TRAIN_SCRIPT), "--resume", "--output", short_path(str(run))]
 
 
 def export_command(run: Path, out: Path, dtype: str, overwrite: bool) -> list[str]:
-    cmd = [sys.executable, str(EXPORT_SCRIPT), str(run), "--output", str(out), "--dtype", dtype]
+    cmd = [sys.executable, str(EXPORT_SCRIPT), short_path(str(run)), "--output", short_path(str(out)), "--dtype", dtype]
     return cmd + (["--overwrite"] if overwrite else [])
 
 

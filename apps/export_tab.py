@@ -8,6 +8,7 @@ import time
 import gradio as gr
 
 from apps import command, jobs
+from apps.command import short_path
 from apps.paths import Workspace, check_name, run_dir
 from apps.ui import adapter_config, error_md, ok_md, trained_runs
 from qmor.adapters import MERGEABLE
@@ -65,7 +66,8 @@ def build(ws: Workspace) -> dict:
         text = jobs.tail(log_path, lines=200)
         figures = verification(text)
         if job.get("exit_code") == 0 and (out / "config.json").is_file():
-            yield ok_md(f"exported to {out}"), f"**Output:** `{out}`\n\n{figures or ''}", jobs.tail(log_path)
+            where = short_path(str(out))
+            yield ok_md(f"exported to {where}"), f"**Output:** `{where}`\n\n{figures or ''}", jobs.tail(log_path)
         else:
             last = [ln for ln in text.splitlines() if ln.strip()][-1:] or ["no output"]
             yield error_md(QmorError(f"export failed: {last[0]}")), figures or "", jobs.tail(log_path)

@@ -31,7 +31,7 @@ def loss_frame(events: list[dict]) -> pd.DataFrame:
     # typed even when empty: the plot reads its axis types from the first frame it gets, and an untyped empty frame
     # would make the loss axis categorical for good
     return pd.DataFrame(rows, columns=["step", "loss", "series"]).astype({"step": "int64", "loss": "float64",
-                                                                          "series": "str"})
+                                                                          "series": "object"})
 
 
 def _clock(seconds) -> str:

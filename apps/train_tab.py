@@ -129,8 +129,8 @@ def build(ws: Workspace, env: dict) -> dict:
         resume_btn = gr.Button("Resume last run", elem_id="train-resume")
     status = gr.HTML(elem_id="train-status")
     prog = gr.HTML(progress.progress_html(progress.summary([]), "no run yet"), elem_id="train-progress")
-    plot = gr.LinePlot(progress.loss_frame([]), x="step", y="loss", color="series", title="Loss",
-                       height=280, elem_id="loss-plot")
+    # starts with no value: a plot whose first value is an empty frame never draws the lines it gets later
+    plot = gr.LinePlot(None, x="step", y="loss", color="series", title="Loss", height=280, elem_id="loss-plot")
     log = gr.Textbox(label="Log (tail)", lines=10, max_lines=10, autoscroll=True, elem_id="train-log")
     timer = gr.Timer(2.0)
 
@@ -195,7 +195,7 @@ def build(ws: Workspace, env: dict) -> dict:
     def poll():
         job = jobs.latest(ws.root, "train")
         if job is None:
-            return (progress.progress_html(progress.summary([]), "no run yet"), progress.loss_frame([]), "",
+            return (progress.progress_html(progress.summary([]), "no run yet"), None, "",
                     gr.update(interactive=True), gr.update(interactive=False))
         run = Path(job["run_dir"])
         events = progress.read_events(run)
@@ -206,7 +206,8 @@ def build(ws: Workspace, env: dict) -> dict:
             s["state"] = "error" if code not in (0, None) else "ended"
             if code not in (0, None):
                 s["message"] = f"exit code {code}; see the log"
-        return (progress.progress_html(s, run.name), progress.loss_frame(events), jobs.tail(job["log"]),
+        frame = progress.loss_frame(events)
+        return (progress.progress_html(s, run.name), frame if len(frame) else None, jobs.tail(job["log"]),
                 gr.update(interactive=not is_alive), gr.update(interactive=is_alive))
 
     def preview_data(dataset, fmt):
