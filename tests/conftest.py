@@ -13,3 +13,12 @@ def tiny_dir(tmp_path_factory):
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+def perturb(model, seed=1, size=0.05):
+    """Stand-in for training: non-zero adapter weights, so comparisons see the adapters, not just the base."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn(p.shape, generator=g) * size)

@@ -30,7 +30,7 @@ def wait_for(check, timeout: float = 240, what: str = "condition"):
         if value:
             return value
         time.sleep(0.5)
-    raise AssertionError(f"timed out waiting for {what}")
+    raise AssertionError(f"timed out waiting for {what() if callable(what) else what}")
 
 
 @pytest.fixture(scope="module")
@@ -101,13 +101,17 @@ def test_train_refresh_stop_resume_chat_export(browser, tiny_dir, tmp_path):
 
         # Chat with the trained run, compared with the base
         page.get_by_role("tab", name="Chat").click()
+        page.wait_for_timeout(1000)  # let the tab's refresh of the run list land before choosing from it
         runs = page.get_by_label("Trained run (adapter)")
         runs.fill("web")
         runs.press("Enter")
-        page.get_by_label("Base model (filled in from the run)").fill(str(tiny_dir))
+        base = page.get_by_label("Base model (filled in from the run)")
+        # choosing the run fills in its base model: proof the choice reached the app before Load is pressed
+        wait_for(lambda: base.input_value() == str(tiny_dir), 60, "the run's base model to fill in")
         page.get_by_label("Compare with base (same prompt through the base without the adapter)").check()
         page.locator("#chat-load").click()
-        wait_for(lambda: "adapter" in page.locator("#chat-status").inner_text(), 120, "model loaded")
+        wait_for(lambda: "adapter" in page.locator("#chat-status").inner_text(), 120,
+                 lambda: f"model loaded (status: {page.locator('#chat-status').inner_text()!r})")
         page.locator("#chat-msg textarea").fill("hello")
         page.locator("#chat-msg textarea").press("Enter")
         wait_for(lambda: "reply complete" in page.locator("#chat-status").inner_text(), 120, "a reply")
@@ -116,6 +120,7 @@ def test_train_refresh_stop_resume_chat_export(browser, tiny_dir, tmp_path):
 
         # Export the run: the verification figures and the output path appear
         page.get_by_role("tab", name="Export").click()
+        page.wait_for_timeout(1000)  # the tab refreshes its run list on selection
         export_run = page.get_by_label("Run to export")
         export_run.fill("web")
         export_run.press("Enter")

@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from conftest import perturb
 
 from qmor import AdapterConfig, QmorError, attach, load_adapter, save_adapter
 from qmor.adapters import ADAPTERS
@@ -14,15 +15,6 @@ KW = {"r": 4, "alpha": 8.0, "experts": 3, "expert_dropout": 0.0}
 def batch(seed=0, n=4, t=12):
     g = torch.Generator().manual_seed(seed)
     return torch.randint(8, 100, (n, t), generator=g)
-
-
-def perturb(model, seed=1):
-    """Give every adapter non-zero weights so comparisons see the adapters, not just the base."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.requires_grad:
-                p.add_(torch.randn(p.shape, generator=g) * 0.05)
 
 
 def test_attach_wraps_decoder_linears_not_head(tiny_dir):

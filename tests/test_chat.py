@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from conftest import perturb
 
 from qmor import AdapterConfig, QmorError, attach, save_adapter
 from qmor.attach import AdapterMeta, adapted_layers
@@ -11,14 +12,6 @@ from qmor.quant import load_4bit
 
 MESSAGES = [{"role": "user", "content": "Hello there, how are you?"}]
 GREEDY = {"temperature": 0, "max_new_tokens": 24}
-
-
-def perturb(model, seed=1, size=0.05):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.requires_grad:
-                p.add_(torch.randn(p.shape, generator=g) * size)
 
 
 @pytest.fixture(scope="module")

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import perturb
 from safetensors import safe_open
 
 from qmor import AdapterConfig, NotMergeable, QmorError, attach, save_adapter
@@ -18,15 +19,6 @@ from qmor.quant import load_4bit
 
 KW = {"r": 4, "alpha": 8.0, "experts": 3, "expert_dropout": 0.0}
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def perturb(model, seed=1, size=0.05):
-    """Stand-in for training: non-zero adapter weights, so parity checks see the adapters."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.requires_grad:
-                p.add_(torch.randn(p.shape, generator=g) * size)
 
 
 def make_adapter(tiny_dir, folder, family, **extra):
