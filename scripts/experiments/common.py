@@ -232,3 +232,11 @@ def experiment_parser(doc: str, setup, out: str, plot: str, quick: str, workers:
         p.add_argument(f"--{name.replace('_', '-')}", type=kind, nargs="+" if many else None,
                        default=argparse.SUPPRESS, help=f"default {default}")
     return p
+
+
+def matched_base(setup, out: Path) -> tuple[Path, list[tuple[int, int]], dict[str, tuple]]:
+    """The tiny base of a comparison, its adapted shapes, and every family sized to the reference LoRA's count."""
+    base = tiny_base(out / "models", setup.seed, setup.hidden, setup.layers)
+    shapes = target_shapes(base)
+    configs = matched_configs(shapes, setup.lora_rank, setup.mor_experts, setup.sira_experts, setup.sira_top_k)
+    return base, shapes, configs

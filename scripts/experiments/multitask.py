@@ -50,10 +50,7 @@ def jobs(setup: Setup, out: Path) -> tuple[list, list[dict], dict]:
     from qmor.data import DataConfig
     from qmor.train_config import TrainConfig
 
-    base = common.tiny_base(out / "models", setup.seed, setup.hidden, setup.layers)
-    shapes = common.target_shapes(base)
-    configs = common.matched_configs(shapes, setup.lora_rank, setup.mor_experts, setup.sira_experts,
-                                     setup.sira_top_k)
+    base, shapes, configs = common.matched_base(setup, out)
     test = tasks.records("mix", "test", setup.test_examples, setup.seed)
     data = DataConfig(source="mix", num_examples=setup.train_examples, max_len=64, seed=setup.seed)
     todo = [(TrainConfig(model=str(base), output=str(out / "runs" / f"{family}-lr{lr:g}"), adapter=adapter,

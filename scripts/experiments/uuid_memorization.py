@@ -48,10 +48,7 @@ def jobs(setup: Setup, out: Path) -> tuple[list, list[dict], dict]:
     from qmor.data import DataConfig
     from qmor.train_config import TrainConfig
 
-    base = common.tiny_base(out / "models", setup.seed, setup.hidden, setup.layers)
-    shapes = common.target_shapes(base)
-    configs = common.matched_configs(shapes, setup.lora_rank, setup.mor_experts, setup.sira_experts,
-                                     setup.sira_top_k)
+    base, shapes, configs = common.matched_base(setup, out)
     records = tasks.records("uuid", "train", setup.pairs, setup.seed)
     data = DataConfig(source="uuid", num_examples=setup.pairs, max_len=96, seed=setup.seed)
     todo = []
