@@ -141,6 +141,8 @@ def stop(root: Path, job: dict, wait_s: float = 60.0) -> bool:
         end = time.monotonic() + budget
         while time.monotonic() < end:
             if not alive(root, job):
+                # stragglers that ignored the signal (an inherited SIG_IGN, say) must not outlive their job
+                _signal_group(job["pid"], signal.SIGKILL)
                 return sig != signal.SIGKILL
             time.sleep(0.2)
     return not alive(root, job)
