@@ -50,6 +50,7 @@ class Geometry:
     tied: bool  # lm_head shares the embedding matrix
     quantized: tuple[tuple[int, int], ...]  # (d_in, d_out) of every 4-bit linear (all but the head)
     targets: tuple[tuple[int, int], ...]  # (d_in, d_out) of every adapted linear
+    target_inputs: tuple[int, ...]  # width of each distinct tensor that one layer's adapted linears read
     other_params: int  # 16-bit parameters that are not linears: embeddings, norms (head counted separately)
 
 
@@ -125,6 +126,16 @@ def load_config(source: str):
                         "config.json instead") from None
 
 
+# linears that read one tensor (the normalised attention or MLP input): their adapters save it once between them
+INPUT_GROUPS = dict.fromkeys(["q_proj", "k_proj", "v_proj", "qkv_proj", "query_key_value", "Wqkv", "c_attn"], "attn")
+INPUT_GROUPS |= dict.fromkeys(["gate_proj", "up_proj", "gate_up_proj", "w1", "w3", "c_fc", "fc1"], "mlp")
+
+
+def shared_inputs(names: list[str], linears: dict) -> dict[str, int]:
+    """{input: width} of the distinct tensors that the linears `names` (one layer's) read."""
+    return {INPUT_GROUPS.get(n.rsplit(".", 1)[-1], n): linears[n].in_features for n in names}
+
+
 def _targets_key(targets) -> str:
     return json.dumps(targets)
 
@@ -154,6 +165,7 @@ def _geometry(config_json: str, targets_json: str) -> Geometry:
         vocab=text.vocab_size, tied=bool(getattr(config, "tie_word_embeddings", False)),
         quantized=tuple((m.in_features, m.out_features) for m in linears.values()),
         targets=tuple((linears[n].in_features, linears[n].out_features) for n in names),
+        target_inputs=tuple(shared_inputs(names[: len(names) // max(text.num_hidden_layers, 1)], linears).values()),
         other_params=other,
     )
 
@@ -172,8 +184,13 @@ def nf4_bytes(numel: int, double_quant: bool = True, blocksize: int = 64) -> int
     return numel // 2 + scales
 
 
+def keeps_input(family: str) -> bool:
+    """Whether the adapter's first matmul saves its input for backward (MoRA saves only its compressed input)."""
+    return family != "mora"
+
+
 def adapter_activation(family: str, d_in: int, d_out: int, cfg: AdapterConfig) -> int:
-    """fp32 elements per token that one adapter saves for backward, beyond its input."""
+    """Elements per token that one adapter saves for backward, beyond its input."""
     if family == "lora":
         return cfg.r
     if family == "moslora":
@@ -189,20 +206,24 @@ def adapter_activation(family: str, d_in: int, d_out: int, cfg: AdapterConfig) -
     return 3 * cfg.experts * cfg.r + 4 * cfg.experts  # sira: expert projections, gates, capacity masks
 
 
-def layer_activation(g: Geometry, cfg: AdapterConfig, a: int, tokens: int, batch: int, attention: str) -> int:
-    """Bytes one decoder layer saves for backward (what a checkpoint recomputes), for `tokens` tokens in all."""
+def layer_activation(g: Geometry, cfg: AdapterConfig, a: int, tokens: int, batch: int, attention: str,
+                     autocast: bool = True) -> int:
+    """Bytes one decoder layer saves for backward (what a checkpoint recomputes), for `tokens` tokens in all.
+    `autocast`: the adapters run in the compute dtype (bf16 autocast); otherwise they compute in their own fp32."""
     d, m = g.hidden, g.intermediate
-    per_token = 2 * (4 * d + a * d)  # two RMSNorms: fp32 upcast of the input + the normalised output
-    per_token += a * (g.q_dim + 2 * g.kv_dim)  # rotated q, k and v, saved by attention
-    per_token += 2 * a * g.q_dim + 4 * g.heads  # attention output + its reshaped copy for o_proj; logsumexp
-    per_token += a * d  # residual stream after attention
-    per_token += 4 * a * m  # gate, up, silu(gate), silu(gate) * up
-    per_layer = len(g.targets) // max(g.layers, 1)
-    adapters = g.targets[:per_layer]
-    for d_in, d_out in adapters:
-        per_token += 4 * adapter_activation(cfg.family, d_in, d_out, cfg)
-        if a != 4:
-            per_token += 4 * d_in  # each adapter casts its input to fp32 and keeps the copy
+    per_token = 2 * (4 * d + 4)  # two RMSNorms: fp32 input and 1/rms (the frozen scale saves no output)
+    per_token += a * (2 * g.q_dim + 2 * g.kv_dim) + 4 * g.heads  # attention: rotated q, k, v, output, logsumexp
+    per_token += 3 * a * m  # MLP: gate, silu(gate), up
+    # a frozen 4-bit linear needs no input for backward, only its adapter does
+    per_layer = g.targets[: len(g.targets) // max(g.layers, 1)]
+    adapter_bytes = a if autocast else 4
+    if keeps_input(cfg.family):
+        if adapter_bytes == a:
+            per_token += a * sum(g.target_inputs)  # saved once, however many adapters read it
+        else:
+            per_token += 4 * sum(d_in for d_in, _ in per_layer)  # without autocast each adapter keeps an fp32 copy
+    for d_in, d_out in per_layer:
+        per_token += adapter_bytes * adapter_activation(cfg.family, d_in, d_out, cfg)
     total = per_token * tokens
     if attention == "eager":
         total += batch * g.heads * (tokens // batch) ** 2 * (4 + a)  # fp32 softmax + compute-dtype copy
@@ -222,10 +243,13 @@ def estimate(
     attention: str = "sdpa",
     device: str = "cuda",
     double_quant: bool = True,
+    autocast: bool = True,
 ) -> Plan:
     """Peak memory of one training step. `loss_chunk` None or 0 means logits for the whole sequence at once;
     `param_dtype_bytes` is the compute dtype's size (2 for bf16 on CUDA, 4 on the fp32 CPU path), used for
-    embeddings, head and activations; `device="cpu"` drops the CUDA context and allocator slack."""
+    embeddings, head and activations; `device="cpu"` drops the CUDA context and allocator slack; `autocast`
+    False is 16-bit compute without autocast (a GPU without bf16), where every adapter keeps an fp32 copy of its
+    input."""
     if seq_len < 1 or batch < 1:
         raise QmorError(f"sequence length and batch must be positive, got seq {seq_len}, batch {batch}")
     if offload and not checkpointing:
@@ -250,7 +274,7 @@ def estimate(
         "optimizer states": int(trainable * ADAM_BYTES[optimizer]),
     }
 
-    one_layer = layer_activation(g, adapter_cfg, a, tokens, batch, attention)
+    one_layer = layer_activation(g, adapter_cfg, a, tokens, batch, attention, autocast)
     boundary = tokens * g.hidden * a  # one layer's input: what a checkpoint keeps
     if not checkpointing:
         saved = g.layers * one_layer

@@ -166,7 +166,7 @@ def train(cfg: TrainConfig, resume: bool = False, on_step: Callable[[int, torch.
         model, meta, report = load_model(cfg, model_path, checkpoint, str(accelerator.device))
 
     if main:
-        report_memory(cfg, model, accelerator.device)
+        report_memory(cfg, model, accelerator)
     # loading worked: only now does the run folder appear
     if main:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -185,16 +185,18 @@ def train(cfg: TrainConfig, resume: bool = False, on_step: Callable[[int, torch.
         raise
 
 
-def report_memory(cfg: TrainConfig, model: torch.nn.Module, device: torch.device) -> None:
+def report_memory(cfg: TrainConfig, model: torch.nn.Module, accelerator) -> None:
     """Print the planner's predicted peak before the first step, and warn when it exceeds the GPU: running out of
     memory an hour in is the most expensive way to find out."""
     from qmor.plan import GIB, estimate
 
+    device = accelerator.device
     cuda = device.type == "cuda"
     plan = estimate(model.config, cfg.data.max_len, cfg.batch_size, cfg.adapter,
                     checkpointing=cfg.gradient_checkpointing, offload=cfg.offload_activations,
                     loss_chunk=cfg.loss_chunk, optimizer="paged-adamw-8bit" if cuda else "adamw",
-                    param_dtype_bytes=2 if cuda else 4, device="cuda" if cuda else "cpu")
+                    param_dtype_bytes=2 if cuda else 4, device="cuda" if cuda else "cpu",
+                    autocast=accelerator.mixed_precision == "bf16")
     tqdm.write(f"memory plan: predicted peak {plan.total_bytes / GIB:.2f} GiB at {cfg.batch_size} x "
                f"{cfg.data.max_len} tokens (see scripts/plan.py for the breakdown)")
     if cuda:

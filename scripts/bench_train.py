@@ -1,36 +1,44 @@
 """Training memory and speed, qmor against peft LoRA on the same bitsandbytes 4-bit model, side by side.
 
-Every configuration runs in a fresh subprocess (so one run's peak cannot leak into the next): the same random
-NF4 model, rank, targets (every linear), batch and non-reentrant activation checkpointing, AdamW. qmor computes
-the loss in chunks through the head (qmor.loss.ChunkedLoss); the baseline is `prepare_model_for_kbit_training`
-+ `get_peft_model` with the model's own loss. On CUDA: Llama-2-7B geometry built layer by layer straight into NF4,
-peak `max_memory_allocated` / `max_memory_reserved` under a 24 GiB cap. On the CPU: a small geometry and the peak
-resident set size above the process's size before the model was built.
+Every runner (scripts/bench_runner.py) works in its own process, so one runner's peak cannot leak into the next:
+the same random NF4 model, rank, targets (every linear), batch and non-reentrant activation checkpointing, AdamW.
+qmor computes the loss in chunks through the head (qmor.loss.ChunkedLoss); the baseline is
+`prepare_model_for_kbit_training` + `get_peft_model` with the model's own loss. On CUDA: Llama-2-7B geometry built
+layer by layer straight into NF4, bf16 autocast, peak `max_memory_allocated` / `max_memory_reserved` under a
+24 GiB cap, and the longest sequence found by probing from the planner's prediction. On the CPU: a small geometry
+and the peak resident set size above the process's size before the model was built.
 
     python scripts/bench_train.py                 # CUDA: 7B geometry, 512/2048/8192 + longest under 24 GiB
     python scripts/bench_train.py --device cpu    # CPU: small geometry, peak RSS
-    python scripts/bench_train.py --quick         # CPU smoke test, a few seconds per configuration
+    python scripts/bench_train.py --quick         # CPU smoke test, a few seconds per runner
+
+On a GPU with little time, split the runners over calls and collect them with --merge:
+
+    python scripts/bench_train.py --runners peft-lora lora moslora mora --no-longest
+    python scripts/bench_train.py --runners mor sira lora+offload --no-longest --merge
+    python scripts/bench_train.py --runners peft-lora lora lora+offload --seqs --merge   # longest only
 """
 
 from __future__ import annotations
 
 import argparse
-import ctypes
 import json
 import os
-import statistics
+import platform
 import subprocess
 import sys
-import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
-from torch import nn
 
-FAMILIES = ["lora", "moslora", "mora", "mor", "sira"]
-BASELINE = "peft-lora"
-TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from bench_runner import BASELINE  # noqa: E402
+
+RUNNER = Path(__file__).resolve().parent / "bench_runner.py"
+
+RUNNERS = [BASELINE, "lora", "moslora", "mora", "mor", "sira", "lora+offload"]
 GEOMETRIES = {  # (layers, hidden, intermediate, heads, vocab)
     "llama2-7b": (32, 4096, 11008, 32, 32000),
     "small": (2, 256, 688, 4, 32000),
@@ -38,201 +46,78 @@ GEOMETRIES = {  # (layers, hidden, intermediate, heads, vocab)
 }
 
 
-def llama_config(layers: int, hidden: int, intermediate: int, heads: int, vocab: int):
-    from transformers import LlamaConfig
-
-    return LlamaConfig(hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
-                       num_attention_heads=heads, num_key_value_heads=heads, vocab_size=vocab,
-                       max_position_embeddings=1 << 20, use_cache=False, tie_word_embeddings=False)
-
-
-def build_random_4bit(config, device: str, dtype: torch.dtype) -> nn.Module:
-    """A causal LM whose linears are NF4 from the start: each decoder layer is made dense on `device`,
-    quantised and its dense weights dropped before the next, so a full 16-bit copy never exists."""
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
-    from transformers.integrations.bitsandbytes import replace_with_bnb_linear
-
-    from qmor.quant import quantize, set_packed
-
-    layers = config.num_hidden_layers
-    with torch.device("meta"):
-        config.num_hidden_layers = 1
-        layer_cls = type(AutoModelForCausalLM.from_config(config).get_decoder().layers[0])
-    config.num_hidden_layers = 0
-    with torch.device(device):
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    config.num_hidden_layers = layers
-    quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                               bnb_4bit_compute_dtype=dtype)
-    for i in range(layers):
-        with torch.device(device):
-            layer = layer_cls(config, i).to(dtype)
-        dense = {n: m.weight.data for n, m in layer.named_modules() if isinstance(m, nn.Linear)}
-        replace_with_bnb_linear(layer, quantization_config=quant)
-        for name, weight in dense.items():
-            set_packed(layer.get_submodule(name), quantize(weight))
-        del dense
-        model.get_decoder().layers.append(layer)
-    model.is_loaded_in_4bit = True  # what from_pretrained sets; peft's kbit preparation looks for it
-    return model
-
-
-def qmor_step(model: nn.Module, family: str, rank: int, checkpointing: bool, loss_chunk: int, offload: bool):
-    from qmor.attach import attach
-    from qmor.config import AdapterConfig
-    from qmor.loss import ChunkedLoss
-
-    attach(model, AdapterConfig(family=family, r=rank, alpha=2 * rank, targets=TARGETS))
-    if checkpointing:
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-    loss_fn = ChunkedLoss(model, loss_chunk, offload)
-
-    def step(ids: torch.Tensor) -> torch.Tensor:
-        total, n = loss_fn(ids, ids)
-        return total / n
-
-    return model, step
-
-
-def peft_step(model: nn.Module, rank: int, checkpointing: bool):
-    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
-
-    model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=checkpointing,
-                                            gradient_checkpointing_kwargs={"use_reentrant": False})
-    model = get_peft_model(model, LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.0, target_modules=TARGETS,
-                                             task_type="CAUSAL_LM"))
-    return model, lambda ids: model(input_ids=ids, labels=ids).loss
-
-
-def rss_bytes(field: str = "VmRSS") -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) * 1024
-    raise RuntimeError(f"{field} not in /proc/self/status")
-
-
-def reset_rss_peak() -> None:
-    """Give freed heap pages back (glibc) and restart the VmHWM high-water mark from the current RSS."""
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except OSError:
-        pass
-    Path("/proc/self/clear_refs").write_text("5")
-
-
-def preload() -> None:
-    """Import everything a run uses before the baseline size is read, so the peak counts no module code."""
-    import peft.tuners.lora  # noqa: F401
-    import transformers.integrations.bitsandbytes  # noqa: F401
-    from transformers import LlamaForCausalLM  # noqa: F401
-
-    import qmor.attach  # noqa: F401
-    import qmor.loss  # noqa: F401
-    import qmor.quant  # noqa: F401
-
-
-def run_one(spec: dict) -> dict:
-    """Build, train `warmup + steps` steps and report peak memory and median tokens/s (the child process)."""
-    device, seq, batch = spec["device"], spec["seq"], spec["batch"]
-    cuda = device == "cuda"
-    dtype = torch.bfloat16 if cuda else torch.float32
-    torch.manual_seed(0)
-    preload()
-    if cuda:
-        total = torch.cuda.get_device_properties(0).total_memory
-        torch.cuda.set_per_process_memory_fraction(min(1.0, spec["cap_gb"] * 1024**3 / total))
-    base_rss = rss_bytes()
-    model = build_random_4bit(llama_config(*spec["geometry"]), device, dtype)
-    if spec["runner"] == BASELINE:
-        model, step = peft_step(model, spec["rank"], spec["checkpointing"])
-    else:
-        model, step = qmor_step(model, spec["runner"], spec["rank"], spec["checkpointing"], spec["loss_chunk"],
-                                spec.get("offload", False))
-    model.train()
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=1e-4)
-    ids = torch.randint(0, spec["geometry"][4], (batch, seq), device=device)
-    if cuda:
-        torch.cuda.synchronize()
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
-    else:
-        reset_rss_peak()
-    settled = torch.cuda.memory_allocated() if cuda else rss_bytes() - base_rss  # model + optimizer before step 1
-    times = []
-    try:
-        for i in range(spec["warmup"] + spec["steps"]):
-            start = time.perf_counter()
-            step(ids).backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            if cuda:
-                torch.cuda.synchronize()
-            if i >= spec["warmup"]:
-                times.append(time.perf_counter() - start)
-    except torch.OutOfMemoryError:
-        return {**spec, "oom": True}
-    out = {**spec, "oom": False, "trainable": sum(p.numel() for p in params), "settled": settled,
-           "tokens_per_s": batch * seq / statistics.median(times)}
-    if cuda:
-        out["peak_allocated"] = torch.cuda.max_memory_allocated()
-        out["peak_reserved"] = torch.cuda.max_memory_reserved()
-        out["peak"] = out["peak_reserved"]
-    else:
-        out["peak"] = rss_bytes("VmHWM") - base_rss
-    return out
-
-
 def spawn(spec: dict) -> dict:
-    """run_one in a fresh Python process; its last stdout line is the JSON result."""
+    """bench_runner.run in a fresh Python process; its last stdout line is the JSON result."""
     # glibc keeps freed blocks below its (self-raising, up to 32 MiB) mmap threshold in the heap, so peak RSS
     # would count dead activations; a fixed 64 KiB threshold returns every tensor's pages when it is freed
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "MALLOC_MMAP_THRESHOLD_": "65536"}
-    proc = subprocess.run([sys.executable, __file__, "--child", json.dumps(spec)], capture_output=True, text=True,
-                          env=env)
+    proc = subprocess.run([sys.executable, str(RUNNER), json.dumps(spec)], capture_output=True, text=True, env=env)
     if proc.returncode != 0:
         tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
-        raise RuntimeError(f"{spec['runner']} at {spec['seq']} tokens failed: {tail}")
+        raise RuntimeError(f"{spec['runner']} failed: {tail}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def fits(spec: dict, cap_bytes: int) -> bool:
-    result = spawn(spec)
-    return not result["oom"] and result["peak"] <= cap_bytes
+def environment(device: str) -> dict:
+    import bitsandbytes
+    import peft
+    import transformers
+
+    if device == "cuda":
+        name = torch.cuda.get_device_name(0)
+    else:
+        cpuinfo = Path("/proc/cpuinfo")
+        models = [line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines()
+                  if line.startswith("model name")] if cpuinfo.exists() else []
+        name = f"{models[0] if models else platform.machine()}, {os.cpu_count()} cores"
+    return {"device": name, "torch": torch.__version__, "transformers": transformers.__version__,
+            "bitsandbytes": bitsandbytes.__version__, "peft": peft.__version__,
+            "command": "python scripts/bench_train.py " + " ".join(sys.argv[1:])}
 
 
-def longest(spec: dict, cap_bytes: int, start: int, step: int, limit: int) -> int:
-    """Longest multiple of `step` tokens that trains under the cap: double from `start`, then bisect."""
-    probe = {**spec, "warmup": 1, "steps": 1}
-    lo, hi = 0, max(start // step, 1)
-    while hi * step <= limit and fits({**probe, "seq": hi * step}, cap_bytes):
-        lo, hi = hi, hi * 2
-    if hi * step > limit:
-        return lo * step
-    while hi - lo > 1:
-        mid = (lo + hi) // 2
-        lo, hi = (mid, hi) if fits({**probe, "seq": mid * step}, cap_bytes) else (lo, mid)
-    return lo * step
+def merge(old: dict, new: dict) -> dict:
+    """New rows replace old ones of the same runner and length; the rest of the old file stays."""
+    keys = {(r["runner"], r["seq"]) for r in new["results"]}
+    results = [r for r in old.get("results", []) if (r["runner"], r["seq"]) not in keys] + new["results"]
+    return {"results": results, "longest": {**old.get("longest", {}), **new["longest"]},
+            "runners": {**old.get("runners", {}), **new["runners"]},
+            "environment": new["environment"],
+            "commands": list(dict.fromkeys([*old.get("commands", []), new["environment"]["command"]]))}
 
 
-def table(results: list[dict], runners: list[str], seqs: list[int]) -> str:
+def table(results: list[dict], runners: list[str]) -> str:
+    """Memory and speed against the baseline, and speed against qmor's LoRA, for every length measured."""
     by = {(r["runner"], r["seq"]): r for r in results}
-    rows = ["| runner | seq | peak MiB | peak / baseline | tokens/s | tokens/s / baseline |",
-            "|---|---|---|---|---|---|"]
-    for seq in seqs:
-        base = by.get((BASELINE, seq))
+    rows = ["| runner | seq | peak MiB | peak / baseline | tokens/s | tokens/s / baseline | tokens/s / lora |",
+            "|---|---|---|---|---|---|---|"]
+
+    def ratio(r: dict, other: dict | None, key: str) -> str:
+        return f"{r[key] / other[key]:.2f}" if other is not None and not other["oom"] else "-"
+
+    for seq in sorted({r["seq"] for r in results}):
+        base, lora = by.get((BASELINE, seq)), by.get(("lora", seq))
         for runner in runners:
             r = by.get((runner, seq))
             if r is None:
                 continue
             if r["oom"]:
-                rows.append(f"| {runner} | {seq} | OOM | | | |")
+                rows.append(f"| {runner} | {seq} | OOM | | | | |")
                 continue
-            ok = base is not None and not base["oom"]
-            mem = f"{r['peak'] / base['peak']:.2f}" if ok else "baseline OOM"
-            speed = f"{r['tokens_per_s'] / base['tokens_per_s']:.2f}" if ok else ""
-            rows.append(f"| {runner} | {seq} | {r['peak'] / 2**20:,.0f} | {mem} | {r['tokens_per_s']:,.0f} "
-                        f"| {speed} |")
+            rows.append(f"| {runner} | {seq} | {r['peak'] / 2**20:,.0f} | {ratio(r, base, 'peak')} "
+                        f"| {r['tokens_per_s']:,.0f} | {ratio(r, base, 'tokens_per_s')} "
+                        f"| {ratio(r, lora, 'tokens_per_s')} |")
+    return "\n".join(rows)
+
+
+def longest_table(longest: dict, runners: list[str]) -> str:
+    base = longest.get(BASELINE)
+    rows = ["| runner | tokens | / baseline | planner's guess |", "|---|---|---|---|"]
+    for runner in runners:
+        if runner in longest:
+            n, guess = longest[runner]["tokens"], longest[runner]["guess"]
+            shown = f"at least {n:,} (the search's limit)" if n >= longest[runner]["limit"] else f"{n:,}"
+            rel = f"{n / base['tokens']:.2f}" if base and base["tokens"] else "-"
+            rows.append(f"| {runner} | {shown} | {rel} | {guess:,} |")
     return "\n".join(rows)
 
 
@@ -262,8 +147,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--quick", action="store_true", help="CPU smoke test: tiny model, baseline and lora, 64 tokens")
-    p.add_argument("--families", nargs="+", default=FAMILIES, help="qmor families to compare with the baseline")
-    p.add_argument("--seqs", type=int, nargs="+", default=None, help="sequence lengths")
+    p.add_argument("--runners", nargs="+", default=RUNNERS,
+                   help=f"{BASELINE}, qmor families, or a family with +offload")
+    p.add_argument("--seqs", type=int, nargs="*", default=None, help="sequence lengths (none: longest only)")
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--rank", type=int, default=16)
     p.add_argument("--warmup", type=int, default=3)
@@ -271,52 +157,57 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--loss-chunk", type=int, default=1024)
     p.add_argument("--cap-gb", type=float, default=None, help="memory cap in GiB (CUDA default 24, CPU 1)")
     p.add_argument("--no-longest", action="store_true", help="skip the search for the longest sequence")
-    p.add_argument("--workers", type=int, default=1, help="configurations run at once (CPU; memory stays exact)")
+    p.add_argument("--longest-step", type=int, default=None, help="granularity of that search (CUDA 1024, CPU 256)")
+    p.add_argument("--workers", type=int, default=1, help="runners at once (CPU; memory stays exact)")
+    p.add_argument("--merge", action="store_true", help="add to the results already in --out instead of replacing")
     p.add_argument("--out", default="docs", help="folder for bench_train_<device>.json / .md / .png")
-    p.add_argument("--child", help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    if args.child:
-        print(json.dumps(run_one(json.loads(args.child))))
-        return 0
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     cuda = device == "cuda"
-    families, seqs, warmup, steps = args.families, args.seqs, args.warmup, args.steps
+    runners, seqs, warmup, steps = args.runners, args.seqs, args.warmup, args.steps
     if args.quick:
-        device, cuda, families, warmup, steps = "cpu", False, ["lora"], 1, 2
-        seqs = seqs or [64]
-    seqs = seqs or ([512, 2048, 8192] if cuda else [64, 128, 256, 512])
+        device, cuda, runners, warmup, steps = "cpu", False, [BASELINE, "lora"], 1, 2
+        seqs = [64] if seqs is None else seqs
+    seqs = ([512, 2048, 8192] if cuda else [64, 128, 256, 512]) if seqs is None else seqs
     cap_gb = args.cap_gb or (24.0 if cuda else 1.0)
-    runners = [BASELINE, *families]
     geometry = "llama2-7b" if cuda else "tiny" if args.quick else "small"
-    base = {"device": device, "geometry": GEOMETRIES[geometry], "batch": args.batch,
-            "rank": args.rank, "checkpointing": True, "loss_chunk": args.loss_chunk, "warmup": warmup,
-            "steps": steps, "cap_gb": cap_gb}
-    specs = [{**base, "runner": r, "seq": s} for s in seqs for r in runners]
+    step = args.longest_step or (1024 if cuda else 256)
+    base = {"device": device, "geometry": GEOMETRIES[geometry], "batch": args.batch, "rank": args.rank,
+            "checkpointing": True, "loss_chunk": args.loss_chunk, "warmup": warmup, "steps": steps,
+            "cap_gb": cap_gb, "seqs": seqs,
+            "longest": None if args.quick or args.no_longest else {"step": step, "limit": 1 << 17 if cuda else 1 << 14}}
     with ThreadPoolExecutor(1 if cuda else 2 if args.quick else args.workers) as pool:
-        results = list(pool.map(spawn, specs))
-    report = [f"device {device}, geometry (layers, hidden, mlp, heads, vocab) {base['geometry']}, batch {args.batch}, "
-              f"rank {args.rank}, {warmup} warm-up + {steps} timed steps, torch {torch.__version__}",
-              "", table(results, runners, seqs)]
-    longest_found = {}
-    if not (args.quick or args.no_longest):
-        step, start, limit = (1024, 8192, 1 << 17) if cuda else (256, 512, 1 << 14)
-        for runner in runners:
-            longest_found[runner] = longest({**base, "runner": runner}, int(cap_gb * 1024**3), start, step, limit)
-        report += ["", f"longest sequence that trains under {cap_gb:g} GiB (multiples of {step}):", "",
-                   "| runner | tokens | / baseline |", "|---|---|---|"]
-        report += [f"| {r} | {n:,} | {n / max(longest_found[BASELINE], 1):.2f} |" for r, n in longest_found.items()]
-    text = "\n".join(report)
-    print(text)
+        done = list(pool.map(spawn, [{**base, "runner": r} for r in runners]))
+    new = {"results": [{**row, "trainable": d["trainable"]} for d in done for row in d["results"]],
+           "longest": {d["runner"]: {"tokens": d["longest"], "guess": d["longest_guess"], "probes": d["probes"],
+                                 "limit": base["longest"]["limit"]}
+                       for d in done if "longest" in d},
+           "runners": {d["runner"]: {"trainable": d["trainable"], "settled": d["settled"]} for d in done},
+           "environment": environment(device)}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     name = f"bench_train_{device}{'_quick' if args.quick else ''}"
-    (out / f"{name}.json").write_text(json.dumps({"results": results, "longest": longest_found}, indent=1) + "\n")
+    path = out / f"{name}.json"
+    data = merge(json.loads(path.read_text()), new) if args.merge and path.exists() else \
+        {**new, "commands": [new["environment"]["command"]]}
+    shown = list(dict.fromkeys(r for r in RUNNERS + sorted(data["runners"]) if r in data["runners"]))
+    env = data["environment"]
+    report = [f"{env['device']}; geometry (layers, hidden, mlp, heads, vocab) {base['geometry']}; "
+              f"torch {env['torch']}, transformers {env['transformers']}, bitsandbytes {env['bitsandbytes']}, "
+              f"peft {env['peft']}", "",
+              *(f"    {c}" for c in data["commands"]), "", table(data["results"], shown)]
+    if data["longest"]:
+        report += ["", f"longest sequence that trains under {cap_gb:g} GiB (multiples of {step}):", "",
+                   longest_table(data["longest"], shown)]
+    text = "\n".join(report)
+    print(text)
+    path.write_text(json.dumps(data, indent=1) + "\n")
     (out / f"{name}.md").write_text(text + "\n")
-    plot(results, runners, out / f"{name}.png", f"training peak memory, {device}, rank {args.rank}")
+    plot(data["results"], shown, out / f"{name}.png", f"training peak memory, {env['device']}, rank {args.rank}")
     return 0
 
 

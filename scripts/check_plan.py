@@ -18,7 +18,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_train import llama_config, spawn  # noqa: E402
+from bench_runner import llama_config  # noqa: E402
+from bench_train import spawn  # noqa: E402
 
 from qmor.config import AdapterConfig  # noqa: E402
 from qmor.plan import CUDA_CONTEXT, estimate  # noqa: E402
@@ -46,8 +47,9 @@ def main(argv=None) -> int:
     for family, layers, seq, ckpt in CASES:
         geometry = (layers, 4096, 11008, 32, args.vocab)
         spec = {"device": args.device, "geometry": geometry, "batch": 1, "rank": args.rank, "checkpointing": ckpt,
-                "loss_chunk": args.loss_chunk, "warmup": 1, "steps": 1, "cap_gb": 80.0, "runner": family, "seq": seq}
-        measured = spawn(spec)["peak"]
+                "loss_chunk": args.loss_chunk, "warmup": 1, "steps": 1, "cap_gb": 80.0, "runner": family,
+                "seqs": [seq]}
+        measured = spawn(spec)["results"][0]["peak"]
         cfg = AdapterConfig(family=family, r=args.rank, alpha=2 * args.rank,
                             targets=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
         plan = estimate(llama_config(*geometry).to_dict(), seq, 1, cfg, checkpointing=ckpt,

@@ -30,6 +30,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--optimizer", default="adamw", choices=["adamw", "paged-adamw-8bit"])
     p.add_argument("--attention", default="sdpa", choices=["sdpa", "eager"], help="attention implementation")
     p.add_argument("--dtype-bytes", type=int, default=2, help="compute dtype size: 2 (bf16/fp16) or 4 (fp32)")
+    p.add_argument("--no-autocast", action="store_true",
+                   help="16-bit compute without bf16 autocast (a GPU without bf16): adapters keep fp32 input copies")
     p.add_argument("--json", action="store_true", help="print JSON instead of the table")
     return p.parse_args(argv)
 
@@ -42,7 +44,7 @@ def main(argv=None) -> int:
         g = geometry(load_config(args.model), cfg.targets)
         opts = dict(checkpointing=not args.no_checkpointing, offload=args.offload_activations,
                     loss_chunk=args.loss_chunk, optimizer=args.optimizer, param_dtype_bytes=args.dtype_bytes,
-                    attention=args.attention)
+                    attention=args.attention, autocast=not args.no_autocast)
         plan = estimate(g, args.seq, args.batch, cfg, **opts)
         longest = longest_sequence(g, args.gpu_gb, args.batch, cfg, **opts)
     except QmorError as e:

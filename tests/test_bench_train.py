@@ -21,3 +21,39 @@ def test_quick_benchmark_runs_and_reports_both_sides(tmp_path):
     # same rank and targets on both sides: peft's LoRA and qmor's LoRA train the same number of parameters
     assert by["lora"]["trainable"] == by["peft-lora"]["trainable"]
     assert "| lora | 64 |" in out.stdout and (tmp_path / "bench_train_cpu_quick.png").stat().st_size > 1000
+
+
+sys.path.insert(0, str(ROOT / "scripts"))
+
+from bench_runner import search  # noqa: E402
+from bench_train import merge  # noqa: E402
+
+
+def test_search_finds_the_boundary_from_any_guess_and_few_probes_from_a_good_one():
+    boundary, step, limit = 37 * 256, 256, 1 << 16
+    for guess in (256, 20 * 256, 36 * 256, 37 * 256, 38 * 256, 200 * 256, limit):
+        probes = []
+
+        def fits(n, probes=probes):
+            probes.append(n)
+            return n <= boundary
+
+        assert search(fits, guess, step, limit) == boundary
+        assert all(n % step == 0 and 0 < n <= limit for n in probes)
+        if abs(guess - boundary) <= step:
+            assert len(probes) <= 4  # the planner's guess is usually this close: the search stays cheap
+    assert search(lambda n: False, 4096, 256, limit) == 0
+    assert search(lambda n: True, 4096, 256, limit) == limit
+
+
+def test_merge_keeps_other_runners_and_replaces_the_same_ones():
+    env = {"command": "python scripts/bench_train.py"}
+    old = {"results": [{"runner": "lora", "seq": 512, "peak": 1}, {"runner": "mora", "seq": 512, "peak": 2}],
+           "longest": {"lora": {"tokens": 1}}, "runners": {"lora": {}, "mora": {}}, "environment": env,
+           "commands": ["first"]}
+    new = {"results": [{"runner": "lora", "seq": 512, "peak": 3}], "longest": {"sira": {"tokens": 5}},
+           "runners": {"lora": {}, "sira": {}}, "environment": env}
+    merged = merge(old, new)
+    assert sorted((r["runner"], r["peak"]) for r in merged["results"]) == [("lora", 3), ("mora", 2)]
+    assert merged["longest"] == {"lora": {"tokens": 1}, "sira": {"tokens": 5}}
+    assert set(merged["runners"]) == {"lora", "mora", "sira"} and merged["commands"] == ["first", env["command"]]

@@ -4,13 +4,14 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from transformers import AutoConfig, LlamaConfig
 
 from qmor.attach import attach, count_parameters
 from qmor.config import AdapterConfig
 from qmor.errors import QmorError
-from qmor.plan import GIB, estimate, geometry, load_config, longest_sequence, nf4_bytes
-from qmor.quant import load_4bit
+from qmor.plan import GIB, estimate, geometry, layer_activation, load_config, longest_sequence, nf4_bytes
+from qmor.quant import QuantConfig, load_4bit
 
 ROOT = Path(__file__).resolve().parents[1]
 LLAMA2_7B = LlamaConfig(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
@@ -127,3 +128,44 @@ def test_cli_on_a_local_config_and_a_missing_path(tmp_path):
     missing = run_cli("--model", str(tmp_path / "nope"))
     assert missing.returncode == 2 and missing.stdout == ""
     assert missing.stderr.startswith("error: ") and missing.stderr.count("\n") == 1
+
+
+def saved_bytes(model, tokens: int, autocast: bool) -> int:
+    """Bytes that the first decoder layer saves for its backward on `tokens` tokens (unique storages, weights
+    excluded): exactly what a checkpointed layer holds once recomputed."""
+    weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    saved = {}
+
+    def pack(t):
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in weights:
+            saved[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    dtype = model.get_input_embeddings().weight.dtype
+    x = torch.randn(1, tokens, model.config.hidden_size, dtype=dtype, requires_grad=True)
+    positions = torch.arange(tokens)[None]
+    rotary = model.model.rotary_emb(x, positions)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), \
+            torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        model.model.layers[0](x, position_embeddings=rotary, attention_mask=None, position_ids=positions)
+    return sum(saved.values())
+
+
+@pytest.mark.parametrize("family", ["lora", "moslora", "mora", "mor", "sira"])
+@pytest.mark.parametrize(("compute", "targets"), [
+    ("float32", "all-linear"), ("bfloat16-autocast", "all-linear"), ("bfloat16", "all-linear"),
+    ("bfloat16-autocast", ["q_proj", "v_proj"]),
+])
+def test_layer_activation_matches_what_backward_saves(tiny_dir, family, compute, targets):
+    # bfloat16 without autocast is a GPU without bf16 support running fp16: each adapter keeps an fp32 input copy
+    autocast = compute.endswith("autocast")
+    cfg = AdapterConfig(family=family, r=4, experts=3, targets=targets)
+    model = load_4bit(str(tiny_dir), QuantConfig(compute_dtype=compute.split("-")[0]), "cpu")
+    attach(model, cfg)
+    model.train()
+    # the per-token slope between two lengths cancels per-call constants (autocast's cast weights)
+    measured = (saved_bytes(model, 96, autocast) - saved_bytes(model, 32, autocast)) / 64
+    a = 4 if compute == "float32" else 2
+    predicted = layer_activation(geometry(model.config, targets), cfg, a, 1, 1, "sdpa", autocast)
+    assert measured == pytest.approx(predicted, rel=0.1)
