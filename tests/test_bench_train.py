@@ -57,3 +57,20 @@ def test_merge_keeps_other_runners_and_replaces_the_same_ones():
     assert sorted((r["runner"], r["peak"]) for r in merged["results"]) == [("lora", 3), ("mora", 2)]
     assert merged["longest"] == {"lora": {"tokens": 1}, "sira": {"tokens": 5}}
     assert set(merged["runners"]) == {"lora", "mora", "sira"} and merged["commands"] == ["first", env["command"]]
+
+
+def test_longest_search_stops_at_the_memory_cap():
+    from concurrent.futures import ThreadPoolExecutor
+
+    from bench_train import GEOMETRIES, spawn
+
+    spec = {"device": "cpu", "geometry": GEOMETRIES["tiny"], "batch": 1, "rank": 16, "checkpointing": True,
+            "loss_chunk": 1024, "warmup": 0, "steps": 1, "cap_gb": 0.06, "seqs": [],
+            "longest": {"step": 256, "limit": 1 << 13}}
+    with ThreadPoolExecutor(2) as pool:
+        base, lora = pool.map(spawn, [{**spec, "runner": "peft-lora"}, {**spec, "runner": "lora"}])
+    for run in (base, lora):
+        n, probes = run["longest"], run["probes"]
+        assert 0 < n < 1 << 13 and n % 256 == 0
+        assert probes[str(n)] is True and probes[str(n + 256)] is False  # the boundary itself was measured
+    assert lora["longest"] >= base["longest"]  # chunked loss: never shorter than whole-sequence logits
