@@ -60,17 +60,15 @@ def test_merge_keeps_other_runners_and_replaces_the_same_ones():
 
 
 def test_longest_search_stops_at_the_memory_cap():
-    from concurrent.futures import ThreadPoolExecutor
-
     from bench_train import GEOMETRIES, spawn
 
     spec = {"device": "cpu", "geometry": GEOMETRIES["tiny"], "batch": 1, "rank": 16, "checkpointing": True,
-            "loss_chunk": 1024, "warmup": 0, "steps": 1, "cap_gb": 0.06, "seqs": [],
-            "longest": {"step": 256, "limit": 1 << 13}}
-    with ThreadPoolExecutor(2) as pool:
-        base, lora = pool.map(spawn, [{**spec, "runner": "peft-lora"}, {**spec, "runner": "lora"}])
-    for run in (base, lora):
-        n, probes = run["longest"], run["probes"]
-        assert 0 < n < 1 << 13 and n % 256 == 0
-        assert probes[str(n)] is True and probes[str(n + 256)] is False  # the boundary itself was measured
-    assert lora["longest"] >= base["longest"]  # chunked loss: never shorter than whole-sequence logits
+            "loss_chunk": 1024, "warmup": 0, "steps": 1, "cap_gb": 1.0, "runner": "lora", "longest": None}
+    # the CPU peak counts whatever the libraries load on first use, which differs between installs: place the cap
+    # between two measured peaks instead of at a fixed size
+    peaks = {r["seq"]: r["peak"] for r in spawn({**spec, "seqs": [256, 2048]})["results"]}
+    run = spawn({**spec, "cap_gb": (peaks[256] + peaks[2048]) / 2 / 1024**3, "seqs": [],
+                 "longest": {"step": 256, "limit": 1 << 13}})
+    n, probes = run["longest"], run["probes"]
+    assert 256 <= n < 2048 and n % 256 == 0
+    assert probes[str(n)] is True and probes[str(n + 256)] is False  # the boundary itself was measured
