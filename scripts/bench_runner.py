@@ -15,6 +15,7 @@ import contextlib
 import ctypes
 import gc
 import json
+import os
 import statistics
 import sys
 import time
@@ -151,6 +152,8 @@ class Runner:
         dtype = torch.bfloat16 if self.cuda else torch.float32
         torch.manual_seed(0)
         preload()
+        if spec["runner"] != BASELINE:  # what scripts/finetune_4bit.py sets; read when CUDA starts, just below
+            os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
         if self.cuda:
             total = torch.cuda.get_device_properties(0).total_memory
             torch.cuda.set_per_process_memory_fraction(min(1.0, spec["cap_gb"] * 1024**3 / total))
@@ -232,7 +235,7 @@ def run(spec: dict) -> dict:
     results = [{**runner.measure(seq, spec["warmup"], spec["steps"]), "runner": spec["runner"]}
                for seq in spec["seqs"]]
     out = {"runner": spec["runner"], "trainable": sum(p.numel() for p in runner.params), "settled": runner.settled,
-           "results": results}
+           "allocator": os.environ.get("PYTORCH_CUDA_ALLOC_CONF", "default"), "results": results}
     if spec.get("longest"):
         step, limit = spec["longest"]["step"], spec["longest"]["limit"]
         guess = planned_longest(spec, step, limit)

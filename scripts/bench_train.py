@@ -86,10 +86,13 @@ def merge(old: dict, new: dict) -> dict:
 
 
 def table(results: list[dict], runners: list[str]) -> str:
-    """Memory and speed against the baseline, and speed against qmor's LoRA, for every length measured."""
+    """Memory and speed against the baseline, and speed against qmor's LoRA, for every length measured. On CUDA
+    the peak is the reserved memory (what runs out), with the allocated peak beside it."""
     by = {(r["runner"], r["seq"]): r for r in results}
-    rows = ["| runner | seq | peak MiB | peak / baseline | tokens/s | tokens/s / baseline | tokens/s / lora |",
-            "|---|---|---|---|---|---|---|"]
+    cuda = any("peak_allocated" in r for r in results)
+    extra = " allocated MiB | allocated / baseline |" if cuda else ""
+    rows = [f"| runner | seq | peak MiB | peak / baseline |{extra} tokens/s | tokens/s / baseline | tokens/s / lora |",
+            "|---" * (7 + 2 * cuda) + "|"]
 
     def ratio(r: dict, other: dict | None, key: str) -> str:
         return f"{r[key] / other[key]:.2f}" if other is not None and not other["oom"] else "-"
@@ -101,10 +104,12 @@ def table(results: list[dict], runners: list[str]) -> str:
             if r is None:
                 continue
             if r["oom"]:
-                rows.append(f"| {runner} | {seq} | OOM | | | | |")
+                rows.append(f"| {runner} | {seq} | OOM |" + " |" * (4 + 2 * cuda))
                 continue
-            rows.append(f"| {runner} | {seq} | {r['peak'] / 2**20:,.0f} | {ratio(r, base, 'peak')} "
-                        f"| {r['tokens_per_s']:,.0f} | {ratio(r, base, 'tokens_per_s')} "
+            allocated = (f" {r['peak_allocated'] / 2**20:,.0f} | {ratio(r, base, 'peak_allocated')} |"
+                         if cuda else "")
+            rows.append(f"| {runner} | {seq} | {r['peak'] / 2**20:,.0f} | {ratio(r, base, 'peak')} |{allocated} "
+                        f"{r['tokens_per_s']:,.0f} | {ratio(r, base, 'tokens_per_s')} "
                         f"| {ratio(r, lora, 'tokens_per_s')} |")
     return "\n".join(rows)
 
@@ -186,7 +191,8 @@ def main(argv=None) -> int:
            "longest": {d["runner"]: {"tokens": d["longest"], "guess": d["longest_guess"], "probes": d["probes"],
                                  "limit": base["longest"]["limit"]}
                        for d in done if "longest" in d},
-           "runners": {d["runner"]: {"trainable": d["trainable"], "settled": d["settled"]} for d in done},
+           "runners": {d["runner"]: {"trainable": d["trainable"], "settled": d["settled"], "allocator": d["allocator"]}
+                       for d in done},
            "environment": environment(device)}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -13,9 +13,14 @@ MoRA paper's task) with a MoRA adapter on a LoftQ-initialised 4-bit base; offlin
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
-from qmor.errors import QmorError
+# steps of different lengths leave blocks of odd sizes in the CUDA cache; growable segments reuse them, so reserved
+# memory stays near what is in use (read when CUDA starts, so before anything touches it; a user's value wins)
+os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
+
+from qmor.errors import QmorError  # noqa: E402
 
 # flag -> (section of TrainConfig or None for top level, field, type); help text comes from the field's default
 FLAGS = {

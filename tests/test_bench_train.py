@@ -72,3 +72,17 @@ def test_longest_search_stops_at_the_memory_cap():
     n, probes = run["longest"], run["probes"]
     assert 256 <= n < 2048 and n % 256 == 0
     assert probes[str(n)] is True and probes[str(n + 256)] is False  # the boundary itself was measured
+
+
+def test_cuda_table_shows_reserved_and_allocated_ratios_and_oom():
+    from bench_train import table
+
+    rows = [{"runner": "peft-lora", "seq": 512, "oom": False, "peak": 4 << 30, "peak_allocated": 2 << 30,
+             "tokens_per_s": 100.0},
+            {"runner": "lora", "seq": 512, "oom": False, "peak": 3 << 30, "peak_allocated": 1 << 30,
+             "tokens_per_s": 110.0},
+            {"runner": "mora", "seq": 512, "oom": True}]
+    lines = table(rows, ["peft-lora", "lora", "mora"]).splitlines()
+    assert all(line.count("|") == 10 for line in lines)  # nine columns in every row, the OOM row too
+    assert lines[3] == "| lora | 512 | 3,072 | 0.75 | 1,024 | 0.50 | 110 | 1.10 | 1.00 |"
+    assert lines[4].startswith("| mora | 512 | OOM |")
