@@ -38,6 +38,13 @@ def wait_for(check, timeout: float, what: str):
     raise TimeoutError(f"timed out waiting for {what}")
 
 
+def choose(page, label: str, value: str) -> None:
+    """Pick `value` in a dropdown that also takes typed text (the run pickers)."""
+    box = page.get_by_label(label)
+    box.fill(value)
+    box.press("Enter")
+
+
 def start_app(folder: Path, port: int) -> subprocess.Popen:
     env = {**os.environ, "PYTHONPATH": str(ROOT), "QMOR_CACHE": str(folder / "cache")}
     proc = subprocess.Popen([sys.executable, str(ROOT / "apps" / "app.py"), "--port", str(port), "--workspace",
@@ -80,9 +87,7 @@ def main() -> None:
             page.screenshot(path=str(out / "app-train.png"), full_page=True)
 
             page.get_by_role("tab", name="Chat").click()
-            runs = page.get_by_label("Trained run (adapter)")
-            runs.fill("uuid-mora")
-            runs.press("Enter")
+            choose(page, "Trained run (adapter)", "uuid-mora")
             page.get_by_label("Compare with base (same prompt through the base without the adapter)").check()
             page.locator("#chat-load").click()
             wait_for(lambda: "adapter" in page.locator("#chat-status").inner_text(), 300, "the chat model")
@@ -92,9 +97,7 @@ def main() -> None:
             page.screenshot(path=str(out / "app-chat.png"), full_page=True)
 
             page.get_by_role("tab", name="Export").click()
-            export_run = page.get_by_label("Run to export")
-            export_run.fill("uuid-mora")
-            export_run.press("Enter")
+            choose(page, "Run to export", "uuid-mora")
             page.locator("#export-start").click()
             wait_for(lambda: "exported" in page.locator("#export-status").inner_text(), 600, "the export")
             page.screenshot(path=str(out / "app-export.png"), full_page=True)

@@ -32,11 +32,16 @@ def check_scores(score: dict) -> None:
             assert 0.0 <= value <= 1.0, (key, value)
 
 
-def test_uuid_memorization_quick(tmp_path):
-    out = tmp_path / "uuid"
-    proc = run("uuid_memorization.py", "--quick", "--out", str(out), cache=tmp_path / "cache")
+def run_quick(tmp_path, name: str) -> tuple:
+    """Run scripts/experiments/<name>.py --quick; its output folder and the results it wrote."""
+    out = tmp_path / name
+    proc = run(f"{name}.py", "--quick", "--out", str(out), cache=tmp_path / "cache")
     assert proc.returncode == 0, proc.stderr[-2000:]
-    result = json.loads((out / "uuid_memorization.json").read_text())
+    return out, json.loads((out / f"{name}.json").read_text())
+
+
+def test_uuid_memorization_quick(tmp_path):
+    out, result = run_quick(tmp_path, "uuid_memorization")
     assert tuple(r["family"] for r in result["params"]) == FAMILIES
     assert len(result["runs"]) == len(FAMILIES) * len(result["setup"]["lrs"])
     for r in result["runs"]:
@@ -51,10 +56,7 @@ def test_uuid_memorization_quick(tmp_path):
 
 
 def test_loftq_init_quick(tmp_path):
-    out = tmp_path / "loftq"
-    proc = run("loftq_init.py", "--quick", "--out", str(out), cache=tmp_path / "cache")
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    result = json.loads((out / "loftq_init.json").read_text())
+    out, result = run_quick(tmp_path, "loftq_init")
     iters = result["setup"]["iters"]
     assert tuple(r["family"] for r in result["model"]) == FAMILIES
     for r in result["matrices"] + result["model"]:
@@ -71,10 +73,7 @@ def test_loftq_init_quick(tmp_path):
 
 
 def test_multitask_quick(tmp_path):
-    out = tmp_path / "multitask"
-    proc = run("multitask.py", "--quick", "--out", str(out), cache=tmp_path / "cache")
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    result = json.loads((out / "multitask.json").read_text())
+    out, result = run_quick(tmp_path, "multitask")
     assert tuple(r["family"] for r in result["runs"]) == FAMILIES
     for r in result["runs"]:
         final = r["final"]

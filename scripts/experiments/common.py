@@ -141,10 +141,12 @@ class Scorer:
                        f"{self.curve[-1]['exact_match']:.3f} ({self.task}, {len(self.refs)} examples)")
 
 
-def scored_run(cfg, scorer_records: list[dict], every: int, task: str) -> dict:
-    """Train with `cfg` through qmor.train, scoring greedy answers on `scorer_records` along the way."""
+def scored_run(job: tuple) -> dict:
+    """Train job = (cfg, scorer_records, every, task) through qmor.train, scoring greedy answers on
+    `scorer_records` every `every` steps (one picklable argument, for the process pool)."""
     from qmor.train import load_tokenizer, train
 
+    cfg, scorer_records, every, task = job
     single_thread()
     tokenizer = load_tokenizer(cfg.model, False)
     scorer = Scorer(tokenizer, scorer_records, every, cfg.max_steps, task)
@@ -240,3 +242,39 @@ def matched_base(setup, out: Path) -> tuple[Path, list[tuple[int, int]], dict[st
     shapes = target_shapes(base)
     configs = matched_configs(shapes, setup.lora_rank, setup.mor_experts, setup.sira_experts, setup.sira_top_k)
     return base, shapes, configs
+
+
+def setup_from(args, default, quick):
+    """The Setup to run: the --quick (or full) defaults, with every field given on the command line on top."""
+    given = {k: tuple(v) if isinstance(getattr(default, k), tuple) else v
+             for k, v in vars(args).items() if k in vars(default)}
+    return type(default)(**{**vars(quick if args.quick else default), **given})
+
+
+def family_runs(setup, out: Path, task: str, records: list[dict], data, **train) -> tuple[list, list[dict], dict]:
+    """One scored run per (learning rate, family) on the matched tiny base: the jobs, the parameter table rows and
+    the shapes. `train` holds the TrainConfig fields that differ between experiments."""
+    from qmor.train_config import TrainConfig
+
+    base, shapes, configs = matched_base(setup, out)
+    todo = [(TrainConfig(model=str(base), output=str(out / "runs" / f"{family}-lr{lr:g}"), adapter=adapter,
+                         data=data, lr=lr, max_steps=setup.steps, warmup_ratio=0.05, save_steps=0,
+                         eval_generate=0, seed=setup.seed, gradient_checkpointing=False, device="cpu", **train),
+             records, setup.eval_every, task)
+            for lr in setup.lrs for family, (adapter, _) in configs.items()]
+    params = param_rows(configs, shapes)
+    print(markdown_table(params, {"family": "family", "config": "config", "params": "trainable params",
+                                  "vs_lora": "vs LoRA"}, signed=("vs_lora",)))
+    return todo, params, {"shapes": shapes}
+
+
+def compare(args, setup, jobs: Callable) -> tuple[Path, list[dict], dict]:
+    """The body every family comparison shares: make the jobs in a fresh output folder, run them over the worker
+    processes, and gather the results; returns the folder, the runs and the results to save."""
+    single_thread()
+    out = new_output(args.out)
+    start = time.time()
+    todo, params, info = jobs(setup, out)
+    runs = run_all(scored_run, todo, args.workers)
+    return out, runs, {"setup": vars(setup), "params": params, "runs": runs, "hardware": hardware(),
+                       "workers": args.workers, "wall_s": time.time() - start, **info}

@@ -237,8 +237,7 @@ def plot(setup: Setup, mats: list[dict], rows: list[dict], path: Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    given = {k: tuple(v) if k == "iters" else v for k, v in vars(args).items() if k in vars(Setup())}
-    setup = Setup(**{**vars(QUICK if args.quick else Setup()), **given})
+    setup = common.setup_from(args, Setup(), QUICK)
     if not setup.iters or min(setup.iters) < 1:
         raise QmorError("--iters takes LoftQ alternation counts of at least 1, e.g. --iters 1 5")
     common.single_thread()

@@ -8,7 +8,6 @@ greedy decoding on each task's held-out test prompts (exact match and character 
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -48,21 +47,12 @@ def parser():
 def jobs(setup: Setup, out: Path) -> tuple[list, list[dict], dict]:
     from qmor import tasks
     from qmor.data import DataConfig
-    from qmor.train_config import TrainConfig
 
-    base, shapes, configs = common.matched_base(setup, out)
     test = tasks.records("mix", "test", setup.test_examples, setup.seed)
     data = DataConfig(source="mix", num_examples=setup.train_examples, max_len=64, seed=setup.seed)
-    todo = [(TrainConfig(model=str(base), output=str(out / "runs" / f"{family}-lr{lr:g}"), adapter=adapter,
-                         data=data, lr=lr, max_steps=setup.steps, batch_size=setup.batch_size, warmup_ratio=0.05,
-                         save_steps=0, log_steps=10, eval_generate=0, seed=setup.seed,
-                         gradient_checkpointing=False, device="cpu"), test, setup.eval_every, "mix")
-            for lr in setup.lrs for family, (adapter, _) in configs.items()]
-    return todo, common.param_rows(configs, shapes), {"shapes": shapes, "n_test": len(test)}
-
-
-def run_job(job) -> dict:
-    return common.scored_run(*job)
+    todo, params, info = common.family_runs(setup, out, "mix", test, data, batch_size=setup.batch_size,
+                                            log_steps=10)
+    return todo, params, {**info, "n_test": len(test)}
 
 
 def table(runs: list[dict], params: list[dict]) -> str:
@@ -82,19 +72,10 @@ def table(runs: list[dict], params: list[dict]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    given = {k: tuple(v) if k == "lrs" else v for k, v in vars(args).items() if k in vars(Setup())}
-    setup = Setup(**{**vars(QUICK if args.quick else Setup()), **given})
+    setup = common.setup_from(args, Setup(), QUICK)
     if min(setup.train_examples, setup.test_examples, setup.steps, setup.eval_every) < 1 or not setup.lrs:
         raise QmorError("train-examples, test-examples, steps and eval-every must be at least 1, with one --lrs")
-    common.single_thread()
-    out = common.new_output(args.out)
-    start = time.time()
-    todo, params, info = jobs(setup, out)
-    print(common.markdown_table(params, {"family": "family", "config": "config", "params": "trainable params",
-                                         "vs_lora": "vs LoRA"}, signed=("vs_lora",)))
-    runs = common.run_all(run_job, todo, args.workers)
-    results = {"setup": vars(setup), "params": params, "runs": runs, "hardware": common.hardware(),
-               "workers": args.workers, "wall_s": time.time() - start, **info}
+    out, runs, results = common.compare(args, setup, jobs)
     path = Path(args.plot) if args.plot else out / "multitask.png"
     best = {}
     for r in runs:  # the plot shows each family at its best learning rate (by mean character accuracy)
@@ -103,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     plots.bars(list(MIX), {f: [r["final"][f"char_accuracy/{t}"] for t in MIX] for f, r in best.items()},
                "character accuracy (held-out, greedy)", path,
                f"mix of {len(MIX)} tasks, {setup.steps} steps, tiny 4-bit base (seed {setup.seed})")
-    common.save_outputs(out, "multitask", results, table(runs, params))
+    common.save_outputs(out, "multitask", results, table(runs, results["params"]))
     print(f"wrote {path}; total {results['wall_s']:.0f} s")
     return 0
 

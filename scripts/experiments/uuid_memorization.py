@@ -8,7 +8,6 @@ values is plotted against training steps, for each learning rate.
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -44,27 +43,12 @@ def parser():
 
 def jobs(setup: Setup, out: Path) -> tuple[list, list[dict], dict]:
     from qmor import tasks
-    from qmor.config import QuantConfig
     from qmor.data import DataConfig
-    from qmor.train_config import TrainConfig
 
-    base, shapes, configs = common.matched_base(setup, out)
     records = tasks.records("uuid", "train", setup.pairs, setup.seed)
     data = DataConfig(source="uuid", num_examples=setup.pairs, max_len=96, seed=setup.seed)
-    todo = []
-    for lr in setup.lrs:
-        for family, (adapter, _) in configs.items():
-            cfg = TrainConfig(model=str(base), output=str(out / "runs" / f"{family}-lr{lr:g}"), adapter=adapter,
-                              quant=QuantConfig(), data=data, lr=lr, max_steps=setup.steps,
-                              batch_size=min(setup.batch_size, setup.pairs), warmup_ratio=0.05, save_steps=0,
-                              log_steps=max(1, setup.eval_every // 2), eval_generate=0, seed=setup.seed,
-                              gradient_checkpointing=False, device="cpu")
-            todo.append((cfg, records, setup.eval_every, "uuid"))
-    return todo, common.param_rows(configs, shapes), {"shapes": shapes}
-
-
-def run_job(job) -> dict:
-    return common.scored_run(*job)
+    return common.family_runs(setup, out, "uuid", records, data, batch_size=min(setup.batch_size, setup.pairs),
+                              log_steps=max(1, setup.eval_every // 2))
 
 
 def steps_to(curve: list[dict], level: float) -> int | None:
@@ -88,23 +72,14 @@ def table(runs: list[dict], params: list[dict]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    given = {k: tuple(v) if k == "lrs" else v for k, v in vars(args).items() if k in vars(Setup())}
-    setup = Setup(**{**vars(QUICK if args.quick else Setup()), **given})
+    setup = common.setup_from(args, Setup(), QUICK)
     if setup.pairs < 1 or setup.steps < 1 or setup.eval_every < 1 or not setup.lrs:
         raise QmorError("pairs, steps and eval-every must be at least 1 and at least one --lrs value given")
-    common.single_thread()
-    out = common.new_output(args.out)
-    start = time.time()
-    todo, params, info = jobs(setup, out)
-    print(common.markdown_table(params, {"family": "family", "config": "config", "params": "trainable params",
-                                         "vs_lora": "vs LoRA"}, signed=("vs_lora",)))
-    runs = common.run_all(run_job, todo, args.workers)
-    results = {"setup": vars(setup), "params": params, "runs": runs, "hardware": common.hardware(),
-               "workers": args.workers, "wall_s": time.time() - start, **info}
+    out, runs, results = common.compare(args, setup, jobs)
     plot = Path(args.plot) if args.plot else out / "uuid_memorization.png"
     plots.curves(runs, "char_accuracy", "character accuracy (greedy)", plot,
                  f"UUID memorisation, {setup.pairs} pairs, tiny 4-bit base (seed {setup.seed})")
-    common.save_outputs(out, "uuid_memorization", results, table(runs, params))
+    common.save_outputs(out, "uuid_memorization", results, table(runs, results["params"]))
     print(f"wrote {plot}; total {results['wall_s']:.0f} s")
     return 0
 
