@@ -16,6 +16,7 @@ from qmor.config import AdapterConfig, QuantConfig, from_dict, to_dict
 from qmor.errors import QmorError
 from qmor.files import atomic_dir, load_json, save_json
 from qmor.layer import AdaptedLinear
+from qmor.quant import keep_plain_layout
 
 WEIGHTS = "adapter.safetensors"
 CONFIG = "adapter_config.json"
@@ -73,6 +74,7 @@ def attach(model: nn.Module, cfg: AdapterConfig) -> list[str]:
     """Freeze the model, wrap each target linear in an AdaptedLinear and return the wrapped names."""
     for p in model.parameters():
         p.requires_grad_(False)
+    keep_plain_layout(model)  # for models loaded without qmor.quant.load_4bit
     names = find_targets(model, cfg.targets)
     for name in names:
         parent_name, _, child = name.rpartition(".")
@@ -108,11 +110,15 @@ def aux_loss(model: nn.Module) -> torch.Tensor | None:
 
 
 def count_parameters(model: nn.Module) -> tuple[int, int]:
-    """(trainable, total) parameters; 4-bit weights count as their logical size, not their packed bytes."""
+    """(trainable, total) parameters; 4-bit weights count as their logical size, not their packed bytes, and a
+    weight shared by two modules (tied embeddings and output head) counts once."""
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    total = 0
+    total, seen = 0, set()
     for m in model.modules():
         for p in m.parameters(recurse=False):
+            if id(p) in seen:
+                continue
+            seen.add(id(p))
             packed = p is getattr(m, "weight", None) and hasattr(p, "quant_state")
             total += m.in_features * m.out_features if packed else p.numel()
     return trainable, total

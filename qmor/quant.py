@@ -6,15 +6,26 @@ optimises is bit for bit the Q that training uses (same block size, same double 
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 
-import bitsandbytes as bnb
 import torch
 from torch import nn
 
 from qmor.config import QuantConfig
 from qmor.errors import QmorError
+
+
+def _drop_fast_path_notice(record: logging.LogRecord) -> bool:
+    # On CPUs with AVX512-BF16, importing bitsandbytes looks for a hub kernel that serves only the repacked CPU
+    # layout, which qmor never uses (see keep_plain_layout), and logs a failure that users read as an error.
+    return "kernels-community" not in record.getMessage()
+
+
+logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(_drop_fast_path_notice)
+
+import bitsandbytes as bnb  # noqa: E402  (after the filter, which must see the import-time message)
 
 Packed = bnb.nn.Params4bit  # NF4 storage: packed uint8 codes plus their quant_state (absmax, nested absmax)
 
@@ -44,8 +55,34 @@ def quantize(weight: torch.Tensor, cfg: QuantConfig = QuantConfig()) -> Packed:
     return packed.to(weight.device)  # moving a Params4bit is what quantises it
 
 
+def keep_plain_layout(model: nn.Module) -> None:
+    """Switch off bitsandbytes' CPU inference repacking on every 4-bit layer of `model`.
+
+    On CPUs with AVX512-BF16, bitsandbytes 0.50 rewrites a 4-bit weight in place into a kernel-specific layout the
+    first time the layer runs in eval mode without grad. qmor keeps the plain NF4 layout instead, because:
+    - the repack rounds the block scales to bf16, and its inverse re-quantises them, so eval would multiply by a
+      different Q than training does, and Q_T (LoftQ), merge, export and checkpoints would read a changed base;
+    - it crashes on layers whose input width is not a multiple of the block size (64);
+    - everything that reads the codes (dequantize, packed_state, chat's base swap) would have to undo it first.
+    The cost is the bf16 CPU inference kernel; training never used it (it runs only without grad).
+    """
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            module.support_avx512bf16_for_cpu = False
+
+
+def _plain(packed: Packed) -> Packed:
+    """`packed` itself, after checking that its codes are in the plain NF4 layout that every reader assumes."""
+    if getattr(packed.quant_state, "packing_format_for_cpu", False):
+        raise QmorError("a 4-bit weight was repacked in place by bitsandbytes' CPU inference path, so its codes are "
+                        "no longer plain NF4; load the model with qmor.quant.load_4bit, or call "
+                        "qmor.quant.keep_plain_layout(model) before running it in eval mode")
+    return packed
+
+
 def dequantize(packed: Packed) -> torch.Tensor:
     """The dense fp32 weight that a 4-bit layer multiplies by."""
+    packed = _plain(packed)
     return bnb.functional.dequantize_4bit(packed.data, packed.quant_state).to(torch.float32)
 
 
@@ -65,12 +102,12 @@ def dense_weight(linear: nn.Linear) -> torch.Tensor:
 def set_packed(linear: nn.Module, packed: Packed) -> None:
     """Replace a 4-bit layer's stored weight (e.g. with LoftQ's Q_T)."""
     packed.module = linear
-    linear.weight = packed
+    linear.weight = _plain(packed)
 
 
 def packed_state(packed: Packed) -> dict[str, torch.Tensor]:
     """Tensors that fully describe an NF4 weight, for safetensors (quant_state serialised the bitsandbytes way)."""
-    out = {"weight": packed.data}
+    out = {"weight": _plain(packed).data}
     out.update(packed.quant_state.as_dict(packed=True))
     return out
 
@@ -128,6 +165,7 @@ def load_4bit(
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise QmorError(f"could not load model {name_or_path!r}: {first}") from None
     model.config.use_cache = False
+    keep_plain_layout(model)
     return model
 
 

@@ -1,7 +1,16 @@
 import pytest
 import torch
 
+from qmor.quant import bnb
 from qmor.tiny import make_tiny
+
+
+class Repacked(AssertionError):
+    """bitsandbytes was about to rewrite a 4-bit weight into its CPU inference layout."""
+
+
+def _refuse_repack(*args, **kwargs):
+    raise Repacked("a 4-bit weight would be repacked in place; call qmor.quant.keep_plain_layout on the model")
 
 
 @pytest.fixture(scope="session")
@@ -13,6 +22,15 @@ def tiny_dir(tmp_path_factory):
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture(autouse=True)
+def as_on_avx512_bf16(monkeypatch):
+    """Every 4-bit layer built in a test believes it runs on a CPU with AVX512-BF16, where bitsandbytes repacks its
+    weight in place on an eval forward without grad; the repack raises, so on AMD and Intel alike a test fails
+    wherever qmor would let that happen."""
+    monkeypatch.setattr(bnb.nn.modules, "has_avx512bf16", lambda: True)
+    monkeypatch.setattr(bnb.nn.modules, "_convert_weight_packed_for_cpu", _refuse_repack)
 
 
 def perturb(model, seed=1, size=0.05):

@@ -202,3 +202,17 @@ def test_float_storage_holds_the_same_codes(tiny_dir):
     assert count_parameters(floaty) == count_parameters(plain)
     with pytest.raises(QmorError, match="quant storage must be"):
         load_4bit(str(tiny_dir), QuantConfig(storage="int4"))
+
+
+def test_tied_weights_count_once():
+    from transformers import LlamaForCausalLM
+
+    from qmor.tiny import tiny_config
+
+    cfg = tiny_config(100, hidden=32, layers=1)
+    cfg.tie_word_embeddings = True
+    model = LlamaForCausalLM(cfg)
+    model.tie_weights()
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    assert count_parameters(model) == (sum(p.numel() for p in model.parameters() if p.requires_grad),
+                                       sum(p.numel() for p in model.parameters()))  # parameters() dedups ties
