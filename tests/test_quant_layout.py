@@ -58,3 +58,12 @@ def test_readers_refuse_a_repacked_weight():
     for read in (dequantize, packed_state, lambda p: set_packed(linear_4bit(256, 128), p)):
         with pytest.raises(QmorError, match="repacked in place"):
             read(packed)
+
+
+def test_fast_path_kernel_notice_is_dropped(caplog):
+    # printed at import on AVX512-BF16 CPUs; it concerns only the repacked layout that qmor switches off
+    log = __import__("logging").getLogger("bitsandbytes.backends.cpu.ops")
+    with caplog.at_level("WARNING"):
+        log.warning("Failed to load CPU gemm_4bit_forward from kernels-community: No module named 'kernels'")
+        log.warning("another warning")
+    assert [r.getMessage() for r in caplog.records] == ["another warning"]
