@@ -15,7 +15,7 @@ from qmor.tiny import tiny_tokenizer
 
 HIDDEN, LAYERS, HEADS = 64, 2, 4
 SPECIAL_IDS = {"pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 7}
-# head_dim = 16; every family of positional and attention settings but the sizes stays at the class defaults
+# 4 heads of 16; everything but the sizes (positions, attention variants, norms) keeps the class defaults
 ROTARY = {"num_key_value_heads": 2, "max_position_embeddings": 256}
 GEMMA = {**ROTARY, "head_dim": 16, "query_pre_attn_scalar": 16, "sliding_window": 32}
 
