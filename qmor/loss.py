@@ -18,15 +18,17 @@ from torch.utils.checkpoint import checkpoint
 IGNORE = -100  # label of tokens that carry no loss (prompt, padding)
 
 
-def _chunk_ce(head: nn.Module, softcap: float | None, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    logits = head(hidden).float()  # (n, V): only this chunk's logits
+def _chunk_ce(head: nn.Module, scale: float, softcap: float | None, hidden: torch.Tensor, labels: torch.Tensor
+              ) -> torch.Tensor:
+    logits = head(hidden).float() * scale  # (n, V): only this chunk's logits
     if softcap:  # Gemma-2 style final logit soft-capping, which the model's own forward would apply
         logits = torch.tanh(logits / softcap) * softcap
     return F.cross_entropy(logits, labels, reduction="sum")
 
 
 def chunked_cross_entropy(
-    hidden: torch.Tensor, labels: torch.Tensor, head: nn.Module, chunk: int = 1024, softcap: float | None = None
+    hidden: torch.Tensor, labels: torch.Tensor, head: nn.Module, chunk: int = 1024, softcap: float | None = None,
+    scale: float = 1.0,
 ) -> tuple[torch.Tensor, int]:
     """(sum of next-token cross-entropies, number of labelled tokens) for hidden (B, T, d) and labels (B, T).
 
@@ -39,7 +41,7 @@ def chunked_cross_entropy(
     total = hidden.sum() * 0.0  # zero that stays in the graph, so a batch with no labels still backpropagates
     for start in range(0, y.numel(), chunk):
         part = (h[start : start + chunk], y[start : start + chunk])
-        total = total + checkpoint(_chunk_ce, head, softcap, *part, use_reentrant=False)
+        total = total + checkpoint(_chunk_ce, head, scale, softcap, *part, use_reentrant=False)
     return total.float(), int(y.numel())
 
 
@@ -61,5 +63,7 @@ class ChunkedLoss(nn.Module):
         offload = save_on_cpu(pin_memory=input_ids.is_cuda) if self.offload else contextlib.nullcontext()
         with offload:
             hidden = self.lm.get_decoder()(input_ids=input_ids, **inputs).last_hidden_state  # (B, T, d)
-        softcap = getattr(self.lm.config, "final_logit_softcapping", None)
-        return chunked_cross_entropy(hidden, labels, self.lm.get_output_embeddings(), self.chunk, softcap)
+        config = self.lm.config
+        softcap = getattr(config, "final_logit_softcapping", None)
+        scale = 1.0 / getattr(config, "logits_scaling", 1.0)  # Granite divides its logits by this in forward
+        return chunked_cross_entropy(hidden, labels, self.lm.get_output_embeddings(), self.chunk, softcap, scale)

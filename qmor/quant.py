@@ -139,7 +139,7 @@ def load_4bit(
     trust_remote_code: bool = False,
 ) -> nn.Module:
     """Load a causal LM with every linear layer but the output head in NF4 (double quantisation by default)."""
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+    from transformers import AutoConfig, AutoModelForCausalLM, BitsAndBytesConfig
 
     check_model_source(name_or_path)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -153,9 +153,14 @@ def load_4bit(
     )
     if cfg.blocksize != 64:
         raise QmorError("transformers loads NF4 with block size 64 only; set QuantConfig.blocksize = 64")
+    from qmor import support  # imports this module, so not at the top
+
+    source = str(Path(name_or_path).expanduser()) if is_local(name_or_path) else name_or_path
     try:
+        support.refuse_transposed(AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code),
+                                  trust_remote_code)
         model = AutoModelForCausalLM.from_pretrained(
-            str(Path(name_or_path).expanduser()) if is_local(name_or_path) else name_or_path,
+            source,
             quantization_config=quant,
             dtype=dtype,
             device_map={"": device},
@@ -164,6 +169,7 @@ def load_4bit(
     except OSError as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise QmorError(f"could not load model {name_or_path!r}: {first}") from None
+    support.check_quantised(model)
     model.config.use_cache = False
     keep_plain_layout(model)
     return model
