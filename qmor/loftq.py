@@ -94,6 +94,9 @@ def resolve_model(model_path: str) -> Path:
     """The local folder of a model: the path itself, or a hub id's snapshot in the Hugging Face cache."""
     if is_local(model_path):
         path = Path(model_path).expanduser()
+        if not path.exists():
+            raise QmorError(f"model folder {model_path} does not exist; check the path, or pass the folder where the "
+                            "model is now")
         if not (path / "config.json").is_file():
             raise QmorError(f"{model_path} is not a Hugging Face model folder (no config.json); pass a model folder")
         return path.resolve()
@@ -102,9 +105,9 @@ def resolve_model(model_path: str) -> Path:
 
         return Path(snapshot_download(model_path, local_files_only=True))
     except Exception:  # any failure means the same thing here: there is no usable local copy
-        raise QmorError(f"LoftQ reads weights from disk, and {model_path!r} is neither a local folder nor in the "
-                        f"Hugging Face cache; run `huggingface-cli download {model_path}` first or pass a folder"
-                        ) from None
+        raise QmorError(f"the weights are read from disk, and {model_path!r} is neither a local folder nor in the "
+                        f"Hugging Face cache; run `huggingface-cli download {model_path}` while online, or pass the "
+                        "model's folder") from None
 
 
 def weight_files(folder: Path) -> dict[str, Path]:
@@ -278,7 +281,10 @@ def loftq_init(
         report = make_report(initialise(model, names, quant, adapter_cfg.loftq_iters), adapter_cfg, cache)
         save_cache(model, cache, key, report)
     print(summary(report), file=sys.stderr)
-    meta = AdapterMeta(adapter=adapter_cfg, base_model=source, quant=quant, init="loftq", base_weights=str(cache))
+    from qmor.fingerprint import record
+
+    meta = AdapterMeta(adapter=adapter_cfg, base_model=source, quant=quant, init="loftq", base_weights=str(cache),
+                       base_fingerprint=record(str(folder)))
     return model, meta, report
 
 
