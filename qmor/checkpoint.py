@@ -10,6 +10,7 @@ from __future__ import annotations
 import pickle
 import re
 import shutil
+import sys
 import zipfile
 from pathlib import Path
 
@@ -98,8 +99,8 @@ def check_checkpoint(path: Path) -> None:
         read_torch(path / name)
 
 
-def resumable_checkpoint(run_dir: str | Path, say=print) -> Path:
-    """The newest checkpoint that reads back whole; damaged newer ones are named and passed over."""
+def resumable_checkpoint(run_dir: str | Path, say=lambda line: print(line, file=sys.stderr)) -> Path:
+    """The newest checkpoint that reads back whole; damaged newer ones are named (through `say`) and passed over."""
     latest_checkpoint(run_dir)  # the error for a run without any
     found = checkpoint_dirs(run_dir)
     problems = []

@@ -37,7 +37,8 @@ class AdapterConfig:
         # alpha = 0 makes the adapter add nothing (and LoftQ divide by zero)
         check_range("alpha", self.alpha, "> 0", 0.0, None, "--alpha 16", open_low=True)
         if self.mora_kind not in ("auto", "rope", "sharing"):
-            raise QmorError(f"mora_kind must be auto, rope or sharing, got {self.mora_kind!r}; pass --mora-kind auto")
+            raise QmorError(f"mora_kind must be auto, rope or sharing, got {self.mora_kind!r}; pass e.g. "
+                            "--mora-kind auto")
         check_range("experts", self.experts, ">= 1", 1, None, "--experts 4", integer=True)
         if self.family == "sira":  # top_k 0 routes every token to no expert: the loss goes to nan
             check_range("top_k", self.top_k, f"between 1 and experts ({self.experts})", 1, self.experts,
@@ -45,7 +46,8 @@ class AdapterConfig:
         check_range("capacity_factor", self.capacity_factor, "> 0", 0.0, None, "--capacity-factor 1.25",
                     open_low=True)
         if not 0.0 <= self.expert_dropout < 1.0:
-            raise QmorError(f"expert_dropout must be in [0, 1), got {self.expert_dropout}; pass --expert-dropout 0.1")
+            raise QmorError(f"expert_dropout must be in [0, 1), got {self.expert_dropout}; pass e.g. "
+                            "--expert-dropout 0.1")
         check_range("aux_loss_weight", self.aux_loss_weight, ">= 0", 0.0, None, "--aux-loss-weight 0.01")
         check_range("loftq_iters", self.loftq_iters, ">= 1", 1, None, "--loftq-iters 1", integer=True)
 
@@ -61,7 +63,7 @@ class QuantConfig:
     def __post_init__(self) -> None:
         if self.storage not in ("uint8", "bfloat16", "float16", "float32"):
             raise QmorError(f"quant storage must be uint8, bfloat16, float16 or float32, got {self.storage!r}; "
-                            "pass --quant-storage uint8")
+                            "pass e.g. --quant-storage uint8")
         if self.compute_dtype not in ("auto", "float32", "bfloat16", "float16"):
             raise QmorError(f"compute_dtype must be auto, float32, bfloat16 or float16, got {self.compute_dtype!r}")
 

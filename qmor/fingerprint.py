@@ -74,8 +74,8 @@ def record(model_path: str) -> dict | None:
 def check_base(recorded: dict | None, trained_on: str, base: str, allow_other_base: bool = False) -> None:
     """Refuse `base` when its fingerprint differs from the one recorded at training time (nothing recorded: old
     adapters, or weights that could not be read, pass unchecked)."""
-    if recorded is None:
-        return
+    if recorded is None or (base.startswith(("/", ".", "~")) and not Path(base).expanduser().exists()):
+        return  # nothing to compare with, or a folder that is not there (loading it says so in its own words)
     try:
         found = base_fingerprint(base)
     except QmorError as e:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import math
 import signal
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -152,7 +153,7 @@ def train(cfg: TrainConfig, resume: bool = False, on_step: Callable[[int, torch.
     if resume:
         cfg = from_json(load_json(run_dir / CONFIG))  # the saved config rules; only the folder comes from the caller
         cfg.output = str(run_dir)
-        checkpoint = resumable_checkpoint(run_dir, say)
+        checkpoint = resumable_checkpoint(run_dir, lambda line: tqdm.write(line, file=sys.stderr) if main else None)
         restart = False
     else:
         cfg.output = str(run_dir)
@@ -328,7 +329,7 @@ def _loop(cfg, accelerator, model, meta, tokenizer, train_set, val_set, stats, r
         return path
 
     bar = tqdm(total=total_steps, initial=step, desc="training", unit="step", disable=not main, dynamic_ncols=True)
-    with stop_requests() as stop:
+    with stop_requests() as stop, bar:  # the bar closes on an error too, so the error line starts a line
         while step < total_steps:
             # -- one optimizer step over grad_accum micro-batches
             batches = []
@@ -358,7 +359,6 @@ def _loop(cfg, accelerator, model, meta, tokenizer, train_set, val_set, stats, r
                 bad = bool(accelerator.reduce(torch.tensor(int(bad), device=accelerator.device), "sum").item())
             if bad:  # the step is not taken: the weights stay those of the last finite step
                 optimizer.zero_grad(set_to_none=True)
-                bar.close()
                 raise diverged(step + 1, f"loss {step_loss:.4g}, gradient norm {grad_norm:.4g}", cfg, run_dir)
             optimizer.step()
             lr = scheduler.get_last_lr()[0]
