@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import sys
 import zlib
@@ -224,11 +225,18 @@ def initialise(model: nn.Module, names: dict[str, Path], quant: QuantConfig, ite
     errors = {}
     for name, layer in tqdm(layers.items(), desc="LoftQ init", unit="layer", file=sys.stderr):
         device = layer.base.weight.device
-        W = read_tensor(names, checkpoint_name(name, names, prefix)).to(device, torch.float32)  # (d_out, d_in)
+        key = checkpoint_name(name, names, prefix)
+        W = read_tensor(names, key).to(device, torch.float32)  # (d_out, d_in)
+        if not bool(torch.isfinite(W).all()):
+            raise QmorError(f"the checkpoint's {key} holds nan or inf values, so no quantisation of it can be right; "
+                            "use an intact copy of the model")
         # svd_lowrank draws random vectors: a per-layer seed makes Q_T reproducible when the cache is gone
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
             torch.manual_seed(zlib.crc32(name.encode()))
             packed, plain, err = loftq_layer(W, layer.adapter, quant, iters)
+        if not (math.isfinite(plain) and math.isfinite(err)):  # never train, or cache, from a base that is not numbers
+            raise QmorError(f"LoftQ init of {name} gave a non-finite error (NF4 {plain}, LoftQ {err}); check the "
+                            "checkpoint's weights for nan or inf, or pass --init default")
         put_packed(layer.base, packed)
         errors[name] = {"nf4": plain, "loftq": err}
         del W

@@ -146,6 +146,31 @@ def test_divergence_after_a_checkpoint_keeps_it(clip, tiny_dir, tmp_path):
     assert strict_events(out)[-1]["event"] == "error"
 
 
+def test_loftq_never_starts_from_a_base_that_is_not_numbers(tiny_dir, tmp_path, monkeypatch):
+    from safetensors.torch import load_file, save_file
+
+    from qmor import loftq
+    from qmor.loftq import loftq_init
+
+    fit = loftq.loftq_layer
+    monkeypatch.setattr(loftq, "loftq_layer", lambda *a: (*fit(*a)[:2], math.nan))  # a fit gone wrong
+    with pytest.raises(QmorError, match=r"LoftQ init of .* gave a non-finite error .*--init default"):
+        loftq_init(str(tiny_dir), AdapterConfig(family="lora", r=4, init="loftq"), device="cpu",
+                   cache_dir=tmp_path / "cache")
+    monkeypatch.setattr(loftq, "loftq_layer", fit)
+
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_dir, broken)
+    state = load_file(str(broken / "model.safetensors"))
+    key = next(k for k in state if k.endswith("q_proj.weight"))
+    state[key][0, 0] = math.inf
+    save_file(state, str(broken / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(QmorError, match=r"the checkpoint's .*q_proj.weight holds nan or inf values"):
+        loftq_init(str(broken), AdapterConfig(family="lora", r=4, init="loftq"), device="cpu",
+                   cache_dir=tmp_path / "cache")
+    assert not (tmp_path / "cache").exists() or not any((tmp_path / "cache").iterdir())  # nothing cached
+
+
 def test_metrics_never_hold_nan(tmp_path):
     from qmor.metrics import MetricsLog
 
