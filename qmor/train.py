@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import shutil
 import signal
 import sys
 import threading
@@ -210,8 +211,6 @@ def check_fresh(run_dir: Path) -> bool:
 
 
 def clear_failed_run(run_dir: Path) -> None:
-    import shutil
-
     for name in LEFTOVERS - {"train.log"}:  # train.log is the app's record of every attempt: it grows
         path = run_dir / name
         if path.is_dir():
