@@ -10,6 +10,7 @@ the same architecture and size.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import sys
 from pathlib import Path
@@ -29,6 +30,16 @@ def base_fingerprint(model_path: str) -> dict:
     from qmor.loftq import resolve_model, weight_files
 
     folder = resolve_model(model_path)
+    names = weight_files(folder)
+    # chat compares on every adapter switch: the same files (same sizes and times) are read once
+    stamp = tuple(sorted((str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in set(names.values())))
+    return dict(_fingerprint(folder, stamp))
+
+
+@functools.lru_cache(maxsize=8)
+def _fingerprint(folder: Path, stamp: tuple) -> tuple:
+    from qmor.loftq import weight_files
+
     config = load_json(folder / "config.json")
     names = weight_files(folder)
     by_file: dict[Path, list[str]] = {}
@@ -51,8 +62,8 @@ def base_fingerprint(model_path: str) -> dict:
         shapes.update(sampled[key][0])
         weights.update(b"".join(sampled[key]))
     arch = (config.get("architectures") or [config.get("model_type", "unknown")])[0]
-    return {"architecture": arch, "matrices": len(sampled), "shapes": shapes.hexdigest()[:16],
-            "weights": weights.hexdigest()[:16]}
+    return (("architecture", arch), ("matrices", len(sampled)), ("shapes", shapes.hexdigest()[:16]),
+            ("weights", weights.hexdigest()[:16]))
 
 
 def _bytes(t) -> bytes:
