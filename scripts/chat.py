@@ -68,8 +68,10 @@ def main(argv: list[str] | None = None) -> int:
     except QmorError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except OSError as e:
-        print(f"error: {e}", file=sys.stderr)
+    except OSError as e:  # reading the model or the adapter: the system's reason, in one line
+        from qmor.files import describe_os_error
+
+        print(f"error: {describe_os_error(e) or e}", file=sys.stderr)
         return 2
     state = {"system": args.system, "history": []}
     print(f"[{session.describe()}] {HELP}")

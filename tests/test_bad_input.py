@@ -325,6 +325,37 @@ def test_a_folder_that_cannot_be_created_is_one_line(tmp_path, monkeypatch):
             pass
 
 
+def test_training_onto_a_full_disk(tiny_dir, tmp_path, capsys, monkeypatch):
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", full)  # the optimizer state of the first checkpoint
+    out = tmp_path / "run"
+    code = finetune_4bit.main(["--model", str(tiny_dir), "--output", str(out), *FAST, "--save-steps", "1"])
+    error_line(capsys, code, "no space left on the device to write", "step-000001", "free some space")
+    assert list((out / "checkpoints").iterdir()) == [] and not (out / "adapter").exists()
+    assert strict_events(out)[-1]["event"] == "error"
+
+
+@pytest.mark.parametrize("failure", ["oserror", "safetensors", "torch.save"])
+def test_a_full_disk_is_one_line_whatever_writer_hit_it(failure, tmp_path, monkeypatch):
+    """OSError, safetensors' "(os error 28)" and torch.save's bare "unexpected pos" on a disk with no room left."""
+    from collections import namedtuple
+
+    from qmor.files import atomic_dir
+
+    raised = {"oserror": OSError(errno.ENOSPC, "No space left on device"),
+              "safetensors": Exception("Error while serializing: I/O error: No space left on device (os error 28)"),
+              "torch.save": RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 576 vs 534")}
+    if failure == "torch.save":
+        usage = namedtuple("usage", "total used free")
+        monkeypatch.setattr("qmor.files.shutil.disk_usage", lambda path: usage(1 << 30, 1 << 30, 0))
+    with pytest.raises(QmorError, match="no space left on the device to write .*ckpt; free some space"):
+        with atomic_dir(tmp_path / "ckpt"):
+            raise raised[failure]
+    assert list(tmp_path.iterdir()) == []
+
+
 # ---- smaller -------------------------------------------------------------------------------------------------------
 
 def test_resume_names_the_flags_it_ignores(run, tmp_path, capsys):
