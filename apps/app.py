@@ -80,6 +80,8 @@ def main(argv: list[str] | None = None) -> int:
     env = {"PYTHONUNBUFFERED": "1"}
     if ws.restrict:
         env["HF_HOME"] = str(ws.root / "hf-cache")
+        # the built-in tiny model and LoftQ base weights are files every run refers to: keep them confined too
+        os.environ["QMOR_CACHE"] = str(ws.root / "qmor-cache")
 
     from apps import jobs
 

@@ -13,7 +13,7 @@ import time
 import gradio as gr
 
 from apps.command import short_path
-from apps.paths import Workspace, model_arg, run_dir
+from apps.paths import Workspace, check_run_sources, model_arg, run_dir
 from apps.ui import adapter_config, error_md, ok_md, trained_runs
 from qmor.errors import QmorError
 
@@ -97,12 +97,19 @@ def build(ws: Workspace) -> dict:
     def pick_run(name):
         if not name or name == NONE:
             return gr.update()
-        meta = adapter_config(run_dir(ws, name))
+        try:
+            meta = adapter_config(run_dir(ws, name))
+        except QmorError:  # a run that leads out of the workspace: Load says so
+            return gr.update()
         return gr.update(value=short_path(meta.get("base_model") or "tiny"))
 
     def load(name, base_text, trust_rc):
         try:
-            adapter = None if not name or name == NONE else str(run_dir(ws, name) / "adapter")
+            adapter = None
+            if name and name != NONE:
+                run = run_dir(ws, name)
+                check_run_sources(ws, run)
+                adapter = str(run / "adapter")
             with _LOCK:
                 return ok_md(_load(model_arg(ws, base_text), adapter, bool(trust_rc)))
         except Exception as e:

@@ -9,7 +9,7 @@ import gradio as gr
 
 from apps import command, jobs
 from apps.command import short_path
-from apps.paths import Workspace, check_name, run_dir
+from apps.paths import Workspace, check_name, check_run_sources, confined, run_dir
 from apps.ui import adapter_config, error_md, ok_md, trained_runs
 from qmor.adapters import MERGEABLE
 from qmor.errors import QmorError
@@ -46,11 +46,12 @@ def build(ws: Workspace) -> dict:
             if not run_name:
                 raise QmorError("pick a trained run to export (Refresh runs if it just finished)")
             run_path = run_dir(ws, run_name)
+            check_run_sources(ws, run_path)
             family = adapter_config(run_path).get("adapter", {}).get("family")
             if family and family not in MERGEABLE:
                 raise QmorError(f"{family} adapters route each token to different experts, so no single merged "
                                 f"weight exists; chat with the run, or train lora, moslora or mora to export")
-            out = ws.exports / check_name(out_name or f"{run_name}-{dt}", "output name")
+            out = confined(ws, ws.exports / check_name(out_name or f"{run_name}-{dt}", "output name"), "output")
             if jobs.running(ws.root, "export"):
                 raise QmorError("an export is already running; wait for it to finish")
             log_path = ws.exports / f"{out.name}.log"

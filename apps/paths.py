@@ -65,8 +65,29 @@ def check_name(text: str, what: str = "name") -> str:
     return text
 
 
+def confined(ws: Workspace, path: Path, what: str) -> Path:
+    """`path` itself, after checking that it (links followed) stays in the workspace when paths are restricted."""
+    if ws.restrict and not inside(ws, path.resolve()):
+        raise QmorError(f"the {what} {path} leads outside the workspace {ws.root} (through a link); only runs, models "
+                        "and data below the workspace can be used here")
+    return path
+
+
 def run_dir(ws: Workspace, name: str) -> Path:
-    return ws.runs / check_name(name, "run name")
+    return confined(ws, ws.runs / check_name(name, "run name"), "run")
+
+
+def check_run_sources(ws: Workspace, run: Path) -> None:
+    """Every path a run's adapter refers to (its base model folder, its LoftQ base weights) stays in the workspace
+    when paths are restricted; a hub id is no path and passes."""
+    from apps.ui import adapter_config
+
+    meta = adapter_config(run)
+    base = meta.get("base_model") or ""
+    if base and (base.startswith(("/", ".", "~")) or Path(base).exists()):
+        confined(ws, Path(base).expanduser(), f"base model of run {run.name}")
+    if meta.get("base_weights"):
+        confined(ws, Path(meta["base_weights"]).expanduser(), f"LoftQ base weights of run {run.name}")
 
 
 BUILTIN_DATASETS = ("uuid", "reverse", "sort", "add", "upper", "mix")

@@ -14,6 +14,7 @@ from apps import command, jobs, progress
 from apps.paths import BUILTIN_DATASETS, Workspace, dataset_arg, run_dir, user_path
 from apps.ui import error_md, ok_md
 from qmor.errors import QmorError
+from qmor.train import check_fresh
 from qmor.train_config import TrainConfig
 
 
@@ -151,8 +152,10 @@ def build(ws: Workspace, env: dict) -> dict:
             v = _values(vals)
             v["run_name"] = (v["run_name"] or "").strip() or _auto_name(v)
             out = run_dir(ws, v["run_name"])
-            if (out / "metrics.jsonl").exists() or (out / "config.json").exists():
-                raise QmorError(f"run {v['run_name']!r} exists already; choose another name, or Resume it")
+            try:
+                check_fresh(out)  # a run that failed before its first checkpoint may start again under its name
+            except QmorError:
+                raise QmorError(f"run {v['run_name']!r} exists already; choose another name, or Resume it") from None
             cmd = command.train_command(command.train_args(ws, v))
             jobs.start(ws.root, "train", cmd, out / "train.log", out, env, log_in_run=True)
             return ok_md(f"started {v['run_name']}"), command.shown(cmd)
@@ -185,7 +188,8 @@ def build(ws: Workspace, env: dict) -> dict:
             if progress.summary(progress.read_events(run))["state"] == "done":
                 raise QmorError(f"run {run.name} has finished; start a new run instead")
             if not (run / "checkpoints").is_dir():
-                raise QmorError(f"run {run.name} has no checkpoint to resume from; start it again")
+                raise QmorError(f"run {run.name} has no checkpoint to resume from; Start it again under the same "
+                                "name")
             cmd = command.resume_command(run)
             jobs.start(ws.root, "train", cmd, run / "train.log", run, env, log_in_run=True)
             return ok_md(f"resuming {run.name}"), command.shown(cmd)

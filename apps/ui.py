@@ -8,7 +8,7 @@ from pathlib import Path
 
 import gradio as gr
 
-from apps.paths import Workspace
+from apps.paths import Workspace, inside
 from qmor.errors import QmorError
 
 
@@ -35,8 +35,10 @@ def adapter_config(run: Path) -> dict:
 
 
 def trained_runs(ws: Workspace) -> list[str]:
-    """Runs with a final adapter, newest first."""
-    runs = [p for p in ws.runs.iterdir() if (p / "adapter" / "adapter_config.json").is_file()]
+    """Runs with a final adapter, newest first (when paths are restricted, no link that leads out of the
+    workspace)."""
+    runs = [p for p in ws.runs.iterdir() if (p / "adapter" / "adapter_config.json").is_file()
+            and (not ws.restrict or inside(ws, p.resolve()))]
     return [p.name for p in sorted(runs, key=lambda p: p.stat().st_mtime, reverse=True)]
 
 

@@ -32,17 +32,19 @@ class AdapterMeta:
     init: str = "default"  # "default" or "loftq": LoftQ changes the quantised base, so the merge base must be Q_T
     merge_base: str = "dequantized"  # "dequantized" (dequant(Q), always right) or "original" (W; wrong after LoftQ)
     base_weights: str | None = None  # folder with the LoftQ-initialised 4-bit base (Q_T), when init == "loftq"
+    base_fingerprint: dict | None = None  # qmor.fingerprint of the base, so another base is refused (None: unchecked)
 
     def to_json(self) -> dict:
         return {"adapter": to_dict(self.adapter), "base_model": self.base_model, "quant": to_dict(self.quant),
                 "init": self.init, "merge_base": self.merge_base, "base_weights": self.base_weights,
-                "qmor_version": __version__}
+                "base_fingerprint": self.base_fingerprint, "qmor_version": __version__}
 
     @classmethod
     def from_json(cls, data: dict) -> AdapterMeta:
         return cls(adapter=from_dict(AdapterConfig, data["adapter"]), base_model=data.get("base_model", ""),
                    quant=from_dict(QuantConfig, data.get("quant", {})), init=data.get("init", "default"),
-                   merge_base=data.get("merge_base", "dequantized"), base_weights=data.get("base_weights"))
+                   merge_base=data.get("merge_base", "dequantized"), base_weights=data.get("base_weights"),
+                   base_fingerprint=data.get("base_fingerprint"))
 
 
 def _output_head(model: nn.Module) -> nn.Module | None:

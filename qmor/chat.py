@@ -22,7 +22,8 @@ import torch
 from qmor.attach import AdapterMeta, attach, detach, load_adapter_weights, read_meta
 from qmor.config import QuantConfig
 from qmor.errors import QmorError
-from qmor.quant import is_4bit, is_local, load_4bit, set_packed
+from qmor.fingerprint import check_base
+from qmor.quant import LOAD_ERRORS, is_4bit, is_local, load_4bit, load_failed, set_packed
 
 ROLES = ("system", "user", "assistant")
 
@@ -122,14 +123,18 @@ class ChatSession:
     """One 4-bit base in memory; adapters come and go, the base stays."""
 
     def __init__(self, base_model: str, device: str | None = None, quant: QuantConfig = QuantConfig(),
-                 trust_remote_code: bool = False):
+                 trust_remote_code: bool = False, allow_other_base: bool = False):
         from transformers import AutoTokenizer
 
         self.base_model = base_model
         self.trust_remote_code = trust_remote_code
+        self.allow_other_base = allow_other_base  # use adapters trained on another base (fingerprint differs)
         self.model = load_4bit(base_model, quant, device, trust_remote_code).eval()
         source = str(Path(base_model).expanduser()) if is_local(base_model) else base_model
-        self.tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
+        try:
+            self.tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
+        except LOAD_ERRORS as e:
+            raise load_failed(base_model, e, "tokenizer") from None
         # the plain NF4 weights, kept by reference so a LoftQ adapter's Q_T can be swapped out again
         self.plain = {n: m.weight for n, m in self.model.named_modules() if is_4bit(m)}
         self.adapter: Path | None = None  # the adapter folder in use, None for the base alone
@@ -152,6 +157,7 @@ class ChatSession:
                 return None
             folder = adapter_folder(path)
             meta = read_meta(folder)
+            check_base(meta.base_fingerprint, meta.base_model, self.base_model, self.allow_other_base)
             try:
                 attach(self.model, meta.adapter)
                 if meta.init == "loftq":

@@ -7,8 +7,11 @@ from the model (and, after LoftQ, from its cached Q_T) on resume.
 
 from __future__ import annotations
 
+import pickle
 import re
 import shutil
+import sys
+import zipfile
 from pathlib import Path
 
 import torch
@@ -27,14 +30,92 @@ def checkpoint_dirs(run_dir: str | Path) -> list[Path]:
     if not root.is_dir():
         return []
     found = [p for p in root.iterdir() if p.is_dir() and NAME.fullmatch(p.name) and (p / "state.json").is_file()]
-    return sorted(found, key=lambda p: int(NAME.fullmatch(p.name).group(1)))
+    return sorted(found, key=step_of)
 
 
 def latest_checkpoint(run_dir: str | Path) -> Path:
     found = checkpoint_dirs(run_dir)
+    if not found and (Path(run_dir) / "adapter").is_dir():
+        raise QmorError(f"{run_dir} has finished (adapter/ is written) and keeps no checkpoint to resume from; start "
+                        "a new run with another --output")
     if not found:
-        raise QmorError(f"{run_dir} has no checkpoint to resume from; start a new run without --resume")
+        raise QmorError(f"{run_dir} has no checkpoint to resume from (it stopped before its first one); run the same "
+                        "command again without --resume, which starts it afresh in the same folder")
     return found[-1]
+
+
+class Damaged(QmorError):
+    """A checkpoint file that cannot be read back whole (truncated, corrupted, missing)."""
+
+
+def foreign(path: Path, what: str) -> QmorError:
+    return QmorError(f"{path} is not a checkpoint qmor wrote: it holds {what}, which qmor never loads; if you did not "
+                     f"put it there do not trust this run folder, else delete {path.parent} to resume from the "
+                     "checkpoint before it")
+
+
+def read_torch(path: Path):
+    """torch.load with weights_only: a pickle that names anything but tensors and plain containers is refused."""
+    if not path.is_file():
+        raise Damaged(f"{path.name} is missing")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        # an intact archive (every CRC right) that still asks for other objects was made so on purpose
+        if zipfile.is_zipfile(path):
+            with zipfile.ZipFile(path) as z:
+                intact = z.testzip() is None
+            if intact:
+                named = re.search(r"GLOBAL (\S+)", str(e))
+                raise foreign(path, "pickled Python objects other than tensors"
+                              + (f" ({named.group(1)})" if named else "")) from None
+        raise Damaged(f"{path.name} is corrupted") from None
+    except (RuntimeError, EOFError, KeyError, ValueError, OSError) as e:
+        raise Damaged(f"{path.name} cannot be read ({reason(e)})") from None
+
+
+def reason(e: BaseException) -> str:
+    """The first sentence of an error, short enough for a one-line message."""
+    text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    return text.split(". ")[0][:120]
+
+
+def check_checkpoint(path: Path) -> None:
+    """Read every file of a checkpoint back (raises Damaged, or QmorError for a file qmor did not write)."""
+    from safetensors.torch import load_file
+
+    from qmor.attach import CONFIG, WEIGHTS
+
+    for name in ("state.json", f"adapter/{CONFIG}"):
+        try:
+            load_json(path / name)
+        except QmorError:
+            raise Damaged(f"{name} is missing or not valid JSON") from None
+    try:
+        load_file(str(path / "adapter" / WEIGHTS))
+    except Exception as e:  # safetensors raises its own error type for a cut or garbled file
+        raise Damaged(f"adapter/{WEIGHTS} cannot be read ({reason(e)})") from None
+    for name in ("optimizer.pt", "scheduler.pt", "rng.pt"):
+        read_torch(path / name)
+
+
+def resumable_checkpoint(run_dir: str | Path, say=lambda line: print(line, file=sys.stderr)) -> Path:
+    """The newest checkpoint that reads back whole; damaged newer ones are named (through `say`) and passed over."""
+    latest_checkpoint(run_dir)  # the error for a run without any
+    found = checkpoint_dirs(run_dir)
+    problems = []
+    for path in reversed(found):
+        try:
+            check_checkpoint(path)
+        except Damaged as e:
+            problems.append(f"{path.name}: {e}")
+            say(f"warning: checkpoint {path} is damaged ({e}); trying the one before it")
+            continue
+        if problems:
+            say(f"resuming from {path.name}, the newest intact checkpoint")
+        return path
+    raise QmorError(f"every checkpoint of {run_dir} is damaged ({'; '.join(problems)}); it cannot be resumed: start "
+                    "a new run with another --output")
 
 
 def rng_state() -> dict:
@@ -59,17 +140,25 @@ def save_checkpoint(
         torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
         torch.save(rng, tmp / "rng.pt")
         save_json(state, tmp / "state.json")
-    for old in checkpoint_dirs(run_dir)[:-keep]:
+    found = checkpoint_dirs(run_dir)
+    # newer ones belong to the steps after a damaged checkpoint was passed over on resume: trained again now
+    stale = [p for p in found if step_of(p) > state["step"]]
+    current = [p for p in found if step_of(p) <= state["step"]]
+    for old in stale + current[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return path
+
+
+def step_of(path: Path) -> int:
+    return int(NAME.fullmatch(path.name).group(1))
 
 
 def load_checkpoint(path: str | Path, optimizer, scheduler, rank: int = 0) -> dict:
     """Restore optimizer, scheduler and this process's RNG from a checkpoint; returns its state.json."""
     path = Path(path)
     # weights_only: a checkpoint folder may come from anywhere, and full unpickling would run its code
-    optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True))
-    scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
-    rng = torch.load(path / "rng.pt", weights_only=True)
+    optimizer.load_state_dict(read_torch(path / "optimizer.pt"))
+    scheduler.load_state_dict(read_torch(path / "scheduler.pt"))
+    rng = read_torch(path / "rng.pt")
     set_rng_state(rng[rank % len(rng)])
     return load_json(path / "state.json")

@@ -23,6 +23,7 @@ import torch
 from tqdm import tqdm
 
 from qmor import tasks
+from qmor.config import check_range
 from qmor.errors import QmorError
 from qmor.template import encode_chat, render, template_name, with_chat_template
 
@@ -38,7 +39,8 @@ ROLES = ("system", "user", "assistant")
 class DataConfig:
     source: str = "uuid"  # built-in task (uuid, reverse, sort, add, upper, mix), a .json/.jsonl file or datasets folder
     format: str = "auto"  # auto | alpaca | messages | sharegpt | prompt_completion | text
-    max_len: int = 128  # tokens per training sequence; longer examples are truncated (and counted)
+    max_len: int = 128  # tokens per training sequence; longer examples are truncated (and counted), but a data set
+    # whose every example is longer is refused: that max_len is almost certainly a mistake
     train_on_prompt: bool = False  # also train on system/user/prompt tokens (default: responses only)
     packing: bool = False  # concatenate training examples into sequences of up to max_len tokens
     val_size: float = 0.0  # fraction (<1) or count (>=1) of examples held out for eval loss
@@ -49,10 +51,11 @@ class DataConfig:
     def __post_init__(self) -> None:
         if self.format != "auto" and self.format not in FORMATS:
             raise QmorError(f"unknown data format {self.format!r}; use auto or one of {', '.join(FORMATS)}")
-        if self.max_len < 8:
-            raise QmorError(f"max_len must be at least 8 tokens, got {self.max_len}; pass e.g. --max-len 512")
-        if self.val_size < 0:
-            raise QmorError(f"val_size must be >= 0, got {self.val_size}; use a fraction like 0.1 or a count like 200")
+        check_range("max_len", self.max_len, "an integer of at least 8 tokens", 8, None, "--max-len 512", integer=True)
+        check_range("val_size", self.val_size, ">= 0 (a fraction like 0.1 or a count like 200)", 0.0, None,
+                    "--val-size 0.1")
+        check_range("num_examples", self.num_examples, "an integer >= 0 (0: the task's default)", 0, None,
+                    "--num-examples 0", integer=True)
         if self.val_size >= 1 and self.val_size != int(self.val_size):
             raise QmorError(f"val_size {self.val_size} is neither a fraction below 1 nor a whole count")
 
@@ -71,6 +74,8 @@ class DataStats:
     n_tokens: int  # training tokens (no padding)
     n_label_tokens: int  # training tokens that carry a label
     packed: bool  # whether training examples were packed
+    n_empty: int = 0  # examples kept whose response (output, completion, assistant turns, text) is empty
+    first_empty: str = ""  # where the first of them came from ("FILE line N")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -88,7 +93,7 @@ def _read(source: str, skip_bad: bool) -> tuple[list[dict], list[str], int]:
         return _read_folder(path)
     if path.suffix not in (".json", ".jsonl"):
         raise QmorError(f"{source}: unsupported file type {path.suffix!r}; use .jsonl, .json or a datasets folder")
-    text = path.read_text(encoding="utf-8-sig")  # tolerate a byte-order mark
+    text = _read_text(path)
     if path.suffix == ".json":
         try:
             data = json.loads(text)
@@ -114,6 +119,16 @@ def _read(source: str, skip_bad: bool) -> tuple[list[dict], list[str], int]:
             skipped += 1
     records, locs, bad = _keep_dicts(records, locs, skip_bad)
     return records, locs, skipped + bad
+
+
+def _read_text(path: Path) -> str:
+    raw = path.read_bytes()
+    try:
+        return raw.decode("utf-8-sig")  # tolerate a byte-order mark
+    except UnicodeDecodeError as e:
+        line = raw[: e.start].count(b"\n") + 1
+        raise QmorError(f"{path} line {line}: byte {raw[e.start]:#04x} is not UTF-8 text; save the file as UTF-8 "
+                        f"(e.g. iconv -f latin1 -t utf-8) or fix that line") from None
 
 
 def _list_lines(text: str) -> list[int]:
@@ -227,6 +242,29 @@ def _example(tokenizer, record: dict, fmt: str, train_on_prompt: bool) -> tuple[
     return encode_chat(tokenizer, messages, train_on_prompt)
 
 
+def _empty_response(record: dict, fmt: str) -> bool:
+    if fmt == "text":
+        return not _str(record, "text").strip()
+    return not any(m["content"].strip() for m in to_messages(record, fmt) if m["role"] == "assistant")
+
+
+def data_notes(stats: DataStats, source: str) -> list[str]:
+    """One line per thing the user should know about the examples that were kept, cut or left out."""
+    notes = []
+    if stats.n_skipped:
+        notes.append(f"{source}: {stats.n_skipped} bad record(s) skipped (--skip-bad)")
+    if stats.n_truncated:
+        notes.append(f"{source}: {stats.n_truncated} example(s) longer than max_len were truncated; raise --max-len "
+                     "to keep them whole")
+    if stats.n_dropped:
+        notes.append(f"{source}: {stats.n_dropped} example(s) had no response token left after truncation and were "
+                     "left out; raise --max-len")
+    if stats.n_empty:
+        notes.append(f"{source}: {stats.n_empty} example(s) have an empty or null response (first: "
+                     f"{stats.first_empty}); they teach the model to say nothing, so fill them in or remove them")
+    return notes
+
+
 # ---- tokenise, truncate, split, pack -----------------------------------------------------------------------------
 
 def _source_records(cfg: DataConfig) -> tuple[list[dict], list[str], int]:
@@ -280,7 +318,7 @@ def build_datasets(tokenizer, cfg: DataConfig) -> tuple[list[dict], list[dict], 
         raise QmorError(f"{cfg.source} holds no usable records ({skipped} skipped); add records or fix the bad ones")
     fmt = detect_format(records, cfg.source) if cfg.format == "auto" else cfg.format
     tok = tokenizer if fmt == "text" else with_chat_template(tokenizer)
-    examples, kept_locs = [], []
+    examples, kept_locs, empty = [], [], []
     for record, loc in tqdm(list(zip(records, locs, strict=True)), desc="tokenising", unit="rec",
                             disable=len(records) < 5000):
         try:
@@ -293,6 +331,8 @@ def build_datasets(tokenizer, cfg: DataConfig) -> tuple[list[dict], list[dict], 
             continue
         examples.append({"input_ids": ids, "labels": labels})
         kept_locs.append(loc)
+        if _empty_response(record, fmt):  # kept (it teaches an empty reply) but counted, so the user hears of it
+            empty.append(loc)
     if not examples:
         raise QmorError(f"every record of {cfg.source} was bad ({skipped} skipped); check the format ({fmt})")
     lengths = [len(e["input_ids"]) for e in examples]
@@ -317,7 +357,8 @@ def build_datasets(tokenizer, cfg: DataConfig) -> tuple[list[dict], list[dict], 
         format=fmt, template="none" if fmt == "text" else template_name(tokenizer), n_records=len(examples),
         n_skipped=skipped, n_truncated=n_truncated, n_dropped=len(cut) - len(kept), n_train=len(rows),
         n_train_examples=len(train), n_val=len(val), n_tokens=sum(len(e["input_ids"]) for e in train),
-        n_label_tokens=sum(t != -100 for e in train for t in e["labels"]), packed=cfg.packing)
+        n_label_tokens=sum(t != -100 for e in train for t in e["labels"]), packed=cfg.packing,
+        n_empty=len(empty), first_empty=empty[0] if empty else "")
     return rows, val, stats
 
 

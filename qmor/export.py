@@ -8,6 +8,7 @@ against the 4-bit + adapter model before it is renamed into place.
 from __future__ import annotations
 
 import gc
+import os
 import shutil
 import sys
 from pathlib import Path
@@ -55,14 +56,28 @@ def check_merge(meta: AdapterMeta, merge_base: str) -> None:
 
 
 def check_output(output: Path, overwrite: bool) -> None:
+    """Refuse an output that exists, or whose folder cannot be written, before minutes of loading and merging."""
     if output.exists() and not overwrite:
         raise QmorError(f"{output} already exists; choose another --output or pass --overwrite")
+    parent = output.absolute().parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise QmorError(f"{parent} is a file, so {output} cannot be written below it; choose another --output")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise QmorError(f"cannot write into {parent} (permission denied); choose an --output in a folder you can "
+                        "write to")
 
 
-def base_checkpoint(base: str) -> tuple[Path, dict[str, Path]]:
+def base_checkpoint(base: str, given: bool = False) -> tuple[Path, dict[str, Path]]:
     """The base model's local folder and its tensor -> safetensors file map (never .bin: no unpickling)."""
     from qmor.loftq import resolve_model, weight_files
+    from qmor.quant import is_local
 
+    if is_local(base) and not Path(base).expanduser().exists():
+        where = "given with --base-model" if given else "recorded in the adapter"
+        raise QmorError(f"the base model folder {base} ({where}) does not exist; pass the folder where it is now with "
+                        "--base-model (it is checked to be the same model)")
     folder = resolve_model(base)
     if "quantization_config" in load_json(folder / "config.json"):
         raise QmorError(f"{base} is stored pre-quantised; export merges from the original 16/32-bit checkpoint, "
@@ -121,10 +136,11 @@ def verify_folder(reference: nn.Module, folder: Path, dtype: torch.dtype, tolera
     return check
 
 
-def load_source(source: str | Path, device: str | None, base_model: str | None, trust_remote_code: bool):
+def load_source(source: str | Path, device: str | None, base_model: str | None, trust_remote_code: bool,
+                allow_other_base: bool = False):
     from qmor.load import load_trained
 
-    model, meta = load_trained(find_adapter(source), device, base_model, trust_remote_code)
+    model, meta = load_trained(find_adapter(source), device, base_model, trust_remote_code, allow_other_base)
     return model.eval(), meta
 
 
@@ -139,6 +155,7 @@ def export_merged(
     base_model: str | None = None,
     trust_remote_code: bool = False,
     tolerance: float | None = None,
+    allow_other_base: bool = False,
 ) -> dict:
     """Merge a run's adapter into its base and write a plain Hugging Face model folder; returns a summary."""
     output = Path(output)
@@ -146,8 +163,8 @@ def export_merged(
     check_merge(meta, merge_base)
     torch_dtype, shard_bytes = check_dtype(dtype), parse_size(shard_size)
     check_output(output, overwrite)
-    folder, names = base_checkpoint(base_model or meta.base_model)
-    model, meta = load_source(source, device, base_model, trust_remote_code)
+    folder, names = base_checkpoint(base_model or meta.base_model, given=bool(base_model))
+    model, meta = load_source(source, device, base_model, trust_remote_code, allow_other_base)
     with atomic_dir(output, overwrite) as tmp:
         index = write_merged(model, names, tmp, torch_dtype, shard_bytes, merge_base)
         copy_support(folder, tmp, torch_dtype, trust_remote_code)
@@ -172,6 +189,7 @@ def export_peft(
     base_model: str | None = None,
     trust_remote_code: bool = False,
     tolerance: float | None = None,
+    allow_other_base: bool = False,
 ) -> dict:
     """PEFT LoRA adapter in `output`, plus (by default) the base it belongs on in `output/base`.
 
@@ -187,8 +205,8 @@ def export_peft(
                         "model; export it with its dequantised base (drop --no-base)")
     torch_dtype, shard_bytes = check_dtype(dtype), parse_size(shard_size)
     check_output(output, overwrite)
-    folder, names = base_checkpoint(base_model or meta.base_model)
-    model, meta = load_source(source, device, base_model, trust_remote_code)
+    folder, names = base_checkpoint(base_model or meta.base_model, given=bool(base_model))
+    model, meta = load_source(source, device, base_model, trust_remote_code, allow_other_base)
     with atomic_dir(output, overwrite) as tmp:
         if with_base:
             base_dir = output.resolve() / "base"  # where it will be once renamed into place

@@ -13,6 +13,7 @@ from torch import nn
 from qmor.attach import AdapterMeta, attach, load_adapter_weights, read_meta
 from qmor.config import AdapterConfig, QuantConfig
 from qmor.errors import QmorError
+from qmor.fingerprint import check_base, record
 from qmor.quant import is_local, load_4bit
 
 
@@ -37,7 +38,9 @@ def load_for_training(
         return loftq_init(model_path, adapter_cfg, quant, device, cache_dir, trust_remote_code)
     model = load_4bit(model_path, quant, device, trust_remote_code)
     attach(model, adapter_cfg)
-    return model, AdapterMeta(adapter=adapter_cfg, base_model=model_source(model_path), quant=quant), None
+    meta = AdapterMeta(adapter=adapter_cfg, base_model=model_source(model_path), quant=quant,
+                       base_fingerprint=record(model_path))
+    return model, meta, None
 
 
 def load_trained(
@@ -45,12 +48,15 @@ def load_trained(
     device: str | None = None,
     base_model: str | None = None,
     trust_remote_code: bool = False,
+    allow_other_base: bool = False,
 ) -> tuple[nn.Module, AdapterMeta]:
-    """The 4-bit base an adapter was trained on (Q_T for LoftQ adapters) with the adapter attached and loaded."""
+    """The 4-bit base an adapter was trained on (Q_T for LoftQ adapters) with the adapter attached and loaded;
+    a base whose fingerprint differs from the recorded one is refused unless `allow_other_base`."""
     meta = read_meta(adapter_dir)
     base = base_model or meta.base_model
     if not base:
         raise QmorError(f"adapter {adapter_dir} does not record its base model; pass the base with --base-model")
+    check_base(meta.base_fingerprint, meta.base_model, base, allow_other_base)
     model = load_4bit(base, meta.quant, device, trust_remote_code)
     attach(model, meta.adapter)
     if meta.init == "loftq":

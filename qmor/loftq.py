@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import sys
 import zlib
@@ -94,6 +95,9 @@ def resolve_model(model_path: str) -> Path:
     """The local folder of a model: the path itself, or a hub id's snapshot in the Hugging Face cache."""
     if is_local(model_path):
         path = Path(model_path).expanduser()
+        if not path.exists():
+            raise QmorError(f"model folder {model_path} does not exist; check the path, or pass the folder where the "
+                            "model is now")
         if not (path / "config.json").is_file():
             raise QmorError(f"{model_path} is not a Hugging Face model folder (no config.json); pass a model folder")
         return path.resolve()
@@ -102,9 +106,9 @@ def resolve_model(model_path: str) -> Path:
 
         return Path(snapshot_download(model_path, local_files_only=True))
     except Exception:  # any failure means the same thing here: there is no usable local copy
-        raise QmorError(f"LoftQ reads weights from disk, and {model_path!r} is neither a local folder nor in the "
-                        f"Hugging Face cache; run `huggingface-cli download {model_path}` first or pass a folder"
-                        ) from None
+        raise QmorError(f"the weights are read from disk, and {model_path!r} is neither a local folder nor in the "
+                        f"Hugging Face cache; run `huggingface-cli download {model_path}` while online, or pass the "
+                        "model's folder") from None
 
 
 def weight_files(folder: Path) -> dict[str, Path]:
@@ -221,11 +225,18 @@ def initialise(model: nn.Module, names: dict[str, Path], quant: QuantConfig, ite
     errors = {}
     for name, layer in tqdm(layers.items(), desc="LoftQ init", unit="layer", file=sys.stderr):
         device = layer.base.weight.device
-        W = read_tensor(names, checkpoint_name(name, names, prefix)).to(device, torch.float32)  # (d_out, d_in)
+        key = checkpoint_name(name, names, prefix)
+        W = read_tensor(names, key).to(device, torch.float32)  # (d_out, d_in)
+        if not bool(torch.isfinite(W).all()):
+            raise QmorError(f"the checkpoint's {key} holds nan or inf values, so no quantisation of it can be right; "
+                            "use an intact copy of the model")
         # svd_lowrank draws random vectors: a per-layer seed makes Q_T reproducible when the cache is gone
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
             torch.manual_seed(zlib.crc32(name.encode()))
             packed, plain, err = loftq_layer(W, layer.adapter, quant, iters)
+        if not (math.isfinite(plain) and math.isfinite(err)):  # never train, or cache, from a base that is not numbers
+            raise QmorError(f"LoftQ init of {name} gave a non-finite error (NF4 {plain}, LoftQ {err}); check the "
+                            "checkpoint's weights for nan or inf, or pass --init default")
         put_packed(layer.base, packed)
         errors[name] = {"nf4": plain, "loftq": err}
         del W
@@ -278,7 +289,10 @@ def loftq_init(
         report = make_report(initialise(model, names, quant, adapter_cfg.loftq_iters), adapter_cfg, cache)
         save_cache(model, cache, key, report)
     print(summary(report), file=sys.stderr)
-    meta = AdapterMeta(adapter=adapter_cfg, base_model=source, quant=quant, init="loftq", base_weights=str(cache))
+    from qmor.fingerprint import record
+
+    meta = AdapterMeta(adapter=adapter_cfg, base_model=source, quant=quant, init="loftq", base_weights=str(cache),
+                       base_fingerprint=record(str(folder)))
     return model, meta, report
 
 

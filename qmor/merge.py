@@ -125,8 +125,9 @@ def write_merged(
     shards = plan_shards(names, dtype, shard_bytes)
     total = len(shards)
     weight_map, total_size = {}, 0
-    bar = tqdm(total=len(names), desc="export", unit="tensor", file=sys.stderr)
     with contextlib.ExitStack() as stack:
+        # closed on failure too, so an error line starts on a line of its own
+        bar = stack.enter_context(tqdm(total=len(names), desc="export", unit="tensor", file=sys.stderr))
         handles = {f: stack.enter_context(safe_open(str(f), framework="pt")) for f in set(names.values())}
         for i, keys in enumerate(shards, start=1):
             filename = f"model-{i:05d}-of-{total:05d}.safetensors"
@@ -146,7 +147,6 @@ def write_merged(
                 bar.update()
             save_file(tensors, str(out / filename), metadata={"format": "pt"})
             del tensors
-    bar.close()
     index = {"metadata": {"total_size": total_size}, "weight_map": dict(sorted(weight_map.items()))}
     save_json(index, out / INDEX)
     return index

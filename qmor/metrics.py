@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import time
 import uuid
 from pathlib import Path
@@ -25,9 +26,9 @@ class MetricsLog:
             self._remember(event)
 
     def _remember(self, event: dict) -> None:
-        if event.get("event") == "train":
+        if event.get("event") == "train" and isinstance(event.get("loss"), int | float):
             self.train.append((event["step"], event["loss"]))
-        elif event.get("event") == "eval":
+        elif event.get("event") == "eval" and isinstance(event.get("eval_loss"), int | float):
             self.eval.append((event["step"], event["eval_loss"]))
 
     def forget_after(self, step: int) -> None:
@@ -36,9 +37,9 @@ class MetricsLog:
         self.eval = [p for p in self.eval if p[0] <= step]
 
     def log(self, event: str, **fields) -> dict:
-        record = {"time": time.time(), "event": event, **fields}
+        record = {"time": time.time(), "event": event, **{k: finite(v) for k, v in fields.items()}}
         with open(self.path, "a") as f:  # one write per line, flushed: a reader never sees half an object
-            f.write(json.dumps(record) + "\n")
+            f.write(json.dumps(record, allow_nan=False) + "\n")
         self._remember(record)
         if event in ("eval", "done", "stopped") or time.time() - self.last_plot > self.plot_every_s:
             self.plot()
@@ -49,6 +50,17 @@ class MetricsLog:
             return
         plot_loss(self.train, self.eval, self.run_dir / PLOT)
         self.last_plot = time.time()
+
+
+def finite(value):
+    """nan and infinity become null: JSON has no such numbers, and readers other than Python's refuse them."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: finite(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [finite(v) for v in value]
+    return value
 
 
 def read_events(path: str | Path) -> list[dict]:

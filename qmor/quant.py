@@ -6,11 +6,13 @@ optimises is bit for bit the Q that training uses (same block size, same double 
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from pathlib import Path
 
 import torch
+from huggingface_hub import errors as hf_errors
 from torch import nn
 
 from qmor.config import QuantConfig
@@ -123,13 +125,42 @@ def is_local(name_or_path: str) -> bool:
 
 def check_model_source(name_or_path: str) -> None:
     """Fail early, in one line, on a path that does not hold a model."""
+    path = Path(name_or_path).expanduser()
+    if path.is_file():
+        raise QmorError(f"{name_or_path} is a file; pass the model's folder (the one holding config.json) or a hub id")
     if is_local(name_or_path):
-        path = Path(name_or_path).expanduser()
         if not path.is_dir():
             raise QmorError(f"model folder {name_or_path} does not exist; pass a local folder or a hub id such as "
                             "meta-llama/Llama-2-7b-hf")
         if not (path / "config.json").is_file():
             raise QmorError(f"{name_or_path} has no config.json, so it is not a Hugging Face model folder")
+        try:
+            json.loads((path / "config.json").read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise QmorError(f"{path / 'config.json'} is damaged ({str(e).splitlines()[0]}); download or save the "
+                            "model again") from None
+
+
+# what transformers raises for a model it cannot read (a missing download, a damaged or unknown config)
+LOAD_ERRORS = (OSError, ValueError, TypeError, KeyError, getattr(hf_errors, "StrictDataclassError", ValueError))
+
+
+def load_failed(name_or_path: str, e: BaseException, what: str = "model") -> QmorError:
+    """One line for a model transformers could not load, with the fix that fits the reason."""
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()] or [type(e).__name__]
+    first = " ".join(lines[:2]) if lines[0].endswith(":") else lines[0]  # "Validation error for field 'x':" + why
+    first = first.rstrip(".")
+    if "does not recognize this architecture" in first:
+        fix = "upgrade transformers (pip install -U transformers), or if the model ships its own code and you " \
+              "trust it, pass --trust-remote-code"
+    elif "trust_remote_code" in first:
+        fix = "pass --trust-remote-code if you trust the model's code"
+    elif not is_local(name_or_path):
+        fix = f"check the id, or download it while online (huggingface-cli download {name_or_path}), or pass a " \
+              "local folder"
+    else:
+        fix = "check that the folder holds a complete Hugging Face model (config.json, tokenizer, weights)"
+    return QmorError(f"could not load the {what} of {name_or_path!r}: {first}; {fix}")
 
 
 def load_4bit(
@@ -166,9 +197,8 @@ def load_4bit(
             device_map={"": device},
             trust_remote_code=trust_remote_code,
         )
-    except OSError as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise QmorError(f"could not load model {name_or_path!r}: {first}") from None
+    except LOAD_ERRORS as e:
+        raise load_failed(name_or_path, e) from None
     support.check_quantised(model)
     model.config.use_cache = False
     keep_plain_layout(model)

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import contextlib
 import math
+import shutil
 import signal
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -20,16 +22,18 @@ from tqdm import tqdm
 
 from qmor.adapters import MERGEABLE
 from qmor.attach import aux_loss, count_parameters
-from qmor.checkpoint import latest_checkpoint, load_checkpoint, rng_state, save_checkpoint
-from qmor.data import build_datasets, collate
+from qmor.checkpoint import checkpoint_dirs, load_checkpoint, resumable_checkpoint, rng_state, save_checkpoint
+from qmor.data import build_datasets, collate, data_notes
 from qmor.errors import QmorError
 from qmor.evaluate import eval_loss, score_task
 from qmor.files import load_json, save_json
 from qmor.loss import ChunkedLoss
-from qmor.metrics import MetricsLog
+from qmor.metrics import METRICS, PLOT, MetricsLog
 from qmor.train_config import TrainConfig, from_json, to_json
 
 CONFIG = "config.json"
+# what a run that failed before its first checkpoint leaves behind: such a folder is started afresh, not refused
+LEFTOVERS = {CONFIG, METRICS, PLOT, "loftq_report.json", "train.log", "checkpoints"}
 
 
 # ---------------------------------------------------------------------------------------------------- setup
@@ -48,14 +52,13 @@ def resolve_model(name: str, seed: int) -> str:
 def load_tokenizer(model_path: str, trust_remote_code: bool):
     from transformers import AutoTokenizer
 
-    from qmor.quant import check_model_source
+    from qmor.quant import LOAD_ERRORS, check_model_source, load_failed
 
     check_model_source(model_path)
     try:
         tok = AutoTokenizer.from_pretrained(model_path, trust_remote_code=trust_remote_code)
-    except (OSError, ValueError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise QmorError(f"could not load the tokenizer of {model_path!r}: {first}") from None
+    except LOAD_ERRORS as e:
+        raise load_failed(model_path, e, "tokenizer") from None
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token  # padding is masked out of attention and loss, so any id will do
     return tok
@@ -147,16 +150,16 @@ def train(cfg: TrainConfig, resume: bool = False, on_step: Callable[[int, torch.
     accelerator = make_accelerator(cfg.device, cfg)
     main = accelerator.is_main_process
     run_dir = Path(cfg.output or default_output(accelerator))
+    say = tqdm.write if main else (lambda *_: None)
     if resume:
         cfg = from_json(load_json(run_dir / CONFIG))  # the saved config rules; only the folder comes from the caller
         cfg.output = str(run_dir)
-        checkpoint = latest_checkpoint(run_dir)
+        checkpoint = resumable_checkpoint(run_dir, lambda line: tqdm.write(line, file=sys.stderr) if main else None)
+        restart = False
     else:
         cfg.output = str(run_dir)
         checkpoint = None
-        if run_dir.exists() and any(run_dir.iterdir()):
-            raise QmorError(f"output folder {run_dir} already holds a run; pass --resume to continue it or choose "
-                            "another --output")
+        restart = check_fresh(run_dir)
     torch.manual_seed(cfg.seed + accelerator.process_index)
 
     with accelerator.main_process_first():  # the tiny model and the LoftQ cache are built once, then read
@@ -167,8 +170,13 @@ def train(cfg: TrainConfig, resume: bool = False, on_step: Callable[[int, torch.
 
     if main:
         report_memory(cfg, model, accelerator)
+        for note in data_notes(stats, cfg.data.source):
+            say(f"note: {note}")
     # loading worked: only now does the run folder appear
     if main:
+        if restart:
+            say(f"note: {run_dir} holds a run that failed before its first checkpoint; starting it afresh")
+            clear_failed_run(run_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
         if not resume:
             save_json(to_json(cfg), run_dir / CONFIG)
@@ -181,8 +189,55 @@ def train(cfg: TrainConfig, resume: bool = False, on_step: Callable[[int, torch.
                      on_step)
     except Exception as e:
         if log is not None:
-            log.log("error", message=str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__)
+            with contextlib.suppress(OSError):  # a full disk must not hide the error that ended the run
+                log.log("error", message=str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__)
         raise
+
+
+def check_fresh(run_dir: Path) -> bool:
+    """Refuse a folder that holds a run or anything else; True when it holds only what a run that failed before
+    its first checkpoint leaves behind (that run is started afresh, so no one has to delete files by hand)."""
+    if not run_dir.exists():
+        return False
+    if not run_dir.is_dir():
+        raise QmorError(f"output {run_dir} is a file; choose a folder for --output")
+    names = {p.name for p in run_dir.iterdir()}
+    if not names:
+        return False
+    if names - LEFTOVERS or checkpoint_dirs(run_dir):
+        raise QmorError(f"output folder {run_dir} already holds a run; pass --resume to continue it or choose "
+                        "another --output")
+    return True
+
+
+def clear_failed_run(run_dir: Path) -> None:
+    for name in LEFTOVERS - {"train.log"}:  # train.log is the app's record of every attempt: it grows
+        path = run_dir / name
+        if path.is_dir():
+            shutil.rmtree(path)
+        else:
+            path.unlink(missing_ok=True)
+
+
+def diverged(step: int, what: str, cfg: TrainConfig, run_dir: Path) -> QmorError:
+    """The one line for a run whose loss, gradient or weights stopped being numbers."""
+    found = checkpoint_dirs(run_dir)
+    kept = (f"the last good checkpoint {found[-1].name} is kept; start a new run with another --output"
+            if found else "nothing was saved, so run it again with the same --output")
+    return QmorError(f"training diverged at step {step}: {what}; lower --lr "
+                     f"(now {cfg.lr:g}), keep --max-grad-norm on (now {cfg.max_grad_norm:g}) or check the data; "
+                     f"no adapter was written, {kept}")
+
+
+def grad_norm_of(params: list[torch.nn.Parameter]) -> torch.Tensor:
+    grads = [p.grad.detach() for p in params if p.grad is not None]
+    if not grads:
+        return torch.zeros(())
+    return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]))
+
+
+def all_finite(params: list[torch.nn.Parameter]) -> bool:
+    return all(bool(torch.isfinite(p.detach()).all()) for p in params)
 
 
 def report_memory(cfg: TrainConfig, model: torch.nn.Module, accelerator) -> None:
@@ -249,7 +304,8 @@ def _loop(cfg, accelerator, model, meta, tokenizer, train_set, val_set, stats, r
         f"{stats.n_train} training sequences, {stats.n_val} validation, {total_steps} steps")
     emit("start", total_steps=total_steps, step=step, run_dir=str(run_dir), model=cfg.model,
          family=meta.adapter.family, trainable_params=trainable, n_train=stats.n_train, n_val=stats.n_val,
-         resumed=checkpoint is not None)
+         resumed=checkpoint is not None, n_truncated=stats.n_truncated, n_dropped=stats.n_dropped,
+         n_skipped=stats.n_skipped, n_empty=stats.n_empty)
 
     pad_id = tokenizer.pad_token_id
     per_step = cfg.batch_size * cfg.grad_accum * world
@@ -259,6 +315,8 @@ def _loop(cfg, accelerator, model, meta, tokenizer, train_set, val_set, stats, r
     last_loss, last_eval = None, None
 
     def checkpoint_now() -> Path | None:
+        if not all_finite(params):  # never save weights that are not numbers over a good checkpoint
+            raise diverged(step, "the adapter weights are not finite", cfg, run_dir)
         rngs = gather_object([rng_state()]) if world > 1 else [rng_state()]
         path = None
         if main:
@@ -270,7 +328,7 @@ def _loop(cfg, accelerator, model, meta, tokenizer, train_set, val_set, stats, r
         return path
 
     bar = tqdm(total=total_steps, initial=step, desc="training", unit="step", disable=not main, dynamic_ncols=True)
-    with stop_requests() as stop:
+    with stop_requests() as stop, bar:  # the bar closes on an error too, so the error line starts a line
         while step < total_steps:
             # -- one optimizer step over grad_accum micro-batches
             batches = []
@@ -292,7 +350,15 @@ def _loop(cfg, accelerator, model, meta, tokenizer, train_set, val_set, stats, r
                     accelerator.backward(loss)
                 step_loss += loss_sum.item() / max(n_label, 1)
                 window_tokens += int(batch["attention_mask"].sum()) * world
-            grad_norm = accelerator.clip_grad_norm_(params, cfg.max_grad_norm) if cfg.max_grad_norm > 0 else None
+            grad_norm = (accelerator.clip_grad_norm_(params, cfg.max_grad_norm) if cfg.max_grad_norm > 0
+                         else grad_norm_of(params))
+            grad_norm = float(grad_norm)
+            bad = not (math.isfinite(step_loss) and math.isfinite(grad_norm))
+            if world > 1:  # every process stops at the same step, or the next all-reduce would hang
+                bad = bool(accelerator.reduce(torch.tensor(int(bad), device=accelerator.device), "sum").item())
+            if bad:  # the step is not taken: the weights stay those of the last finite step
+                optimizer.zero_grad(set_to_none=True)
+                raise diverged(step + 1, f"loss {step_loss:.4g}, gradient norm {grad_norm:.4g}", cfg, run_dir)
             optimizer.step()
             lr = scheduler.get_last_lr()[0]
             scheduler.step()
@@ -314,7 +380,7 @@ def _loop(cfg, accelerator, model, meta, tokenizer, train_set, val_set, stats, r
                 bar.set_postfix(loss=f"{last_loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tps:.0f}")
                 say(f"step {step:>5}/{total_steps}  loss {last_loss:.4f}  lr {lr:.2e}  {tps:,.0f} tok/s")
                 emit("train", step=step, loss=last_loss, lr=lr, tokens_per_s=tps, eta_s=eta,
-                     epoch=position / len(train_set), grad_norm=None if grad_norm is None else float(grad_norm))
+                     epoch=position / len(train_set), grad_norm=grad_norm)
                 window_loss, window_steps, window_tokens, window_start = 0.0, 0, 0, time.time()
             if val_set and cfg.eval_steps and step % cfg.eval_steps == 0 and step < total_steps:
                 last_eval = eval_loss(accelerator.unwrap_model(loss_fn), val_set, cfg.batch_size, pad_id,
@@ -343,6 +409,8 @@ def _finish(cfg, accelerator, loss_fn, meta, tokenizer, val_set, run_dir, step, 
     from qmor.attach import save_adapter
 
     model = accelerator.unwrap_model(loss_fn).lm
+    if not all_finite([p for p in model.parameters() if p.requires_grad]):
+        raise diverged(step, "the adapter weights are not finite", cfg, run_dir)
     result = {"run_dir": str(run_dir), "step": step, "stopped": False, "loss": last_loss, "train_seconds": seconds,
               "adapter": str(run_dir / "adapter")}
     if val_set:

@@ -11,7 +11,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from qmor.config import AdapterConfig, QuantConfig, from_dict, to_dict
+from qmor.config import AdapterConfig, QuantConfig, check_range, from_dict, to_dict
 from qmor.data import DataConfig
 from qmor.errors import QmorError
 
@@ -56,19 +56,17 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         for name in ("max_steps", "grad_accum", "batch_size", "loss_chunk", "save_steps", "eval_steps", "log_steps",
-                     "eval_generate"):
-            value = getattr(self, name)
-            low = 1 if name in ("grad_accum", "batch_size", "loss_chunk", "log_steps") else 0
-            if not isinstance(value, int) or value < low:
-                raise QmorError(f"{name} must be an integer >= {low}, got {value!r}; pass --{name.replace('_', '-')}")
-        if self.max_steps == 0 and self.epochs <= 0:
-            raise QmorError(f"epochs must be positive when max_steps is 0, got {self.epochs}; pass --epochs 1")
-        if self.lr <= 0:
-            raise QmorError(f"lr must be positive, got {self.lr}; pass e.g. --lr 2e-4")
-        if not 0 <= self.warmup_ratio < 1:
-            raise QmorError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
-        if self.keep_checkpoints < 1:
-            raise QmorError(f"keep_checkpoints must be at least 1, got {self.keep_checkpoints}")
+                     "eval_generate", "keep_checkpoints", "seed"):
+            low = 1 if name in ("grad_accum", "batch_size", "loss_chunk", "log_steps", "keep_checkpoints") else 0
+            check_range(name, getattr(self, name), f"an integer >= {low}", low, None,
+                        f"--{name.replace('_', '-')} {max(low, 1)}", integer=True)
+        # nan and infinity pass every comparison check silently, so each float is checked for being finite too
+        check_range("lr", self.lr, "positive and finite", 0.0, None, "--lr 2e-4", open_low=True)
+        check_range("epochs", self.epochs, "positive and finite", 0.0, None, "--epochs 1", open_low=True)
+        if not (isinstance(self.warmup_ratio, int | float) and 0 <= self.warmup_ratio < 1):
+            raise QmorError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio!r}; pass e.g. --warmup-ratio 0.05")
+        check_range("weight_decay", self.weight_decay, ">= 0", 0.0, None, "--weight-decay 0")
+        check_range("max_grad_norm", self.max_grad_norm, ">= 0 (0: no clipping)", 0.0, None, "--max-grad-norm 1")
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
             raise QmorError(f"device must be auto, cpu or cuda, got {self.device!r}")
 

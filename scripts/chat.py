@@ -27,6 +27,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--repetition-penalty", type=float, default=1.0)
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     p.add_argument("--trust-remote-code", action="store_true", help="run the model repository's own code")
+    p.add_argument("--allow-other-base", action="store_true",
+                   help="use adapters whose recorded base fingerprint differs from --model")
     return p.parse_args(argv)
 
 
@@ -59,11 +61,17 @@ def main(argv: list[str] | None = None) -> int:
     try:
         sampling = Sampling(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                             top_k=args.top_k, repetition_penalty=args.repetition_penalty)
-        session = ChatSession(args.model, device=args.device, trust_remote_code=args.trust_remote_code)
+        session = ChatSession(args.model, device=args.device, trust_remote_code=args.trust_remote_code,
+                              allow_other_base=args.allow_other_base)
         if args.adapter:
             session.use_adapter(args.adapter)
     except QmorError as e:
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # reading the model or the adapter: the system's reason, in one line
+        from qmor.files import describe_os_error
+
+        print(f"error: {describe_os_error(e) or e}", file=sys.stderr)
         return 2
     state = {"system": args.system, "history": []}
     print(f"[{session.describe()}] {HELP}")

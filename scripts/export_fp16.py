@@ -25,7 +25,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--shard-size", default="2GB", help="largest safetensors shard, e.g. 2GB, 500MB")
     p.add_argument("--no-base", action="store_true",
                    help="PEFT only: write the adapter alone, naming the original base (not for LoftQ adapters)")
-    p.add_argument("--base-model", default=None, help="base model folder or hub id, if not the recorded one")
+    p.add_argument("--base-model", default=None, help="base model folder or hub id, if not the recorded one (it must "
+                   "be the same model: its fingerprint is checked)")
+    p.add_argument("--allow-other-base", action="store_true",
+                   help="merge onto a base whose fingerprint differs from the one the adapter was trained on")
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     p.add_argument("--tolerance", type=float, default=None, help="largest |Δlogit| accepted by the final check")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
@@ -38,7 +41,8 @@ def main(argv: list[str] | None = None) -> int:
     from qmor.export import export_merged, export_peft
 
     common = dict(dtype=args.dtype, shard_size=args.shard_size, overwrite=args.overwrite, device=args.device,
-                  base_model=args.base_model, trust_remote_code=args.trust_remote_code, tolerance=args.tolerance)
+                  base_model=args.base_model, trust_remote_code=args.trust_remote_code, tolerance=args.tolerance,
+                  allow_other_base=args.allow_other_base)
     try:
         if args.peft or args.format == "peft":
             if args.merge_base != "dequantized":
@@ -51,6 +55,11 @@ def main(argv: list[str] | None = None) -> int:
             export_merged(args.source, args.output, merge_base=args.merge_base, **common)
     except QmorError as e:
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # reading the base or the run: the system's reason, in one line
+        from qmor.files import describe_os_error
+
+        print(f"error: {describe_os_error(e) or e}", file=sys.stderr)
         return 2
     return 0
 

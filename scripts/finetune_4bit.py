@@ -47,7 +47,8 @@ FLAGS = {
     "--max-steps": (None, "max_steps", int, "optimizer steps (0: from --epochs)"),
     "--batch-size": (None, "batch_size", int, "sequences per micro-batch per process"),
     "--grad-accum": (None, "grad_accum", int, "micro-batches per optimizer step"),
-    "--max-len": ("data", "max_len", int, "tokens per sequence; longer examples are truncated"),
+    "--max-len": ("data", "max_len", int, "tokens per sequence; longer examples are truncated (and counted), a "
+                  "data set with no example that fits is refused"),
     "--warmup-ratio": (None, "warmup_ratio", float, "share of steps with linear warmup"),
     "--weight-decay": (None, "weight_decay", float, "AdamW weight decay"),
     "--max-grad-norm": (None, "max_grad_norm", float, "gradient clipping norm (0: off)"),
@@ -83,8 +84,8 @@ def parser() -> argparse.ArgumentParser:
     defaults = TrainConfig()
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", help="YAML or JSON file with TrainConfig keys (a run's config.json works too)")
-    p.add_argument("--resume", action="store_true", help="continue the run in --output from its latest checkpoint, "
-                   "with its saved config (other flags are ignored)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --output from its latest intact "
+                   "checkpoint, with its saved config (other flags are ignored, with a warning naming them)")
     for flag, (section, name, kind, text) in FLAGS.items():
         p.add_argument(flag, type=kind, default=argparse.SUPPRESS,
                        help=f"{text} (default: {default_of(defaults, section, name)})")
@@ -127,6 +128,15 @@ def build_config(args: argparse.Namespace):
     return from_json(data)
 
 
+def ignored_by_resume(args: argparse.Namespace) -> list[str]:
+    """The flags given beside --resume (only flags given on the command line are in args: defaults are suppressed)."""
+    flags = {flag[2:].replace("-", "_"): flag for flag in [*FLAGS, *SWITCHES]}
+    flags["gradient_checkpointing"] = "--no-gradient-checkpointing"
+    given = [flags[k] if flag_on is not False or k == "gradient_checkpointing" else f"--no-{flags[k][2:]}"
+             for k, flag_on in vars(args).items() if k in flags and k != "output"]
+    return given + (["--config"] if args.config else [])
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     try:
@@ -136,12 +146,21 @@ def main(argv: list[str] | None = None) -> int:
         if args.resume:
             if "output" not in vars(args):
                 raise QmorError("--resume needs --output: the run folder to continue")
+            ignored = ignored_by_resume(args)
+            if ignored:
+                print(f"warning: --resume continues {args.output} with its saved config.json, so {', '.join(ignored)} "
+                      "will not apply; start a new run (another --output) to change settings", file=sys.stderr)
             cfg = TrainConfig(output=args.output)
         else:
             cfg = build_config(args)
         result = train(cfg, resume=args.resume)
     except QmorError as e:
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # a full disk, a folder that cannot be written: the system's reason, in one line
+        from qmor.files import describe_os_error
+
+        print(f"error: {describe_os_error(e) or e}", file=sys.stderr)
         return 2
     if result["stopped"]:
         return 128 + result["signal"]  # the shell's convention for "ended by this signal"

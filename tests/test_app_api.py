@@ -123,8 +123,13 @@ def test_train_chat_export_through_the_api(app, tiny_dir):
 def test_errors_come_back_as_messages(app, tmp_path):
     from gradio_client import Client
 
-    server, _ = app
+    server, ws = app
     client = Client(server.url, verbose=False)
+    taken = ws / "runs" / "taken" / "checkpoints" / "step-000001"
+    taken.mkdir(parents=True)
+    (taken / "state.json").write_text("{}")
+    status, _ = client.predict(*train_values(run_name="taken"), api_name="/start_training")
+    assert "exists already; choose another name, or Resume it" in status
     status, _ = client.predict(*train_values(dataset="missing.jsonl", run_name="bad"), api_name="/start_training")
     assert "does not exist" in status
     status, _ = client.predict(*train_values(run_name="../up"), api_name="/start_training")

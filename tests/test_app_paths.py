@@ -1,6 +1,7 @@
 """The app's safety rules and job manager, without a browser: paths confined to the workspace, no exposed app
 without a password, the CLI line the form builds, and stopping a job's whole process group."""
 
+import json
 import os
 import subprocess
 import sys
@@ -55,6 +56,38 @@ def test_model_and_run_names(ws, tmp_path):
     with pytest.raises(QmorError, match="not valid"):
         run_dir(ws, "a/b")
     assert run_dir(ws, "my-run.1") == ws.runs / "my-run.1"
+
+
+def fake_run(folder: Path, base_model: str, base_weights: str | None = None) -> Path:
+    (folder / "adapter").mkdir(parents=True)
+    (folder / "adapter" / "adapter_config.json").write_text(json.dumps(
+        {"adapter": {"family": "lora"}, "base_model": base_model, "base_weights": base_weights}))
+    return folder
+
+
+def test_run_links_and_run_sources_stay_in_the_workspace(ws, tmp_path):
+    from apps.paths import check_run_sources
+    from apps.ui import trained_runs
+
+    model = ws.root / "models" / "base"
+    model.mkdir(parents=True)
+    fake_run(ws.runs / "good", str(model), str(ws.root / "qmor-cache" / "loftq-1"))
+    (ws.runs / "escape").symlink_to(fake_run(tmp_path / "elsewhere", str(model)))
+    assert trained_runs(ws) == ["good"]  # the link out is not listed
+    with pytest.raises(QmorError, match="run .* leads outside the workspace"):
+        run_dir(ws, "escape")  # nor exported from, nor chatted with, when its name is typed in
+    check_run_sources(ws, run_dir(ws, "good"))
+    fake_run(ws.runs / "outside-base", str(tmp_path / "secret-model"))
+    with pytest.raises(QmorError, match="base model of run outside-base .* leads outside the workspace"):
+        check_run_sources(ws, run_dir(ws, "outside-base"))
+    fake_run(ws.runs / "outside-weights", str(model), str(tmp_path / "cache" / "loftq"))
+    with pytest.raises(QmorError, match="LoftQ base weights of run outside-weights"):
+        check_run_sources(ws, run_dir(ws, "outside-weights"))
+    fake_run(ws.runs / "hub", "Qwen/Qwen2.5-0.5B")
+    check_run_sources(ws, run_dir(ws, "hub"))  # a hub id is no path
+    loose = make_workspace(ws.root, restrict=False)  # on loopback without --restrict-paths: the user's own files
+    assert sorted(trained_runs(loose)) == ["escape", "good", "hub", "outside-base", "outside-weights"]
+    check_run_sources(loose, run_dir(loose, "outside-base"))
 
 
 def test_exposed_app_needs_a_password():

@@ -110,12 +110,17 @@ def test_bad_flags_give_one_line_errors(tiny_dir, tmp_path, capsys):
     assert not (tmp_path / "r").exists()
 
 
-def test_existing_run_is_not_overwritten(tiny_dir, tmp_path, capsys):
+@pytest.mark.parametrize("held", ["checkpoints/step-000001/state.json", "adapter/adapter_config.json", "notes.txt"])
+def test_existing_run_is_not_overwritten(held, tiny_dir, tmp_path, capsys):
+    """A run with a checkpoint or an adapter, or a folder holding anything a run does not write, is refused (a
+    run that failed before its first checkpoint is started afresh: tests/test_bad_input.py)."""
     out = tmp_path / "run"
-    out.mkdir()
+    (out / held).parent.mkdir(parents=True, exist_ok=True)
+    (out / held).write_text("{}")
     (out / "metrics.jsonl").write_text("")
     assert finetune_4bit.main(["--model", str(tiny_dir), "--output", str(out), *FAST]) == 2
     assert "--resume" in capsys.readouterr().err
+    assert sorted(p.name for p in out.iterdir()) == sorted({held.split("/")[0], "metrics.jsonl"})
 
 
 def test_default_run_loss_falls_in_a_subprocess(tmp_path):

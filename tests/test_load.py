@@ -36,8 +36,10 @@ def test_wrong_or_missing_base_is_a_clear_error(tiny_dir, tmp_path):
     model, meta, _ = load_for_training(str(tiny_dir), AdapterConfig(r=4))
     save_adapter(model, tmp_path / "adapter", meta)
     other = make_tiny(tmp_path / "other", seed=0, hidden=32, layers=2)
+    with pytest.raises(QmorError, match="is not the base this adapter was trained on .*differ in names or shapes"):
+        load_trained(tmp_path / "adapter", base_model=str(other))  # the recorded fingerprint catches it first
     with pytest.raises(QmorError, match="does not fit this model"):
-        load_trained(tmp_path / "adapter", base_model=str(other))
+        load_trained(tmp_path / "adapter", base_model=str(other), allow_other_base=True)
     with pytest.raises(QmorError, match="does not exist"):
         load_trained(tmp_path / "adapter", base_model=str(tmp_path / "missing"))
     with pytest.raises(QmorError, match="adapter_config.json"):

@@ -1,0 +1,108 @@
+"""A base model's fingerprint, recorded with every adapter and compared wherever the adapter meets a base again.
+
+An adapter on another base runs without any error and answers in garbage, so chat, export and resume compare the
+base they were given with the one the adapter was trained on. The fingerprint is read from the safetensors files
+alone (never the model in memory, whose 4-bit codes depend on the device): the architecture, the name and shape
+of every matrix, and a hash of a fixed sample of each matrix's values (a few rows, a few columns: kilobytes, not
+gigabytes). A copy of the same files anywhere (moved, re-downloaded) matches; another model does not, even one of
+the same architecture and size.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import sys
+from pathlib import Path
+
+from safetensors import safe_open
+
+from qmor.errors import QmorError
+from qmor.files import load_json
+
+ROWS = 4  # rows sampled per matrix, evenly spaced from the first to the last
+COLS = 64  # leading columns of each sampled row
+
+
+def base_fingerprint(model_path: str) -> dict:
+    """{"architecture", "matrices", "shapes", "weights"} of a local folder or cached hub model (QmorError if its
+    weights cannot be read: not downloaded, or no safetensors)."""
+    from qmor.loftq import resolve_model, weight_files
+
+    folder = resolve_model(model_path)
+    names = weight_files(folder)
+    # chat compares on every adapter switch: the same files (same sizes and times) are read once
+    stamp = tuple(sorted((str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in set(names.values())))
+    return dict(_fingerprint(folder, stamp))
+
+
+@functools.lru_cache(maxsize=8)
+def _fingerprint(folder: Path, stamp: tuple) -> tuple:
+    from qmor.loftq import weight_files
+
+    config = load_json(folder / "config.json")
+    names = weight_files(folder)
+    by_file: dict[Path, list[str]] = {}
+    for name, file in names.items():
+        by_file.setdefault(file, []).append(name)
+    sampled: dict[str, tuple[bytes, bytes]] = {}  # matrix name -> (its name and shape, its sampled values)
+    for file, keys in by_file.items():
+        with safe_open(str(file), framework="pt") as f:
+            for key in keys:
+                part = f.get_slice(key)
+                shape = part.get_shape()
+                if len(shape) != 2:  # norms and biases: the matrices are what adapters attach to
+                    continue
+                rows = sorted({i * (shape[0] - 1) // (ROWS - 1) for i in range(ROWS)})
+                sampled[key] = (f"{key}:{shape};".encode(), b"".join(_bytes(part[r : r + 1, :COLS]) for r in rows))
+    if not sampled:
+        raise QmorError(f"{folder} holds no weight matrices to fingerprint")
+    shapes, weights = hashlib.sha256(), hashlib.sha256()
+    for key in sorted(sampled):  # a fixed order, whatever the sharding
+        shapes.update(sampled[key][0])
+        weights.update(b"".join(sampled[key]))
+    arch = (config.get("architectures") or [config.get("model_type", "unknown")])[0]
+    return (("architecture", arch), ("matrices", len(sampled)), ("shapes", shapes.hexdigest()[:16]),
+            ("weights", weights.hexdigest()[:16]))
+
+
+def _bytes(t) -> bytes:
+    import torch
+
+    return t.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+
+
+def record(model_path: str) -> dict | None:
+    """The fingerprint to store in an adapter, or None (with a note) when the weights cannot be read."""
+    try:
+        return base_fingerprint(model_path)
+    except QmorError as e:
+        print(f"note: the base {model_path} cannot be fingerprinted ({e}); loading this adapter onto another base "
+              "will not be detected", file=sys.stderr)
+        return None
+
+
+def check_base(recorded: dict | None, trained_on: str, base: str, allow_other_base: bool = False) -> None:
+    """Refuse `base` when its fingerprint differs from the one recorded at training time (nothing recorded: old
+    adapters, or weights that could not be read, pass unchecked)."""
+    if recorded is None or (base.startswith(("/", ".", "~")) and not Path(base).expanduser().exists()):
+        return  # nothing to compare with, or a folder that is not there (loading it says so in its own words)
+    try:
+        found = base_fingerprint(base)
+    except QmorError as e:
+        print(f"warning: cannot check that {base} is the base this adapter was trained on ({e})", file=sys.stderr)
+        return
+    if found == recorded:
+        return
+    if found["architecture"] != recorded["architecture"]:
+        why = f"it is a {found['architecture']}, the adapter was trained on a {recorded['architecture']}"
+    elif (found["matrices"], found["shapes"]) != (recorded["matrices"], recorded["shapes"]):
+        why = "its layers differ in names or shapes"
+    else:
+        why = "same architecture and shapes, other weights: another model"
+    if allow_other_base:
+        print(f"warning: {base} is not the base this adapter was trained on: {why}; using it anyway "
+              "(--allow-other-base)", file=sys.stderr)
+        return
+    raise QmorError(f"{base} is not the base this adapter was trained on ({trained_on}): {why}; pass that base, or "
+                    "--allow-other-base to use this one anyway")
