@@ -188,8 +188,11 @@ def load_4bit(
 
     source = str(Path(name_or_path).expanduser()) if is_local(name_or_path) else name_or_path
     try:
-        support.refuse_transposed(AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code),
-                                  trust_remote_code)
+        config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
+    except LOAD_ERRORS as e:
+        raise load_failed(name_or_path, e) from None
+    support.refuse_transposed(config, trust_remote_code)
+    try:
         model = AutoModelForCausalLM.from_pretrained(
             source,
             quantization_config=quant,

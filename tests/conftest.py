@@ -1,8 +1,13 @@
 import pytest
 import torch
+from transformers.utils import logging as hf_logging
 
 from qmor.quant import bnb
 from qmor.tiny import make_tiny
+
+# transformers binds its log handler to sys.stderr on first use; made inside a test under capsys, it would write to
+# that test's closed capture afterwards ("--- Logging error ---" in a later test's output)
+hf_logging.get_logger("transformers")
 
 
 class Repacked(AssertionError):
