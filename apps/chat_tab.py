@@ -28,12 +28,8 @@ def _load(base: str, adapter: str | None, trust_remote_code: bool) -> str:
     t0 = time.perf_counter()
     if _STATE["session"] is None or _STATE["base"] != base:
         _unload()
-        path = base
-        if base == "tiny":  # the built-in model, built once into the cache, as the training script does
-            from qmor.train import resolve_model
-
-            path = resolve_model("tiny", 0)
-        _STATE["session"] = ChatSession(path, trust_remote_code=trust_remote_code)
+        # a built-in name (tiny, smollm2) becomes its cached folder inside ChatSession, as in the training script
+        _STATE["session"] = ChatSession(base, trust_remote_code=trust_remote_code)
         _STATE["base"] = base
         what = f"loaded {base}"
     else:
@@ -71,7 +67,7 @@ def build(ws: Workspace) -> dict:
     with gr.Row():
         run = gr.Dropdown([NONE, *trained_runs(ws)], value=NONE, label="Trained run (adapter)", scale=2,
                           allow_custom_value=True)
-        base = gr.Textbox("tiny", label="Base model (filled in from the run)", scale=3)
+        base = gr.Textbox("tiny", label="Base model (filled in from the run; tiny and smollm2 are built in)", scale=3)
         trust = gr.Checkbox(False, label="Trust remote code", scale=1)
     with gr.Row():
         refresh_btn = gr.Button("Refresh runs", size="sm")
@@ -97,8 +93,10 @@ def build(ws: Workspace) -> dict:
     def pick_run(name):
         if not name or name == NONE:
             return gr.update()
-        meta = adapter_config(run_dir(ws, name))
-        return gr.update(value=short_path(meta.get("base_model") or "tiny"))
+        from qmor.builtin import builtin_name
+
+        base = adapter_config(run_dir(ws, name)).get("base_model") or "tiny"
+        return gr.update(value=builtin_name(base) or short_path(base))
 
     def load(name, base_text, trust_rc):
         try:

@@ -47,8 +47,10 @@ def load_trained(
     trust_remote_code: bool = False,
 ) -> tuple[nn.Module, AdapterMeta]:
     """The 4-bit base an adapter was trained on (Q_T for LoftQ adapters) with the adapter attached and loaded."""
+    from qmor.builtin import resolve_model
+
     meta = read_meta(adapter_dir)
-    base = base_model or meta.base_model
+    base = resolve_model(base_model or meta.base_model)  # a built-in name (tiny, smollm2) becomes its folder
     if not base:
         raise QmorError(f"adapter {adapter_dir} does not record its base model; pass the base with --base-model")
     model = load_4bit(base, meta.quant, device, trust_remote_code)

@@ -97,9 +97,13 @@ class Plan:
 
 
 def load_config(source: str):
-    """A model config from a folder holding config.json, a config.json path, or a hub id."""
+    """A model config from a folder holding config.json, a config.json path, a hub id or a built-in name."""
     from transformers import AutoConfig
 
+    from qmor.builtin import is_builtin, resolve_model
+
+    if is_builtin(source):  # built once into the cache, like training does
+        source = resolve_model(source)
     path = Path(source).expanduser()
     if path.is_file():
         try:

@@ -25,7 +25,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--shard-size", default="2GB", help="largest safetensors shard, e.g. 2GB, 500MB")
     p.add_argument("--no-base", action="store_true",
                    help="PEFT only: write the adapter alone, naming the original base (not for LoftQ adapters)")
-    p.add_argument("--base-model", default=None, help="base model folder or hub id, if not the recorded one")
+    p.add_argument("--base-model", default=None, help="base folder, hub id or built-in name, if not the recorded one")
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     p.add_argument("--tolerance", type=float, default=None, help="largest |Δlogit| accepted by the final check")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")

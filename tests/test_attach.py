@@ -148,7 +148,7 @@ def test_adapter_that_does_not_fit_is_refused(tiny_dir, tmp_path):
 
     with pytest.raises(QmorError, match="does not fit this model.*shape"):
         load_adapter_weights(other, tmp_path / "a")
-    with pytest.raises(QmorError, match="holds no adapter_config.json"):
+    with pytest.raises(QmorError, match="holds no qmor_adapter.json"):
         load_adapter(load_4bit(str(tiny_dir)), tmp_path)
 
 
