@@ -202,3 +202,30 @@ def test_float_storage_holds_the_same_codes(tiny_dir):
     assert count_parameters(floaty) == count_parameters(plain)
     with pytest.raises(QmorError, match="quant storage must be"):
         load_4bit(str(tiny_dir), QuantConfig(storage="int4"))
+
+
+def test_adapter_metadata_has_a_name_of_its_own_and_old_folders_still_load(tiny_dir, tmp_path):
+    import json
+
+    from transformers.utils import find_adapter_config_file
+
+    from qmor.attach import read_meta
+
+    model = load_4bit(str(tiny_dir))
+    cfg = AdapterConfig(family="lora", r=4, targets=["q_proj"])
+    attach(model, cfg)
+    perturb(model)
+    folder = save_adapter(model, tmp_path / "a", AdapterMeta(adapter=cfg, base_model=str(tiny_dir),
+                                                            chat_template="{{ messages }}"))
+    assert {p.name for p in folder.iterdir()} == {"adapter.safetensors", "qmor_adapter.json"}
+    assert find_adapter_config_file(str(folder)) is None  # transformers and PEFT no longer take it for theirs
+    assert read_meta(folder).chat_template == "{{ messages }}"
+    (folder / "qmor_adapter.json").rename(folder / "adapter_config.json")  # as earlier versions wrote it
+    loaded = load_4bit(str(tiny_dir))
+    assert load_adapter(loaded, folder).adapter == cfg
+    x = torch.randint(8, 100, (1, 12))
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=x).logits, loaded(input_ids=x).logits)
+    (folder / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 4}))
+    with pytest.raises(QmorError, match="holds a PEFT adapter.*PeftModel.from_pretrained"):
+        read_meta(folder)
