@@ -67,7 +67,7 @@ def build(ws: Workspace) -> dict:
     with gr.Row():
         run = gr.Dropdown([NONE, *trained_runs(ws)], value=NONE, label="Trained run (adapter)", scale=2,
                           allow_custom_value=True)
-        base = gr.Textbox("tiny", label="Base model (filled in from the run; tiny and smollm2 are built in)", scale=3)
+        base = gr.Textbox("tiny", label="Base model (filled in from the run)", scale=3)
         trust = gr.Checkbox(False, label="Trust remote code", scale=1)
     with gr.Row():
         refresh_btn = gr.Button("Refresh runs", size="sm")
