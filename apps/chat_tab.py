@@ -28,12 +28,8 @@ def _load(base: str, adapter: str | None, trust_remote_code: bool) -> str:
     t0 = time.perf_counter()
     if _STATE["session"] is None or _STATE["base"] != base:
         _unload()
-        path = base
-        if base == "tiny":  # the built-in model, built once into the cache, as the training script does
-            from qmor.train import resolve_model
-
-            path = resolve_model("tiny", 0)
-        _STATE["session"] = ChatSession(path, trust_remote_code=trust_remote_code)
+        # a built-in name (tiny, smollm2) becomes its cached folder inside ChatSession, as in the training script
+        _STATE["session"] = ChatSession(base, trust_remote_code=trust_remote_code)
         _STATE["base"] = base
         what = f"loaded {base}"
     else:
@@ -101,7 +97,10 @@ def build(ws: Workspace) -> dict:
             meta = adapter_config(run_dir(ws, name))
         except QmorError:  # a run that leads out of the workspace: Load says so
             return gr.update()
-        return gr.update(value=short_path(meta.get("base_model") or "tiny"))
+        from qmor.builtin import builtin_name
+
+        base = meta.get("base_model") or "tiny"
+        return gr.update(value=builtin_name(base) or short_path(base))
 
     def load(name, base_text, trust_rc):
         try:

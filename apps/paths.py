@@ -95,9 +95,12 @@ HUB_ID_RE = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
 def model_arg(ws: Workspace, text: str) -> str:
-    """The --model value: "tiny", a hub id, or a local folder (checked against the workspace)."""
+    """The --model value: a built-in name (tiny, smollm2), a hub id, or a local folder (checked against the
+    workspace)."""
+    from qmor.builtin import is_builtin
+
     text = (text or "").strip()
-    if text == "tiny":
+    if is_builtin(text):
         return text
     local = Path(text).expanduser()
     local = local if local.is_absolute() else ws.root / local

@@ -64,7 +64,8 @@ def build(ws: Workspace, env: dict) -> dict:
     """Lay out the tab inside the current Blocks context; returns what app.py wires to demo.load."""
     c: dict[str, gr.components.Component] = {}
     with gr.Row():
-        c["model"] = gr.Textbox(FIELDS["model"], label="Model (hub id, local folder, or 'tiny')", scale=3)
+        c["model"] = gr.Textbox(FIELDS["model"], label="Model (hub id, local folder, or built-in 'tiny' / 'smollm2')",
+                                scale=3)
         c["run_name"] = gr.Textbox("", label="Run name", placeholder="automatic (family-date-time)", scale=2)
         c["device"] = gr.Dropdown(["auto", "cuda", "cpu"], value="auto", label="Device", scale=1)
         c["trust_remote_code"] = gr.Checkbox(False, label="Trust remote code", scale=1,

@@ -27,9 +27,19 @@ def ok_md(text: str) -> str:
     return f"<div class='qmor-ok'>{html.escape(text)}</div>"
 
 
+def _meta_file(run: Path) -> Path | None:
+    from qmor.attach import meta_file
+
+    try:
+        return meta_file(run / "adapter")
+    except QmorError:
+        return None
+
+
 def adapter_config(run: Path) -> dict:
     try:
-        return json.loads((run / "adapter" / "adapter_config.json").read_text())
+        file = _meta_file(run)
+        return json.loads(file.read_text()) if file else {}
     except (OSError, json.JSONDecodeError):
         return {}
 
@@ -37,7 +47,7 @@ def adapter_config(run: Path) -> dict:
 def trained_runs(ws: Workspace) -> list[str]:
     """Runs with a final adapter, newest first (when paths are restricted, no link that leads out of the
     workspace)."""
-    runs = [p for p in ws.runs.iterdir() if (p / "adapter" / "adapter_config.json").is_file()
+    runs = [p for p in ws.runs.iterdir() if _meta_file(p) is not None
             and (not ws.restrict or inside(ws, p.resolve()))]
     return [p.name for p in sorted(runs, key=lambda p: p.stat().st_mtime, reverse=True)]
 

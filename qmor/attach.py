@@ -19,7 +19,8 @@ from qmor.layer import AdaptedLinear
 from qmor.quant import keep_plain_layout
 
 WEIGHTS = "adapter.safetensors"
-CONFIG = "adapter_config.json"
+CONFIG = "qmor_adapter.json"  # a name of our own: PEFT and transformers read "adapter_config.json" as PEFT's layout
+LEGACY_CONFIG = "adapter_config.json"  # what earlier versions wrote; still read
 
 
 @dataclass
@@ -33,18 +34,20 @@ class AdapterMeta:
     merge_base: str = "dequantized"  # "dequantized" (dequant(Q), always right) or "original" (W; wrong after LoftQ)
     base_weights: str | None = None  # folder with the LoftQ-initialised 4-bit base (Q_T), when init == "loftq"
     base_fingerprint: dict | None = None  # qmor.fingerprint of the base, so another base is refused (None: unchecked)
+    chat_template: str | None = None  # the Jinja chat template training rendered conversations with (None: none)
 
     def to_json(self) -> dict:
         return {"adapter": to_dict(self.adapter), "base_model": self.base_model, "quant": to_dict(self.quant),
                 "init": self.init, "merge_base": self.merge_base, "base_weights": self.base_weights,
-                "base_fingerprint": self.base_fingerprint, "qmor_version": __version__}
+                "base_fingerprint": self.base_fingerprint, "chat_template": self.chat_template,
+                "qmor_version": __version__}
 
     @classmethod
     def from_json(cls, data: dict) -> AdapterMeta:
         return cls(adapter=from_dict(AdapterConfig, data["adapter"]), base_model=data.get("base_model", ""),
                    quant=from_dict(QuantConfig, data.get("quant", {})), init=data.get("init", "default"),
                    merge_base=data.get("merge_base", "dequantized"), base_weights=data.get("base_weights"),
-                   base_fingerprint=data.get("base_fingerprint"))
+                   base_fingerprint=data.get("base_fingerprint"), chat_template=data.get("chat_template"))
 
 
 def _output_head(model: nn.Module) -> nn.Module | None:
@@ -132,7 +135,7 @@ def adapter_state(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def save_adapter(model: nn.Module, path: str | Path, meta: AdapterMeta) -> Path:
-    """adapter.safetensors + adapter_config.json, written under a temporary name and renamed when complete."""
+    """adapter.safetensors + qmor_adapter.json, written under a temporary name and renamed when complete."""
     path = Path(path)
     with atomic_dir(path) as tmp:
         save_file(adapter_state(model), str(tmp / WEIGHTS), metadata={"format": "qmor"})
@@ -140,11 +143,28 @@ def save_adapter(model: nn.Module, path: str | Path, meta: AdapterMeta) -> Path:
     return path
 
 
+def meta_file(path: str | Path) -> Path | None:
+    """The adapter's metadata file in folder `path`: qmor_adapter.json, or adapter_config.json as earlier versions
+    wrote it; None when there is neither. A PEFT adapter's adapter_config.json is refused in one line."""
+    path = Path(path)
+    if (path / CONFIG).is_file():
+        return path / CONFIG
+    legacy = path / LEGACY_CONFIG
+    if not legacy.is_file():
+        return None
+    data = load_json(legacy)
+    if "peft_type" in data or "adapter" not in data:
+        raise QmorError(f"{path} holds a PEFT adapter (its {LEGACY_CONFIG} has peft_type), not a qmor adapter; load "
+                        "it with peft.PeftModel.from_pretrained, or pass the qmor run folder it was exported from")
+    return legacy
+
+
 def read_meta(path: str | Path) -> AdapterMeta:
     path = Path(path)
-    if not (path / CONFIG).is_file():
+    file = meta_file(path)
+    if file is None:
         raise QmorError(f"{path} holds no {CONFIG}; pass the adapter folder of a qmor run (e.g. runs/NAME/adapter)")
-    return AdapterMeta.from_json(load_json(path / CONFIG))
+    return AdapterMeta.from_json(load_json(file))
 
 
 def load_adapter_weights(model: nn.Module, path: str | Path) -> None:

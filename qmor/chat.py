@@ -7,6 +7,9 @@
 
 LoftQ adapters were trained over their own quantised base Q_T, not nf4(W): switching to one puts its Q_T into the
 4-bit layers, and switching away (to another adapter or to none) puts the plain NF4 weights back.
+
+Conversations are rendered with the chat template the adapter was trained with (recorded in its metadata) and
+tokenised the way training tokenised them, so the adapter sees the format it learnt.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from qmor.config import QuantConfig
 from qmor.errors import QmorError
 from qmor.fingerprint import check_base
 from qmor.quant import LOAD_ERRORS, is_4bit, is_local, load_4bit, load_failed, set_packed
+from qmor.template import TemplateError, encode, render, template_text
 
 ROLES = ("system", "user", "assistant")
 
@@ -76,11 +80,6 @@ def check_messages(messages: list[dict]) -> None:
             raise QmorError(f"chat message {m!r} is not {{'role': one of {ROLES}, 'content': str}}")
 
 
-def plain_prompt(messages: list[dict]) -> str:
-    """For tokenizers without a chat template (base models): a readable transcript ending in 'assistant:'."""
-    return "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant:"
-
-
 class TokenStreamer:
     """generate()'s streamer protocol (put / end) read as an iterator of text pieces, one per new token.
 
@@ -126,6 +125,9 @@ class ChatSession:
                  trust_remote_code: bool = False, allow_other_base: bool = False):
         from transformers import AutoTokenizer
 
+        from qmor.builtin import resolve_model
+
+        base_model = resolve_model(base_model)  # a built-in name (tiny, smollm2) becomes its cached folder
         self.base_model = base_model
         self.trust_remote_code = trust_remote_code
         self.allow_other_base = allow_other_base  # use adapters trained on another base (fingerprint differs)
@@ -177,12 +179,19 @@ class ChatSession:
         if system and not (messages and messages[0]["role"] == "system"):
             messages = [{"role": "system", "content": system}] + list(messages)
         device = next(self.model.parameters()).device
-        if self.tokenizer.chat_template:
-            enc = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
-                                                     return_dict=True, return_tensors="pt")
-        else:
-            enc = self.tokenizer(plain_prompt(messages), return_tensors="pt")
-        return {"input_ids": enc["input_ids"].to(device), "attention_mask": enc["attention_mask"].to(device)}
+        try:
+            text = render(self.tokenizer, messages, add_generation_prompt=True, chat_template=self.template())
+        except TemplateError as e:
+            raise QmorError(str(e)) from None
+        ids = torch.tensor([encode(self.tokenizer, text)], device=device)  # (1, T): tokenised as training does
+        return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+
+    def template(self) -> str:
+        """The chat template in use: the one the adapter was trained with, else the tokenizer's own, else the ChatML
+        fallback that training uses for tokenizers without one."""
+        if self.meta is not None and self.meta.chat_template:
+            return self.meta.chat_template
+        return template_text(self.tokenizer)
 
     def stream(self, messages: list[dict], system: str | None = None, **sampling) -> Iterator[str]:
         """Yield the reply in pieces as it is generated. Sampling: see `Sampling` (temperature 0 is greedy)."""

@@ -25,7 +25,7 @@ from tqdm import tqdm
 from qmor import tasks
 from qmor.config import check_range
 from qmor.errors import QmorError
-from qmor.template import encode_chat, render, template_name, with_chat_template
+from qmor.template import NoAssistantTokens, encode_chat, render, template_name, with_chat_template
 
 FORMATS = ("alpaca", "messages", "sharegpt", "prompt_completion", "text")
 REQUIRED = {"alpaca": ["instruction", "output"], "messages": ["messages"], "sharegpt": ["conversations"],
@@ -286,9 +286,11 @@ def _val_count(val_size: float, n: int, source: str) -> int:
 def pack(examples: list[dict], max_len: int) -> list[dict]:
     """Concatenate whole examples into rows of at most `max_len` tokens (best fit, longest first).
 
-    Labels travel with their tokens, so every label survives. Packed documents share one causal attention row: a
-    later document can attend to the earlier ones in its row (as in HF Trainer's and torchtune's default packing).
-    Each document ends with its end-of-turn/EOS token, which marks the boundary for the model.
+    Each row gets `position_ids` that restart at 0 for every document: given those and no attention mask,
+    transformers keeps attention inside each document (its packed-sequence path: a block-diagonal causal mask for
+    eager and SDPA attention, variable-length kernels for flash attention), so a packed document is computed as it
+    would be alone. Labels travel with their tokens; a document's first label is cleared, since alone it is never
+    predicted (packed, it would be, from the previous document's last token).
     """
     order = sorted(range(len(examples)), key=lambda i: -len(examples[i]["input_ids"]))
     rows: list[dict] = []
@@ -297,12 +299,13 @@ def pack(examples: list[dict], max_len: int) -> list[dict]:
         n = len(examples[i]["input_ids"])
         j = bisect.bisect_left(room, (n, -1))
         if j == len(room):
-            rows.append({"input_ids": [], "labels": []})
+            rows.append({"input_ids": [], "labels": [], "position_ids": []})
             free, r = max_len, len(rows) - 1
         else:
             free, r = room.pop(j)
         rows[r]["input_ids"] += examples[i]["input_ids"]
-        rows[r]["labels"] += examples[i]["labels"]
+        rows[r]["labels"] += [-100] + examples[i]["labels"][1:]  # a first token is never predicted on its own
+        rows[r]["position_ids"] += list(range(n))
         bisect.insort(room, (free - n, r))
     return rows
 
@@ -323,6 +326,8 @@ def build_datasets(tokenizer, cfg: DataConfig) -> tuple[list[dict], list[dict], 
                             disable=len(records) < 5000):
         try:
             ids, labels = _example(tok, record, fmt, cfg.train_on_prompt)
+        except NoAssistantTokens as e:  # the template's doing, not the record's: skipping would skip them all
+            raise QmorError(f"{loc}: {e}") from None
         except (ValueError, KeyError, TypeError) as e:
             if not cfg.skip_bad:
                 raise QmorError(f"{loc}: {e}; fix the record, force another format, or pass skip_bad "
@@ -363,16 +368,29 @@ def build_datasets(tokenizer, cfg: DataConfig) -> tuple[list[dict], list[dict], 
 
 
 def collate(examples: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-pad a batch to its longest example: input_ids, labels (-100 on padding), attention_mask, each (B, T)."""
+    """Right-pad a batch to its longest example: input_ids, labels (-100 on padding), each (B, T), and either an
+    attention_mask (B, T) or, for packed rows, position_ids (B, T) restarting at every document.
+
+    Packed rows get no attention mask: transformers builds the per-document mask from the position ids only when
+    there is none. Their padding is a document of its own (positions from 0 again), after every real token, so a
+    causal mask already hides it from them.
+    """
     width = max(len(e["input_ids"]) for e in examples)
+    packed = "position_ids" in examples[0]
     ids = torch.full((len(examples), width), pad_id, dtype=torch.long)  # (B, T)
     labels = torch.full((len(examples), width), -100, dtype=torch.long)  # (B, T)
     mask = torch.zeros((len(examples), width), dtype=torch.long)  # (B, T)
+    positions = torch.zeros((len(examples), width), dtype=torch.long)  # (B, T)
     for b, e in enumerate(examples):
         n = len(e["input_ids"])
         ids[b, :n] = torch.tensor(e["input_ids"])
         labels[b, :n] = torch.tensor(e["labels"])
         mask[b, :n] = 1
+        if packed:
+            positions[b, :n] = torch.tensor(e["position_ids"])
+            positions[b, n:] = torch.arange(width - n)
+    if packed:
+        return {"input_ids": ids, "labels": labels, "position_ids": positions}
     return {"input_ids": ids, "labels": labels, "attention_mask": mask}
 
 

@@ -18,7 +18,8 @@ from torch import nn
 
 from qmor import __version__
 from qmor.adapters import MERGEABLE
-from qmor.attach import CONFIG, AdapterMeta, read_meta
+from qmor.attach import CONFIG, AdapterMeta, meta_file, read_meta
+from qmor.builtin import resolve_model as resolve_builtin
 from qmor.errors import NotMergeable, QmorError
 from qmor.files import atomic_dir, load_json, save_json
 from qmor.merge import INDEX, check_dtype, parse_size, write_merged
@@ -36,7 +37,7 @@ def find_adapter(path: str | Path) -> Path:
     """A run folder (runs/NAME, holding adapter/) or an adapter folder itself."""
     path = Path(path)
     for candidate in (path / "adapter", path):
-        if (candidate / CONFIG).is_file():
+        if candidate.is_dir() and meta_file(candidate) is not None:
             return candidate
     raise QmorError(f"{path} holds neither {CONFIG} nor adapter/{CONFIG}; pass a run folder (runs/NAME) or its "
                     "adapter folder")
@@ -99,11 +100,25 @@ def copy_support(folder: Path, out: Path, dtype: torch.dtype, trust_remote_code:
         print(f"warning: {folder} has no tokenizer files, so the export has none either", file=sys.stderr)
 
 
+def write_chat_template(out: Path, template: str | None) -> None:
+    """The template the adapter was trained with, where each tool looks for it: chat_template.jinja (transformers,
+    vLLM) and tokenizer_config.json's chat_template (older readers, llama.cpp's converter). Without one recorded
+    (an adapter trained on plain text, or saved by an older version) the base's tokenizer files stay as they are."""
+    if not template:
+        return
+    (out / "chat_template.jinja").write_text(template)
+    config_file = out / "tokenizer_config.json"
+    if config_file.is_file():
+        save_json({**load_json(config_file), "chat_template": template}, config_file)
+    (out / "chat_template.json").unlink(missing_ok=True)  # a processor's template, which some tools would read first
+
+
 def model_card(meta: AdapterMeta, merge_base: str, dtype: torch.dtype, check: Check, what: str) -> str:
     cfg, quant = meta.adapter, meta.quant
     rows = [("base model", f"`{meta.base_model}`"), ("adapter family", cfg.family),
             ("rank", f"{cfg.r} (alpha {cfg.alpha})"), ("targets", f"`{cfg.targets}`"), ("init", meta.init),
             ("merge base", merge_base),
+            ("chat template", "the one training used (chat_template.jinja)" if meta.chat_template else "none recorded"),
             ("quantisation", f"NF4, block size {quant.blocksize}, double quant {quant.double_quant}"),
             ("dtype", str(dtype).removeprefix("torch.")),
             ("verification", f"max abs logit difference {check.max_abs:.4g}, top-1 agreement {check.top1:.1%}")]
@@ -112,13 +127,17 @@ def model_card(meta: AdapterMeta, merge_base: str, dtype: torch.dtype, check: Ch
 
 
 def verify_folder(reference: nn.Module, folder: Path, dtype: torch.dtype, tolerance: float | None,
-                  trust_remote_code: bool, peft_dir: Path | None = None) -> Check:
-    """Load the export like a user would and compare its logits with the 4-bit + adapter model's."""
+                  trust_remote_code: bool, peft_dir: Path | None = None, template: str | None = None) -> Check:
+    """Load the export like a user would and compare its logits with the 4-bit + adapter model's (and its chat
+    template with the one training used, when one was recorded)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     device = next(reference.parameters()).device
     verify_dtype = torch.float32 if device.type == "cpu" else dtype  # fp32 on CPU: only weight rounding remains
     tokenizer = AutoTokenizer.from_pretrained(str(folder), trust_remote_code=trust_remote_code)
+    if template and tokenizer.chat_template != template:
+        raise QmorError(f"the exported tokenizer in {folder.name} does not load the chat template training used; "
+                        "the export was not kept")
     ids = prompt_ids(tokenizer)
     expected = logits(reference, ids)
     model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=verify_dtype, device_map={"": str(device)},
@@ -158,6 +177,7 @@ def export_merged(
     allow_other_base: bool = False,
 ) -> dict:
     """Merge a run's adapter into its base and write a plain Hugging Face model folder; returns a summary."""
+    base_model = resolve_builtin(base_model) if base_model else None  # built-in names work here too
     output = Path(output)
     meta = read_meta(find_adapter(source))
     check_merge(meta, merge_base)
@@ -168,7 +188,8 @@ def export_merged(
     with atomic_dir(output, overwrite) as tmp:
         index = write_merged(model, names, tmp, torch_dtype, shard_bytes, merge_base)
         copy_support(folder, tmp, torch_dtype, trust_remote_code)
-        check = verify_folder(model, tmp, torch_dtype, tolerance, trust_remote_code)
+        write_chat_template(tmp, meta.chat_template)
+        check = verify_folder(model, tmp, torch_dtype, tolerance, trust_remote_code, template=meta.chat_template)
         require(check, "the merged export")
         (tmp / "README.md").write_text(model_card(meta, merge_base, torch_dtype, check, f"{output.name}: merged "
                                                   f"{meta.adapter.family} model"))
@@ -197,6 +218,7 @@ def export_peft(
     a plain fp16 model. Without it (with_base=False) the adapter names the original base: fine for default-init
     adapters up to NF4 rounding, wrong for LoftQ adapters (they hold W - Q_T), which are refused.
     """
+    base_model = resolve_builtin(base_model) if base_model else None  # built-in names work here too
     output = Path(output)
     meta = read_meta(find_adapter(source))
     check_peft_family(meta.adapter.family)
@@ -213,13 +235,17 @@ def export_peft(
             (tmp / "base").mkdir()
             write_merged(model, names, tmp / "base", torch_dtype, shard_bytes, with_adapter=False)
             copy_support(folder, tmp / "base", torch_dtype, trust_remote_code)
+            write_chat_template(tmp / "base", meta.chat_template)
             targets = write_peft(model, meta, tmp, str(base_dir))
-            check = verify_folder(model, tmp / "base", torch_dtype, tolerance, trust_remote_code, peft_dir=tmp)
+            check = verify_folder(model, tmp / "base", torch_dtype, tolerance, trust_remote_code, peft_dir=tmp,
+                                  template=meta.chat_template)
             require(check, "the PEFT export")
         else:
             targets = write_peft(model, meta, tmp, meta.base_model)
             check = Check(0.0, 0.0, 1.0, 0.0)  # no base to run; the factors are checked exactly below
             check_factors(model, tmp)
+        if meta.chat_template:  # beside the adapter too, for servers that take the base's tokenizer elsewhere
+            (tmp / "chat_template.jinja").write_text(meta.chat_template)
         what = f"{output.name}: PEFT LoRA adapter ({meta.adapter.family}, {len(targets)} modules)"
         base_note = "dequantized, in base/" if with_base else "original (NF4 rounding not included)"
         (tmp / "README.md").write_text(model_card(meta, base_note, torch_dtype, check, what))

@@ -52,8 +52,10 @@ def load_trained(
 ) -> tuple[nn.Module, AdapterMeta]:
     """The 4-bit base an adapter was trained on (Q_T for LoftQ adapters) with the adapter attached and loaded;
     a base whose fingerprint differs from the recorded one is refused unless `allow_other_base`."""
+    from qmor.builtin import resolve_model
+
     meta = read_meta(adapter_dir)
-    base = base_model or meta.base_model
+    base = resolve_model(base_model or meta.base_model)  # a built-in name (tiny, smollm2) becomes its folder
     if not base:
         raise QmorError(f"adapter {adapter_dir} does not record its base model; pass the base with --base-model")
     check_base(meta.base_fingerprint, meta.base_model, base, allow_other_base)

@@ -97,9 +97,13 @@ class Plan:
 
 
 def load_config(source: str):
-    """A model config from a folder holding config.json, a config.json path, or a hub id."""
+    """A model config from a folder holding config.json, a config.json path, a hub id or a built-in name."""
     from transformers import AutoConfig
 
+    from qmor.builtin import is_builtin, resolve_model
+
+    if is_builtin(source):  # built once into the cache, like training does
+        source = resolve_model(source)
     path = Path(source).expanduser()
     if path.is_file():
         try:
@@ -153,7 +157,9 @@ def _geometry(config_json: str, targets_json: str) -> Geometry:
     head = model.get_output_embeddings()
     linears = {n: m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and m is not head}
     names = find_targets(model, json.loads(targets_json))
-    linear_params = {id(m.weight) for m in linears.values()} | ({id(head.weight)} if head is not None else set())
+    # a tied head's weight is the embedding, which stays among the other parameters (and the head then adds none)
+    untied_head = head is not None and head.weight is not model.get_input_embeddings().weight
+    linear_params = {id(m.weight) for m in linears.values()} | ({id(head.weight)} if untied_head else set())
     other = sum(p.numel() for p in model.parameters() if id(p) not in linear_params)
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
     heads = text.num_attention_heads

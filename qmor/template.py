@@ -39,9 +39,37 @@ def template_name(tokenizer) -> str:
     return "tokenizer" if getattr(tokenizer, "chat_template", None) else "chatml-fallback"
 
 
-def render(tokenizer, messages: list[dict], add_generation_prompt: bool = False) -> str:
-    """The template applied to `messages` as text (special tokens such as BOS included by the template itself)."""
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+def template_text(tokenizer) -> str:
+    """The Jinja source of the template conversations are rendered with: the tokenizer's own (its default one, if
+    it has several) or the ChatML fallback. Recorded with an adapter, so chat and export use exactly this."""
+    own = getattr(tokenizer, "chat_template", None)
+    if isinstance(own, dict):
+        own = own.get("default")
+    return own or CHATML_TEMPLATE
+
+
+class TemplateError(ValueError):
+    """The chat template cannot render a conversation (it raised, or its Jinja is broken)."""
+
+
+class NoAssistantTokens(ValueError):
+    """The chat template renders none of a conversation's assistant replies: the loss would be all masked."""
+
+
+def render(tokenizer, messages: list[dict], add_generation_prompt: bool = False,
+           chat_template: str | None = None) -> str:
+    """The template (the tokenizer's, or `chat_template`) applied to `messages` as text; special tokens such as BOS
+    come from the template itself. A template that cannot render them raises TemplateError, in one line."""
+    from jinja2.exceptions import TemplateError as JinjaError
+
+    try:
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt,
+                                             chat_template=chat_template)
+    except JinjaError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise TemplateError(f"the chat template cannot render this conversation ({first}); fix the conversation "
+                            "(e.g. roles in the order the template expects) or use a template that accepts it"
+                            ) from None
 
 
 def encode(tokenizer, text: str) -> list[int]:
@@ -86,6 +114,10 @@ def encode_chat(tokenizer, messages: list[dict], train_on_prompt: bool = False) 
             if start < len(head):
                 start = _after_generation_prompt(tokenizer, messages[:i], head, ids, start)
         labels[start:end] = ids[start:end]
+    if all(t == -100 for t in labels):
+        raise NoAssistantTokens("the chat template renders no tokens for the assistant replies, so the loss would be "
+                                "all masked and nothing would be learnt; use a template that writes each assistant "
+                                "turn, or train on every token with train_on_prompt (--train-on-prompt)")
     return ids, labels
 
 

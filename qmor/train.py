@@ -29,6 +29,8 @@ from qmor.evaluate import eval_loss, score_task
 from qmor.files import load_json, save_json
 from qmor.loss import ChunkedLoss
 from qmor.metrics import METRICS, PLOT, MetricsLog
+from qmor.packing import check_documents_apart
+from qmor.template import template_text
 from qmor.train_config import TrainConfig, from_json, to_json
 
 CONFIG = "config.json"
@@ -40,13 +42,11 @@ LEFTOVERS = {CONFIG, METRICS, PLOT, "loftq_report.json", "train.log", "checkpoin
 
 
 def resolve_model(name: str, seed: int) -> str:
-    """`tiny` becomes the built-in tiny model, built once into the cache; anything else is used as given."""
-    if name != "tiny":
-        return name
-    from qmor.loftq import default_cache_dir
-    from qmor.tiny import make_tiny
+    """A built-in name (`tiny`, `smollm2`) becomes its folder, built once into the cache; anything else is used as
+    given."""
+    from qmor.builtin import resolve_model as resolve
 
-    return str(make_tiny(default_cache_dir() / f"tiny-{seed}", seed))
+    return resolve(name, seed)
 
 
 def load_tokenizer(model_path: str, trust_remote_code: bool):
@@ -167,6 +167,10 @@ def train(cfg: TrainConfig, resume: bool = False, on_step: Callable[[int, torch.
         tokenizer = load_tokenizer(model_path, cfg.trust_remote_code)
         train_set, val_set, stats = build_datasets(tokenizer, cfg.data)
         model, meta, report = load_model(cfg, model_path, checkpoint, str(accelerator.device))
+    # chat and export render conversations with exactly the template training used (None: plain text, no template)
+    meta.chat_template = None if stats.format == "text" else template_text(tokenizer)
+    if cfg.data.packing:
+        check_documents_apart(model)
 
     if main:
         report_memory(cfg, model, accelerator)
@@ -305,7 +309,7 @@ def _loop(cfg, accelerator, model, meta, tokenizer, train_set, val_set, stats, r
     emit("start", total_steps=total_steps, step=step, run_dir=str(run_dir), model=cfg.model,
          family=meta.adapter.family, trainable_params=trainable, n_train=stats.n_train, n_val=stats.n_val,
          resumed=checkpoint is not None, n_truncated=stats.n_truncated, n_dropped=stats.n_dropped,
-         n_skipped=stats.n_skipped, n_empty=stats.n_empty)
+         n_skipped=stats.n_skipped, n_empty=stats.n_empty, template=stats.template, packed=stats.packed)
 
     pad_id = tokenizer.pad_token_id
     per_step = cfg.batch_size * cfg.grad_accum * world
@@ -337,6 +341,7 @@ def _loop(cfg, accelerator, model, meta, tokenizer, train_set, val_set, stats, r
                 idx = example_order(len(train_set), cfg.seed, at, cfg.batch_size, perms)
                 batches.append({k: v.to(accelerator.device) for k, v in collate([train_set[i] for i in idx],
                                                                                  pad_id).items()})
+                window_tokens += sum(len(train_set[i]["input_ids"]) for i in idx) * world  # padding not counted
             n_label = sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches)  # tokens the window averages
             step_loss = 0.0
             for m, batch in enumerate(batches):
@@ -349,7 +354,6 @@ def _loop(cfg, accelerator, model, meta, tokenizer, train_set, val_set, stats, r
                         loss = loss + cfg.adapter.aux_loss_weight * extra / len(batches)
                     accelerator.backward(loss)
                 step_loss += loss_sum.item() / max(n_label, 1)
-                window_tokens += int(batch["attention_mask"].sum()) * world
             grad_norm = (accelerator.clip_grad_norm_(params, cfg.max_grad_norm) if cfg.max_grad_norm > 0
                          else grad_norm_of(params))
             grad_norm = float(grad_norm)

@@ -17,7 +17,8 @@ HELP = "commands: /adapter DIR, /base, /system TEXT, /clear, /quit"
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", required=True, help="base model folder or hub id (loaded once, in 4-bit)")
+    p.add_argument("--model", required=True,
+                   help="base model folder, hub id, or built-in tiny / smollm2 (loaded once, in 4-bit)")
     p.add_argument("--adapter", default=None, help="run folder or adapter folder to start with")
     p.add_argument("--system", default=None, help="system prompt")
     p.add_argument("--temperature", type=float, default=0.7, help="0 is greedy")

@@ -24,7 +24,7 @@ from qmor.errors import QmorError  # noqa: E402
 
 # flag -> (section of TrainConfig or None for top level, field, type); help text comes from the field's default
 FLAGS = {
-    "--model": (None, "model", str, "tiny (built-in), a local Hugging Face folder, or a hub id"),
+    "--model": (None, "model", str, "tiny or smollm2 (built-in), a local Hugging Face folder, or a hub id"),
     "--dataset": ("data", "source", str, "built-in task (uuid, reverse, sort, add, upper, mix) or a .json/.jsonl "
                   "file or datasets folder"),
     "--format": ("data", "format", str, "auto | alpaca | messages | sharegpt | prompt_completion | text"),

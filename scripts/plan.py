@@ -16,7 +16,8 @@ from qmor.plan import estimate, geometry, load_config, longest_sequence
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", required=True, help="hub id, local model folder, or a config.json path")
+    p.add_argument("--model", required=True,
+                   help="hub id, local model folder, config.json path, or built-in tiny / smollm2")
     p.add_argument("--seq", type=int, default=4096, help="tokens per sequence")
     p.add_argument("--batch", type=int, default=1, help="sequences per step")
     p.add_argument("--gpu-gb", type=float, default=24.0, help="GPU memory in GiB")

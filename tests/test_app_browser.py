@@ -60,7 +60,7 @@ def test_train_refresh_stop_resume_chat_export(browser, tiny_dir, tmp_path):
     try:
         page = browser.new_page(viewport={"width": 1280, "height": 900})
         page.goto(server.url)
-        page.get_by_label("Model (hub id, local folder, or 'tiny')").fill(str(tiny_dir))
+        page.get_by_label("Model (hub id, local folder, or built-in 'tiny' / 'smollm2')").fill(str(tiny_dir))
         page.get_by_label("Run name").fill("web")
         page.get_by_role("radio", name="default").check()
         page.get_by_text("Training", exact=True).click()

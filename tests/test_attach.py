@@ -148,7 +148,7 @@ def test_adapter_that_does_not_fit_is_refused(tiny_dir, tmp_path):
 
     with pytest.raises(QmorError, match="does not fit this model.*shape"):
         load_adapter_weights(other, tmp_path / "a")
-    with pytest.raises(QmorError, match="holds no adapter_config.json"):
+    with pytest.raises(QmorError, match="holds no qmor_adapter.json"):
         load_adapter(load_4bit(str(tiny_dir)), tmp_path)
 
 
@@ -216,3 +216,30 @@ def test_tied_weights_count_once():
     assert model.lm_head.weight is model.model.embed_tokens.weight
     assert count_parameters(model) == (sum(p.numel() for p in model.parameters() if p.requires_grad),
                                        sum(p.numel() for p in model.parameters()))  # parameters() dedups ties
+
+
+def test_adapter_metadata_has_a_name_of_its_own_and_old_folders_still_load(tiny_dir, tmp_path):
+    import json
+
+    from transformers.utils import find_adapter_config_file
+
+    from qmor.attach import read_meta
+
+    model = load_4bit(str(tiny_dir))
+    cfg = AdapterConfig(family="lora", r=4, targets=["q_proj"])
+    attach(model, cfg)
+    perturb(model)
+    folder = save_adapter(model, tmp_path / "a", AdapterMeta(adapter=cfg, base_model=str(tiny_dir),
+                                                            chat_template="{{ messages }}"))
+    assert {p.name for p in folder.iterdir()} == {"adapter.safetensors", "qmor_adapter.json"}
+    assert find_adapter_config_file(str(folder)) is None  # transformers and PEFT no longer take it for theirs
+    assert read_meta(folder).chat_template == "{{ messages }}"
+    (folder / "qmor_adapter.json").rename(folder / "adapter_config.json")  # as earlier versions wrote it
+    loaded = load_4bit(str(tiny_dir))
+    assert load_adapter(loaded, folder).adapter == cfg
+    x = torch.randint(8, 100, (1, 12))
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=x).logits, loaded(input_ids=x).logits)
+    (folder / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 4}))
+    with pytest.raises(QmorError, match="holds a PEFT adapter.*PeftModel.from_pretrained"):
+        read_meta(folder)

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from qmor.attach import CONFIG, LEGACY_CONFIG
 from qmor.checkpoint import check_checkpoint, checkpoint_dirs
 from qmor.config import AdapterConfig
 from qmor.data import DataConfig
@@ -211,9 +212,10 @@ def test_chat_session_checks_the_base_and_old_adapters_load_unchecked(run, tiny_
     assert session.adapter is None  # the refused switch leaves the plain base
     old = tmp_path / "old"  # an adapter saved before fingerprints existed
     shutil.copytree(run / "adapter", old)
-    meta = json.loads((old / "adapter_config.json").read_text())
+    meta = json.loads((old / CONFIG).read_text())
     del meta["base_fingerprint"]
-    (old / "adapter_config.json").write_text(json.dumps(meta))
+    (old / CONFIG).unlink()
+    (old / LEGACY_CONFIG).write_text(json.dumps(meta))  # and under the name earlier versions wrote
     assert session.use_adapter(old).adapter.family == "lora"
     moved = tmp_path / "copy"
     shutil.copytree(tiny_dir, moved)
@@ -414,9 +416,9 @@ def test_missing_export_base_names_the_fix(run, tmp_path, capsys):
     error_line(capsys, code, "does not exist", "pass the folder where it is now with --base-model")
     copy = tmp_path / "run"
     shutil.copytree(run, copy)
-    meta = json.loads((copy / "adapter" / "adapter_config.json").read_text())
+    meta = json.loads((copy / "adapter" / CONFIG).read_text())
     meta["base_model"] = str(tmp_path / "moved-away")
-    (copy / "adapter" / "adapter_config.json").write_text(json.dumps(meta))
+    (copy / "adapter" / CONFIG).write_text(json.dumps(meta))
     code = export_fp16.main([str(copy), "--output", str(tmp_path / "m")])
     error_line(capsys, code, "(recorded in the adapter) does not exist", "--base-model")
     assert not (tmp_path / "m").exists()

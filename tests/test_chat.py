@@ -85,6 +85,6 @@ def test_bad_settings_and_paths(session, tmp_path):
         session.reply(MESSAGES, temprature=0.5)
     with pytest.raises(QmorError, match="role"):
         session.reply([{"role": "robot", "content": "hi"}])
-    with pytest.raises(QmorError, match="adapter_config.json"):
+    with pytest.raises(QmorError, match="qmor_adapter.json"):
         session.use_adapter(tmp_path)
     assert session.adapter is None and not adapted_layers(session.model)

@@ -110,7 +110,7 @@ def test_bad_flags_give_one_line_errors(tiny_dir, tmp_path, capsys):
     assert not (tmp_path / "r").exists()
 
 
-@pytest.mark.parametrize("held", ["checkpoints/step-000001/state.json", "adapter/adapter_config.json", "notes.txt"])
+@pytest.mark.parametrize("held", ["checkpoints/step-000001/state.json", "adapter/qmor_adapter.json", "notes.txt"])
 def test_existing_run_is_not_overwritten(held, tiny_dir, tmp_path, capsys):
     """A run with a checkpoint or an adapter, or a folder holding anything a run does not write, is refused (a
     run that failed before its first checkpoint is started afresh: tests/test_bad_input.py)."""

@@ -207,7 +207,7 @@ def test_failed_verification_keeps_nothing(tiny_dir, tmp_path, monkeypatch):
 
 def test_bad_inputs(tiny_dir, tmp_path):
     adapter = make_adapter(tiny_dir, tmp_path / "adapter", "lora")
-    with pytest.raises(QmorError, match="adapter_config.json"):
+    with pytest.raises(QmorError, match="qmor_adapter.json"):
         export_merged(tmp_path / "adapter" / "missing", tmp_path / "out")
     with pytest.raises(QmorError, match="shard size"):
         export_merged(adapter, tmp_path / "out", shard_size="lots")

@@ -42,5 +42,5 @@ def test_wrong_or_missing_base_is_a_clear_error(tiny_dir, tmp_path):
         load_trained(tmp_path / "adapter", base_model=str(other), allow_other_base=True)
     with pytest.raises(QmorError, match="does not exist"):
         load_trained(tmp_path / "adapter", base_model=str(tmp_path / "missing"))
-    with pytest.raises(QmorError, match="adapter_config.json"):
+    with pytest.raises(QmorError, match="qmor_adapter.json"):
         load_trained(tmp_path)

@@ -169,3 +169,13 @@ def test_layer_activation_matches_what_backward_saves(tiny_dir, family, compute,
     a = 4 if compute == "float32" else 2
     predicted = layer_activation(geometry(model.config, targets), cfg, a, 1, 1, "sdpa", autocast)
     assert measured == pytest.approx(predicted, rel=0.1)
+
+
+def test_tied_embeddings_are_counted_once():
+    dims = dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=2, num_attention_heads=9,
+                num_key_value_heads=3, vocab_size=49152)
+    tied = estimate(LlamaConfig(**dims, tie_word_embeddings=True), 128, 1, AdapterConfig(r=8))
+    untied = estimate(LlamaConfig(**dims, tie_word_embeddings=False), 128, 1, AdapterConfig(r=8))
+    embedding, norms = 49152 * 576, (2 * 2 + 1) * 576
+    assert tied.parts["16-bit embeddings + head"] == 2 * (embedding + norms)  # the shared matrix, once
+    assert untied.parts["16-bit embeddings + head"] == 2 * (2 * embedding + norms)
