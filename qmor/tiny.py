@@ -46,18 +46,24 @@ def tiny_config(vocab_size: int, hidden: int = 128, layers: int = 4, heads: int 
 
 def make_tiny(path: str | Path, seed: int = 0, **dims) -> Path:
     """Write a random tiny Llama and its tokenizer to `path` (fixed seed: the same bytes every time)."""
-    from transformers import LlamaForCausalLM
+    return write_random(path, lambda vocab: tiny_config(vocab, **dims), seed)
+
+
+def write_random(path: str | Path, config_for, seed: int = 0) -> Path:
+    """Write a random causal LM built from `config_for(vocab_size)` and the character tokenizer to `path`, unless a
+    model is there already."""
+    from transformers import AutoModelForCausalLM
+
+    from qmor.files import atomic_dir
 
     path = Path(path)
     if (path / "config.json").is_file():
         return path
     tok = tiny_tokenizer()
     torch.manual_seed(seed)
-    model = LlamaForCausalLM(tiny_config(len(tok), **dims))
+    model = AutoModelForCausalLM.from_config(config_for(len(tok)))
     model.generation_config.pad_token_id = tok.pad_token_id
     model.generation_config.eos_token_id = tok.eos_token_id
-    from qmor.files import atomic_dir
-
     with atomic_dir(path) as tmp:
         model.save_pretrained(tmp)
         tok.save_pretrained(tmp)

@@ -8,10 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch
-
-from qmor.files import atomic_dir
-from qmor.tiny import tiny_tokenizer
+from qmor.tiny import write_random
 
 HIDDEN, LAYERS, HEADS = 64, 2, 4
 SPECIAL_IDS = {"pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 7}
@@ -57,16 +54,4 @@ def make_config(spec: tuple[str, dict], vocab_size: int):
 
 def make_model(path: Path, spec: tuple[str, dict], seed: int = 0) -> Path:
     """Write a random model of `spec` (a (config class, sizes) pair) and the character tokenizer to `path`."""
-    from transformers import AutoModelForCausalLM
-
-    if (path / "config.json").is_file():
-        return path
-    tok = tiny_tokenizer()
-    torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(make_config(spec, len(tok)))
-    model.generation_config.pad_token_id = tok.pad_token_id
-    model.generation_config.eos_token_id = tok.eos_token_id
-    with atomic_dir(path) as tmp:
-        model.save_pretrained(tmp)
-        tok.save_pretrained(tmp)
-    return path
+    return write_random(path, lambda vocab: make_config(spec, vocab), seed)
