@@ -25,7 +25,7 @@ from qmor.data import build_datasets, collate
 from qmor.errors import QmorError
 from qmor.evaluate import eval_loss, score_task
 from qmor.files import load_json, save_json
-from qmor.loss import ChunkedLoss
+from qmor.loss import ChunkedLoss, enable_checkpointing
 from qmor.metrics import MetricsLog
 from qmor.train_config import TrainConfig, from_json, to_json
 
@@ -219,7 +219,7 @@ def load_model(cfg: TrainConfig, model_path: str, checkpoint: Path | None, devic
                                                 trust_remote_code=cfg.trust_remote_code)
     model.config.use_cache = False
     if cfg.gradient_checkpointing:
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        enable_checkpointing(model)
     model.train()
     return model, meta, report
 
