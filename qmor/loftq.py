@@ -103,7 +103,7 @@ def resolve_model(model_path: str) -> Path:
         return Path(snapshot_download(model_path, local_files_only=True))
     except Exception:  # any failure means the same thing here: there is no usable local copy
         raise QmorError(f"LoftQ reads weights from disk, and {model_path!r} is neither a local folder nor in the "
-                        f"Hugging Face cache; run `huggingface-cli download {model_path}` first or pass a folder"
+                        f"Hugging Face cache; run `hf download {model_path}` first or pass a folder"
                         ) from None
 
 
