@@ -107,7 +107,7 @@ def resolve_model(model_path: str) -> Path:
         return Path(snapshot_download(model_path, local_files_only=True))
     except Exception:  # any failure means the same thing here: there is no usable local copy
         raise QmorError(f"the weights are read from disk, and {model_path!r} is neither a local folder nor in the "
-                        f"Hugging Face cache; run `huggingface-cli download {model_path}` while online, or pass the "
+                        f"Hugging Face cache; run `hf download {model_path}` while online, or pass the "
                         "model's folder") from None
 
 

@@ -18,6 +18,19 @@ from torch.utils.checkpoint import checkpoint
 IGNORE = -100  # label of tokens that carry no loss (prompt, padding)
 
 
+def enable_checkpointing(lm: nn.Module) -> None:
+    """Non-reentrant activation checkpointing of every decoder layer of a transformers model.
+
+    transformers 5.23 renamed gradient_checkpointing_enable to activation_checkpointing_enable (the old name warns
+    and goes in 6); releases before 5.23 have only the old name, with the same behaviour.
+    """
+    enable = getattr(lm, "activation_checkpointing_enable", None)
+    if enable is not None:
+        enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
 def _chunk_ce(head: nn.Module, scale: float, softcap: float | None, hidden: torch.Tensor, labels: torch.Tensor
               ) -> torch.Tensor:
     logits = head(hidden).float() * scale  # (n, V): only this chunk's logits

@@ -156,7 +156,7 @@ def load_failed(name_or_path: str, e: BaseException, what: str = "model") -> Qmo
     elif "trust_remote_code" in first:
         fix = "pass --trust-remote-code if you trust the model's code"
     elif not is_local(name_or_path):
-        fix = f"check the id, or download it while online (huggingface-cli download {name_or_path}), or pass a " \
+        fix = f"check the id, or download it while online (hf download {name_or_path}), or pass a " \
               "local folder"
     else:
         fix = "check that the folder holds a complete Hugging Face model (config.json, tokenizer, weights)"

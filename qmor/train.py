@@ -27,7 +27,7 @@ from qmor.data import build_datasets, collate, data_notes
 from qmor.errors import QmorError
 from qmor.evaluate import eval_loss, score_task
 from qmor.files import load_json, save_json
-from qmor.loss import ChunkedLoss
+from qmor.loss import ChunkedLoss, enable_checkpointing
 from qmor.metrics import METRICS, PLOT, MetricsLog
 from qmor.packing import check_documents_apart
 from qmor.template import template_text
@@ -278,7 +278,7 @@ def load_model(cfg: TrainConfig, model_path: str, checkpoint: Path | None, devic
                                                 trust_remote_code=cfg.trust_remote_code)
     model.config.use_cache = False
     if cfg.gradient_checkpointing:
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        enable_checkpointing(model)
     model.train()
     return model, meta, report
 

@@ -70,12 +70,12 @@ def build_random_4bit(config, device: str, dtype: torch.dtype) -> nn.Module:
 def qmor_step(model: nn.Module, runner: str, rank: int, checkpointing: bool, loss_chunk: int):
     from qmor.attach import attach
     from qmor.config import AdapterConfig
-    from qmor.loss import ChunkedLoss
+    from qmor.loss import ChunkedLoss, enable_checkpointing
 
     family, _, extra = runner.partition("+")
     attach(model, AdapterConfig(family=family, r=rank, alpha=2 * rank, targets=TARGETS))
     if checkpointing:
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        enable_checkpointing(model)
     loss_fn = ChunkedLoss(model, loss_chunk, offload=extra == "offload")
 
     def step(ids: torch.Tensor) -> torch.Tensor:

@@ -7,7 +7,7 @@ from conftest import perturb
 from qmor import AdapterConfig, QmorError, attach, load_adapter, save_adapter
 from qmor.adapters import ADAPTERS
 from qmor.attach import AdapterMeta, adapted_layers, aux_loss, count_parameters, find_targets
-from qmor.loss import ChunkedLoss
+from qmor.loss import ChunkedLoss, enable_checkpointing
 from qmor.quant import QuantConfig, is_4bit, load_4bit
 
 KW = {"r": 4, "alpha": 8.0, "experts": 3, "expert_dropout": 0.0}
@@ -80,7 +80,8 @@ def test_gradient_checkpointing_gives_same_gradients(tiny_dir, family):
         perturb(model)
         model.train()
         if checkpointing:
-            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+            enable_checkpointing(model)
+            assert any(getattr(m, "gradient_checkpointing", False) for m in model.modules())
         ids = batch()
         model(input_ids=ids, labels=ids).loss.backward()
         grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad})
@@ -100,7 +101,7 @@ def test_bf16_autocast_step_matches_fp32(tiny_dir, family):
         attach(model, AdapterConfig(family=family, **KW))
         perturb(model)
         model.train()
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        enable_checkpointing(model)
         ids = batch()
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == "bfloat16"):
             total, n = ChunkedLoss(model, chunk=16)(ids, ids)

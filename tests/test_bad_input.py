@@ -407,7 +407,7 @@ def test_uncached_hub_id_names_the_fix(tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # no network attempts (and their retries): read once imported, so
     monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)  # the constant is set too
     code = finetune_4bit.main(["--model", "qmor-tests/no-such-model", "--output", str(tmp_path / "r"), *FAST])
-    error_line(capsys, code, "'qmor-tests/no-such-model'", "huggingface-cli download qmor-tests/no-such-model")
+    error_line(capsys, code, "'qmor-tests/no-such-model'", "hf download qmor-tests/no-such-model")
     assert not (tmp_path / "r").exists()
 
 

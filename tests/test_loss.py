@@ -5,7 +5,7 @@ import torch
 
 from qmor.attach import attach
 from qmor.config import AdapterConfig
-from qmor.loss import ChunkedLoss, chunked_cross_entropy
+from qmor.loss import ChunkedLoss, chunked_cross_entropy, enable_checkpointing
 from qmor.quant import load_4bit
 
 
@@ -69,9 +69,20 @@ def test_chunk_size_does_not_change_result():
         torch.testing.assert_close(g, out[0][1])
 
 
+def test_checkpointing_falls_back_to_the_name_before_transformers_5_23():
+    calls = []
+
+    class Before523:  # a model from transformers < 5.23: only gradient_checkpointing_enable exists
+        def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs=None):
+            calls.append(gradient_checkpointing_kwargs)
+
+    enable_checkpointing(Before523())
+    assert calls == [{"use_reentrant": False}]
+
+
 def test_offloaded_checkpointing_gives_the_same_gradients(model):
     ids, mask, labels = batch(model.config.vocab_size)
-    model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    enable_checkpointing(model)
     results = []
     for offload in (False, True):
         model.zero_grad()
@@ -104,7 +115,7 @@ def test_offload_moves_saved_tensors_to_cpu_memory(model, monkeypatch):
         return ctx
 
     monkeypatch.setattr(loss_mod, "save_on_cpu", counting)
-    model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    enable_checkpointing(model)
     ids, mask, labels = batch(model.config.vocab_size)
     ChunkedLoss(model, offload=True)(input_ids=ids, labels=labels, attention_mask=mask)[0].backward()
     hidden = model.config.hidden_size
