@@ -7,7 +7,7 @@ from qmor.config import AdapterConfig
 from qmor.data import DataConfig, build_datasets, collate, pack
 from qmor.errors import QmorError
 from qmor.load import load_for_training
-from qmor.loss import ChunkedLoss
+from qmor.loss import ChunkedLoss, enable_checkpointing
 from qmor.packing import check_documents_apart
 from qmor.tiny import tiny_tokenizer
 from qmor.train import train
@@ -28,7 +28,7 @@ def model(tiny_dir):
     model, _, _ = load_for_training(str(tiny_dir), AdapterConfig(family="lora", r=4, targets=["q_proj", "v_proj"]),
                                     device="cpu")
     model.config.use_cache = False
-    model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    enable_checkpointing(model)
     return model.train()  # as in training: checkpointing on
 
 
