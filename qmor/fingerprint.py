@@ -19,6 +19,7 @@ from safetensors import safe_open
 
 from qmor.errors import QmorError
 from qmor.files import load_json
+from qmor.quant import is_local
 
 ROWS = 4  # rows sampled per matrix, evenly spaced from the first to the last
 COLS = 64  # leading columns of each sampled row
@@ -85,7 +86,7 @@ def record(model_path: str) -> dict | None:
 def check_base(recorded: dict | None, trained_on: str, base: str, allow_other_base: bool = False) -> None:
     """Refuse `base` when its fingerprint differs from the one recorded at training time (nothing recorded: old
     adapters, or weights that could not be read, pass unchecked)."""
-    if recorded is None or (base.startswith(("/", ".", "~")) and not Path(base).expanduser().exists()):
+    if recorded is None or (is_local(base) and not Path(base).expanduser().exists()):
         return  # nothing to compare with, or a folder that is not there (loading it says so in its own words)
     try:
         found = base_fingerprint(base)

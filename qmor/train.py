@@ -22,6 +22,7 @@ from tqdm import tqdm
 
 from qmor.adapters import MERGEABLE
 from qmor.attach import aux_loss, count_parameters
+from qmor.builtin import resolve_model
 from qmor.checkpoint import checkpoint_dirs, load_checkpoint, resumable_checkpoint, rng_state, save_checkpoint
 from qmor.data import build_datasets, collate, data_notes
 from qmor.errors import QmorError
@@ -39,14 +40,6 @@ LEFTOVERS = {CONFIG, METRICS, PLOT, "loftq_report.json", "train.log", "checkpoin
 
 
 # ---------------------------------------------------------------------------------------------------- setup
-
-
-def resolve_model(name: str, seed: int) -> str:
-    """A built-in name (`tiny`, `smollm2`) becomes its folder, built once into the cache; anything else is used as
-    given."""
-    from qmor.builtin import resolve_model as resolve
-
-    return resolve(name, seed)
 
 
 def load_tokenizer(model_path: str, trust_remote_code: bool):
