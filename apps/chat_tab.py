@@ -16,6 +16,7 @@ from apps.command import short_path
 from apps.paths import Workspace, check_run_sources, model_arg, run_dir
 from apps.ui import adapter_config, error_md, ok_md, trained_runs
 from qmor.errors import QmorError
+from qmor.model_files import builtin_name
 
 NONE = "(none: base only)"
 _LOCK = threading.Lock()
@@ -97,8 +98,6 @@ def build(ws: Workspace) -> dict:
             meta = adapter_config(run_dir(ws, name))
         except QmorError:  # a run that leads out of the workspace: Load says so
             return gr.update()
-        from qmor.builtin import builtin_name
-
         base = meta.get("base_model") or "tiny"
         return gr.update(value=builtin_name(base) or short_path(base))
 

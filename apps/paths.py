@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from qmor.errors import QmorError
+from qmor.model_files import is_builtin, is_hub_id
 
 LOCAL_HOSTS = {"127.0.0.1", "localhost", "::1"}
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
@@ -91,20 +92,17 @@ def check_run_sources(ws: Workspace, run: Path) -> None:
 
 
 BUILTIN_DATASETS = ("uuid", "reverse", "sort", "add", "upper", "mix")
-HUB_ID_RE = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
 def model_arg(ws: Workspace, text: str) -> str:
     """The --model value: a built-in name (tiny, smollm2), a hub id, or a local folder (checked against the
     workspace)."""
-    from qmor.builtin import is_builtin
-
     text = (text or "").strip()
     if is_builtin(text):
         return text
     local = Path(text).expanduser()
     local = local if local.is_absolute() else ws.root / local
-    if HUB_ID_RE.match(text) and not local.exists():
+    if is_hub_id(text) and not local.exists():
         return text
     path = user_path(ws, text, "model folder")
     if not (path / "config.json").is_file():

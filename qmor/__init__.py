@@ -1,9 +1,7 @@
 """qmor: fine-tune large language models on one consumer GPU with 4-bit NF4 bases and small adapters."""
 
-__version__ = "0.1.0"
-
-from qmor.adapters import ADAPTERS, MERGEABLE, build_adapter  # noqa: E402
-from qmor.attach import (  # noqa: E402
+from qmor.adapters import ADAPTERS, MERGEABLE, build_adapter
+from qmor.attach import (
     AdapterMeta,
     attach,
     count_parameters,
@@ -12,10 +10,11 @@ from qmor.attach import (  # noqa: E402
     save_adapter,
     set_enabled,
 )
-from qmor.config import AdapterConfig, QuantConfig  # noqa: E402
-from qmor.errors import NotMergeable, QmorError  # noqa: E402
+from qmor.config import AdapterConfig, QuantConfig
+from qmor.errors import NotMergeable, QmorError
+from qmor.version import __version__
 
 __all__ = [
-    "ADAPTERS", "MERGEABLE", "AdapterConfig", "AdapterMeta", "NotMergeable", "QmorError", "QuantConfig",
+    "ADAPTERS", "MERGEABLE", "__version__", "AdapterConfig", "AdapterMeta", "NotMergeable", "QmorError", "QuantConfig",
     "attach", "build_adapter", "count_parameters", "detach", "load_adapter", "save_adapter", "set_enabled",
 ]

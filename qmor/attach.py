@@ -10,13 +10,13 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from qmor import __version__
 from qmor.adapters import build_adapter
 from qmor.config import AdapterConfig, QuantConfig, from_dict, to_dict
 from qmor.errors import QmorError
 from qmor.files import atomic_dir, load_json, save_json
 from qmor.layer import AdaptedLinear
 from qmor.quant import keep_plain_layout
+from qmor.version import __version__
 
 WEIGHTS = "adapter.safetensors"
 CONFIG = "qmor_adapter.json"  # a name of our own: PEFT and transformers read "adapter_config.json" as PEFT's layout
@@ -31,23 +31,21 @@ class AdapterMeta:
     base_model: str = ""  # hub id or local path of the base the adapter was trained on
     quant: QuantConfig = field(default_factory=QuantConfig)
     init: str = "default"  # "default" or "loftq": LoftQ changes the quantised base, so the merge base must be Q_T
-    merge_base: str = "dequantized"  # "dequantized" (dequant(Q), always right) or "original" (W; wrong after LoftQ)
     base_weights: str | None = None  # folder with the LoftQ-initialised 4-bit base (Q_T), when init == "loftq"
     base_fingerprint: dict | None = None  # qmor.fingerprint of the base, so another base is refused (None: unchecked)
     chat_template: str | None = None  # the Jinja chat template training rendered conversations with (None: none)
 
     def to_json(self) -> dict:
         return {"adapter": to_dict(self.adapter), "base_model": self.base_model, "quant": to_dict(self.quant),
-                "init": self.init, "merge_base": self.merge_base, "base_weights": self.base_weights,
-                "base_fingerprint": self.base_fingerprint, "chat_template": self.chat_template,
-                "qmor_version": __version__}
+                "init": self.init, "base_weights": self.base_weights, "base_fingerprint": self.base_fingerprint,
+                "chat_template": self.chat_template, "qmor_version": __version__}
 
     @classmethod
     def from_json(cls, data: dict) -> AdapterMeta:
         return cls(adapter=from_dict(AdapterConfig, data["adapter"]), base_model=data.get("base_model", ""),
                    quant=from_dict(QuantConfig, data.get("quant", {})), init=data.get("init", "default"),
-                   merge_base=data.get("merge_base", "dequantized"), base_weights=data.get("base_weights"),
-                   base_fingerprint=data.get("base_fingerprint"), chat_template=data.get("chat_template"))
+                   base_weights=data.get("base_weights"), base_fingerprint=data.get("base_fingerprint"),
+                   chat_template=data.get("chat_template"))  # keys it does not name (merge_base) are old: ignored
 
 
 def _output_head(model: nn.Module) -> nn.Module | None:

@@ -22,11 +22,13 @@ from pathlib import Path
 
 import torch
 
-from qmor.attach import AdapterMeta, attach, detach, load_adapter_weights, read_meta
+from qmor.attach import AdapterMeta, detach
 from qmor.config import QuantConfig
 from qmor.errors import QmorError
-from qmor.fingerprint import check_base
-from qmor.quant import LOAD_ERRORS, is_4bit, is_local, load_4bit, load_failed, set_packed
+from qmor.export import find_adapter
+from qmor.load import attach_trained, load_4bit, load_tokenizer
+from qmor.model_files import expand_builtin
+from qmor.quant import is_4bit, set_packed
 from qmor.template import TemplateError, encode, render, template_text
 
 ROLES = ("system", "user", "assistant")
@@ -66,12 +68,6 @@ class Sampling:
         if self.temperature == 0:
             return kw | {"do_sample": False, "temperature": None, "top_p": None, "top_k": None}
         return kw | {"do_sample": True, "temperature": self.temperature, "top_p": self.top_p, "top_k": self.top_k}
-
-
-def adapter_folder(path: str | Path) -> Path:
-    from qmor.export import find_adapter
-
-    return find_adapter(path)
 
 
 def check_messages(messages: list[dict]) -> None:
@@ -123,20 +119,11 @@ class ChatSession:
 
     def __init__(self, base_model: str, device: str | None = None, quant: QuantConfig = QuantConfig(),
                  trust_remote_code: bool = False, allow_other_base: bool = False):
-        from transformers import AutoTokenizer
-
-        from qmor.builtin import resolve_model
-
-        base_model = resolve_model(base_model)  # a built-in name (tiny, smollm2) becomes its cached folder
+        base_model = expand_builtin(base_model)  # a built-in name (tiny, smollm2) becomes its cached folder
         self.base_model = base_model
-        self.trust_remote_code = trust_remote_code
         self.allow_other_base = allow_other_base  # use adapters trained on another base (fingerprint differs)
         self.model = load_4bit(base_model, quant, device, trust_remote_code).eval()
-        source = str(Path(base_model).expanduser()) if is_local(base_model) else base_model
-        try:
-            self.tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
-        except LOAD_ERRORS as e:
-            raise load_failed(base_model, e, "tokenizer") from None
+        self.tokenizer = load_tokenizer(base_model, trust_remote_code)
         # the plain NF4 weights, kept by reference so a LoftQ adapter's Q_T can be swapped out again
         self.plain = {n: m.weight for n, m in self.model.named_modules() if is_4bit(m)}
         self.adapter: Path | None = None  # the adapter folder in use, None for the base alone
@@ -157,16 +144,9 @@ class ChatSession:
             self._reset()
             if path is None:
                 return None
-            folder = adapter_folder(path)
-            meta = read_meta(folder)
-            check_base(meta.base_fingerprint, meta.base_model, self.base_model, self.allow_other_base)
+            folder = find_adapter(path)
             try:
-                attach(self.model, meta.adapter)
-                if meta.init == "loftq":
-                    from qmor.loftq import restore_base
-
-                    restore_base(self.model, meta, self.base_model, self.trust_remote_code)
-                load_adapter_weights(self.model, folder)
+                meta = attach_trained(self.model, folder, self.base_model, self.allow_other_base)
             except BaseException:
                 self._reset()  # a failed switch leaves the plain base, never half an adapter
                 raise

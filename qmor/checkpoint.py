@@ -15,8 +15,9 @@ import zipfile
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file
 
-from qmor.attach import AdapterMeta, save_adapter
+from qmor.attach import CONFIG, WEIGHTS, AdapterMeta, save_adapter
 from qmor.errors import QmorError
 from qmor.files import atomic_dir, load_json, save_json
 
@@ -82,10 +83,6 @@ def reason(e: BaseException) -> str:
 
 def check_checkpoint(path: Path) -> None:
     """Read every file of a checkpoint back (raises Damaged, or QmorError for a file qmor did not write)."""
-    from safetensors.torch import load_file
-
-    from qmor.attach import CONFIG, WEIGHTS
-
     for name in ("state.json", f"adapter/{CONFIG}"):
         try:
             load_json(path / name)

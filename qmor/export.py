@@ -14,17 +14,19 @@ import sys
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file
 from torch import nn
 
-from qmor import __version__
 from qmor.adapters import MERGEABLE
-from qmor.attach import CONFIG, AdapterMeta, meta_file, read_meta
-from qmor.builtin import resolve_model as resolve_builtin
+from qmor.attach import CONFIG, AdapterMeta, adapted_layers, meta_file, read_meta
 from qmor.errors import NotMergeable, QmorError
 from qmor.files import atomic_dir, load_json, save_json
-from qmor.merge import INDEX, check_dtype, parse_size, write_merged
-from qmor.peft_export import check_peft_family, write_peft
+from qmor.load import load_trained
+from qmor.merge import check_dtype, parse_size, write_merged
+from qmor.model_files import INDEX, expand_builtin, is_local, local_folder, weight_files
+from qmor.peft_export import PEFT_WEIGHTS, check_peft_family, write_peft
 from qmor.verify import Check, compare, logits, prompt_ids, require
+from qmor.version import __version__
 
 MERGE_BASES = ("dequantized", "original")
 # files copied verbatim from the base folder: tokenizer, chat template, generation defaults
@@ -72,14 +74,11 @@ def check_output(output: Path, overwrite: bool) -> None:
 
 def base_checkpoint(base: str, given: bool = False) -> tuple[Path, dict[str, Path]]:
     """The base model's local folder and its tensor -> safetensors file map (never .bin: no unpickling)."""
-    from qmor.loftq import resolve_model, weight_files
-    from qmor.quant import is_local
-
     if is_local(base) and not Path(base).expanduser().exists():
         where = "given with --base-model" if given else "recorded in the adapter"
         raise QmorError(f"the base model folder {base} ({where}) does not exist; pass the folder where it is now with "
                         "--base-model (it is checked to be the same model)")
-    folder = resolve_model(base)
+    folder = local_folder(base)
     if "quantization_config" in load_json(folder / "config.json"):
         raise QmorError(f"{base} is stored pre-quantised; export merges from the original 16/32-bit checkpoint, "
                         "so pass that with --base-model")
@@ -157,8 +156,6 @@ def verify_folder(reference: nn.Module, folder: Path, dtype: torch.dtype, tolera
 
 def load_source(source: str | Path, device: str | None, base_model: str | None, trust_remote_code: bool,
                 allow_other_base: bool = False):
-    from qmor.load import load_trained
-
     model, meta = load_trained(find_adapter(source), device, base_model, trust_remote_code, allow_other_base)
     return model.eval(), meta
 
@@ -177,7 +174,7 @@ def export_merged(
     allow_other_base: bool = False,
 ) -> dict:
     """Merge a run's adapter into its base and write a plain Hugging Face model folder; returns a summary."""
-    base_model = resolve_builtin(base_model) if base_model else None  # built-in names work here too
+    base_model = expand_builtin(base_model) if base_model else None  # built-in names work here too
     output = Path(output)
     meta = read_meta(find_adapter(source))
     check_merge(meta, merge_base)
@@ -218,7 +215,7 @@ def export_peft(
     a plain fp16 model. Without it (with_base=False) the adapter names the original base: fine for default-init
     adapters up to NF4 rounding, wrong for LoftQ adapters (they hold W - Q_T), which are refused.
     """
-    base_model = resolve_builtin(base_model) if base_model else None  # built-in names work here too
+    base_model = expand_builtin(base_model) if base_model else None  # built-in names work here too
     output = Path(output)
     meta = read_meta(find_adapter(source))
     check_peft_family(meta.adapter.family)
@@ -255,11 +252,6 @@ def export_peft(
 
 def check_factors(model: nn.Module, folder: Path) -> None:
     """The written A, B reproduce every layer's ΔW (what PEFT will add), when there is no base to run."""
-    from safetensors.torch import load_file
-
-    from qmor.attach import adapted_layers
-    from qmor.peft_export import PEFT_WEIGHTS
-
     state = load_file(str(folder / PEFT_WEIGHTS))
     for name, layer in adapted_layers(model).items():
         A, B = state[f"base_model.model.{name}.lora_A.weight"], state[f"base_model.model.{name}.lora_B.weight"]

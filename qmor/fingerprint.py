@@ -15,11 +15,12 @@ import hashlib
 import sys
 from pathlib import Path
 
+import torch
 from safetensors import safe_open
 
 from qmor.errors import QmorError
 from qmor.files import load_json
-from qmor.quant import is_local
+from qmor.model_files import is_local, local_folder, weight_files
 
 ROWS = 4  # rows sampled per matrix, evenly spaced from the first to the last
 COLS = 64  # leading columns of each sampled row
@@ -28,9 +29,7 @@ COLS = 64  # leading columns of each sampled row
 def base_fingerprint(model_path: str) -> dict:
     """{"architecture", "matrices", "shapes", "weights"} of a local folder or cached hub model (QmorError if its
     weights cannot be read: not downloaded, or no safetensors)."""
-    from qmor.loftq import resolve_model, weight_files
-
-    folder = resolve_model(model_path)
+    folder = local_folder(model_path)
     names = weight_files(folder)
     # chat compares on every adapter switch: the same files (same sizes and times) are read once
     stamp = tuple(sorted((str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in set(names.values())))
@@ -39,8 +38,6 @@ def base_fingerprint(model_path: str) -> dict:
 
 @functools.lru_cache(maxsize=8)
 def _fingerprint(folder: Path, stamp: tuple) -> tuple:
-    from qmor.loftq import weight_files
-
     config = load_json(folder / "config.json")
     names = weight_files(folder)
     by_file: dict[Path, list[str]] = {}
@@ -67,9 +64,7 @@ def _fingerprint(folder: Path, stamp: tuple) -> tuple:
             ("weights", weights.hexdigest()[:16]))
 
 
-def _bytes(t) -> bytes:
-    import torch
-
+def _bytes(t: torch.Tensor) -> bytes:
     return t.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
 
 

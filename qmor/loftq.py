@@ -15,24 +15,22 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 import sys
 import zlib
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm import tqdm
 
-from qmor.adapters import build_adapter
-from qmor.attach import WEIGHTS, AdapterMeta, adapted_layers, adapter_state, attach, load_adapter_weights
+from qmor.attach import WEIGHTS, AdapterMeta, adapted_layers, adapter_state, load_adapter_weights
 from qmor.config import AdapterConfig, QuantConfig, to_dict
 from qmor.errors import NotMergeable, QmorError
 from qmor.files import atomic_dir, load_json, save_json
 from qmor.layer import AdaptedLinear
-from qmor.quant import Packed, dequantize, is_4bit, is_local, load_4bit, packed_from_state, packed_state, quantize
+from qmor.model_files import cache_root, local_folder, read_tensor, tensor_key, weight_files
+from qmor.quant import Packed, dequantize, is_4bit, packed_from_state, packed_state, quantize
 from qmor.quant import set_packed as put_packed
 
 BASE = "base.safetensors"  # Q_T of every target, keys "<module name>|<packed_state key>"
@@ -91,54 +89,7 @@ def loftq_layer(
 # ---------------------------------------------------------------------------------------------------- checkpoints
 
 
-def resolve_model(model_path: str) -> Path:
-    """The local folder of a model: the path itself, or a hub id's snapshot in the Hugging Face cache."""
-    if is_local(model_path):
-        path = Path(model_path).expanduser()
-        if not path.exists():
-            raise QmorError(f"model folder {model_path} does not exist; check the path, or pass the folder where the "
-                            "model is now")
-        if not (path / "config.json").is_file():
-            raise QmorError(f"{model_path} is not a Hugging Face model folder (no config.json); pass a model folder")
-        return path.resolve()
-    try:
-        from huggingface_hub import snapshot_download
-
-        return Path(snapshot_download(model_path, local_files_only=True))
-    except Exception:  # any failure means the same thing here: there is no usable local copy
-        raise QmorError(f"the weights are read from disk, and {model_path!r} is neither a local folder nor in the "
-                        f"Hugging Face cache; run `hf download {model_path}` while online, or pass the "
-                        "model's folder") from None
-
-
-def weight_files(folder: Path) -> dict[str, Path]:
-    """Map of tensor name -> safetensors file, from model.safetensors.index.json or a single model.safetensors."""
-    index = folder / "model.safetensors.index.json"
-    if index.is_file():
-        return {name: folder / file for name, file in load_json(index)["weight_map"].items()}
-    single = folder / "model.safetensors"
-    if single.is_file():
-        with safe_open(str(single), framework="pt") as f:
-            return {name: single for name in f.keys()}
-    raise QmorError(f"{folder} has no safetensors weights (model.safetensors or an index); LoftQ never unpickles "
-                    ".bin files, so convert the checkpoint to safetensors first")
-
-
-def checkpoint_name(module: str, names: dict[str, Path], prefix: str) -> str:
-    """The checkpoint key of a module's weight (checkpoints saved from the bare base model lack the prefix)."""
-    for key in (f"{module}.weight", f"{module.removeprefix(prefix + '.')}.weight"):
-        if key in names:
-            return key
-    raise QmorError(f"the checkpoint has no tensor for {module}.weight; LoftQ streaming needs checkpoint tensor "
-                    "names that match the model's modules (re-save the model with save_pretrained)")
-
-
-def read_tensor(names: dict[str, Path], key: str) -> torch.Tensor:
-    with safe_open(str(names[key]), framework="pt") as f:
-        return f.get_tensor(key)
-
-
-def fingerprint(files: list[Path]) -> str:
+def weights_digest(files: list[Path]) -> str:
     """Cheap content hash of the weight files: size, the safetensors header and 16 sampled 64 KiB chunks each,
     so a re-saved checkpoint at the same path gets a new key without reading gigabytes."""
     h = hashlib.sha256()
@@ -157,13 +108,9 @@ def fingerprint(files: list[Path]) -> str:
 # ---------------------------------------------------------------------------------------------------- cache
 
 
-def default_cache_dir() -> Path:
-    return Path(os.environ.get("QMOR_CACHE") or Path.home() / ".cache" / "qmor")
-
-
 def cache_key(model_path: str, files: list[Path], cfg: AdapterConfig, targets: list[str], quant: QuantConfig) -> dict:
     adapter = {k: v for k, v in to_dict(cfg).items() if k not in TRAINING_ONLY}
-    return {"model": model_path, "weights": fingerprint(files), "adapter": adapter,
+    return {"model": model_path, "weights": weights_digest(files), "adapter": adapter,
             "targets": hashlib.sha256("\n".join(targets).encode()).hexdigest()[:16],
             "quant": {"blocksize": quant.blocksize, "double_quant": quant.double_quant}, "algorithm": ALGORITHM}
 
@@ -225,7 +172,10 @@ def initialise(model: nn.Module, names: dict[str, Path], quant: QuantConfig, ite
     errors = {}
     for name, layer in tqdm(layers.items(), desc="LoftQ init", unit="layer", file=sys.stderr):
         device = layer.base.weight.device
-        key = checkpoint_name(name, names, prefix)
+        key = tensor_key(name, names, prefix)
+        if key is None:
+            raise QmorError(f"the checkpoint has no tensor for {name}.weight; LoftQ streaming needs checkpoint tensor "
+                            "names that match the model's modules (re-save the model with save_pretrained)")
         W = read_tensor(names, key).to(device, torch.float32)  # (d_out, d_in)
         if not bool(torch.isfinite(W).all()):
             raise QmorError(f"the checkpoint's {key} holds nan or inf values, so no quantisation of it can be right; "
@@ -259,44 +209,26 @@ def summary(report: dict) -> str:
             f"({report['gain']:.2f}x lower), worst {report['worst_nf4']:.4f} -> {report['worst_loftq']:.4f}")
 
 
-def loftq_init(
-    model_path: str,
-    adapter_cfg: AdapterConfig,
-    quant: QuantConfig = QuantConfig(),
-    device: str | None = None,
-    cache_dir: str | Path | None = None,
-    trust_remote_code: bool = False,
-) -> tuple[nn.Module, AdapterMeta, dict]:
-    """4-bit model with LoftQ-initialised adapters: loaded from the cache when the same key was computed before,
-    else computed layer by layer from the checkpoint and cached. Returns (model, meta, report)."""
-    from qmor.load import model_source
-
-    if adapter_cfg.loftq_iters < 1:
-        raise QmorError(f"loftq_iters must be at least 1, got {adapter_cfg.loftq_iters}; pass e.g. --loftq-iters 1")
-    folder = resolve_model(model_path)
-    names = weight_files(folder)
-    model = load_4bit(str(folder), quant, device, trust_remote_code)
-    targets = attach(model, adapter_cfg)
-    source = model_source(model_path)
-    key = cache_key(source, list(names.values()), adapter_cfg, targets, quant)
-    cache = cache_folder(Path(cache_dir) if cache_dir else default_cache_dir(), key, adapter_cfg)
+def initialise_cached(model: nn.Module, source: str, names: dict[str, Path], targets: list[str],
+                      cfg: AdapterConfig, quant: QuantConfig, cache_dir: str | Path | None = None) -> tuple[Path, dict]:
+    """LoftQ-initialise the adapters attached to a 4-bit model (on the `targets` of the model recorded as `source`,
+    whose checkpoint tensors are `names`): loaded from the cache when the same key was computed before, else
+    computed layer by layer and cached. Returns (cache folder, report)."""
+    key = cache_key(source, list(names.values()), cfg, targets, quant)
+    cache = cache_folder(Path(cache_dir) if cache_dir else cache_root(), key, cfg)
     if (cache / BASE).is_file() and (cache / REPORT).is_file():
         apply_base_weights(model, cache)
         load_adapter_weights(model, cache)
         report = load_json(cache / REPORT)
         print(f"LoftQ: loaded cached init from {cache}", file=sys.stderr)
     else:
-        report = make_report(initialise(model, names, quant, adapter_cfg.loftq_iters), adapter_cfg, cache)
+        report = make_report(initialise(model, names, quant, cfg.loftq_iters), cfg, cache)
         save_cache(model, cache, key, report)
     print(summary(report), file=sys.stderr)
-    from qmor.fingerprint import record
-
-    meta = AdapterMeta(adapter=adapter_cfg, base_model=source, quant=quant, init="loftq", base_weights=str(cache),
-                       base_fingerprint=record(str(folder)))
-    return model, meta, report
+    return cache, report
 
 
-def restore_base(model: nn.Module, meta: AdapterMeta, base: str, trust_remote_code: bool = False) -> None:
+def restore_base(model: nn.Module, meta: AdapterMeta, base: str) -> None:
     """Put a LoftQ adapter's Q_T into an attached 4-bit model: from its cache folder, or recomputed (and cached
     again) with the same seeds when the folder is gone. Leaves the adapters at their LoftQ init."""
     folder = Path(meta.base_weights) if meta.base_weights else None
@@ -305,7 +237,7 @@ def restore_base(model: nn.Module, meta: AdapterMeta, base: str, trust_remote_co
         return
     print(f"LoftQ base weights {folder} are missing; recomputing them from {base} (deterministic, same settings)",
           file=sys.stderr)
-    names = weight_files(resolve_model(base))
+    names = weight_files(local_folder(base))
     errors = initialise(model, names, meta.quant, meta.adapter.loftq_iters)
     if folder is not None:
         try:
@@ -313,7 +245,3 @@ def restore_base(model: nn.Module, meta: AdapterMeta, base: str, trust_remote_co
         except OSError as e:
             print(f"could not write the LoftQ cache {folder} ({e}); it will be recomputed next time", file=sys.stderr)
 
-
-def fresh_adapter(cfg: AdapterConfig, weight: torch.Tensor) -> nn.Module:
-    """A default-initialised adapter for one (d_out, d_in) weight, on the weight's device (benchmarks, tests)."""
-    return build_adapter(cfg, weight.shape[1], weight.shape[0]).to(weight.device)

@@ -18,10 +18,10 @@ from tqdm import tqdm
 from qmor.errors import QmorError
 from qmor.files import save_json
 from qmor.layer import AdaptedLinear
+from qmor.model_files import INDEX, tensor_key
 from qmor.quant import dequantize, is_4bit
 
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
-INDEX = "model.safetensors.index.json"
 ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
             "F8_E4M3": 1, "F8_E5M2": 1}
 FLOATS = ("F64", "F32", "F16", "BF16")
@@ -59,13 +59,11 @@ def checkpoint_keys(modules: dict, names: dict[str, Path], prefix: str) -> dict[
     """checkpoint tensor name -> module name, for each merged linear's weight."""
     keys = {}
     for module in modules:
-        for key in (f"{module}.weight", f"{module.removeprefix(prefix + '.')}.weight"):
-            if key in names:
-                keys[key] = module
-                break
-        else:
+        key = tensor_key(module, names, prefix)
+        if key is None:
             raise QmorError(f"the base checkpoint has no tensor {module}.weight; export needs a checkpoint whose "
                             "tensor names match the model's modules (re-save the base with save_pretrained)")
+        keys[key] = module
     return keys
 
 

@@ -25,8 +25,11 @@ from pathlib import Path
 import torch
 
 from qmor.adapters import check_family
+from qmor.adapters.mora import mora_kind, mora_rank
+from qmor.attach import find_targets
 from qmor.config import AdapterConfig
 from qmor.errors import QmorError
+from qmor.model_files import expand_builtin, is_local
 
 GIB = 1024**3
 CUDA_CONTEXT = 512 * 1024**2  # CUDA context, cuBLAS workspace and kernels: ~0.5 GiB, outside max_memory_allocated
@@ -100,10 +103,7 @@ def load_config(source: str):
     """A model config from a folder holding config.json, a config.json path, a hub id or a built-in name."""
     from transformers import AutoConfig
 
-    from qmor.builtin import is_builtin, resolve_model
-
-    if is_builtin(source):  # built once into the cache, like training does
-        source = resolve_model(source)
+    source = expand_builtin(source)  # a built-in name is built once into the cache, like training does
     path = Path(source).expanduser()
     if path.is_file():
         try:
@@ -120,7 +120,7 @@ def load_config(source: str):
         if not (path / "config.json").is_file():
             raise QmorError(f"{source} has no config.json; pass a model folder, a config.json or a hub id")
         return AutoConfig.from_pretrained(str(path))
-    if source.startswith((".", "/", "~")) or source.endswith(".json") or source.count("/") > 1:
+    if is_local(source) or source.endswith(".json") or source.count("/") > 1:
         raise QmorError(f"{source} does not exist; pass a model folder, a config.json or a hub id")
     try:
         return AutoConfig.from_pretrained(source)
@@ -147,8 +147,6 @@ def _targets_key(targets) -> str:
 @lru_cache(maxsize=32)
 def _geometry(config_json: str, targets_json: str) -> Geometry:
     from transformers import AutoConfig, AutoModelForCausalLM
-
-    from qmor.attach import find_targets
 
     data = json.loads(config_json)
     config = AutoConfig.for_model(data.pop("model_type"), **data)
@@ -202,8 +200,6 @@ def adapter_activation(family: str, d_in: int, d_out: int, cfg: AdapterConfig) -
     if family == "moslora":
         return 2 * cfg.r
     if family == "mora":
-        from qmor.adapters.mora import mora_kind, mora_rank
-
         kind = mora_kind(cfg)
         r_hat = mora_rank(d_in, d_out, cfg.r, kind)
         return -(-d_in // r_hat) * r_hat if kind == "rope" else r_hat  # rope saves the rotated, padded input

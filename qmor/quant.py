@@ -1,4 +1,4 @@
-"""NF4 quantisation and 4-bit model loading. The only module that imports bitsandbytes.
+"""NF4 quantisation: the only module that imports bitsandbytes (4-bit models are loaded by qmor/load.py).
 
 Everything that quantises or dequantises goes through `quantize` / `dequantize` here, so the Q that LoftQ
 optimises is bit for bit the Q that training uses (same block size, same double quantisation).
@@ -6,13 +6,9 @@ optimises is bit for bit the Q that training uses (same block size, same double 
 
 from __future__ import annotations
 
-import json
 import logging
-import os
-from pathlib import Path
 
 import torch
-from huggingface_hub import errors as hf_errors
 from torch import nn
 
 from qmor.config import QuantConfig
@@ -77,7 +73,7 @@ def _plain(packed: Packed) -> Packed:
     """`packed` itself, after checking that its codes are in the plain NF4 layout that every reader assumes."""
     if getattr(packed.quant_state, "packing_format_for_cpu", False):
         raise QmorError("a 4-bit weight was repacked in place by bitsandbytes' CPU inference path, so its codes are "
-                        "no longer plain NF4; load the model with qmor.quant.load_4bit, or call "
+                        "no longer plain NF4; load the model with qmor.load.load_4bit, or call "
                         "qmor.quant.keep_plain_layout(model) before running it in eval mode")
     return packed
 
@@ -88,17 +84,8 @@ def dequantize(packed: Packed) -> torch.Tensor:
     return bnb.functional.dequantize_4bit(packed.data, packed.quant_state).to(torch.float32)
 
 
-def nf4_roundtrip(weight: torch.Tensor, cfg: QuantConfig = QuantConfig()) -> torch.Tensor:
-    return dequantize(quantize(weight, cfg))
-
-
 def is_4bit(module: nn.Module) -> bool:
     return isinstance(module, bnb.nn.Linear4bit)
-
-
-def dense_weight(linear: nn.Linear) -> torch.Tensor:
-    """fp32 weight of a plain or 4-bit linear: what the frozen base actually computes with."""
-    return dequantize(linear.weight) if is_4bit(linear) else linear.weight.detach().to(torch.float32)
 
 
 def set_packed(linear: nn.Module, packed: Packed) -> None:
@@ -117,103 +104,6 @@ def packed_state(packed: Packed) -> dict[str, torch.Tensor]:
 def packed_from_state(state: dict[str, torch.Tensor], device: str | torch.device) -> Packed:
     stats = {k: v for k, v in state.items() if k != "weight"}
     return bnb.nn.Params4bit.from_prequantized(state["weight"], stats, requires_grad=False, device=device)
-
-
-def is_local(name_or_path: str) -> bool:
-    return os.path.isdir(name_or_path) or name_or_path.startswith((".", "/", "~"))
-
-
-def check_model_source(name_or_path: str) -> None:
-    """Fail early, in one line, on a path that does not hold a model."""
-    path = Path(name_or_path).expanduser()
-    if path.is_file():
-        raise QmorError(f"{name_or_path} is a file; pass the model's folder (the one holding config.json) or a hub id")
-    if is_local(name_or_path):
-        if not path.is_dir():
-            raise QmorError(f"model folder {name_or_path} does not exist; pass a local folder or a hub id such as "
-                            "meta-llama/Llama-2-7b-hf")
-        if not (path / "config.json").is_file():
-            raise QmorError(f"{name_or_path} has no config.json, so it is not a Hugging Face model folder")
-        try:
-            json.loads((path / "config.json").read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise QmorError(f"{path / 'config.json'} is damaged ({str(e).splitlines()[0]}); download or save the "
-                            "model again") from None
-
-
-# what transformers raises for a model it cannot read (a missing download, a damaged or unknown config)
-LOAD_ERRORS = (OSError, ValueError, TypeError, KeyError, getattr(hf_errors, "StrictDataclassError", ValueError))
-
-
-def load_failed(name_or_path: str, e: BaseException, what: str = "model") -> QmorError:
-    """One line for a model transformers could not load, with the fix that fits the reason."""
-    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()] or [type(e).__name__]
-    first = " ".join(lines[:2]) if lines[0].endswith(":") else lines[0]  # "Validation error for field 'x':" + why
-    first = first.rstrip(".")
-    if "does not recognize this architecture" in first:
-        fix = "upgrade transformers (pip install -U transformers), or if the model ships its own code and you " \
-              "trust it, pass --trust-remote-code"
-    elif "trust_remote_code" in first:
-        fix = "pass --trust-remote-code if you trust the model's code"
-    elif not is_local(name_or_path):
-        fix = f"check the id, or download it while online (hf download {name_or_path}), or pass a " \
-              "local folder"
-    else:
-        fix = "check that the folder holds a complete Hugging Face model (config.json, tokenizer, weights)"
-    return QmorError(f"could not load the {what} of {name_or_path!r}: {first}; {fix}")
-
-
-def load_4bit(
-    name_or_path: str,
-    cfg: QuantConfig = QuantConfig(),
-    device: str | None = None,
-    trust_remote_code: bool = False,
-) -> nn.Module:
-    """Load a causal LM with every linear layer but the output head in NF4 (double quantisation by default)."""
-    from transformers import AutoConfig, AutoModelForCausalLM, BitsAndBytesConfig
-
-    check_model_source(name_or_path)
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = compute_dtype(cfg, device)
-    quant = BitsAndBytesConfig(
-        load_in_4bit=True,
-        bnb_4bit_quant_type="nf4",
-        bnb_4bit_use_double_quant=cfg.double_quant,
-        bnb_4bit_compute_dtype=dtype,
-        bnb_4bit_quant_storage=storage_dtype(cfg),
-    )
-    if cfg.blocksize != 64:
-        raise QmorError("transformers loads NF4 with block size 64 only; set QuantConfig.blocksize = 64")
-    from qmor import support  # imports this module, so not at the top
-
-    source = str(Path(name_or_path).expanduser()) if is_local(name_or_path) else name_or_path
-    try:
-        config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
-    except LOAD_ERRORS as e:
-        raise load_failed(name_or_path, e) from None
-    support.refuse_transposed(config, trust_remote_code)
-    try:
-        model = AutoModelForCausalLM.from_pretrained(
-            source,
-            quantization_config=quant,
-            dtype=dtype,
-            device_map={"": device},
-            trust_remote_code=trust_remote_code,
-        )
-    except LOAD_ERRORS as e:
-        raise load_failed(name_or_path, e) from None
-    support.check_quantised(model)
-    model.config.use_cache = False
-    keep_plain_layout(model)
-    return model
-
-
-def load_dense(name_or_path: str, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False) -> nn.Module:
-    """The same model unquantised (for references in tests and benchmarks)."""
-    from transformers import AutoModelForCausalLM
-
-    check_model_source(name_or_path)
-    return AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype, trust_remote_code=trust_remote_code)
 
 
 def paged_adamw_8bit(params, lr: float, weight_decay: float = 0.0) -> torch.optim.Optimizer:

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import torch
 
+from qmor.files import atomic_dir
+
 SPECIALS = ["<pad>", "<s>", "</s>", "<unk>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>"]
 CHARS = list(string.printable)  # digits, letters, punctuation and whitespace: enough for every built-in task
 CHAT_TEMPLATE = (
@@ -53,8 +55,6 @@ def write_random(path: str | Path, config_for, seed: int = 0) -> Path:
     """Write a random causal LM built from `config_for(vocab_size)` and the character tokenizer to `path`, unless a
     model is there already."""
     from transformers import AutoModelForCausalLM
-
-    from qmor.files import atomic_dir
 
     path = Path(path)
     if (path / "config.json").is_file():

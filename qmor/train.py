@@ -21,16 +21,19 @@ import torch
 from tqdm import tqdm
 
 from qmor.adapters import MERGEABLE
-from qmor.attach import aux_loss, count_parameters
-from qmor.builtin import resolve_model
+from qmor.attach import aux_loss, count_parameters, save_adapter
 from qmor.checkpoint import checkpoint_dirs, load_checkpoint, resumable_checkpoint, rng_state, save_checkpoint
 from qmor.data import build_datasets, collate, data_notes
 from qmor.errors import QmorError
 from qmor.evaluate import eval_loss, score_task
 from qmor.files import load_json, save_json
+from qmor.load import load_for_training, load_tokenizer, load_trained
 from qmor.loss import ChunkedLoss, enable_checkpointing
 from qmor.metrics import METRICS, PLOT, MetricsLog
+from qmor.model_files import expand_builtin
 from qmor.packing import check_documents_apart
+from qmor.plan import GIB, estimate
+from qmor.quant import paged_adamw_8bit
 from qmor.template import template_text
 from qmor.train_config import TrainConfig, from_json, to_json
 
@@ -42,25 +45,8 @@ LEFTOVERS = {CONFIG, METRICS, PLOT, "loftq_report.json", "train.log", "checkpoin
 # ---------------------------------------------------------------------------------------------------- setup
 
 
-def load_tokenizer(model_path: str, trust_remote_code: bool):
-    from transformers import AutoTokenizer
-
-    from qmor.quant import LOAD_ERRORS, check_model_source, load_failed
-
-    check_model_source(model_path)
-    try:
-        tok = AutoTokenizer.from_pretrained(model_path, trust_remote_code=trust_remote_code)
-    except LOAD_ERRORS as e:
-        raise load_failed(model_path, e, "tokenizer") from None
-    if tok.pad_token_id is None:
-        tok.pad_token = tok.eos_token  # padding is masked out of attention and loss, so any id will do
-    return tok
-
-
 def make_optimizer(params: list[torch.nn.Parameter], cfg: TrainConfig, device: torch.device):
     if device.type == "cuda":
-        from qmor.quant import paged_adamw_8bit
-
         return paged_adamw_8bit(params, cfg.lr, cfg.weight_decay)
     return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
@@ -156,7 +142,7 @@ def train(cfg: TrainConfig, resume: bool = False, on_step: Callable[[int, torch.
     torch.manual_seed(cfg.seed + accelerator.process_index)
 
     with accelerator.main_process_first():  # the tiny model and the LoftQ cache are built once, then read
-        model_path = resolve_model(cfg.model, cfg.seed)
+        model_path = expand_builtin(cfg.model, cfg.seed)
         tokenizer = load_tokenizer(model_path, cfg.trust_remote_code)
         train_set, val_set, stats = build_datasets(tokenizer, cfg.data)
         model, meta, report = load_model(cfg, model_path, checkpoint, str(accelerator.device))
@@ -240,8 +226,6 @@ def all_finite(params: list[torch.nn.Parameter]) -> bool:
 def report_memory(cfg: TrainConfig, model: torch.nn.Module, accelerator) -> None:
     """Print the planner's predicted peak before the first step, and warn when it exceeds the GPU: running out of
     memory an hour in is the most expensive way to find out."""
-    from qmor.plan import GIB, estimate
-
     device = accelerator.device
     cuda = device.type == "cuda"
     plan = estimate(model.config, cfg.data.max_len, cfg.batch_size, cfg.adapter,
@@ -261,8 +245,6 @@ def report_memory(cfg: TrainConfig, model: torch.nn.Module, accelerator) -> None
 def load_model(cfg: TrainConfig, model_path: str, checkpoint: Path | None, device: str):
     """A fresh model (LoftQ-initialised or default), or on resume the base it started from plus the checkpoint's
     adapter (for LoftQ that base is the cached Q_T, not nf4(W))."""
-    from qmor.load import load_for_training, load_trained
-
     if checkpoint is not None:
         model, meta = load_trained(checkpoint / "adapter", device, model_path, cfg.trust_remote_code)
         report = None
@@ -403,8 +385,6 @@ def _loop(cfg, accelerator, model, meta, tokenizer, train_set, val_set, stats, r
 
 def _finish(cfg, accelerator, loss_fn, meta, tokenizer, val_set, run_dir, step, last_loss, last_eval, seconds, emit):
     """Final adapter, eval loss, generation score and the `done` event."""
-    from qmor.attach import save_adapter
-
     model = accelerator.unwrap_model(loss_fn).lm
     if not all_finite([p for p in model.parameters() if p.requires_grad]):
         raise diverged(step, "the adapter weights are not finite", cfg, run_dir)

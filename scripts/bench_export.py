@@ -33,9 +33,10 @@ def child(stage: str, work: Path, shard_size: str) -> dict:
 
     start = time.perf_counter()
     if stage == "naive":
-        from qmor.quant import load_dense
+        from transformers import AutoModelForCausalLM
 
-        load_dense(str(work / "base")).to(torch.float16).save_pretrained(work / "naive", max_shard_size=shard_size)
+        model = AutoModelForCausalLM.from_pretrained(str(work / "base"), dtype=torch.float32)
+        model.to(torch.float16).save_pretrained(work / "naive", max_shard_size=shard_size)
     elif stage == "export":
         from qmor.export import export_merged
 
@@ -45,8 +46,8 @@ def child(stage: str, work: Path, shard_size: str) -> dict:
 
         model, _ = load_trained(work / "adapter")
         if stage == "merge":
-            from qmor.loftq import weight_files
             from qmor.merge import parse_size, write_merged
+            from qmor.model_files import weight_files
 
             out = work / "merge"
             out.mkdir(exist_ok=True)
@@ -60,7 +61,7 @@ def build(work: Path, hidden: int, layers: int, shard_size: str) -> None:
 
     from qmor import AdapterConfig, attach, save_adapter
     from qmor.attach import AdapterMeta
-    from qmor.quant import load_4bit
+    from qmor.load import load_4bit
     from qmor.tiny import make_tiny
 
     tiny = make_tiny(work / "one-file", seed=0, hidden=hidden, layers=layers)

@@ -23,9 +23,10 @@ from pathlib import Path
 
 import torch
 
+from qmor.adapters import build_adapter
 from qmor.config import AdapterConfig, QuantConfig
 from qmor.errors import QmorError
-from qmor.loftq import fresh_adapter, loftq_layer
+from qmor.loftq import loftq_layer
 from qmor.quant import dequantize, quantize
 
 
@@ -59,7 +60,7 @@ def rel(W: torch.Tensor, Q: torch.Tensor, delta: torch.Tensor) -> float:
 
 
 def run_qmor(W: torch.Tensor, r: int, iters: int) -> dict:
-    adapter = fresh_adapter(AdapterConfig(family="lora", r=r, alpha=2.0 * r), W)
+    adapter = build_adapter(AdapterConfig(family="lora", r=r, alpha=2.0 * r), W.shape[1], W.shape[0]).to(W.device)
     start = time.perf_counter()
     _, plain, err = loftq_layer(W, adapter, QuantConfig(), iters)
     return {"seconds": time.perf_counter() - start, "nf4": plain, "error": err}
@@ -96,14 +97,15 @@ def compare(shape: tuple[int, int], ranks: list[int], iters: list[int], with_pef
 STREAM = """
 import resource, sys, json
 from qmor.config import AdapterConfig
-from qmor.loftq import loftq_init
-model, meta, report = loftq_init(sys.argv[1], AdapterConfig(r=16, init="loftq"), device="cpu", cache_dir=sys.argv[2])
+from qmor.load import load_for_training
+model, meta, report = load_for_training(sys.argv[1], AdapterConfig(r=16, init="loftq"), device="cpu",
+                                        cache_dir=sys.argv[2])
 print(json.dumps({"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
 """
 
 BASELINE = """
 import resource, sys, json
-from qmor.quant import load_4bit
+from qmor.load import load_4bit
 model = load_4bit(sys.argv[1], device="cpu")
 print(json.dumps({"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
 """

@@ -57,7 +57,7 @@ def logits(model, x):
 def reloaded_eval_loss(run: Path, model) -> float:
     """The run's validation split, rebuilt from its config.json, scored by `model`."""
     from qmor.data import build_datasets
-    from qmor.train import load_tokenizer
+    from qmor.load import load_tokenizer
     from qmor.train_config import from_json
 
     cfg = from_json(json.loads((run / "config.json").read_text()))

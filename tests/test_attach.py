@@ -7,8 +7,9 @@ from conftest import perturb
 from qmor import AdapterConfig, QmorError, attach, load_adapter, save_adapter
 from qmor.adapters import ADAPTERS
 from qmor.attach import AdapterMeta, adapted_layers, aux_loss, count_parameters, find_targets
+from qmor.load import load_4bit
 from qmor.loss import ChunkedLoss, enable_checkpointing
-from qmor.quant import QuantConfig, is_4bit, load_4bit
+from qmor.quant import QuantConfig, is_4bit
 
 KW = {"r": 4, "alpha": 8.0, "experts": 3, "expert_dropout": 0.0}
 

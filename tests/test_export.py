@@ -13,9 +13,8 @@ from safetensors import safe_open
 from qmor import AdapterConfig, NotMergeable, QmorError, attach, save_adapter
 from qmor.attach import AdapterMeta
 from qmor.export import base_checkpoint, copy_support, export_merged, export_peft
-from qmor.load import load_for_training, load_trained
+from qmor.load import load_4bit, load_for_training, load_trained
 from qmor.merge import write_merged
-from qmor.quant import load_4bit
 
 KW = {"r": 4, "alpha": 8.0, "experts": 3, "expert_dropout": 0.0}
 ROOT = Path(__file__).resolve().parents[1]

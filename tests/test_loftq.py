@@ -2,6 +2,7 @@
 (init, cache, apply_base_weights, reload, recompute, single file vs shards)."""
 
 import shutil
+from dataclasses import replace
 
 import pytest
 import torch
@@ -9,23 +10,25 @@ from safetensors import safe_open
 from transformers import AutoModelForCausalLM
 
 from qmor import AdapterConfig, QmorError, QuantConfig, save_adapter
-from qmor.adapters import MERGEABLE
+from qmor.adapters import MERGEABLE, build_adapter
 from qmor.attach import adapted_layers, attach
 from qmor.layer import AdaptedLinear
-from qmor.load import load_for_training, load_trained
-from qmor.loftq import (
-    BASE,
-    apply_base_weights,
-    effective_delta,
-    fresh_adapter,
-    loftq_init,
-    loftq_layer,
-    resolve_model,
-    weight_files,
-)
-from qmor.quant import dequantize, load_4bit, load_dense, quantize
+from qmor.load import load_4bit, load_for_training, load_trained
+from qmor.loftq import BASE, apply_base_weights, effective_delta, loftq_layer
+from qmor.model_files import local_folder, weight_files
+from qmor.quant import dequantize, quantize
 
 KW = {"r": 4, "alpha": 8.0, "experts": 3, "expert_dropout": 0.0}
+
+
+def fresh_adapter(cfg, weight):
+    """A default-initialised adapter for one (d_out, d_in) weight."""
+    return build_adapter(cfg, weight.shape[1], weight.shape[0])
+
+
+def loftq_init(model_path, cfg, **kwargs):
+    """A 4-bit model with LoftQ-initialised adapters for `cfg`, whatever its `init` (the cache key leaves it out)."""
+    return load_for_training(model_path, replace(cfg, init="loftq"), **kwargs)
 
 
 def realistic(d_out, d_in, seed=0, outliers=4):
@@ -123,7 +126,7 @@ def test_iters_must_be_positive():
 
 @pytest.mark.parametrize("family", ["lora", "mora", "mor"])
 def test_tiny_llama_logits_closer_than_plain_nf4(tiny_dir, cache, family):
-    ref = load_dense(str(tiny_dir))(input_ids=ids()).logits
+    ref = AutoModelForCausalLM.from_pretrained(str(tiny_dir), dtype=torch.float32)(input_ids=ids()).logits
     plain = load_4bit(str(tiny_dir))(input_ids=ids()).logits
     model, meta, report = loftq_init(str(tiny_dir), AdapterConfig(family=family, r=8, alpha=16.0, loftq_iters=2),
                                      cache_dir=cache)
@@ -188,7 +191,7 @@ def test_cache_is_reused_only_for_the_same_key(tiny_dir, tmp_path, monkeypatch):
 def test_sharded_checkpoint_gives_the_same_init(tiny_dir, tmp_path):
     sharded = tmp_path / "sharded"
     AutoModelForCausalLM.from_pretrained(str(tiny_dir)).save_pretrained(sharded, max_shard_size="100KB")
-    files = set(weight_files(resolve_model(str(sharded))).values())
+    files = set(weight_files(local_folder(str(sharded))).values())
     assert len(files) > 3
     cfg = AdapterConfig(family="lora", r=4, loftq_iters=2)
     one, _, rep_one = loftq_init(str(tiny_dir), cfg, cache_dir=tmp_path / "a")
@@ -201,7 +204,7 @@ def test_sharded_checkpoint_gives_the_same_init(tiny_dir, tmp_path):
 
 def test_bad_sources_and_mismatched_bases(tiny_dir, tmp_path):
     with pytest.raises(QmorError, match="Hugging Face cache"):
-        resolve_model("no-such-org/no-such-model-qmor")
+        local_folder("no-such-org/no-such-model-qmor")
     bin_only = tmp_path / "bin"
     bin_only.mkdir()
     shutil.copy(tiny_dir / "config.json", bin_only / "config.json")

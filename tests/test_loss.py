@@ -5,8 +5,8 @@ import torch
 
 from qmor.attach import attach
 from qmor.config import AdapterConfig
+from qmor.load import load_4bit
 from qmor.loss import ChunkedLoss, chunked_cross_entropy, enable_checkpointing
-from qmor.quant import load_4bit
 
 
 @pytest.fixture()

@@ -11,12 +11,12 @@ import json
 import pytest
 import torch
 
-from qmor.builtin import resolve_model
 from qmor.chat import ChatSession
 from qmor.config import AdapterConfig
 from qmor.data import DataConfig, collate, pack, prompt_text
 from qmor.evaluate import generate
 from qmor.loss import ChunkedLoss
+from qmor.model_files import expand_builtin
 from qmor.packing import check_documents_apart
 from qmor.template import encode_chat
 from qmor.train import train
@@ -49,7 +49,7 @@ def smollm2(tmp_path_factory):
     """The converted model folder, in a cache of this session's own (QMOR_CACHE), so every run below finds it."""
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("QMOR_CACHE", str(tmp_path_factory.mktemp("qmor-cache")))
-        yield resolve_model("smollm2")
+        yield expand_builtin("smollm2")
 
 
 @pytest.fixture(scope="session")
@@ -86,7 +86,7 @@ def session(smollm2):
 def test_conversion_is_an_ordinary_hf_folder_answering_like_the_original(smollm2):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    folder = resolve_model("smollm2")
+    folder = expand_builtin("smollm2")
     assert folder == smollm2 and folder.endswith("smollm2-135m-instruct")  # built once, then reused
     config = json.loads(open(f"{folder}/config.json").read())
     assert "quantization_config" not in config

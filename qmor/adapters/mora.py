@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from qmor.config import AdapterConfig
+from qmor.errors import QmorError
 
 ROPE_BELOW_RANK = 128  # "auto": the paper uses rope at r = 8 and sharing at r = 256
 
@@ -51,8 +52,6 @@ class MoRA(nn.Module):
         super().__init__()
         self.kind = mora_kind(cfg)
         if self.kind not in ("sharing", "rope"):
-            from qmor.errors import QmorError
-
             raise QmorError(f"mora_kind must be 'sharing', 'rope' or 'auto', got {cfg.mora_kind!r}")
         self.d_in, self.d_out = d_in, d_out
         self.r_hat = mora_rank(d_in, d_out, cfg.r, self.kind)

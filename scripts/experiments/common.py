@@ -144,7 +144,8 @@ class Scorer:
 def scored_run(job: tuple) -> dict:
     """Train job = (cfg, scorer_records, every, task) through qmor.train, scoring greedy answers on
     `scorer_records` every `every` steps (one picklable argument, for the process pool)."""
-    from qmor.train import load_tokenizer, train
+    from qmor.load import load_tokenizer
+    from qmor.train import train
 
     cfg, scorer_records, every, task = job
     single_thread()

@@ -81,7 +81,8 @@ def synthetic(kind: str, d_out: int, d_in: int, seed: int) -> torch.Tensor:
 
 
 def matrix_rows(setup: Setup) -> list[dict]:
-    from qmor.loftq import fresh_adapter, loftq_layer
+    from qmor.adapters import build_adapter
+    from qmor.loftq import loftq_layer
 
     d_out, d_in = setup.matrix
     configs = common.matched_configs([(d_in, d_out)], setup.matrix_rank, setup.mor_experts, setup.sira_experts,
@@ -93,7 +94,7 @@ def matrix_rows(setup: Setup) -> list[dict]:
             row = {"kind": kind, "family": family, "config": common.describe(cfg, [(d_in, d_out)]), "params": n}
             for T in setup.iters:
                 torch.manual_seed(setup.seed)  # svd_lowrank draws random vectors
-                _, plain, err = loftq_layer(W, fresh_adapter(cfg, W), _quant(), T)
+                _, plain, err = loftq_layer(W, build_adapter(cfg, d_in, d_out), _quant(), T)
                 row["nf4"], row[f"T{T}"] = plain, err
             rows.append(row)
     return rows
@@ -111,13 +112,14 @@ def _quant():
 def pretrain(setup: Setup, out: Path) -> tuple[Path, list[dict]]:
     """The tiny base, trained in fp32 on `mix` for a few hundred steps (a plain full fine-tune, no adapters), so
     its weights carry some learnt structure; returns the saved folder and the loss curve."""
+    from transformers import AutoModelForCausalLM
+
     from qmor.data import DataConfig, build_datasets, collate
-    from qmor.quant import load_dense
-    from qmor.train import load_tokenizer
+    from qmor.load import load_tokenizer
 
     base = common.tiny_base(out / "models", setup.seed, setup.hidden, setup.layers)
     tokenizer = load_tokenizer(str(base), False)
-    model = load_dense(str(base))
+    model = AutoModelForCausalLM.from_pretrained(str(base), dtype=torch.float32)
     train_set, _, _ = build_datasets(tokenizer, DataConfig(source="mix", num_examples=4000, max_len=64,
                                                            seed=setup.seed))
     opt = torch.optim.AdamW(model.parameters(), lr=setup.pretrain_lr)
@@ -160,16 +162,16 @@ def loss_of(model, examples: list[dict], pad_id: int) -> float:
 
 
 def model_rows(setup: Setup, out: Path) -> tuple[list[dict], dict]:
+    from transformers import AutoModelForCausalLM
+
     from qmor.config import AdapterConfig
-    from qmor.load import load_for_training
-    from qmor.quant import load_dense
-    from qmor.train import load_tokenizer
+    from qmor.load import load_for_training, load_tokenizer
 
     folder, curve = pretrain(setup, out)
     tokenizer = load_tokenizer(str(folder), False)
     examples = test_examples(tokenizer, setup, out)
     pad = tokenizer.pad_token_id
-    fp32 = loss_of(load_dense(str(folder)), examples, pad)
+    fp32 = loss_of(AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32), examples, pad)
     shapes = common.target_shapes(folder)
     configs = common.matched_configs(shapes, setup.lora_rank, setup.mor_experts, setup.sira_experts,
                                      setup.sira_top_k)

@@ -1,0 +1,125 @@
+"""qmor's module graph can be read from the top of its files: every module imports in a fresh interpreter, the
+module-level imports between qmor's modules form no cycle, and an import of a qmor module inside a function says
+why it is not at the top."""
+
+import ast
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGE = ROOT / "qmor"
+
+
+def module_name(path: Path) -> str:
+    parts = path.relative_to(ROOT).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+MODULES = {module_name(p): p for p in sorted(PACKAGE.rglob("*.py"))}
+
+
+def qmor_targets(node: ast.Import | ast.ImportFrom, importer: str) -> list[str]:
+    """The qmor modules one import statement names (`from qmor import x` names the module qmor.x when there is
+    one, else the package qmor itself)."""
+    if isinstance(node, ast.Import):
+        names = [alias.name for alias in node.names]
+    else:
+        base = node.module or ""
+        if node.level:  # relative: resolved against the importing module's package
+            package = importer.split(".")
+            if MODULES[importer].name != "__init__.py":
+                package = package[:-1]
+            base = ".".join(package[: len(package) - node.level + 1] + ([base] if base else []))
+        names = [f"{base}.{a.name}" if f"{base}.{a.name}" in MODULES else base for a in node.names]
+    found = []
+    for name in names:
+        while name and name not in MODULES:  # `import qmor.a.b` where b is no module: the longest module prefix
+            name = name.rpartition(".")[0]
+        if name:
+            found.append(name)
+    return found
+
+
+def is_type_checking(node: ast.AST) -> bool:
+    return isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test)
+
+
+def imports(module: str) -> tuple[set[str], list[tuple[int, list[str]]]]:
+    """(qmor modules imported when `module` is imported, [(line, targets)] of qmor imports inside functions)."""
+    tree = ast.parse(MODULES[module].read_text())
+    top: set[str] = set()
+    inner: list[tuple[int, list[str]]] = []
+
+    def visit(node: ast.AST, in_function: bool) -> None:
+        if is_type_checking(node):
+            return  # never runs
+        if isinstance(node, ast.Import | ast.ImportFrom):
+            targets = qmor_targets(node, module)
+            if targets and in_function:
+                inner.append((node.lineno, targets))
+            elif targets:
+                top.update(targets)
+        for child in ast.iter_child_nodes(node):
+            visit(child, in_function or isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef | ast.Lambda))
+
+    visit(tree, False)
+    return top, inner
+
+
+def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    state: dict[str, str] = {}  # "open" while on the current path, "done" once every path from it is cycle-free
+
+    def walk(node: str, path: list[str]) -> list[str] | None:
+        state[node] = "open"
+        for nxt in sorted(graph.get(node, ())):
+            if state.get(nxt) == "open":
+                return path[path.index(nxt):] + [nxt] if nxt in path else [node, nxt]
+            if nxt not in state and (cycle := walk(nxt, path + [nxt])):
+                return cycle
+        state[node] = "done"
+        return None
+
+    for start in sorted(graph):
+        if start not in state and (cycle := walk(start, [start])):
+            return cycle
+    return None
+
+
+def test_the_cycle_finder_finds_cycles():
+    assert find_cycle({"a": {"b"}, "b": {"c"}, "c": set()}) is None
+    assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
+    assert find_cycle({"a": {"a"}}) == ["a", "a"]
+
+
+def test_the_import_reader_sees_every_form():
+    node = ast.parse("from qmor import load, __version__\nimport qmor.adapters.mora\nfrom . import files").body
+    assert qmor_targets(node[0], "qmor.chat") == ["qmor.load", "qmor"]
+    assert qmor_targets(node[1], "qmor.chat") == ["qmor.adapters.mora"]
+    assert qmor_targets(node[2], "qmor.chat") == ["qmor.files"]
+
+
+def test_module_level_imports_between_qmor_modules_form_no_cycle():
+    graph = {module: imports(module)[0] for module in MODULES}
+    assert graph["qmor.load"] >= {"qmor.loftq", "qmor.model_files", "qmor.support"}  # the reader reads real imports
+    assert find_cycle(graph) is None, " -> ".join(find_cycle(graph))
+
+
+def test_qmor_imports_inside_functions_say_why():
+    unexplained = []
+    for module, path in MODULES.items():
+        lines = path.read_text().splitlines()
+        for lineno, targets in imports(module)[1]:
+            here, above = lines[lineno - 1], lines[lineno - 2] if lineno > 1 else ""
+            if "#" not in here and not above.strip().startswith("#"):
+                unexplained.append(f"{path.relative_to(ROOT)}:{lineno} imports {', '.join(targets)}")
+    assert not unexplained, "imports inside functions without a comment saying why: " + "; ".join(unexplained)
+
+
+def test_every_module_imports_in_a_fresh_interpreter():
+    code = "import importlib, sys\nfor name in sys.argv[1:]:\n    importlib.import_module(name)\nprint('ok')"
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-c", code, *MODULES], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-2000:]
