@@ -23,7 +23,7 @@ from qmor.errors import NotMergeable, QmorError
 from qmor.files import atomic_dir, load_json, save_json
 from qmor.load import load_trained
 from qmor.merge import check_dtype, parse_size, write_merged
-from qmor.model_files import INDEX, expand_builtin, is_local, local_folder, weight_files
+from qmor.model_files import INDEX, expand_builtin, local_folder, missing_folder, weight_files
 from qmor.peft_export import PEFT_WEIGHTS, check_peft_family, write_peft
 from qmor.verify import Check, compare, logits, prompt_ids, require
 from qmor.version import __version__
@@ -74,7 +74,7 @@ def check_output(output: Path, overwrite: bool) -> None:
 
 def base_checkpoint(base: str, given: bool = False) -> tuple[Path, dict[str, Path]]:
     """The base model's local folder and its tensor -> safetensors file map (never .bin: no unpickling)."""
-    if is_local(base) and not Path(base).expanduser().exists():
+    if missing_folder(base):
         where = "given with --base-model" if given else "recorded in the adapter"
         raise QmorError(f"the base model folder {base} ({where}) does not exist; pass the folder where it is now with "
                         "--base-model (it is checked to be the same model)")

@@ -20,7 +20,7 @@ from safetensors import safe_open
 
 from qmor.errors import QmorError
 from qmor.files import load_json
-from qmor.model_files import is_local, local_folder, weight_files
+from qmor.model_files import local_folder, missing_folder, weight_files
 
 ROWS = 4  # rows sampled per matrix, evenly spaced from the first to the last
 COLS = 64  # leading columns of each sampled row
@@ -81,7 +81,7 @@ def record(model_path: str) -> dict | None:
 def check_base(recorded: dict | None, trained_on: str, base: str, allow_other_base: bool = False) -> None:
     """Refuse `base` when its fingerprint differs from the one recorded at training time (nothing recorded: old
     adapters, or weights that could not be read, pass unchecked)."""
-    if recorded is None or (is_local(base) and not Path(base).expanduser().exists()):
+    if recorded is None or missing_folder(base):
         return  # nothing to compare with, or a folder that is not there (loading it says so in its own words)
     try:
         found = base_fingerprint(base)

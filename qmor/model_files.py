@@ -47,6 +47,11 @@ def is_local(name_or_path: str) -> bool:
     return os.path.isdir(name_or_path) or name_or_path.startswith((".", "/", "~"))
 
 
+def missing_folder(name_or_path: str) -> bool:
+    """A path (not a hub id) with nothing there: a model folder that was moved or deleted."""
+    return is_local(name_or_path) and not Path(name_or_path).expanduser().exists()
+
+
 def is_hub_id(text: str) -> bool:
     """Shaped like a hub id (org/name); whether it exists is not checked."""
     return bool(HUB_ID_RE.match(text))

@@ -245,3 +245,10 @@ def test_adapter_metadata_has_a_name_of_its_own_and_old_folders_still_load(tiny_
     (folder / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 4}))
     with pytest.raises(QmorError, match="holds a PEFT adapter.*PeftModel.from_pretrained"):
         read_meta(folder)
+
+
+def test_metadata_written_with_a_merge_base_still_reads():
+    meta = AdapterMeta(adapter=AdapterConfig(family="lora", r=4), base_model="org/base", init="loftq",
+                       base_weights="/cache/q")
+    assert "merge_base" not in meta.to_json()  # export takes the merge base as an option, never from here
+    assert AdapterMeta.from_json({**meta.to_json(), "merge_base": "dequantized"}) == meta  # as earlier versions wrote
