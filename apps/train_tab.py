@@ -14,7 +14,7 @@ from apps import command, jobs, progress
 from apps.paths import BUILTIN_DATASETS, Workspace, dataset_arg, run_dir, user_path
 from apps.ui import error_md, ok_md
 from qmor.errors import QmorError
-from qmor.train import check_fresh
+from qmor.run_dir import RunDir
 from qmor.train_config import TrainConfig
 
 
@@ -154,11 +154,11 @@ def build(ws: Workspace, env: dict) -> dict:
             v["run_name"] = (v["run_name"] or "").strip() or _auto_name(v)
             out = run_dir(ws, v["run_name"])
             try:
-                check_fresh(out)  # a run that failed before its first checkpoint may start again under its name
+                RunDir(out).check_fresh()  # a run that failed before its first checkpoint may start again by name
             except QmorError:
                 raise QmorError(f"run {v['run_name']!r} exists already; choose another name, or Resume it") from None
             cmd = command.train_command(command.train_args(ws, v))
-            jobs.start(ws.root, "train", cmd, out / "train.log", out, env, log_in_run=True)
+            jobs.start(ws.root, "train", cmd, RunDir(out).log, out, env, log_in_run=True)
             return ok_md(f"started {v['run_name']}"), command.shown(cmd)
         except Exception as e:
             return error_md(e), gr.update()
@@ -169,7 +169,7 @@ def build(ws: Workspace, env: dict) -> dict:
             if job is None:
                 raise QmorError("no training run is going")
             ended = jobs.stop(ws.root, job)
-            s = progress.summary(progress.read_events(job["run_dir"]))
+            s = progress.summary(RunDir(job["run_dir"]).read_events())
             where = f"; checkpoint {s['message']}" if s["state"] == "stopped" and s["message"] else ""
             if not ended:
                 raise QmorError("the run did not stop on SIGINT or SIGTERM and was killed; "
@@ -186,13 +186,13 @@ def build(ws: Workspace, env: dict) -> dict:
             if job is None:
                 raise QmorError("there is no run to resume yet; press Start")
             run = Path(job["run_dir"])
-            if progress.summary(progress.read_events(run))["state"] == "done":
+            if progress.summary(RunDir(run).read_events())["state"] == "done":
                 raise QmorError(f"run {run.name} has finished; start a new run instead")
-            if not (run / "checkpoints").is_dir():
+            if not RunDir(run).checkpoints.is_dir():
                 raise QmorError(f"run {run.name} has no checkpoint to resume from; Start it again under the same "
                                 "name")
             cmd = command.resume_command(run)
-            jobs.start(ws.root, "train", cmd, run / "train.log", run, env, log_in_run=True)
+            jobs.start(ws.root, "train", cmd, RunDir(run).log, run, env, log_in_run=True)
             return ok_md(f"resuming {run.name}"), command.shown(cmd)
         except Exception as e:
             return error_md(e), gr.update()
@@ -203,7 +203,7 @@ def build(ws: Workspace, env: dict) -> dict:
             return (progress.progress_html(progress.summary([]), "no run yet"), None, "",
                     gr.update(interactive=True), gr.update(interactive=False))
         run = Path(job["run_dir"])
-        events = progress.read_events(run)
+        events = RunDir(run).read_events()
         s = progress.summary(events)
         is_alive = jobs.alive(ws.root, job)
         if not is_alive and s["state"] in ("running", "waiting"):

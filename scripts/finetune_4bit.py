@@ -140,8 +140,7 @@ def ignored_by_resume(args: argparse.Namespace) -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     try:
-        from qmor.train import train
-        from qmor.train_config import TrainConfig
+        from qmor.train import resume, train
 
         if args.resume:
             if "output" not in vars(args):
@@ -150,10 +149,9 @@ def main(argv: list[str] | None = None) -> int:
             if ignored:
                 print(f"warning: --resume continues {args.output} with its saved config.json, so {', '.join(ignored)} "
                       "will not apply; start a new run (another --output) to change settings", file=sys.stderr)
-            cfg = TrainConfig(output=args.output)
+            result = resume(args.output)
         else:
-            cfg = build_config(args)
-        result = train(cfg, resume=args.resume)
+            result = train(build_config(args))
     except QmorError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
