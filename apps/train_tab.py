@@ -71,26 +71,30 @@ def _widget(flag: Flag, choices: list[str] | None = None) -> gr.components.Compo
 def _form(ws: Workspace) -> tuple[dict, dict]:
     """The form's widgets by field (FIELDS), and the dataset tools: upload and preview."""
     c: dict[str, gr.components.Component] = {}
-    tools = {}
+    tools: dict[str, gr.components.Component] = {}
     for title, groups, per_row in SECTIONS:
-        flags = [f for f in FORM if f.group in groups]
         with gr.Accordion(title, open=False) if title else contextlib.nullcontext():
+            flags = [f for f in FORM if f.group in groups]
             for i in range(0, len(flags), per_row):
-                with gr.Row():
-                    for flag in flags[i:i + per_row]:
-                        c[flag.key] = _widget(flag, _dataset_choices(ws) if flag.key == "dataset" else None)
-                    if i == 0 and "model" in groups:
-                        c["run_name"] = gr.Textbox("", label="Run name", placeholder="automatic (family-date-time)",
-                                                   scale=2)
-                    if i == 0 and "data" in groups:
-                        tools["upload"] = gr.File(label="Upload a dataset", file_types=list(FILE_TYPES), scale=2,
-                                                  height=90)
+                _row(ws, flags[i:i + per_row], c, tools)
         if "data" in groups:
             with gr.Accordion("Dataset preview", open=False):
                 tools["preview_btn"] = gr.Button("Preview first rows", size="sm")
                 tools["preview_md"] = gr.Markdown()
                 tools["preview_df"] = gr.Dataframe(interactive=False, wrap=True, max_height=260)
     return c, tools
+
+
+def _row(ws: Workspace, flags: list[Flag], c: dict, tools: dict) -> None:
+    """One row of widgets, with the app's own beside theirs: the run name after the model, the upload box after
+    the dataset's row."""
+    with gr.Row():
+        for flag in flags:
+            c[flag.key] = _widget(flag, _dataset_choices(ws) if flag.key == "dataset" else None)
+            if flag.key == "model":  # the run's name under the workspace's runs/, the app's --output
+                c["run_name"] = gr.Textbox("", label="Run name", placeholder="automatic (family-date-time)", scale=2)
+        if any(f.key == "dataset" for f in flags):
+            tools["upload"] = gr.File(label="Upload a dataset", file_types=list(FILE_TYPES), scale=2, height=90)
 
 
 def _run_panel() -> dict:
