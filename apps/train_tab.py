@@ -18,16 +18,16 @@ from apps.paths import BUILTIN_DATASETS, Workspace, dataset_arg, run_dir, user_p
 from apps.ui import error_md, ok_md
 from qmor.data import FILE_TYPES, preview
 from qmor.errors import QmorError
-from qmor.flags import FLAGS, Flag, by_key
+from qmor.flags import FLAGS, Flag
 from qmor.train import check_fresh
 
 # the form: (accordion title, or None for always open; groups of qmor/flags.py laid out in it; widgets per row)
 SECTIONS = [(None, ("model",), 4), (None, ("data",), 4), (None, ("adapter",), 5), (None, ("family", "init"), 8),
             ("Training", ("training",), 6), ("Memory", ("memory",), 6)]
 FORM = [f for _, groups, _ in SECTIONS for g in groups for f in FLAGS if f.group == g and f.in_app]
-# every form field in the order the start/preview endpoints take them, with its initial value: the training
-# script's own defaults, so the untouched form runs exactly the CLI default
-FIELDS = {"model": by_key()["model"].default, "run_name": "", **{f.key: f.default for f in FORM}}
+# every form field in the order the start/preview endpoints take them (the run name right after the model), with
+# its initial value: the training script's own defaults, so the untouched form runs exactly the CLI default
+FIELDS = {"model": None, "run_name": "", **{f.key: f.default for f in FORM}}
 # the options whose value decides which others apply ("family", "init"), each with those others
 DEPENDENTS = {key: [f for f in FORM if f.only_when and f.only_when[0] == key]
               for key in dict.fromkeys(f.only_when[0] for f in FORM if f.only_when)}

@@ -69,7 +69,7 @@ class Flag:
         return "number" if self.kind in (int, float) else "text"
 
     def help_text(self) -> str:
-        """The help line with the choices of a closed list and the default, as --help and the README show it."""
+        """The help line with a closed list's choices, as --help (which adds the default) and the README show it."""
         text = self.help
         if self.choices and self.shown_as in ("dropdown", "radio"):
             text += ": " + " | ".join(self.choices)
