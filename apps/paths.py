@@ -10,6 +10,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from qmor import tasks
 from qmor.errors import QmorError
 from qmor.model_files import is_builtin, is_hub_id
 
@@ -91,7 +92,7 @@ def check_run_sources(ws: Workspace, run: Path) -> None:
         confined(ws, Path(meta["base_weights"]).expanduser(), f"LoftQ base weights of run {run.name}")
 
 
-BUILTIN_DATASETS = ("uuid", "reverse", "sort", "add", "upper", "mix")
+BUILTIN_DATASETS = tasks.NAMES
 
 
 def model_arg(ws: Workspace, text: str) -> str:

@@ -25,10 +25,10 @@ import torch
 from qmor.attach import AdapterMeta, detach
 from qmor.config import QuantConfig
 from qmor.errors import QmorError
-from qmor.export import find_adapter
 from qmor.load import attach_trained, load_4bit, load_tokenizer
 from qmor.model_files import expand_builtin
 from qmor.quant import is_4bit, set_packed
+from qmor.run_dir import find_adapter
 from qmor.template import TemplateError, encode, render, template_text
 
 ROLES = ("system", "user", "assistant")

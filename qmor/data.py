@@ -28,6 +28,7 @@ from qmor.errors import QmorError
 from qmor.template import NoAssistantTokens, encode_chat, render, template_name, with_chat_template
 
 FORMATS = ("alpaca", "messages", "sharegpt", "prompt_completion", "text")
+FILE_TYPES = (".jsonl", ".json")  # the files _read takes (besides a datasets folder)
 REQUIRED = {"alpaca": ["instruction", "output"], "messages": ["messages"], "sharegpt": ["conversations"],
             "prompt_completion": ["prompt", "completion"], "text": ["text"]}
 SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "model": "assistant",
@@ -91,7 +92,7 @@ def _read(source: str, skip_bad: bool) -> tuple[list[dict], list[str], int]:
                         f"{', '.join(tasks.NAMES)}")
     if path.is_dir():
         return _read_folder(path)
-    if path.suffix not in (".json", ".jsonl"):
+    if path.suffix not in FILE_TYPES:
         raise QmorError(f"{source}: unsupported file type {path.suffix!r}; use .jsonl, .json or a datasets folder")
     text = _read_text(path)
     if path.suffix == ".json":

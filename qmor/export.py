@@ -18,13 +18,14 @@ from safetensors.torch import load_file
 from torch import nn
 
 from qmor.adapters import MERGEABLE
-from qmor.attach import CONFIG, AdapterMeta, adapted_layers, meta_file, read_meta
+from qmor.attach import AdapterMeta, adapted_layers, read_meta
 from qmor.errors import NotMergeable, QmorError
 from qmor.files import atomic_dir, load_json, save_json
 from qmor.load import load_trained
 from qmor.merge import check_dtype, parse_size, write_merged
 from qmor.model_files import INDEX, expand_builtin, local_folder, missing_folder, weight_files
 from qmor.peft_export import PEFT_WEIGHTS, check_peft_family, write_peft
+from qmor.run_dir import find_adapter
 from qmor.verify import Check, compare, logits, prompt_ids, require
 from qmor.version import __version__
 
@@ -33,16 +34,6 @@ MERGE_BASES = ("dequantized", "original")
 SUPPORT = ["tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
            "tokenizer.model", "vocab.json", "vocab.txt", "merges.txt", "*.tiktoken", "chat_template.jinja",
            "chat_template.json", "generation_config.json"]
-
-
-def find_adapter(path: str | Path) -> Path:
-    """A run folder (runs/NAME, holding adapter/) or an adapter folder itself."""
-    path = Path(path)
-    for candidate in (path / "adapter", path):
-        if candidate.is_dir() and meta_file(candidate) is not None:
-            return candidate
-    raise QmorError(f"{path} holds neither {CONFIG} nor adapter/{CONFIG}; pass a run folder (runs/NAME) or its "
-                    "adapter folder")
 
 
 def check_merge(meta: AdapterMeta, merge_base: str) -> None:
@@ -260,4 +251,4 @@ def check_factors(model: nn.Module, folder: Path) -> None:
             raise QmorError(f"PEFT factors for {name} do not reproduce the adapter's ΔW; the export was not kept")
 
 
-__all__ = ["INDEX", "export_merged", "export_peft", "find_adapter"]
+__all__ = ["INDEX", "export_merged", "export_peft"]

@@ -29,7 +29,7 @@ def default_data() -> DataConfig:
 
 @dataclass
 class TrainConfig:
-    model: str = "tiny"  # built-in "tiny" or "smollm2" (qmor/builtin.py), a local Hugging Face folder, or a hub id
+    model: str = "tiny"  # built-in "tiny" or "smollm2" (qmor/model_files.py), a local Hugging Face folder, or a hub id
     output: str = ""  # run folder; empty: runs/<timestamp>
     adapter: AdapterConfig = field(default_factory=default_adapter)  # family, rank, targets, init (qmor.config)
     quant: QuantConfig = field(default_factory=QuantConfig)  # NF4 block size, double quantisation, compute dtype
