@@ -7,20 +7,17 @@ import sys
 from pathlib import Path
 
 from apps.paths import Workspace, dataset_arg, model_arg, run_dir
+from qmor.adapters import ADAPTERS, option_fields
 
 ROOT = Path(__file__).resolve().parents[1]
 TRAIN_SCRIPT = ROOT / "scripts" / "finetune_4bit.py"
 EXPORT_SCRIPT = ROOT / "scripts" / "export_fp16.py"
 
-FAMILIES = ("lora", "moslora", "mora", "mor", "sira")
-# which family-specific fields each family shows and passes; everything else is common
-FAMILY_FIELDS = {
-    "lora": ("alpha",),
-    "moslora": ("alpha",),
-    "mora": ("mora_kind",),  # MoRA has no alpha scaling
-    "mor": ("alpha", "experts"),
-    "sira": ("alpha", "experts", "top_k", "capacity_factor", "expert_dropout", "aux_loss_weight"),
-}
+FAMILIES = tuple(ADAPTERS)
+# which family-specific fields each family shows and passes (alpha where it scales, then its options, as each
+# family declares them); everything else is common
+FAMILY_FIELDS = {name: ("alpha",) * spec.scaled + tuple(f.key for f in option_fields() if f.family == name)
+                 for name, spec in ADAPTERS.items()}
 SPECIFIC = sorted({f for fs in FAMILY_FIELDS.values() for f in fs})
 
 # (form key, flag); a value of None or "" is left out (the script's default applies)

@@ -13,6 +13,7 @@ import pandas as pd
 from apps import command, jobs, progress
 from apps.paths import BUILTIN_DATASETS, Workspace, dataset_arg, run_dir, user_path
 from apps.ui import error_md, ok_md
+from qmor.adapters import option_defaults
 from qmor.errors import QmorError
 from qmor.train import check_fresh
 from qmor.train_config import TrainConfig
@@ -27,10 +28,8 @@ def _defaults() -> dict[str, object]:
         "model": cfg.model, "trust_remote_code": cfg.trust_remote_code, "run_name": "", "device": cfg.device,
         "dataset": d.source, "format": d.format, "num_examples": d.num_examples,
         "family": a.family, "rank": a.r, "alpha": a.alpha, "dropout": a.dropout, "targets": a.targets,
-        "mora_kind": a.mora_kind, "experts": a.experts, "top_k": a.top_k, "capacity_factor": a.capacity_factor,
-        "expert_dropout": a.expert_dropout, "aux_loss_weight": a.aux_loss_weight, "init": a.init,
-        "loftq_iters": a.loftq_iters, "lr": cfg.lr, "epochs": cfg.epochs, "max_steps": cfg.max_steps,
-        "batch_size": cfg.batch_size, "grad_accum": cfg.grad_accum, "max_len": d.max_len,
+        **option_defaults(), "init": a.init, "loftq_iters": a.loftq_iters, "lr": cfg.lr, "epochs": cfg.epochs,
+        "max_steps": cfg.max_steps, "batch_size": cfg.batch_size, "grad_accum": cfg.grad_accum, "max_len": d.max_len,
         "warmup_ratio": cfg.warmup_ratio, "weight_decay": cfg.weight_decay, "max_grad_norm": cfg.max_grad_norm,
         "val_size": d.val_size, "eval_steps": cfg.eval_steps, "save_steps": cfg.save_steps,
         "keep_checkpoints": cfg.keep_checkpoints, "log_steps": cfg.log_steps, "eval_generate": cfg.eval_generate,

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from qmor.adapters import MERGEABLE
+from qmor.adapters import check_family
 from qmor.attach import aux_loss, count_parameters
 from qmor.builtin import resolve_model
 from qmor.checkpoint import checkpoint_dirs, load_checkpoint, resumable_checkpoint, rng_state, save_checkpoint
@@ -342,9 +342,9 @@ def _loop(cfg, accelerator, model, meta, tokenizer, train_set, val_set, stats, r
                 with contextlib.nullcontext() if sync else accelerator.no_sync(loss_fn):
                     loss_sum, _ = loss_fn(**batch)
                     loss = loss_sum / max(n_label, 1)
-                    extra = aux_loss(model)  # SiRA's load balancing; None for the other families
+                    extra = aux_loss(model)  # SiRA's weighted load balancing; None for the other families
                     if extra is not None:
-                        loss = loss + cfg.adapter.aux_loss_weight * extra / len(batches)
+                        loss = loss + extra / len(batches)
                     accelerator.backward(loss)
                 step_loss += loss_sum.item() / max(n_label, 1)
             grad_norm = (accelerator.clip_grad_norm_(params, cfg.max_grad_norm) if cfg.max_grad_norm > 0
@@ -427,7 +427,7 @@ def _finish(cfg, accelerator, loss_fn, meta, tokenizer, val_set, run_dir, step, 
                        f"{scores['exact_match']:.3f} on {scores['n']} examples (greedy generation)")
         emit("done", **{k: v for k, v in result.items() if k != "stopped"})
         tqdm.write(f"wrote {run_dir}: adapter/, config.json, metrics.jsonl, loss.png")
-        if meta.adapter.family in MERGEABLE:
+        if check_family(meta.adapter.family).merges:
             tqdm.write(f"merge it into an fp16 model: python scripts/export_fp16.py {run_dir} --output {run_dir}-fp16")
     accelerator.wait_for_everyone()
     return result

@@ -75,6 +75,11 @@ SWITCHES = {
 
 
 def default_of(defaults, section: str | None, name: str):
+    from qmor.adapters import option_defaults
+
+    options = option_defaults()  # a family option's default is its family's, whichever family runs by default
+    if section == "adapter" and name in options:
+        return options[name]
     return getattr(getattr(defaults, section) if section else defaults, name)
 
 
@@ -108,10 +113,14 @@ def parse_targets(text: str) -> str | list[str]:
 
 def build_config(args: argparse.Namespace):
     """Defaults, then the config file, then the flags given on the command line."""
-    from qmor.train_config import from_json, read_config_file
+    from qmor.train_config import TrainConfig, from_json, read_config_file
 
     data = read_config_file(args.config) if args.config else {}
     given = vars(args)
+    adapter = data.get("adapter")
+    written_for = adapter.get("family", TrainConfig().adapter.family) if isinstance(adapter, dict) else None
+    if written_for and given.get("family", written_for) != written_for:
+        adapter.pop("options", None)  # the file's options are its own family's, not the one --family picks
     table = {**{f: v[:2] for f, v in FLAGS.items()}, **{f: v[:2] for f, v in SWITCHES.items()},
              "--no-gradient-checkpointing": (None, "gradient_checkpointing")}
     for flag, (section, name) in table.items():
