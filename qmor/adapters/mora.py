@@ -34,7 +34,7 @@ ROPE_BELOW_RANK = 128
 
 @dataclass
 class MoRAOptions:
-    kind: str = option("auto", "operators: auto (rope below rank 128, sharing from 128), rope or sharing",
+    kind: str = option("auto", "operators (auto: rope below rank 128, sharing from 128)",
                        "auto", label="MoRA operators", key="mora_kind", choices=("auto", "rope", "sharing"))
 
     def __post_init__(self) -> None:
