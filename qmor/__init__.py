@@ -1,6 +1,6 @@
 """qmor: fine-tune large language models on one consumer GPU with 4-bit NF4 bases and small adapters."""
 
-from qmor.adapters import ADAPTERS, MERGEABLE, build_adapter
+from qmor.adapters import ADAPTERS, build_adapter, mergeable
 from qmor.attach import (
     AdapterMeta,
     attach,
@@ -15,6 +15,7 @@ from qmor.errors import NotMergeable, QmorError
 from qmor.version import __version__
 
 __all__ = [
-    "ADAPTERS", "MERGEABLE", "__version__", "AdapterConfig", "AdapterMeta", "NotMergeable", "QmorError", "QuantConfig",
-    "attach", "build_adapter", "count_parameters", "detach", "load_adapter", "save_adapter", "set_enabled",
+    "ADAPTERS", "__version__", "AdapterConfig", "AdapterMeta", "NotMergeable", "QmorError", "QuantConfig",
+    "attach", "build_adapter", "count_parameters", "detach", "load_adapter", "mergeable", "save_adapter",
+    "set_enabled",
 ]
