@@ -25,9 +25,13 @@ from qmor.errors import QmorError  # noqa: E402
 # flag -> (section of TrainConfig or None for top level, field, type); help text comes from the field's default
 FLAGS = {
     "--model": (None, "model", str, "tiny or smollm2 (built-in), a local Hugging Face folder, or a hub id"),
-    "--dataset": ("data", "source", str, "built-in task (uuid, reverse, sort, add, upper, mix) or a .json/.jsonl "
-                  "file or datasets folder"),
+    "--dataset": ("data", "source", str, "built-in task (uuid, reverse, sort, add, upper, mix), a .jsonl/.json/"
+                  ".parquet/.csv file, a datasets folder or a Hub dataset id"),
     "--format": ("data", "format", str, "auto | alpaca | messages | sharegpt | prompt_completion | text"),
+    "--split": ("data", "split", str, "split to train on; slices work for files and Hub ids (train[:1000])"),
+    "--subset": ("data", "subset", str, "a Hub dataset's configuration (load_dataset's name)"),
+    "--columns": ("data", "columns", str, "map the dataset's columns onto qmor's fields: prompt=question,"
+                  "completion=answer"),
     "--output": (None, "output", str, "run folder (default runs/<timestamp>)"),
     "--family": ("adapter", "family", str, "lora | moslora | mora | mor | sira"),
     "--rank": ("adapter", "r", int, "adapter rank (MoRA: the LoRA rank whose parameter count it matches)"),
