@@ -178,7 +178,7 @@ def tokenise(tokenizer, src: Source, renamed: dict[str, str], fmt: str, train_on
     path = cache_dir() / f"{key}.arrow"
     path.parent.mkdir(parents=True, exist_ok=True)
     features = datasets.Features({
-        "input_ids": datasets.List(datasets.Value("int32")), "labels": datasets.List(datasets.Value("int32")),
+        "input_ids": datasets.Sequence(datasets.Value("int32")), "labels": datasets.Sequence(datasets.Value("int32")),
         "loc": datasets.Value("string"), "error": datasets.Value("string"), "fatal": datasets.Value("bool"),
         "empty": datasets.Value("bool")})
 
