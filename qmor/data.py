@@ -64,6 +64,7 @@ class DataConfig:
 
     def __post_init__(self) -> None:
         self.columns = parse_columns(self.columns)
+        renames(self.columns)  # two fields mapped onto one are refused here, before anything loads
         if not isinstance(self.split, str) or not self.split.strip():
             raise QmorError(f"split must be a split name such as train, got {self.split!r}; pass e.g. --split train")
         if self.format != "auto" and self.format not in FORMATS:

@@ -178,13 +178,9 @@ def _folder(path: Path, name: str, split: str, subset: str) -> Source:
         elif split != "train":
             raise QmorError(f"{name} holds a single split, not {split!r}; drop --split")
         return Source(ds, name, split, columns=tuple(ds.column_names))
-    try:
-        return _loaded(name, split, lambda s: _load(str(path), s, name=subset or None))
-    except QmorError as e:
-        if "has no split" in str(e) or "has no subset" in str(e) or "several subsets" in str(e):
-            raise
-        raise QmorError(f"{name} is not a datasets folder and holds no data files datasets can read; save one with "
-                        "Dataset.save_to_disk, put .parquet/.csv/.jsonl files in it, or give a .jsonl file") from None
+    return _loaded(name, split, lambda s: _load(str(path), s, name=subset or None),
+                   unreadable=f"{name} is not a datasets folder and holds no data files datasets can read; save one "
+                   "with Dataset.save_to_disk, put .parquet/.csv/.jsonl files in it, or give a .jsonl file")
 
 
 def _load(path: str, split: str, **kw):
@@ -218,15 +214,16 @@ def _hub(source: str, split: str, subset: str):
     return datasets.load_dataset(folder, subset or None, split=split)
 
 
-def _loaded(name: str, split: str, load) -> Source:
-    """`load(split)` as a Source; datasets' errors for an unknown split or subset become one line naming the fix."""
+def _loaded(name: str, split: str, load, unreadable: str = "") -> Source:
+    """`load(split)` as a Source; datasets' errors become one line: for an unknown split or subset the ones that
+    exist, else `unreadable` (or datasets' reason)."""
     try:
         ds = load(split)
     except QmorError:
         raise
     except Exception as e:  # datasets raises many types for unreadable files: each means the same to the user
-        raise _choice_error(name, split, e) or QmorError(f"could not read {name} ({_first_line(e)}); check the "
-                                                         "files, --split and --subset") from None
+        raise _choice_error(name, split, e) or QmorError(unreadable or f"could not read {name} ({_first_line(e)}); "
+                                                         "check the files, --split and --subset") from None
     return Source(ds, name, split, columns=tuple(ds.column_names))
 
 

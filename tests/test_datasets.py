@@ -137,7 +137,7 @@ def test_missing_column_unknown_split_and_bad_mapping_are_one_line(tok, tmp_path
     with pytest.raises(QmorError, match="must be field=column pairs"):
         DataConfig(columns="prompt")
     with pytest.raises(QmorError, match="maps two columns onto 'completion'"):
-        build_datasets(tok, DataConfig(source=src, columns="completion=question,response=answer"))
+        DataConfig(source=src, columns="completion=question,response=answer")
 
 
 def test_datasets_folders_by_split(tok, tmp_path):
