@@ -16,6 +16,7 @@ from apps.command import short_path
 from apps.paths import Workspace, check_run_sources, model_arg, run_dir
 from apps.ui import adapter_config, error_md, ok_md, trained_runs
 from qmor.errors import QmorError
+from qmor.run_dir import RunDir
 
 NONE = "(none: base only)"
 _LOCK = threading.Lock()
@@ -108,7 +109,7 @@ def build(ws: Workspace) -> dict:
             if name and name != NONE:
                 run = run_dir(ws, name)
                 check_run_sources(ws, run)
-                adapter = str(run / "adapter")
+                adapter = str(RunDir(run).adapter)
             with _LOCK:
                 return ok_md(_load(model_arg(ws, base_text), adapter, bool(trust_rc)))
         except Exception as e:

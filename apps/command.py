@@ -1,4 +1,5 @@
-"""Form values -> the exact `scripts/finetune_4bit.py` command line, so the app trains through the CLI's code."""
+"""Form values -> the exact `scripts/finetune_4bit.py` command line, so the app trains through the CLI's code; the
+flags come from the table in qmor/flags.py."""
 
 from __future__ import annotations
 
@@ -7,39 +8,15 @@ import sys
 from pathlib import Path
 
 from apps.paths import Workspace, dataset_arg, model_arg, run_dir
+from qmor.errors import QmorError
+from qmor.flags import FLAGS, by_key
 
 ROOT = Path(__file__).resolve().parents[1]
 TRAIN_SCRIPT = ROOT / "scripts" / "finetune_4bit.py"
 EXPORT_SCRIPT = ROOT / "scripts" / "export_fp16.py"
 
-FAMILIES = ("lora", "moslora", "mora", "mor", "sira")
-# which family-specific fields each family shows and passes; everything else is common
-FAMILY_FIELDS = {
-    "lora": ("alpha",),
-    "moslora": ("alpha",),
-    "mora": ("mora_kind",),  # MoRA has no alpha scaling
-    "mor": ("alpha", "experts"),
-    "sira": ("alpha", "experts", "top_k", "capacity_factor", "expert_dropout", "aux_loss_weight"),
-}
-SPECIFIC = sorted({f for fs in FAMILY_FIELDS.values() for f in fs})
-
-# (form key, flag); a value of None or "" is left out (the script's default applies)
-VALUE_FLAGS = [
-    ("format", "--format"), ("family", "--family"), ("rank", "--rank"), ("alpha", "--alpha"),
-    ("dropout", "--dropout"), ("targets", "--targets"), ("mora_kind", "--mora-kind"), ("experts", "--experts"),
-    ("top_k", "--top-k"), ("capacity_factor", "--capacity-factor"), ("expert_dropout", "--expert-dropout"),
-    ("aux_loss_weight", "--aux-loss-weight"), ("init", "--init"), ("loftq_iters", "--loftq-iters"), ("lr", "--lr"),
-    ("epochs", "--epochs"), ("max_steps", "--max-steps"), ("batch_size", "--batch-size"),
-    ("grad_accum", "--grad-accum"), ("max_len", "--max-len"), ("warmup_ratio", "--warmup-ratio"),
-    ("weight_decay", "--weight-decay"), ("max_grad_norm", "--max-grad-norm"), ("val_size", "--val-size"),
-    ("eval_steps", "--eval-steps"), ("save_steps", "--save-steps"), ("log_steps", "--log-steps"),
-    ("num_examples", "--num-examples"), ("seed", "--seed"), ("loss_chunk", "--loss-chunk"), ("device", "--device"),
-    ("eval_generate", "--eval-generate"), ("keep_checkpoints", "--keep-checkpoints"),
-]
-INTS = {"rank", "experts", "top_k", "max_steps", "batch_size", "grad_accum", "max_len", "eval_steps", "save_steps",
-        "log_steps", "num_examples", "seed", "loss_chunk", "loftq_iters", "eval_generate", "keep_checkpoints"}
-SWITCHES = [("packing", "--packing"), ("train_on_prompt", "--train-on-prompt"),
-            ("offload_activations", "--offload-activations"), ("trust_remote_code", "--trust-remote-code")]
+# model and dataset come first, checked against the workspace; the run name becomes --output
+HEAD = {"model": model_arg, "dataset": dataset_arg}
 
 
 def _fmt(v) -> str:
@@ -49,27 +26,29 @@ def _fmt(v) -> str:
 
 
 def train_args(ws: Workspace, values: dict) -> list[str]:
-    """Arguments after the script name; validates model, dataset and run name (raises QmorError)."""
-    family = values.get("family") or "lora"
-    out = run_dir(ws, values.get("run_name", ""))
-    args = ["--model", model_arg(ws, values.get("model", "")), "--dataset", dataset_arg(ws, values.get("dataset", "")),
-            "--output", short_path(str(out))]
-    own = FAMILY_FIELDS.get(family, ())
-    for key, flag in VALUE_FLAGS:
-        v = values.get(key)
-        if key in SPECIFIC and key not in own:
+    """Arguments after the script name, one flag per form value that applies (validates model, dataset and run
+    name: raises QmorError). A value of None or "" is left out (the script's default applies), as is a switch at
+    its default and an option the chosen family or init does not use."""
+    args = []
+    for key, check in HEAD.items():
+        args += [by_key()[key].name, check(ws, values.get(key, ""))]
+    args += ["--output", short_path(str(run_dir(ws, values.get("run_name", ""))))]
+    for flag in FLAGS:
+        v = values.get(flag.key)
+        if flag.key in HEAD or not flag.in_app or v is None or v == "" or not flag.applies(values):
             continue
-        if key == "loftq_iters" and values.get("init") != "loftq":
+        if flag.switch:
+            if bool(v) != flag.default:
+                args.append(flag.name if v else f"--no-{flag.name[2:]}")
             continue
-        if v is None or v == "":
-            continue
-        if isinstance(v, float) and key in INTS:
-            v = int(v)
-        args += [flag, _fmt(v)]
-    if values.get("gradient_checkpointing") is False:
-        args.append("--no-gradient-checkpointing")
-    args += [flag for key, flag in SWITCHES if values.get(key)]
+        args += [flag.name, _fmt(_whole(flag, v) if flag.kind is int else v)]
     return args
+
+
+def _whole(flag, v) -> int:
+    if float(v) != int(float(v)):  # cutting 8.5 to 8 would train something else than asked
+        raise QmorError(f"{flag.label} must be a whole number, got {v}")
+    return int(float(v))
 
 
 def train_command(args: list[str]) -> list[str]:

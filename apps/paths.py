@@ -10,6 +10,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from qmor import tasks
 from qmor.errors import QmorError
 
 LOCAL_HOSTS = {"127.0.0.1", "localhost", "::1"}
@@ -90,7 +91,7 @@ def check_run_sources(ws: Workspace, run: Path) -> None:
         confined(ws, Path(meta["base_weights"]).expanduser(), f"LoftQ base weights of run {run.name}")
 
 
-BUILTIN_DATASETS = ("uuid", "reverse", "sort", "add", "upper", "mix")
+BUILTIN_DATASETS = tasks.NAMES
 HUB_ID_RE = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 

@@ -2,25 +2,9 @@
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 import pandas as pd
 
 FINAL = ("done", "stopped", "error")
-
-
-def read_events(run: str | Path) -> list[dict]:
-    path = Path(run) / "metrics.jsonl"
-    if not path.is_file():
-        return []
-    events = []
-    for line in path.read_text(errors="replace").splitlines():
-        try:
-            events.append(json.loads(line))
-        except json.JSONDecodeError:  # the writer may be mid-line; the next poll sees it whole
-            continue
-    return [e for e in events if isinstance(e, dict)]
 
 
 def loss_frame(events: list[dict]) -> pd.DataFrame:

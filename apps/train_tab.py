@@ -1,7 +1,10 @@
-"""Train tab: the form, the command preview, Start/Stop/Resume, and the polled progress, loss plot and log."""
+"""Train tab: the form (one widget per row of the flag table in qmor/flags.py), the command preview,
+Start/Stop/Resume, and the polled progress, loss plot and log."""
 
 from __future__ import annotations
 
+import contextlib
+import inspect
 import re
 import shutil
 import time
@@ -13,35 +16,21 @@ import pandas as pd
 from apps import command, jobs, progress
 from apps.paths import BUILTIN_DATASETS, Workspace, dataset_arg, run_dir, user_path
 from apps.ui import error_md, ok_md
+from qmor.data import FILE_TYPES, preview
 from qmor.errors import QmorError
-from qmor.train import check_fresh
-from qmor.train_config import TrainConfig
+from qmor.flags import FLAGS, Flag
+from qmor.run_dir import RunDir
 
-
-def _defaults() -> dict[str, object]:
-    """The training script's own defaults (read from TrainConfig, so they cannot drift): the untouched form runs
-    exactly the CLI default."""
-    cfg = TrainConfig()
-    a, d = cfg.adapter, cfg.data
-    return {
-        "model": cfg.model, "trust_remote_code": cfg.trust_remote_code, "run_name": "", "device": cfg.device,
-        "dataset": d.source, "format": d.format, "num_examples": d.num_examples,
-        "family": a.family, "rank": a.r, "alpha": a.alpha, "dropout": a.dropout, "targets": a.targets,
-        "mora_kind": a.mora_kind, "experts": a.experts, "top_k": a.top_k, "capacity_factor": a.capacity_factor,
-        "expert_dropout": a.expert_dropout, "aux_loss_weight": a.aux_loss_weight, "init": a.init,
-        "loftq_iters": a.loftq_iters, "lr": cfg.lr, "epochs": cfg.epochs, "max_steps": cfg.max_steps,
-        "batch_size": cfg.batch_size, "grad_accum": cfg.grad_accum, "max_len": d.max_len,
-        "warmup_ratio": cfg.warmup_ratio, "weight_decay": cfg.weight_decay, "max_grad_norm": cfg.max_grad_norm,
-        "val_size": d.val_size, "eval_steps": cfg.eval_steps, "save_steps": cfg.save_steps,
-        "keep_checkpoints": cfg.keep_checkpoints, "log_steps": cfg.log_steps, "eval_generate": cfg.eval_generate,
-        "packing": d.packing, "train_on_prompt": d.train_on_prompt, "seed": cfg.seed,
-        "gradient_checkpointing": cfg.gradient_checkpointing, "offload_activations": cfg.offload_activations,
-        "loss_chunk": cfg.loss_chunk,
-    }
-
-
-FIELDS = _defaults()  # every form field in the order the start/preview endpoints take them, with its initial value
-FORMATS = ["auto", "alpaca", "messages", "sharegpt", "prompt_completion", "text"]
+# the form: (accordion title, or None for always open; groups of qmor/flags.py laid out in it; widgets per row)
+SECTIONS = [(None, ("model",), 4), (None, ("data",), 4), (None, ("adapter",), 5), (None, ("family", "init"), 8),
+            ("Training", ("training",), 6), ("Memory", ("memory",), 6)]
+FORM = [f for _, groups, _ in SECTIONS for g in groups for f in FLAGS if f.group == g and f.in_app]
+# every form field in the order the start/preview endpoints take them (the run name right after the model), with
+# its initial value: the training script's own defaults, so the untouched form runs exactly the CLI default
+FIELDS = {"model": None, "run_name": "", **{f.key: f.default for f in FORM}}
+# the options whose value decides which others apply ("family", "init"), each with those others
+DEPENDENTS = {key: [f for f in FORM if f.only_when and f.only_when[0] == key]
+              for key in dict.fromkeys(f.only_when[0] for f in FORM if f.only_when)}
 
 
 def _values(vals) -> dict:
@@ -60,203 +49,228 @@ def _dataset_choices(ws: Workspace) -> list[str]:
     return [*BUILTIN_DATASETS, *files]
 
 
-def build(ws: Workspace, env: dict) -> dict:
-    """Lay out the tab inside the current Blocks context; returns what app.py wires to demo.load."""
+def _widget(flag: Flag, choices: list[str] | None = None) -> gr.components.Component:
+    """One row of the flag table as the widget its `shown_as` names, starting at the option's default."""
+    kw = {"label": flag.label, "scale": flag.scale, "visible": flag.applies({})}
+    if flag.info:
+        kw["info"] = flag.info
+    kind = flag.shown_as
+    if kind == "checkbox":
+        return gr.Checkbox(flag.default, **kw)
+    if kind == "number":
+        return gr.Number(flag.default, precision=0 if flag.kind is int else None, minimum=flag.minimum,
+                         maximum=flag.maximum, **kw)
+    if kind == "text":
+        return gr.Textbox(flag.default, **kw)
+    choices = list(flag.choices) if choices is None else choices
+    if kind == "radio":
+        return gr.Radio(choices, value=flag.default, **kw)
+    return gr.Dropdown(choices, value=flag.default, allow_custom_value=kind == "combo", **kw)
+
+
+def _form(ws: Workspace) -> tuple[dict, dict]:
+    """The form's widgets by field (FIELDS), and the dataset tools: upload and preview."""
     c: dict[str, gr.components.Component] = {}
+    tools: dict[str, gr.components.Component] = {}
+    for title, groups, per_row in SECTIONS:
+        with gr.Accordion(title, open=False) if title else contextlib.nullcontext():
+            flags = [f for f in FORM if f.group in groups]
+            for i in range(0, len(flags), per_row):
+                _row(ws, flags[i:i + per_row], c, tools)
+        if "data" in groups:
+            with gr.Accordion("Dataset preview", open=False):
+                tools["preview_btn"] = gr.Button("Preview first rows", size="sm")
+                tools["preview_md"] = gr.Markdown()
+                tools["preview_df"] = gr.Dataframe(interactive=False, wrap=True, max_height=260)
+    return c, tools
+
+
+def _row(ws: Workspace, flags: list[Flag], c: dict, tools: dict) -> None:
+    """One row of widgets, with the app's own beside theirs: the run name after the model, the upload box after
+    the dataset's row."""
     with gr.Row():
-        c["model"] = gr.Textbox(FIELDS["model"], label="Model (hub id, local folder, or built-in 'tiny' / 'smollm2')",
-                                scale=3)
-        c["run_name"] = gr.Textbox("", label="Run name", placeholder="automatic (family-date-time)", scale=2)
-        c["device"] = gr.Dropdown(["auto", "cuda", "cpu"], value="auto", label="Device", scale=1)
-        c["trust_remote_code"] = gr.Checkbox(False, label="Trust remote code", scale=1,
-                                             info="runs code from the model repository")
+        for flag in flags:
+            c[flag.key] = _widget(flag, _dataset_choices(ws) if flag.key == "dataset" else None)
+            if flag.key == "model":  # the run's name under the workspace's runs/, the app's --output
+                c["run_name"] = gr.Textbox("", label="Run name", placeholder="automatic (family-date-time)", scale=2)
+        if any(f.key == "dataset" for f in flags):
+            tools["upload"] = gr.File(label="Upload a dataset", file_types=list(FILE_TYPES), scale=2, height=90)
+
+
+def _run_panel() -> dict:
+    """The command preview, the buttons, and what polling fills in: status, progress, loss plot, log."""
+    p = {"cmd_box": gr.Code(label="Command (what Start runs)", language="shell", interactive=False, lines=2)}
     with gr.Row():
-        c["dataset"] = gr.Dropdown(_dataset_choices(ws), value=FIELDS["dataset"], allow_custom_value=True, scale=3,
-                                   label="Dataset (built-in name, or a file path in the workspace)")
-        c["format"] = gr.Dropdown(FORMATS, value="auto", label="Format", scale=1)
-        c["num_examples"] = gr.Number(FIELDS["num_examples"], label="Examples (built-in tasks; 0 = task default)",
-                                      precision=0, scale=1)
-        upload = gr.File(label="Upload a dataset", file_types=[".json", ".jsonl", ".csv", ".parquet", ".txt"],
-                         scale=2, height=90)
-    with gr.Accordion("Dataset preview", open=False):
-        preview_btn = gr.Button("Preview first rows", size="sm")
-        preview_md = gr.Markdown()
-        preview_df = gr.Dataframe(interactive=False, wrap=True, max_height=260)
-    with gr.Row():
-        c["family"] = gr.Radio(list(command.FAMILIES), value=FIELDS["family"], label="Adapter family", scale=3)
-        c["rank"] = gr.Number(FIELDS["rank"], label="Rank r", precision=0, minimum=1)
-        c["alpha"] = gr.Number(FIELDS["alpha"], label="Alpha", visible=False)
-        c["dropout"] = gr.Number(FIELDS["dropout"], label="Dropout", minimum=0, maximum=0.99)
-        c["targets"] = gr.Textbox(FIELDS["targets"], label="Targets", info="all-linear, q_proj,v_proj, or a regex")
-    with gr.Row():
-        c["mora_kind"] = gr.Dropdown(["auto", "sharing", "rope"], value="auto", label="MoRA operators")
-        c["experts"] = gr.Number(FIELDS["experts"], label="Experts", precision=0, minimum=1, visible=False)
-        c["top_k"] = gr.Number(FIELDS["top_k"], label="Top-k", precision=0, minimum=1, visible=False)
-        c["capacity_factor"] = gr.Number(FIELDS["capacity_factor"], label="Capacity factor", visible=False)
-        c["expert_dropout"] = gr.Number(FIELDS["expert_dropout"], label="Expert dropout", visible=False)
-        c["aux_loss_weight"] = gr.Number(FIELDS["aux_loss_weight"], label="Aux loss weight", visible=False)
-        c["init"] = gr.Radio(["loftq", "default"], value=FIELDS["init"], label="Initialisation")
-        c["loftq_iters"] = gr.Number(FIELDS["loftq_iters"], label="LoftQ iterations", precision=0, minimum=1)
-    with gr.Accordion("Training", open=False):
-        with gr.Row():
-            c["lr"] = gr.Number(FIELDS["lr"], label="Learning rate")
-            c["epochs"] = gr.Number(FIELDS["epochs"], label="Epochs")
-            c["max_steps"] = gr.Number(FIELDS["max_steps"], label="Max steps (0 = by epochs)", precision=0, minimum=0)
-            c["batch_size"] = gr.Number(FIELDS["batch_size"], label="Batch size", precision=0, minimum=1)
-            c["grad_accum"] = gr.Number(FIELDS["grad_accum"], label="Grad accumulation", precision=0, minimum=1)
-            c["max_len"] = gr.Number(FIELDS["max_len"], label="Max length (tokens)", precision=0, minimum=8)
-        with gr.Row():
-            c["warmup_ratio"] = gr.Number(FIELDS["warmup_ratio"], label="Warmup ratio")
-            c["weight_decay"] = gr.Number(FIELDS["weight_decay"], label="Weight decay")
-            c["max_grad_norm"] = gr.Number(FIELDS["max_grad_norm"], label="Max grad norm")
-            c["val_size"] = gr.Number(FIELDS["val_size"], label="Validation size (fraction or count)")
-            c["eval_steps"] = gr.Number(FIELDS["eval_steps"], label="Eval every (steps)", precision=0)
-            c["save_steps"] = gr.Number(FIELDS["save_steps"], label="Checkpoint every (steps)", precision=0)
-        with gr.Row():
-            c["log_steps"] = gr.Number(FIELDS["log_steps"], label="Log every (steps)", precision=0, minimum=1)
-            c["keep_checkpoints"] = gr.Number(FIELDS["keep_checkpoints"], label="Checkpoints kept", precision=0)
-            c["eval_generate"] = gr.Number(FIELDS["eval_generate"], label="Score answers at end (examples)",
-                                           precision=0, minimum=0)
-            c["seed"] = gr.Number(FIELDS["seed"], label="Seed", precision=0)
-            c["packing"] = gr.Checkbox(False, label="Packing")
-            c["train_on_prompt"] = gr.Checkbox(False, label="Train on prompt")
-    with gr.Accordion("Memory", open=False), gr.Row():
-        c["gradient_checkpointing"] = gr.Checkbox(True, label="Gradient checkpointing")
-        c["offload_activations"] = gr.Checkbox(False, label="Offload activations to CPU")
-        c["loss_chunk"] = gr.Number(FIELDS["loss_chunk"], label="Loss chunk (tokens)", precision=0, minimum=0)
-    cmd_box = gr.Code(label="Command (what Start runs)", language="shell", interactive=False, lines=2)
-    with gr.Row():
-        start_btn = gr.Button("Start", variant="primary", elem_id="train-start")
-        stop_btn = gr.Button("Stop", variant="stop", elem_id="train-stop")
-        resume_btn = gr.Button("Resume last run", elem_id="train-resume")
-    status = gr.HTML(elem_id="train-status")
-    prog = gr.HTML(progress.progress_html(progress.summary([]), "no run yet"), elem_id="train-progress")
+        p["start"] = gr.Button("Start", variant="primary", elem_id="train-start")
+        p["stop"] = gr.Button("Stop", variant="stop", elem_id="train-stop")
+        p["resume"] = gr.Button("Resume last run", elem_id="train-resume")
+    p["status"] = gr.HTML(elem_id="train-status")
+    p["progress"] = gr.HTML(progress.progress_html(progress.summary([]), "no run yet"), elem_id="train-progress")
     # starts with no value: a plot whose first value is an empty frame never draws the lines it gets later
-    plot = gr.LinePlot(None, x="step", y="loss", color="series", title="Loss", height=280, elem_id="loss-plot")
-    log = gr.Textbox(label="Log (tail)", lines=10, max_lines=10, autoscroll=True, elem_id="train-log")
-    timer = gr.Timer(2.0)
+    p["plot"] = gr.LinePlot(None, x="step", y="loss", color="series", title="Loss", height=280, elem_id="loss-plot")
+    p["log"] = gr.Textbox(label="Log (tail)", lines=10, max_lines=10, autoscroll=True, elem_id="train-log")
+    p["timer"] = gr.Timer(2.0)
+    return p
 
-    inputs = [c[k] for k in FIELDS]
 
-    def preview_command(*vals):
+def preview_command(ws: Workspace, *vals) -> str:
+    """The command Start would run, or why it cannot be built (the box doubles as live validation)."""
+    v = _values(vals)
+    v["run_name"] = v["run_name"] or "NAME"
+    try:
+        return command.shown(command.train_command(command.train_args(ws, v)))
+    except Exception as e:
+        return f"# cannot build the command: {e}"
+
+
+def start(ws: Workspace, env: dict, *vals):
+    """Start a training run with these settings; returns the status and the command."""
+    try:
+        if jobs.running(ws.root, "train"):
+            raise QmorError("a training run is already going; stop it first (one GPU, one job)")
         v = _values(vals)
-        v["run_name"] = v["run_name"] or "NAME"
+        v["run_name"] = (v["run_name"] or "").strip() or _auto_name(v)
+        out = run_dir(ws, v["run_name"])
         try:
-            return command.shown(command.train_command(command.train_args(ws, v)))
-        except Exception as e:  # the preview box doubles as live validation
-            return f"# cannot build the command: {e}"
+            RunDir(out).check_fresh()  # a run that failed before its first checkpoint may start again by name
+        except QmorError:
+            raise QmorError(f"run {v['run_name']!r} exists already; choose another name, or Resume it") from None
+        cmd = command.train_command(command.train_args(ws, v))
+        jobs.start(ws.root, "train", cmd, RunDir(out).log, out, env, log_in_run=True)
+        return ok_md(f"started {v['run_name']}"), command.shown(cmd)
+    except Exception as e:
+        return error_md(e), gr.update()
 
-    def start(*vals):
-        try:
-            if jobs.running(ws.root, "train"):
-                raise QmorError("a training run is already going; stop it first (one GPU, one job)")
-            v = _values(vals)
-            v["run_name"] = (v["run_name"] or "").strip() or _auto_name(v)
-            out = run_dir(ws, v["run_name"])
-            try:
-                check_fresh(out)  # a run that failed before its first checkpoint may start again under its name
-            except QmorError:
-                raise QmorError(f"run {v['run_name']!r} exists already; choose another name, or Resume it") from None
-            cmd = command.train_command(command.train_args(ws, v))
-            jobs.start(ws.root, "train", cmd, out / "train.log", out, env, log_in_run=True)
-            return ok_md(f"started {v['run_name']}"), command.shown(cmd)
-        except Exception as e:
-            return error_md(e), gr.update()
 
-    def stop():
-        try:
-            job = jobs.running(ws.root, "train")
-            if job is None:
-                raise QmorError("no training run is going")
-            ended = jobs.stop(ws.root, job)
-            s = progress.summary(progress.read_events(job["run_dir"]))
-            where = f"; checkpoint {s['message']}" if s["state"] == "stopped" and s["message"] else ""
-            if not ended:
-                raise QmorError("the run did not stop on SIGINT or SIGTERM and was killed; "
-                                "it resumes from its last saved checkpoint, if any")
-            return ok_md(f"stopped {Path(job['run_dir']).name} at step {s['step']}{where}; Resume continues it")
-        except Exception as e:
-            return error_md(e)
+def stop(ws: Workspace) -> str:
+    """Stop the running training run (it writes a checkpoint first)."""
+    try:
+        job = jobs.running(ws.root, "train")
+        if job is None:
+            raise QmorError("no training run is going")
+        ended = jobs.stop(ws.root, job)
+        s = progress.summary(RunDir(job["run_dir"]).read_events())
+        where = f"; checkpoint {s['message']}" if s["state"] == "stopped" and s["message"] else ""
+        if not ended:
+            raise QmorError("the run did not stop on SIGINT or SIGTERM and was killed; "
+                            "it resumes from its last saved checkpoint, if any")
+        return ok_md(f"stopped {Path(job['run_dir']).name} at step {s['step']}{where}; Resume continues it")
+    except Exception as e:
+        return error_md(e)
 
-    def resume():
-        try:
-            if jobs.running(ws.root, "train"):
-                raise QmorError("a training run is already going; stop it first")
-            job = jobs.latest(ws.root, "train")
-            if job is None:
-                raise QmorError("there is no run to resume yet; press Start")
-            run = Path(job["run_dir"])
-            if progress.summary(progress.read_events(run))["state"] == "done":
-                raise QmorError(f"run {run.name} has finished; start a new run instead")
-            if not (run / "checkpoints").is_dir():
-                raise QmorError(f"run {run.name} has no checkpoint to resume from; Start it again under the same "
-                                "name")
-            cmd = command.resume_command(run)
-            jobs.start(ws.root, "train", cmd, run / "train.log", run, env, log_in_run=True)
-            return ok_md(f"resuming {run.name}"), command.shown(cmd)
-        except Exception as e:
-            return error_md(e), gr.update()
 
-    def poll():
+def resume(ws: Workspace, env: dict):
+    """Continue the latest run from its last checkpoint."""
+    try:
+        if jobs.running(ws.root, "train"):
+            raise QmorError("a training run is already going; stop it first")
         job = jobs.latest(ws.root, "train")
         if job is None:
-            return (progress.progress_html(progress.summary([]), "no run yet"), None, "",
-                    gr.update(interactive=True), gr.update(interactive=False))
+            raise QmorError("there is no run to resume yet; press Start")
         run = Path(job["run_dir"])
-        events = progress.read_events(run)
-        s = progress.summary(events)
-        is_alive = jobs.alive(ws.root, job)
-        if not is_alive and s["state"] in ("running", "waiting"):
-            code = job.get("exit_code")
-            s["state"] = "error" if code not in (0, None) else "ended"
-            if code not in (0, None):
-                s["message"] = f"exit code {code}; see the log"
-        frame = progress.loss_frame(events)
-        return (progress.progress_html(s, run.name), frame if len(frame) else None, jobs.tail(job["log"]),
-                gr.update(interactive=not is_alive), gr.update(interactive=is_alive))
+        if progress.summary(RunDir(run).read_events())["state"] == "done":
+            raise QmorError(f"run {run.name} has finished; start a new run instead")
+        if not RunDir(run).checkpoints.is_dir():
+            raise QmorError(f"run {run.name} has no checkpoint to resume from; Start it again under the same "
+                            "name")
+        cmd = command.resume_command(run)
+        jobs.start(ws.root, "train", cmd, RunDir(run).log, run, env, log_in_run=True)
+        return ok_md(f"resuming {run.name}"), command.shown(cmd)
+    except Exception as e:
+        return error_md(e), gr.update()
 
-    def preview_data(dataset, fmt):
-        try:
-            from qmor.data import preview
 
-            detected, rows = preview(dataset_arg(ws, dataset), n=5, format=fmt)
-            frame = pd.DataFrame([{k: _cell(v) for k, v in r.items()} for r in rows])
-            return ok_md(f"format: {detected} · showing {len(rows)} rows"), frame
-        except Exception as e:
-            return error_md(e), pd.DataFrame()
+def poll(ws: Workspace):
+    """Progress, loss plot, log tail and the Start/Stop states of the latest run."""
+    job = jobs.latest(ws.root, "train")
+    if job is None:
+        return (progress.progress_html(progress.summary([]), "no run yet"), None, "",
+                gr.update(interactive=True), gr.update(interactive=False))
+    run = Path(job["run_dir"])
+    events = RunDir(run).read_events()
+    s = progress.summary(events)
+    is_alive = jobs.alive(ws.root, job)
+    if not is_alive and s["state"] in ("running", "waiting"):
+        code = job.get("exit_code")
+        s["state"] = "error" if code not in (0, None) else "ended"
+        if code not in (0, None):
+            s["message"] = f"exit code {code}; see the log"
+    frame = progress.loss_frame(events)
+    return (progress.progress_html(s, run.name), frame if len(frame) else None, jobs.tail(job["log"]),
+            gr.update(interactive=not is_alive), gr.update(interactive=is_alive))
 
-    def uploaded(file):
-        try:
-            if not file:
-                return gr.update(), ""
-            src = Path(file)
-            name = re.sub(r"[^A-Za-z0-9._-]", "_", src.name).lstrip(".") or "dataset"
-            dest = user_path(ws, str(ws.data / name), "upload")
-            shutil.copyfile(src, dest)
-            rel = str(dest.relative_to(ws.root))
-            return gr.update(choices=_dataset_choices(ws), value=rel), ok_md(f"saved as {rel}")
-        except Exception as e:
-            return gr.update(), error_md(e)
 
-    def family_changed(family):
-        own = command.FAMILY_FIELDS.get(family, ())
-        return [gr.update(visible=k in own) for k in command.SPECIFIC]
+def preview_data(ws: Workspace, dataset, fmt):
+    """The detected format and the first rows of a dataset."""
+    try:
+        detected, rows = preview(dataset_arg(ws, dataset), n=5, format=fmt)
+        frame = pd.DataFrame([{k: _cell(v) for k, v in r.items()} for r in rows])
+        return ok_md(f"format: {detected} · showing {len(rows)} rows"), frame
+    except Exception as e:
+        return error_md(e), pd.DataFrame()
 
-    c["family"].change(family_changed, c["family"], [c[k] for k in command.SPECIFIC], api_visibility="private")
-    c["init"].change(lambda i: gr.update(visible=i == "loftq"), c["init"], c["loftq_iters"],
-                     api_visibility="private")
+
+def uploaded(ws: Workspace, file):
+    """Save an uploaded dataset into the workspace's data/ and select it."""
+    try:
+        if not file:
+            return gr.update(), ""
+        src = Path(file)
+        name = re.sub(r"[^A-Za-z0-9._-]", "_", src.name).lstrip(".") or "dataset"
+        dest = user_path(ws, str(ws.data / name), "upload")
+        shutil.copyfile(src, dest)
+        rel = str(dest.relative_to(ws.root))
+        return gr.update(choices=_dataset_choices(ws), value=rel), ok_md(f"saved as {rel}")
+    except Exception as e:
+        return gr.update(), error_md(e)
+
+
+
+def _visibility(key: str):
+    """Show the options that apply to this value of `key` (a family's own options, LoftQ's iterations)."""
+    def show(value):
+        return [gr.update(visible=f.applies({key: value})) for f in DEPENDENTS[key]]
+
+    return show
+
+
+def _endpoint(fn, *bound, names: list[str] | None = None):
+    """fn with its first arguments bound, as gradio reads it: the docstring describes the API endpoint and the
+    signature names its parameters (`names`, where fn takes *vals, which the API would call param_0, param_1, ...)."""
+    def handler(*vals):
+        return fn(*bound, *vals)
+
+    params = names if names is not None else list(inspect.signature(fn).parameters)[len(bound):]
+    handler.__name__, handler.__doc__ = fn.__name__, fn.__doc__
+    handler.__signature__ = inspect.Signature(
+        [inspect.Parameter(n, inspect.Parameter.POSITIONAL_OR_KEYWORD) for n in params])
+    return handler
+
+
+def build(ws: Workspace, env: dict) -> dict:
+    """Lay out the tab inside the current Blocks context and wire it; returns what app.py wires to demo.load."""
+    c, tools = _form(ws)
+    p = _run_panel()
+    inputs = [c[k] for k in FIELDS]
+    preview_fn = _endpoint(preview_command, ws, names=list(FIELDS))
+    for key, flags in DEPENDENTS.items():
+        c[key].change(_visibility(key), c[key], [c[f.key] for f in flags], api_visibility="private")
     for comp in inputs:
-        comp.change(preview_command, inputs, cmd_box, api_name=False, show_progress="hidden")
-    preview_btn.click(preview_data, [c["dataset"], c["format"]], [preview_md, preview_df], api_name="preview_data")
-    upload.upload(uploaded, upload, [c["dataset"], preview_md], api_name="upload_dataset")
-    start_btn.click(start, inputs, [status, cmd_box], api_name="start_training")
-    stop_btn.click(stop, None, status, api_name="stop_training")
-    resume_btn.click(resume, None, [status, cmd_box], api_name="resume_training")
-    poll_out = [prog, plot, log, start_btn, stop_btn]
-    timer.tick(poll, None, poll_out, api_name="poll_training", show_progress="hidden")
-    return {"poll": poll, "poll_out": poll_out, "family_changed": family_changed, "family": c["family"],
-            "specific": [c[k] for k in command.SPECIFIC], "preview_command": preview_command, "inputs": inputs,
-            "cmd_box": cmd_box}
+        comp.change(preview_fn, inputs, p["cmd_box"], api_name=False, show_progress="hidden")
+    tools["preview_btn"].click(_endpoint(preview_data, ws), [c["dataset"], c["format"]],
+                               [tools["preview_md"], tools["preview_df"]], api_name="preview_data")
+    tools["upload"].upload(_endpoint(uploaded, ws), tools["upload"], [c["dataset"], tools["preview_md"]],
+                           api_name="upload_dataset")
+    p["start"].click(_endpoint(start, ws, env, names=list(FIELDS)), inputs, [p["status"], p["cmd_box"]],
+                     api_name="start_training")
+    p["stop"].click(_endpoint(stop, ws), None, p["status"], api_name="stop_training")
+    p["resume"].click(_endpoint(resume, ws, env), None, [p["status"], p["cmd_box"]], api_name="resume_training")
+    poll_out = [p["progress"], p["plot"], p["log"], p["start"], p["stop"]]
+    poll_fn = _endpoint(poll, ws)
+    p["timer"].tick(poll_fn, None, poll_out, api_name="poll_training", show_progress="hidden")
+    return {"poll": poll_fn, "poll_out": poll_out, "family_changed": _visibility("family"), "family": c["family"],
+            "specific": [c[f.key] for f in DEPENDENTS["family"]], "preview_command": preview_fn, "inputs": inputs,
+            "cmd_box": p["cmd_box"]}
 
 
 def _cell(v) -> str:

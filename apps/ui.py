@@ -9,7 +9,9 @@ from pathlib import Path
 import gradio as gr
 
 from apps.paths import Workspace, inside
+from qmor.attach import meta_file
 from qmor.errors import QmorError
+from qmor.run_dir import RunDir
 
 
 def message(e: BaseException) -> str:
@@ -28,10 +30,8 @@ def ok_md(text: str) -> str:
 
 
 def _meta_file(run: Path) -> Path | None:
-    from qmor.attach import meta_file
-
     try:
-        return meta_file(run / "adapter")
+        return meta_file(RunDir(run).adapter)
     except QmorError:
         return None
 

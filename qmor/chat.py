@@ -27,6 +27,7 @@ from qmor.config import QuantConfig
 from qmor.errors import QmorError
 from qmor.fingerprint import check_base
 from qmor.quant import LOAD_ERRORS, is_4bit, is_local, load_4bit, load_failed, set_packed
+from qmor.run_dir import find_adapter
 from qmor.template import TemplateError, encode, render, template_text
 
 ROLES = ("system", "user", "assistant")
@@ -66,12 +67,6 @@ class Sampling:
         if self.temperature == 0:
             return kw | {"do_sample": False, "temperature": None, "top_p": None, "top_k": None}
         return kw | {"do_sample": True, "temperature": self.temperature, "top_p": self.top_p, "top_k": self.top_k}
-
-
-def adapter_folder(path: str | Path) -> Path:
-    from qmor.export import find_adapter
-
-    return find_adapter(path)
 
 
 def check_messages(messages: list[dict]) -> None:
@@ -157,7 +152,7 @@ class ChatSession:
             self._reset()
             if path is None:
                 return None
-            folder = adapter_folder(path)
+            folder = find_adapter(path)
             meta = read_meta(folder)
             check_base(meta.base_fingerprint, meta.base_model, self.base_model, self.allow_other_base)
             try:

@@ -1,47 +1,27 @@
-"""Resumable checkpoints: checkpoints/step-NNNNNN/ with the adapter, optimizer, scheduler, RNG and data position.
+"""One resumable checkpoint folder: the adapter, optimizer, scheduler, RNG and data position of a step.
 
 Each checkpoint is written into a temporary folder and renamed when complete, so a crash or a second Ctrl-C while
 saving leaves the previous checkpoint as the latest. Only the adapter is saved: the frozen 4-bit base is rebuilt
-from the model (and, after LoftQ, from its cached Q_T) on resume.
+from the model (and, after LoftQ, from its cached Q_T) on resume. Where checkpoints live in a run folder, and which
+one a run resumes from: qmor/run_dir.py.
 """
 
 from __future__ import annotations
 
 import pickle
 import re
-import shutil
-import sys
 import zipfile
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file
 
-from qmor.attach import AdapterMeta, save_adapter
+from qmor.attach import CONFIG, WEIGHTS, AdapterMeta, save_adapter
 from qmor.errors import QmorError
 from qmor.files import atomic_dir, load_json, save_json
 
-FOLDER = "checkpoints"
-NAME = re.compile(r"step-(\d{6,})")
-
-
-def checkpoint_dirs(run_dir: str | Path) -> list[Path]:
-    """Complete checkpoints of a run, oldest first (temporary folders of an interrupted save are not listed)."""
-    root = Path(run_dir) / FOLDER
-    if not root.is_dir():
-        return []
-    found = [p for p in root.iterdir() if p.is_dir() and NAME.fullmatch(p.name) and (p / "state.json").is_file()]
-    return sorted(found, key=step_of)
-
-
-def latest_checkpoint(run_dir: str | Path) -> Path:
-    found = checkpoint_dirs(run_dir)
-    if not found and (Path(run_dir) / "adapter").is_dir():
-        raise QmorError(f"{run_dir} has finished (adapter/ is written) and keeps no checkpoint to resume from; start "
-                        "a new run with another --output")
-    if not found:
-        raise QmorError(f"{run_dir} has no checkpoint to resume from (it stopped before its first one); run the same "
-                        "command again without --resume, which starts it afresh in the same folder")
-    return found[-1]
+ADAPTER = "adapter"
+STATE = "state.json"  # written last of all: a folder holding it is complete
 
 
 class Damaged(QmorError):
@@ -82,40 +62,17 @@ def reason(e: BaseException) -> str:
 
 def check_checkpoint(path: Path) -> None:
     """Read every file of a checkpoint back (raises Damaged, or QmorError for a file qmor did not write)."""
-    from safetensors.torch import load_file
-
-    from qmor.attach import CONFIG, WEIGHTS
-
-    for name in ("state.json", f"adapter/{CONFIG}"):
+    for name in (STATE, f"{ADAPTER}/{CONFIG}"):
         try:
             load_json(path / name)
         except QmorError:
             raise Damaged(f"{name} is missing or not valid JSON") from None
     try:
-        load_file(str(path / "adapter" / WEIGHTS))
+        load_file(str(path / ADAPTER / WEIGHTS))
     except Exception as e:  # safetensors raises its own error type for a cut or garbled file
-        raise Damaged(f"adapter/{WEIGHTS} cannot be read ({reason(e)})") from None
+        raise Damaged(f"{ADAPTER}/{WEIGHTS} cannot be read ({reason(e)})") from None
     for name in ("optimizer.pt", "scheduler.pt", "rng.pt"):
         read_torch(path / name)
-
-
-def resumable_checkpoint(run_dir: str | Path, say=lambda line: print(line, file=sys.stderr)) -> Path:
-    """The newest checkpoint that reads back whole; damaged newer ones are named (through `say`) and passed over."""
-    latest_checkpoint(run_dir)  # the error for a run without any
-    found = checkpoint_dirs(run_dir)
-    problems = []
-    for path in reversed(found):
-        try:
-            check_checkpoint(path)
-        except Damaged as e:
-            problems.append(f"{path.name}: {e}")
-            say(f"warning: checkpoint {path} is damaged ({e}); trying the one before it")
-            continue
-        if problems:
-            say(f"resuming from {path.name}, the newest intact checkpoint")
-        return path
-    raise QmorError(f"every checkpoint of {run_dir} is damaged ({'; '.join(problems)}); it cannot be resumed: start "
-                    "a new run with another --output")
 
 
 def rng_state() -> dict:
@@ -128,29 +85,16 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save_checkpoint(
-    run_dir: str | Path, model: torch.nn.Module, meta: AdapterMeta, optimizer, scheduler, rng: list[dict],
-    state: dict, keep: int,
-) -> Path:
-    """Write step-NNNNNN/ atomically (rng: one state per process) and delete all but the `keep` latest."""
-    path = Path(run_dir) / FOLDER / f"step-{state['step']:06d}"
+def save_checkpoint(path: Path, model: torch.nn.Module, meta: AdapterMeta, optimizer, scheduler, rng: list[dict],
+                    state: dict) -> Path:
+    """Write the checkpoint folder `path` atomically (rng: one state per process)."""
     with atomic_dir(path) as tmp:
-        save_adapter(model, tmp / "adapter", meta)
+        save_adapter(model, tmp / ADAPTER, meta)
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
         torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
         torch.save(rng, tmp / "rng.pt")
-        save_json(state, tmp / "state.json")
-    found = checkpoint_dirs(run_dir)
-    # newer ones belong to the steps after a damaged checkpoint was passed over on resume: trained again now
-    stale = [p for p in found if step_of(p) > state["step"]]
-    current = [p for p in found if step_of(p) <= state["step"]]
-    for old in stale + current[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
+        save_json(state, tmp / STATE)
     return path
-
-
-def step_of(path: Path) -> int:
-    return int(NAME.fullmatch(path.name).group(1))
 
 
 def load_checkpoint(path: str | Path, optimizer, scheduler, rank: int = 0) -> dict:
@@ -161,4 +105,4 @@ def load_checkpoint(path: str | Path, optimizer, scheduler, rank: int = 0) -> di
     scheduler.load_state_dict(read_torch(path / "scheduler.pt"))
     rng = read_torch(path / "rng.pt")
     set_rng_state(rng[rank % len(rng)])
-    return load_json(path / "state.json")
+    return load_json(path / STATE)

@@ -15,7 +15,7 @@ import dataclasses
 import hashlib
 import json
 import random
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -37,8 +37,11 @@ from qmor.records import (
     to_messages,
     tools_of,
 )
-from qmor.sources import Source, open_source
+from qmor.sources import FILE_TYPES, Source, open_source
 from qmor.template import NoAssistantTokens, encode_chat, render, template_name, with_chat_template
+
+__all__ = ["FILE_TYPES", "FORMATS", "DataConfig", "DataStats", "build_datasets", "collate", "data_notes",
+           "detect_format", "load_records", "pack", "preview", "prompt_text", "to_messages"]
 
 TOKENISER_VERSION = 1  # part of the cache key: raise it when a change here would change the tokens of a record
 QUIET_BELOW = 5000  # records; smaller sets are tokenised without a progress bar
@@ -51,8 +54,8 @@ class DataConfig:
     format: str = "auto"  # auto | alpaca | messages | sharegpt | prompt_completion | text
     split: str = "train"  # split to train on (files and Hub ids take slices too, e.g. train[:1000]); tasks: train, test
     subset: str = ""  # a Hub dataset's configuration (load_dataset's name), e.g. main for openai/gsm8k
-    columns: dict[str, str] = field(default_factory=dict)  # qmor field -> the dataset's column, e.g. {"prompt":
-    # "question", "completion": "answer"} (on the command line prompt=question,completion=answer)
+    columns: str = ""  # the dataset's columns mapped onto qmor's fields, "prompt=question,completion=answer" (a
+    # config file may give a mapping, {prompt: question, completion: answer}, kept in this written form)
     max_len: int = 128  # tokens per training sequence; longer examples are truncated (and counted), but a data set
     # whose every example is longer is refused: that max_len is almost certainly a mistake
     train_on_prompt: bool = False  # also train on system/user/prompt tokens (default: responses only)
@@ -63,8 +66,9 @@ class DataConfig:
     seed: int = 0  # seed of built-in tasks and of the validation split
 
     def __post_init__(self) -> None:
-        self.columns = parse_columns(self.columns)
-        renames(self.columns)  # two fields mapped onto one are refused here, before anything loads
+        mapping = parse_columns(self.columns)
+        renames(mapping)  # two fields mapped onto one are refused here, before anything loads
+        self.columns = ",".join(f"{k}={v}" for k, v in mapping.items())
         if not isinstance(self.split, str) or not self.split.strip():
             raise QmorError(f"split must be a split name such as train, got {self.split!r}; pass e.g. --split train")
         if self.format != "auto" and self.format not in FORMATS:
@@ -112,9 +116,9 @@ def load_records(source: str, skip_bad: bool = False, split: str = "train", subs
 def _open(cfg: DataConfig) -> tuple[Source, dict[str, str]]:
     """The source's split and the column renames, checked against its columns."""
     src = open_source(cfg.source, cfg.split, cfg.subset, cfg.skip_bad, cfg.num_examples, cfg.seed)
-    if cfg.columns:
-        check_columns(cfg.columns, src.columns, cfg.source)
-    return src, renames(cfg.columns)
+    mapping = parse_columns(cfg.columns)
+    check_columns(mapping, src.columns, cfg.source)
+    return src, renames(mapping)
 
 
 def _first_records(src: Source, renamed: dict[str, str], n: int) -> list[tuple[dict, str]]:
@@ -352,7 +356,7 @@ def preview(source: str, n: int = 5, format: str = "auto", split: str = "train",
             columns: dict[str, str] | str | None = None) -> tuple[str, list[dict]]:
     """The detected (or forced) format and the first `n` records (under qmor's field names when `columns` maps
     them); a QmorError on unreadable or malformed data."""
-    cfg = DataConfig(source=source, format=format, split=split, subset=subset, columns=columns or {})
+    cfg = DataConfig(source=source, format=format, split=split, subset=subset, columns=columns or "")
     src, renamed = _open(cfg)
     first = _first_records(src, renamed, n)
     fmt = detect_format([r for r, _ in first[:1]], source) if format == "auto" else format

@@ -18,12 +18,13 @@ from torch import nn
 
 from qmor import __version__
 from qmor.adapters import MERGEABLE
-from qmor.attach import CONFIG, AdapterMeta, meta_file, read_meta
+from qmor.attach import AdapterMeta, read_meta
 from qmor.builtin import resolve_model as resolve_builtin
 from qmor.errors import NotMergeable, QmorError
 from qmor.files import atomic_dir, load_json, save_json
 from qmor.merge import INDEX, check_dtype, parse_size, write_merged
 from qmor.peft_export import check_peft_family, write_peft
+from qmor.run_dir import find_adapter
 from qmor.verify import Check, compare, logits, prompt_ids, require
 
 MERGE_BASES = ("dequantized", "original")
@@ -31,16 +32,6 @@ MERGE_BASES = ("dequantized", "original")
 SUPPORT = ["tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
            "tokenizer.model", "vocab.json", "vocab.txt", "merges.txt", "*.tiktoken", "chat_template.jinja",
            "chat_template.json", "generation_config.json"]
-
-
-def find_adapter(path: str | Path) -> Path:
-    """A run folder (runs/NAME, holding adapter/) or an adapter folder itself."""
-    path = Path(path)
-    for candidate in (path / "adapter", path):
-        if candidate.is_dir() and meta_file(candidate) is not None:
-            return candidate
-    raise QmorError(f"{path} holds neither {CONFIG} nor adapter/{CONFIG}; pass a run folder (runs/NAME) or its "
-                    "adapter folder")
 
 
 def check_merge(meta: AdapterMeta, merge_base: str) -> None:
@@ -297,4 +288,4 @@ def check_factors(model: nn.Module, folder: Path) -> None:
             raise QmorError(f"PEFT factors for {name} do not reproduce the adapter's ΔW; the export was not kept")
 
 
-__all__ = ["INDEX", "export_merged", "export_peft", "find_adapter"]
+__all__ = ["INDEX", "export_merged", "export_peft"]

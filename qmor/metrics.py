@@ -4,25 +4,24 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
 import uuid
 from pathlib import Path
 
-METRICS = "metrics.jsonl"
-PLOT = "loss.png"
+from qmor.run_dir import RunDir
 
 
 class MetricsLog:
     """Appends events to metrics.jsonl and redraws loss.png at most every `plot_every_s` seconds."""
 
-    def __init__(self, run_dir: str | Path, plot_every_s: float = 10.0):
-        self.run_dir = Path(run_dir)
-        self.path = self.run_dir / METRICS
+    def __init__(self, run: str | os.PathLike, plot_every_s: float = 10.0):
+        self.run = RunDir(run)
         self.plot_every_s = plot_every_s
         self.last_plot = 0.0
         self.train: list[tuple[int, float]] = []  # (step, loss) of this run so far, including before a resume
         self.eval: list[tuple[int, float]] = []  # (step, eval loss)
-        for event in read_events(self.path):
+        for event in self.run.read_events():
             self._remember(event)
 
     def _remember(self, event: dict) -> None:
@@ -38,7 +37,7 @@ class MetricsLog:
 
     def log(self, event: str, **fields) -> dict:
         record = {"time": time.time(), "event": event, **{k: finite(v) for k, v in fields.items()}}
-        with open(self.path, "a") as f:  # one write per line, flushed: a reader never sees half an object
+        with open(self.run.metrics, "a") as f:  # one write per line, flushed: a reader never sees half an object
             f.write(json.dumps(record, allow_nan=False) + "\n")
         self._remember(record)
         if event in ("eval", "done", "stopped") or time.time() - self.last_plot > self.plot_every_s:
@@ -48,7 +47,7 @@ class MetricsLog:
     def plot(self) -> None:
         if not self.train and not self.eval:
             return
-        plot_loss(self.train, self.eval, self.run_dir / PLOT)
+        plot_loss(self.train, self.eval, self.run.plot)
         self.last_plot = time.time()
 
 
@@ -61,20 +60,6 @@ def finite(value):
     if isinstance(value, list | tuple):
         return [finite(v) for v in value]
     return value
-
-
-def read_events(path: str | Path) -> list[dict]:
-    """Every complete line of a metrics.jsonl (a line being written is skipped)."""
-    path = Path(path)
-    if not path.is_file():
-        return []
-    events = []
-    for line in path.read_text().splitlines():
-        try:
-            events.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue
-    return events
 
 
 def plot_loss(train: list[tuple[int, float]], evals: list[tuple[int, float]], path: str | Path) -> None:

@@ -45,6 +45,8 @@ def parse_columns(value) -> dict[str, str]:
     if not isinstance(value, dict):
         raise QmorError(f"columns must map fields to column names, got {value!r}; e.g. {{prompt: question}}")
     out = {str(k).strip(): str(v).strip() for k, v in value.items()}
+    if any("," in v or "=" in v for v in out.values()):
+        raise QmorError(f"columns {value!r}: a column name with ',' or '=' cannot be mapped; rename the column")
     unknown = sorted(k for k in out if k not in FIELDS and k not in ALIASES)
     if unknown:
         raise QmorError(f"columns names unknown field(s) {unknown}; map the dataset's columns onto "

@@ -18,8 +18,9 @@ from pathlib import Path
 from qmor import tasks
 from qmor.errors import QmorError
 
+JSON_FILES = (".jsonl", ".json")  # read by qmor itself, for the file-and-line error messages
 LOADERS = {".parquet": "parquet", ".csv": "csv"}  # data files datasets reads, by suffix
-JSON_FILES = (".json", ".jsonl")  # read by qmor itself, for the file-and-line error messages
+FILE_TYPES = (*JSON_FILES, *LOADERS)  # every file type a source can be
 RECORD, LOC = "__record__", "__loc__"  # the columns of a source qmor read itself: a record's JSON and its place
 HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")  # what datasets would look up on the Hub
 FIX_SOURCE = ("a built-in task (" + ", ".join(tasks.NAMES) + "), a .jsonl/.json/.parquet/.csv file, a datasets "

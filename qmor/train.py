@@ -1,42 +1,48 @@
 """The training loop: a 4-bit base with a trainable adapter, on accelerate (one device, or data parallel under
 `accelerate launch` / `torchrun`), with chunked loss, checkpoints, resume and a metrics log the app polls.
 
-Read top to bottom: resolve the run, load data (bad data stops here, before any output exists), load the model,
-create the run folder, then step: micro-batches -> chunked loss -> backward -> clip -> optimizer -> schedule.
+Two entry points: `train(cfg)` starts a run, `resume(run_dir)` continues one with its own saved config. Both hand a
+`Training` its folder; read it top to bottom: load data and model (bad data stops here, before any output exists),
+create the run folder, set up optimizer and schedule, then step (micro-batches -> chunked loss -> backward -> clip ->
+optimizer -> schedule), log, evaluate, checkpoint, and finish with the final adapter.
 """
 
 from __future__ import annotations
 
 import contextlib
 import math
-import shutil
 import signal
 import sys
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from accelerate import Accelerator
+from accelerate.utils import broadcast_object_list, gather_object
 from tqdm import tqdm
 
 from qmor.adapters import MERGEABLE
-from qmor.attach import aux_loss, count_parameters
+from qmor.attach import aux_loss, count_parameters, save_adapter
 from qmor.builtin import resolve_model
-from qmor.checkpoint import checkpoint_dirs, load_checkpoint, resumable_checkpoint, rng_state, save_checkpoint
+from qmor.checkpoint import ADAPTER, load_checkpoint, rng_state, save_checkpoint
 from qmor.data import build_datasets, collate, data_notes
 from qmor.errors import QmorError
 from qmor.evaluate import eval_loss, score_task
-from qmor.files import load_json, save_json
+from qmor.files import save_json
+from qmor.load import load_for_training, load_trained
 from qmor.loss import ChunkedLoss, enable_checkpointing
-from qmor.metrics import METRICS, PLOT, MetricsLog
+from qmor.metrics import MetricsLog
 from qmor.packing import check_documents_apart
+from qmor.plan import GIB, estimate
+from qmor.quant import paged_adamw_8bit
+from qmor.run_dir import RunDir
 from qmor.template import template_text
-from qmor.train_config import TrainConfig, from_json, to_json
+from qmor.train_config import TrainConfig, to_json
 
-CONFIG = "config.json"
-# what a run that failed before its first checkpoint leaves behind: such a folder is started afresh, not refused
-LEFTOVERS = {CONFIG, METRICS, PLOT, "loftq_report.json", "train.log", "checkpoints"}
+OnStep = Callable[[int, torch.nn.Module], None]
 
 
 # ---------------------------------------------------------------------------------------------------- setup
@@ -59,8 +65,6 @@ def load_tokenizer(model_path: str, trust_remote_code: bool):
 
 def make_optimizer(params: list[torch.nn.Parameter], cfg: TrainConfig, device: torch.device):
     if device.type == "cuda":
-        from qmor.quant import paged_adamw_8bit
-
         return paged_adamw_8bit(params, cfg.lr, cfg.weight_decay)
     return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
@@ -115,9 +119,7 @@ def stop_requests():
             signal.signal(s, h)
 
 
-def make_accelerator(device: str, cfg: TrainConfig):
-    from accelerate import Accelerator
-
+def make_accelerator(device: str, cfg: TrainConfig) -> Accelerator:
     cpu = device == "cpu" or not torch.cuda.is_available()
     if device.startswith("cuda:") and not cpu:
         torch.cuda.set_device(torch.device(device))
@@ -127,8 +129,6 @@ def make_accelerator(device: str, cfg: TrainConfig):
 
 
 def default_output(accelerator) -> str:
-    from accelerate.utils import broadcast_object_list
-
     name = [f"runs/{time.strftime('%Y%m%d-%H%M%S')}"]
     return broadcast_object_list(name)[0] if accelerator.num_processes > 1 else name[0]
 
@@ -136,94 +136,297 @@ def default_output(accelerator) -> str:
 # ---------------------------------------------------------------------------------------------------- the run
 
 
-def train(cfg: TrainConfig, resume: bool = False, on_step: Callable[[int, torch.nn.Module], None] | None = None
-          ) -> dict:
-    """Run (or with `resume`, continue) training; returns the final figures. `on_step(step, model)` is called on
-    every process after each optimizer step (tests use it to compare data-parallel replicas)."""
+def train(cfg: TrainConfig, on_step: OnStep | None = None) -> dict:
+    """Train a new run into cfg.output (empty: runs/<timestamp>); returns the final figures. `on_step(step, model)`
+    is called on every process after each optimizer step (tests use it to compare data-parallel replicas)."""
+    accelerator = make_accelerator(cfg.device, cfg)
+    run_dir = RunDir(cfg.output or default_output(accelerator))
+    cfg.output = str(run_dir)
+    restart = run_dir.check_fresh()
+    return Training(cfg, run_dir, accelerator, on_step).run(checkpoint=None, restart=restart)
+
+
+def resume(run_dir: str | Path | RunDir, on_step: OnStep | None = None) -> dict:
+    """Continue the run in `run_dir` from its newest intact checkpoint. The run's own config.json rules: the same
+    data order, optimizer, schedule and RNG, so the steps after the checkpoint are those a straight run takes."""
+    run_dir = RunDir(run_dir)
+    cfg = run_dir.read_config()
+    cfg.output = str(run_dir)  # the folder may have been moved since
     accelerator = make_accelerator(cfg.device, cfg)
     main = accelerator.is_main_process
-    run_dir = Path(cfg.output or default_output(accelerator))
-    say = tqdm.write if main else (lambda *_: None)
-    if resume:
-        cfg = from_json(load_json(run_dir / CONFIG))  # the saved config rules; only the folder comes from the caller
-        cfg.output = str(run_dir)
-        checkpoint = resumable_checkpoint(run_dir, lambda line: tqdm.write(line, file=sys.stderr) if main else None)
-        restart = False
-    else:
-        cfg.output = str(run_dir)
-        checkpoint = None
-        restart = check_fresh(run_dir)
-    torch.manual_seed(cfg.seed + accelerator.process_index)
-
-    with accelerator.main_process_first():  # the tiny model and the LoftQ cache are built once, then read
-        model_path = resolve_model(cfg.model, cfg.seed)
-        tokenizer = load_tokenizer(model_path, cfg.trust_remote_code)
-        train_set, val_set, stats = build_datasets(tokenizer, cfg.data)
-        model, meta, report = load_model(cfg, model_path, checkpoint, str(accelerator.device))
-    # chat and export render conversations with exactly the template training used (None: plain text, no template)
-    meta.chat_template = None if stats.format == "text" else template_text(tokenizer)
-    if cfg.data.packing:
-        check_documents_apart(model)
-
-    if main:
-        report_memory(cfg, model, accelerator)
-        for note in data_notes(stats, cfg.data.source):
-            say(f"note: {note}")
-    # loading worked: only now does the run folder appear
-    if main:
-        if restart:
-            say(f"note: {run_dir} holds a run that failed before its first checkpoint; starting it afresh")
-            clear_failed_run(run_dir)
-        run_dir.mkdir(parents=True, exist_ok=True)
-        if not resume:
-            save_json(to_json(cfg), run_dir / CONFIG)
-            if report is not None:
-                save_json(report, run_dir / "loftq_report.json")
-    accelerator.wait_for_everyone()
-    log = MetricsLog(run_dir) if main else None
-    try:
-        return _loop(cfg, accelerator, model, meta, tokenizer, train_set, val_set, stats, run_dir, checkpoint, log,
-                     on_step)
-    except Exception as e:
-        if log is not None:
-            with contextlib.suppress(OSError):  # a full disk must not hide the error that ended the run
-                log.log("error", message=str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__)
-        raise
+    checkpoint = run_dir.resumable_checkpoint(lambda line: tqdm.write(line, file=sys.stderr) if main else None)
+    return Training(cfg, run_dir, accelerator, on_step).run(checkpoint=checkpoint)
 
 
-def check_fresh(run_dir: Path) -> bool:
-    """Refuse a folder that holds a run or anything else; True when it holds only what a run that failed before
-    its first checkpoint leaves behind (that run is started afresh, so no one has to delete files by hand)."""
-    if not run_dir.exists():
-        return False
-    if not run_dir.is_dir():
-        raise QmorError(f"output {run_dir} is a file; choose a folder for --output")
-    names = {p.name for p in run_dir.iterdir()}
-    if not names:
-        return False
-    if names - LEFTOVERS or checkpoint_dirs(run_dir):
-        raise QmorError(f"output folder {run_dir} already holds a run; pass --resume to continue it or choose "
-                        "another --output")
-    return True
+@dataclass
+class Window:
+    """The steps since the last `train` event, which that event averages."""
+
+    loss: float = 0.0  # sum of the steps' mean token losses
+    steps: int = 0
+    tokens: int = 0  # tokens read by all processes (padding not counted)
+    start: float = field(default_factory=time.time)
 
 
-def clear_failed_run(run_dir: Path) -> None:
-    for name in LEFTOVERS - {"train.log"}:  # train.log is the app's record of every attempt: it grows
-        path = run_dir / name
-        if path.is_dir():
-            shutil.rmtree(path)
-        else:
-            path.unlink(missing_ok=True)
+class Training:
+    """One run, from loading to the final adapter. The state its phases share lives here: the optimizer step, the
+    data position, the loss window and the latest logged and evaluated losses."""
 
+    def __init__(self, cfg: TrainConfig, run_dir: RunDir, accelerator, on_step: OnStep | None = None):
+        self.cfg, self.run_dir, self.accelerator, self.on_step = cfg, run_dir, accelerator, on_step
+        self.main = accelerator.is_main_process
+        self.world, self.rank = accelerator.num_processes, accelerator.process_index
+        self.metrics: MetricsLog | None = None  # the main process writes the log
+        self.step = 0  # optimizer steps done
+        self.position = 0  # training examples consumed by all processes together
+        self.window = Window()
+        self.last_loss: float | None = None  # the latest window's mean loss
+        self.last_eval: float | None = None  # the latest eval loss
+        self.lr, self.grad_norm = 0.0, 0.0  # of the latest step
+        self.orders: dict[int, list[int]] = {}  # the shuffled order of each epoch seen so far
 
-def diverged(step: int, what: str, cfg: TrainConfig, run_dir: Path) -> QmorError:
-    """The one line for a run whose loss, gradient or weights stopped being numbers."""
-    found = checkpoint_dirs(run_dir)
-    kept = (f"the last good checkpoint {found[-1].name} is kept; start a new run with another --output"
-            if found else "nothing was saved, so run it again with the same --output")
-    return QmorError(f"training diverged at step {step}: {what}; lower --lr "
-                     f"(now {cfg.lr:g}), keep --max-grad-norm on (now {cfg.max_grad_norm:g}) or check the data; "
-                     f"no adapter was written, {kept}")
+    def run(self, checkpoint: Path | None, restart: bool = False) -> dict:
+        self.load(checkpoint)
+        self.create_folder(restart, fresh=checkpoint is None)
+        try:
+            self.setup(checkpoint)
+            return self.loop()
+        except Exception as e:
+            if self.metrics is not None:
+                with contextlib.suppress(OSError):  # a full disk must not hide the error that ended the run
+                    self.metrics.log("error", message=str(e).strip().splitlines()[0] if str(e).strip()
+                                     else type(e).__name__)
+            raise
+
+    def say(self, line: str) -> None:
+        if self.main:
+            tqdm.write(line)
+
+    def emit(self, event: str, **fields) -> None:
+        if self.metrics is not None:
+            self.metrics.log(event, **fields)
+
+    # ------------------------------------------------------------------------------------------------ setup
+
+    def load(self, checkpoint: Path | None) -> None:
+        """Tokenizer, data and model; nothing is written yet, so bad data or a bad model leaves no folder behind."""
+        cfg, accelerator = self.cfg, self.accelerator
+        torch.manual_seed(cfg.seed + self.rank)
+        with accelerator.main_process_first():  # the tiny model and the LoftQ cache are built once, then read
+            model_path = resolve_model(cfg.model, cfg.seed)
+            self.tokenizer = load_tokenizer(model_path, cfg.trust_remote_code)
+            self.train_set, self.val_set, self.stats = build_datasets(self.tokenizer, cfg.data)
+            self.model, self.meta, self.loftq_report = load_model(cfg, model_path, checkpoint, str(accelerator.device))
+        # chat and export render conversations with exactly the template training used (None: plain text, no template)
+        self.meta.chat_template = None if self.stats.format == "text" else template_text(self.tokenizer)
+        if cfg.data.packing:
+            check_documents_apart(self.model)
+        if self.main:
+            report_memory(cfg, self.model, accelerator)
+            for note in data_notes(self.stats, cfg.data.source):
+                self.say(f"note: {note}")
+
+    def create_folder(self, restart: bool, fresh: bool) -> None:
+        """Loading worked: only now does the run folder appear (a resumed run keeps its config and report)."""
+        run_dir = self.run_dir
+        if self.main:
+            if restart:
+                self.say(f"note: {run_dir} holds a run that failed before its first checkpoint; starting it afresh")
+                run_dir.clear_failed()
+            run_dir.path.mkdir(parents=True, exist_ok=True)
+            if fresh:
+                save_json(to_json(self.cfg), run_dir.config)
+                if self.loftq_report is not None:
+                    save_json(self.loftq_report, run_dir.loftq_report)
+        self.accelerator.wait_for_everyone()
+        self.metrics = MetricsLog(run_dir) if self.main else None
+
+    def setup(self, checkpoint: Path | None) -> None:
+        """Optimizer, schedule and loss; on resume their state, the RNG and the data position from the checkpoint."""
+        cfg, accelerator = self.cfg, self.accelerator
+        self.total_steps = planned_steps(cfg, len(self.train_set), self.world)
+        self.per_step = cfg.batch_size * cfg.grad_accum * self.world  # examples one optimizer step consumes
+        self.pad_id = self.tokenizer.pad_token_id
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        optimizer = make_optimizer(self.params, cfg, accelerator.device)
+        self.scheduler = cosine_schedule(optimizer, self.total_steps, cfg.warmup_ratio)
+        loss_fn = ChunkedLoss(self.model, cfg.loss_chunk, cfg.offload_activations)
+        self.loss_fn, self.optimizer = accelerator.prepare(loss_fn, optimizer)
+        if checkpoint is not None:
+            state = load_checkpoint(checkpoint, self.optimizer, self.scheduler, self.rank)
+            self.step, self.position = state["step"], state["position"]
+            if self.metrics is not None:
+                self.metrics.forget_after(self.step)
+            self.say(f"resuming {self.run_dir} from {checkpoint.name} (step {self.step} of {self.total_steps})")
+        trainable, total = count_parameters(self.model)
+        family, stats = self.meta.adapter.family, self.stats
+        self.say(f"{family} r={self.meta.adapter.r} on {cfg.model}: {trainable:,} trainable of {total:,} parameters; "
+                 f"{stats.n_train} training sequences, {stats.n_val} validation, {self.total_steps} steps")
+        self.emit("start", total_steps=self.total_steps, step=self.step, run_dir=str(self.run_dir), model=cfg.model,
+                  family=family, trainable_params=trainable, n_train=stats.n_train, n_val=stats.n_val,
+                  resumed=checkpoint is not None, n_truncated=stats.n_truncated, n_dropped=stats.n_dropped,
+                  n_skipped=stats.n_skipped, n_empty=stats.n_empty, template=stats.template, packed=stats.packed)
+        self.window = Window()
+        self.start_time, self.start_step = time.time(), self.step
+
+    # ------------------------------------------------------------------------------------------------ the loop
+
+    def loop(self) -> dict:
+        cfg, total = self.cfg, self.total_steps
+        self.bar = tqdm(total=total, initial=self.step, desc="training", unit="step", disable=not self.main,
+                        dynamic_ncols=True)
+        with stop_requests() as stop, self.bar:  # the bar closes on an error too, so the error line starts a line
+            while self.step < total:
+                self.train_step()
+                if self.step % cfg.log_steps == 0 or self.step == total:
+                    self.log()
+                if self.val_set and cfg.eval_steps and self.step % cfg.eval_steps == 0 and self.step < total:
+                    self.say(f"step {self.step:>5}/{total}  eval loss {self.evaluate():.4f}")
+                if cfg.save_steps and self.step % cfg.save_steps == 0 and self.step < total:
+                    self.checkpoint()
+                signum = self.stop_signal(stop)
+                if signum and self.step < total:
+                    return self.stopped(signum)
+        return self.finish()
+
+    def train_step(self) -> None:
+        """One optimizer step over grad_accum micro-batches; a step whose loss or gradient is not finite is not
+        taken, and the run stops."""
+        cfg, accelerator = self.cfg, self.accelerator
+        batches = self.micro_batches()
+        n_label = sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches)  # tokens the window averages
+        step_loss = 0.0
+        for m, batch in enumerate(batches):
+            sync = m == len(batches) - 1
+            with contextlib.nullcontext() if sync else accelerator.no_sync(self.loss_fn):
+                loss_sum, _ = self.loss_fn(**batch)
+                loss = loss_sum / max(n_label, 1)
+                extra = aux_loss(self.model)  # SiRA's load balancing; None for the other families
+                if extra is not None:
+                    loss = loss + cfg.adapter.aux_loss_weight * extra / len(batches)
+                accelerator.backward(loss)
+            step_loss += loss_sum.item() / max(n_label, 1)
+        grad_norm = float(accelerator.clip_grad_norm_(self.params, cfg.max_grad_norm) if cfg.max_grad_norm > 0
+                          else grad_norm_of(self.params))
+        bad = not (math.isfinite(step_loss) and math.isfinite(grad_norm))
+        if self.world > 1:  # every process stops at the same step, or the next all-reduce would hang
+            bad = bool(accelerator.reduce(torch.tensor(int(bad), device=accelerator.device), "sum").item())
+        if bad:  # the step is not taken: the weights stay those of the last finite step
+            self.optimizer.zero_grad(set_to_none=True)
+            raise self.diverged(self.step + 1, f"loss {step_loss:.4g}, gradient norm {grad_norm:.4g}")
+        self.optimizer.step()
+        self.lr, self.grad_norm = self.scheduler.get_last_lr()[0], grad_norm
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step, self.position = self.step + 1, self.position + self.per_step
+        if self.world > 1:
+            step_loss = accelerator.reduce(torch.tensor(step_loss, device=accelerator.device), "mean").item()
+        if self.on_step is not None:
+            self.on_step(self.step, self.unwrapped().lm)
+        self.window.loss, self.window.steps = self.window.loss + step_loss, self.window.steps + 1
+        self.bar.update(1)
+
+    def micro_batches(self) -> list[dict[str, torch.Tensor]]:
+        """This process's share of the next step: each process reads its own slice of every micro-batch."""
+        cfg, n = self.cfg, len(self.train_set)
+        batches = []
+        for m in range(cfg.grad_accum):
+            at = self.position + m * cfg.batch_size * self.world + self.rank * cfg.batch_size
+            idx = example_order(n, cfg.seed, at, cfg.batch_size, self.orders)
+            rows = collate([self.train_set[i] for i in idx], self.pad_id)
+            batches.append({k: v.to(self.accelerator.device) for k, v in rows.items()})
+            self.window.tokens += sum(len(self.train_set[i]["input_ids"]) for i in idx) * self.world
+        return batches
+
+    def log(self) -> None:
+        """The window's mean loss, speed and ETA: on the console and as a `train` event; a new window starts."""
+        now, step, total = time.time(), self.step, self.total_steps
+        tps = self.window.tokens / max(now - self.window.start, 1e-9)
+        eta = (now - self.start_time) / (step - self.start_step) * (total - step)
+        self.last_loss = self.window.loss / self.window.steps
+        self.bar.set_postfix(loss=f"{self.last_loss:.4f}", lr=f"{self.lr:.2e}", tok_s=f"{tps:.0f}")
+        self.say(f"step {step:>5}/{total}  loss {self.last_loss:.4f}  lr {self.lr:.2e}  {tps:,.0f} tok/s")
+        self.emit("train", step=step, loss=self.last_loss, lr=self.lr, tokens_per_s=tps, eta_s=eta,
+                  epoch=self.position / len(self.train_set), grad_norm=self.grad_norm)
+        self.window = Window()
+
+    def evaluate(self) -> float:
+        """Eval loss on the validation split, logged as an `eval` event."""
+        self.last_eval = eval_loss(self.unwrapped(), self.val_set, self.cfg.batch_size, self.pad_id,
+                                   self.accelerator.device)
+        self.emit("eval", step=self.step, eval_loss=self.last_eval)
+        return self.last_eval
+
+    def checkpoint(self) -> Path | None:
+        """A resumable checkpoint of this step (written by the main process; the path there, None elsewhere)."""
+        if not all_finite(self.params):  # never save weights that are not numbers over a good checkpoint
+            raise self.diverged(self.step, "the adapter weights are not finite")
+        rngs = gather_object([rng_state()]) if self.world > 1 else [rng_state()]
+        path = None
+        if self.main:
+            state = {"step": self.step, "position": self.position, "total_steps": self.total_steps,
+                     "epoch": self.position / len(self.train_set)}
+            path = save_checkpoint(self.run_dir.checkpoint(self.step), self.unwrapped().lm, self.meta,
+                                   self.optimizer, self.scheduler, rngs, state)
+            self.run_dir.prune_checkpoints(self.step, self.cfg.keep_checkpoints)
+            self.emit("checkpoint", step=self.step, path=str(path))
+        self.accelerator.wait_for_everyone()
+        return path
+
+    def stop_signal(self, stop: dict) -> int:
+        signum = stop["signal"]
+        if self.world > 1:  # every process must stop at the same step, or the next all-reduce would hang
+            signum = int(self.accelerator.reduce(torch.tensor(signum, device=self.accelerator.device), "sum").item())
+        return signum
+
+    def stopped(self, signum: int) -> dict:
+        """Asked to stop: checkpoint this step and say how to continue."""
+        self.bar.close()
+        path = self.checkpoint()
+        self.say(f"stopped at step {self.step}; continue with --resume --output {self.run_dir}")
+        self.emit("stopped", step=self.step, checkpoint=str(path), signal=signum)
+        return {"run_dir": str(self.run_dir), "step": self.step, "stopped": True, "signal": signum,
+                "checkpoint": str(path), "loss": self.last_loss}
+
+    def finish(self) -> dict:
+        """Final adapter, eval loss, generation score and the `done` event."""
+        cfg, run_dir, model = self.cfg, self.run_dir, self.unwrapped().lm
+        if not all_finite(self.params):
+            raise self.diverged(self.step, "the adapter weights are not finite")
+        result = {"run_dir": str(run_dir), "step": self.step, "stopped": False, "loss": self.last_loss,
+                  "train_seconds": time.time() - self.start_time, "adapter": str(run_dir.adapter)}
+        if self.val_set:
+            self.evaluate()
+        result["eval_loss"] = self.last_eval
+        if self.main:
+            save_adapter(model, run_dir.adapter, self.meta)
+            scores = score_task(model, self.tokenizer, cfg.data, cfg.eval_generate)
+            if scores is not None:
+                result.update(char_accuracy=scores["char_accuracy"], exact_match=scores["exact_match"],
+                              n_scored=scores["n"])
+                for ex in scores["examples"]:
+                    tqdm.write(f"  {ex['prompt']!r} -> {ex['prediction']!r} (reference {ex['reference']!r})")
+                tqdm.write(f"{cfg.data.source}: character accuracy {scores['char_accuracy']:.3f}, exact match "
+                           f"{scores['exact_match']:.3f} on {scores['n']} examples (greedy generation)")
+            self.emit("done", **{k: v for k, v in result.items() if k != "stopped"})
+            tqdm.write(f"wrote {run_dir}: {RunDir.ADAPTER}/, {RunDir.CONFIG}, {RunDir.METRICS}, {RunDir.PLOT}")
+            if self.meta.adapter.family in MERGEABLE:
+                tqdm.write(f"merge it into an fp16 model: python scripts/export_fp16.py {run_dir} --output "
+                           f"{run_dir}-fp16")
+        self.accelerator.wait_for_everyone()
+        return result
+
+    def unwrapped(self) -> ChunkedLoss:
+        return self.accelerator.unwrap_model(self.loss_fn)
+
+    def diverged(self, step: int, what: str) -> QmorError:
+        """The one line for a run whose loss, gradient or weights stopped being numbers."""
+        cfg, latest = self.cfg, self.run_dir.latest_checkpoint()
+        kept = (f"the last good checkpoint {latest.name} is kept; start a new run with another --output"
+                if latest else "nothing was saved, so run it again with the same --output")
+        return QmorError(f"training diverged at step {step}: {what}; lower --lr "
+                         f"(now {cfg.lr:g}), keep --max-grad-norm on (now {cfg.max_grad_norm:g}) or check the data; "
+                         f"no adapter was written, {kept}")
 
 
 def grad_norm_of(params: list[torch.nn.Parameter]) -> torch.Tensor:
@@ -240,8 +443,6 @@ def all_finite(params: list[torch.nn.Parameter]) -> bool:
 def report_memory(cfg: TrainConfig, model: torch.nn.Module, accelerator) -> None:
     """Print the planner's predicted peak before the first step, and warn when it exceeds the GPU: running out of
     memory an hour in is the most expensive way to find out."""
-    from qmor.plan import GIB, estimate
-
     device = accelerator.device
     cuda = device.type == "cuda"
     plan = estimate(model.config, cfg.data.max_len, cfg.batch_size, cfg.adapter,
@@ -261,10 +462,8 @@ def report_memory(cfg: TrainConfig, model: torch.nn.Module, accelerator) -> None
 def load_model(cfg: TrainConfig, model_path: str, checkpoint: Path | None, device: str):
     """A fresh model (LoftQ-initialised or default), or on resume the base it started from plus the checkpoint's
     adapter (for LoftQ that base is the cached Q_T, not nf4(W))."""
-    from qmor.load import load_for_training, load_trained
-
     if checkpoint is not None:
-        model, meta = load_trained(checkpoint / "adapter", device, model_path, cfg.trust_remote_code)
+        model, meta = load_trained(checkpoint / ADAPTER, device, model_path, cfg.trust_remote_code)
         report = None
     else:
         model, meta, report = load_for_training(model_path, cfg.adapter, cfg.quant, device,
@@ -274,160 +473,3 @@ def load_model(cfg: TrainConfig, model_path: str, checkpoint: Path | None, devic
         enable_checkpointing(model)
     model.train()
     return model, meta, report
-
-
-def _loop(cfg, accelerator, model, meta, tokenizer, train_set, val_set, stats, run_dir, checkpoint, log, on_step):
-    from accelerate.utils import gather_object
-
-    main, world, rank = accelerator.is_main_process, accelerator.num_processes, accelerator.process_index
-    say = tqdm.write if main else (lambda *_: None)
-    emit = log.log if log is not None else (lambda *a, **k: None)
-    total_steps = planned_steps(cfg, len(train_set), world)
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = make_optimizer(params, cfg, accelerator.device)
-    scheduler = cosine_schedule(optimizer, total_steps, cfg.warmup_ratio)
-    loss_fn = ChunkedLoss(model, cfg.loss_chunk, cfg.offload_activations)
-    loss_fn, optimizer = accelerator.prepare(loss_fn, optimizer)
-
-    step, position = 0, 0  # optimizer steps done; training examples consumed by all processes together
-    if checkpoint is not None:
-        state = load_checkpoint(checkpoint, optimizer, scheduler, rank)
-        step, position = state["step"], state["position"]
-        if log is not None:
-            log.forget_after(step)
-        say(f"resuming {run_dir} from {checkpoint.name} (step {step} of {total_steps})")
-    trainable, total = count_parameters(model)
-    say(f"{meta.adapter.family} r={meta.adapter.r} on {cfg.model}: {trainable:,} trainable of {total:,} parameters; "
-        f"{stats.n_train} training sequences, {stats.n_val} validation, {total_steps} steps")
-    emit("start", total_steps=total_steps, step=step, run_dir=str(run_dir), model=cfg.model,
-         family=meta.adapter.family, trainable_params=trainable, n_train=stats.n_train, n_val=stats.n_val,
-         resumed=checkpoint is not None, n_truncated=stats.n_truncated, n_dropped=stats.n_dropped,
-         n_skipped=stats.n_skipped, n_empty=stats.n_empty, template=stats.template, packed=stats.packed)
-
-    pad_id = tokenizer.pad_token_id
-    per_step = cfg.batch_size * cfg.grad_accum * world
-    perms: dict = {}
-    window_loss, window_steps, window_tokens, window_start = 0.0, 0, 0, time.time()
-    run_start, start_step = time.time(), step
-    last_loss, last_eval = None, None
-
-    def checkpoint_now() -> Path | None:
-        if not all_finite(params):  # never save weights that are not numbers over a good checkpoint
-            raise diverged(step, "the adapter weights are not finite", cfg, run_dir)
-        rngs = gather_object([rng_state()]) if world > 1 else [rng_state()]
-        path = None
-        if main:
-            path = save_checkpoint(run_dir, accelerator.unwrap_model(loss_fn).lm, meta, optimizer, scheduler, rngs,
-                                   {"step": step, "position": position, "total_steps": total_steps,
-                                    "epoch": position / len(train_set)}, cfg.keep_checkpoints)
-            emit("checkpoint", step=step, path=str(path))
-        accelerator.wait_for_everyone()
-        return path
-
-    bar = tqdm(total=total_steps, initial=step, desc="training", unit="step", disable=not main, dynamic_ncols=True)
-    with stop_requests() as stop, bar:  # the bar closes on an error too, so the error line starts a line
-        while step < total_steps:
-            # -- one optimizer step over grad_accum micro-batches
-            batches = []
-            for m in range(cfg.grad_accum):
-                at = position + m * cfg.batch_size * world + rank * cfg.batch_size
-                idx = example_order(len(train_set), cfg.seed, at, cfg.batch_size, perms)
-                batches.append({k: v.to(accelerator.device) for k, v in collate([train_set[i] for i in idx],
-                                                                                 pad_id).items()})
-                window_tokens += sum(len(train_set[i]["input_ids"]) for i in idx) * world  # padding not counted
-            n_label = sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches)  # tokens the window averages
-            step_loss = 0.0
-            for m, batch in enumerate(batches):
-                sync = m == len(batches) - 1
-                with contextlib.nullcontext() if sync else accelerator.no_sync(loss_fn):
-                    loss_sum, _ = loss_fn(**batch)
-                    loss = loss_sum / max(n_label, 1)
-                    extra = aux_loss(model)  # SiRA's load balancing; None for the other families
-                    if extra is not None:
-                        loss = loss + cfg.adapter.aux_loss_weight * extra / len(batches)
-                    accelerator.backward(loss)
-                step_loss += loss_sum.item() / max(n_label, 1)
-            grad_norm = (accelerator.clip_grad_norm_(params, cfg.max_grad_norm) if cfg.max_grad_norm > 0
-                         else grad_norm_of(params))
-            grad_norm = float(grad_norm)
-            bad = not (math.isfinite(step_loss) and math.isfinite(grad_norm))
-            if world > 1:  # every process stops at the same step, or the next all-reduce would hang
-                bad = bool(accelerator.reduce(torch.tensor(int(bad), device=accelerator.device), "sum").item())
-            if bad:  # the step is not taken: the weights stay those of the last finite step
-                optimizer.zero_grad(set_to_none=True)
-                raise diverged(step + 1, f"loss {step_loss:.4g}, gradient norm {grad_norm:.4g}", cfg, run_dir)
-            optimizer.step()
-            lr = scheduler.get_last_lr()[0]
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            step, position = step + 1, position + per_step
-            if world > 1:
-                step_loss = accelerator.reduce(torch.tensor(step_loss, device=accelerator.device), "mean").item()
-            if on_step is not None:
-                on_step(step, accelerator.unwrap_model(loss_fn).lm)
-            window_loss, window_steps = window_loss + step_loss, window_steps + 1
-            bar.update(1)
-
-            # -- logging, eval, checkpoints
-            if step % cfg.log_steps == 0 or step == total_steps:
-                elapsed = time.time() - window_start
-                tps = window_tokens / max(elapsed, 1e-9)
-                eta = (time.time() - run_start) / (step - start_step) * (total_steps - step)
-                last_loss = window_loss / window_steps
-                bar.set_postfix(loss=f"{last_loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tps:.0f}")
-                say(f"step {step:>5}/{total_steps}  loss {last_loss:.4f}  lr {lr:.2e}  {tps:,.0f} tok/s")
-                emit("train", step=step, loss=last_loss, lr=lr, tokens_per_s=tps, eta_s=eta,
-                     epoch=position / len(train_set), grad_norm=grad_norm)
-                window_loss, window_steps, window_tokens, window_start = 0.0, 0, 0, time.time()
-            if val_set and cfg.eval_steps and step % cfg.eval_steps == 0 and step < total_steps:
-                last_eval = eval_loss(accelerator.unwrap_model(loss_fn), val_set, cfg.batch_size, pad_id,
-                                      accelerator.device)
-                say(f"step {step:>5}/{total_steps}  eval loss {last_eval:.4f}")
-                emit("eval", step=step, eval_loss=last_eval)
-            if cfg.save_steps and step % cfg.save_steps == 0 and step < total_steps:
-                checkpoint_now()
-            signum = stop["signal"]
-            if world > 1:  # every process must stop at the same step, or the next all-reduce would hang
-                signum = int(accelerator.reduce(torch.tensor(signum, device=accelerator.device), "sum").item())
-            if signum and step < total_steps:
-                bar.close()
-                path = checkpoint_now()
-                say(f"stopped at step {step}; continue with --resume --output {run_dir}")
-                emit("stopped", step=step, checkpoint=str(path), signal=signum)
-                return {"run_dir": str(run_dir), "step": step, "stopped": True, "signal": signum,
-                        "checkpoint": str(path), "loss": last_loss}
-    bar.close()
-    return _finish(cfg, accelerator, loss_fn, meta, tokenizer, val_set, run_dir, step, last_loss, last_eval,
-                   time.time() - run_start, emit)
-
-
-def _finish(cfg, accelerator, loss_fn, meta, tokenizer, val_set, run_dir, step, last_loss, last_eval, seconds, emit):
-    """Final adapter, eval loss, generation score and the `done` event."""
-    from qmor.attach import save_adapter
-
-    model = accelerator.unwrap_model(loss_fn).lm
-    if not all_finite([p for p in model.parameters() if p.requires_grad]):
-        raise diverged(step, "the adapter weights are not finite", cfg, run_dir)
-    result = {"run_dir": str(run_dir), "step": step, "stopped": False, "loss": last_loss, "train_seconds": seconds,
-              "adapter": str(run_dir / "adapter")}
-    if val_set:
-        last_eval = eval_loss(accelerator.unwrap_model(loss_fn), val_set, cfg.batch_size, tokenizer.pad_token_id,
-                              accelerator.device)
-        emit("eval", step=step, eval_loss=last_eval)
-    result["eval_loss"] = last_eval
-    if accelerator.is_main_process:
-        save_adapter(model, run_dir / "adapter", meta)
-        scores = score_task(model, tokenizer, cfg.data, cfg.eval_generate)
-        if scores is not None:
-            result.update(char_accuracy=scores["char_accuracy"], exact_match=scores["exact_match"],
-                          n_scored=scores["n"])
-            for ex in scores["examples"]:
-                tqdm.write(f"  {ex['prompt']!r} -> {ex['prediction']!r} (reference {ex['reference']!r})")
-            tqdm.write(f"{cfg.data.source}: character accuracy {scores['char_accuracy']:.3f}, exact match "
-                       f"{scores['exact_match']:.3f} on {scores['n']} examples (greedy generation)")
-        emit("done", **{k: v for k, v in result.items() if k != "stopped"})
-        tqdm.write(f"wrote {run_dir}: adapter/, config.json, metrics.jsonl, loss.png")
-        if meta.adapter.family in MERGEABLE:
-            tqdm.write(f"merge it into an fp16 model: python scripts/export_fp16.py {run_dir} --output {run_dir}-fp16")
-    accelerator.wait_for_everyone()
-    return result

@@ -86,8 +86,8 @@ def test_train_chat_export_through_the_api(app, tiny_dir):
 
     server, ws = app
     client = Client(server.url, verbose=False)
-    status, cmd = client.predict(*train_values(model=str(tiny_dir), run_name="api", **QUICK),
-                                 api_name="/start_training")
+    # by keyword, the flags' names; the fields not given keep the form's defaults
+    status, cmd = client.predict(model=str(tiny_dir), run_name="api", **QUICK, api_name="/start_training")
     assert "started api" in status, status
     assert "scripts/finetune_4bit.py" in cmd and "--max-steps 3" in cmd
     # a second Start while one runs is refused with a message, not a second job
@@ -125,6 +125,10 @@ def test_errors_come_back_as_messages(app, tmp_path):
 
     server, ws = app
     client = Client(server.url, verbose=False)
+    from apps.train_tab import FIELDS
+
+    api = client.view_api(return_format="dict", print_info=False)["named_endpoints"]["/start_training"]
+    assert [p["parameter_name"] for p in api["parameters"]] == list(FIELDS)  # not param_0, param_1, ...
     taken = ws / "runs" / "taken" / "checkpoints" / "step-000001"
     taken.mkdir(parents=True)
     (taken / "state.json").write_text("{}")

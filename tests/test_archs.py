@@ -18,7 +18,7 @@ from qmor.attach import set_enabled
 from qmor.evaluate import eval_loss
 from qmor.load import load_trained
 from qmor.loss import ChunkedLoss
-from qmor.metrics import read_events
+from qmor.run_dir import RunDir
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))
@@ -75,7 +75,7 @@ def test_architecture_trains_reloads_and_exports(arch, models, tmp_path, capsys)
     run = tmp_path / "run"
     assert finetune_4bit.main(["--model", str(folder), "--family", family, "--output", str(run), *FAST]) == 0
     assert "warning:" not in capsys.readouterr().err  # every layer weight became 4-bit
-    events = read_events(run / "metrics.jsonl")
+    events = RunDir(run).read_events()
     assert [e["event"] for e in events][-2:] == ["eval", "done"]
 
     # the saved adapter brings back the trained model: the same eval loss as at the end of the run

@@ -15,10 +15,11 @@ import pytest
 import torch
 
 from qmor.attach import CONFIG, LEGACY_CONFIG
-from qmor.checkpoint import check_checkpoint, checkpoint_dirs
+from qmor.checkpoint import check_checkpoint
 from qmor.config import AdapterConfig
 from qmor.data import DataConfig
 from qmor.errors import QmorError
+from qmor.run_dir import RunDir
 from qmor.tiny import make_tiny
 from qmor.train import train
 from qmor.train_config import TrainConfig
@@ -52,7 +53,7 @@ def run(tiny_dir, tmp_path_factory):
         mp.setenv("QMOR_CACHE", str(tmp_path_factory.getbasetemp() / "qmor-cache"))
         argv = ["--model", str(tiny_dir), "--output", str(out), *FAST, "--init", "loftq", "--save-steps", "1"]
         assert finetune_4bit.main(argv) == 0
-    assert [p.name for p in checkpoint_dirs(out)] == ["step-000001", "step-000002"]
+    assert [p.name for p in RunDir(out).checkpoint_dirs()] == ["step-000001", "step-000002"]
     return out
 
 
@@ -114,7 +115,7 @@ def test_diverged_run_stops_with_valid_metrics_and_can_be_run_again(tiny_dir, tm
     code = finetune_4bit.main(["--model", str(tiny_dir), "--output", str(out), *FAST, "--lr", "1e30"])
     error_line(capsys, code, "training diverged at step 2", "loss nan", "lower --lr (now 1e+30)",
                "nothing was saved, so run it again with the same --output")
-    assert not (out / "adapter").exists() and not checkpoint_dirs(out)
+    assert not (out / "adapter").exists() and not RunDir(out).checkpoint_dirs()
     events = strict_events(out)
     assert [e["event"] for e in events] == ["start", "train", "error"]
     assert "diverged" in events[-1]["message"]
@@ -141,8 +142,8 @@ def test_divergence_after_a_checkpoint_keeps_it(clip, tiny_dir, tmp_path):
     with pytest.raises(QmorError, match=r"training diverged at step 4: loss nan, gradient norm nan; .*the last good "
                                         r"checkpoint step-000002 is kept"):
         train(cfg, on_step=poison)
-    assert [p.name for p in checkpoint_dirs(out)] == ["step-000002"]
-    check_checkpoint(checkpoint_dirs(out)[0])  # intact, and resumable
+    assert [p.name for p in RunDir(out).checkpoint_dirs()] == ["step-000002"]
+    check_checkpoint(RunDir(out).checkpoint_dirs()[0])  # intact, and resumable
     assert not (out / "adapter").exists()
     assert strict_events(out)[-1]["event"] == "error"
 
@@ -271,11 +272,11 @@ def test_resume_passes_over_a_damaged_checkpoint(run, tmp_path, capsys):
 def test_resume_with_every_checkpoint_damaged(run, tmp_path, capsys):
     copy = tmp_path / "run"
     shutil.copytree(run, copy)
-    for ckpt in checkpoint_dirs(copy):
+    for ckpt in RunDir(copy).checkpoint_dirs():
         (ckpt / "adapter" / "adapter.safetensors").write_bytes(b"\0" * 10)
     code = finetune_4bit.main(["--resume", "--output", str(copy)])
     error_line(capsys, code, "every checkpoint of", "is damaged", "start a new run")
-    assert len(checkpoint_dirs(copy)) == 2  # nothing deleted
+    assert len(RunDir(copy).checkpoint_dirs()) == 2  # nothing deleted
 
 
 def test_planted_pickle_is_not_a_qmor_checkpoint(run, tmp_path, capsys):

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from qmor.attach import read_meta
-from qmor.metrics import read_events
+from qmor.run_dir import RunDir
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))
@@ -30,7 +30,7 @@ def test_every_family_trains_and_writes_the_run_folder(family, tiny_dir, tmp_pat
     assert finetune_4bit.main(["--model", str(tiny_dir), "--family", family, "--rank", "4", "--output", str(out),
                                *FAST]) == 0
     assert {"adapter", "config.json", "metrics.jsonl", "loss.png"} <= {p.name for p in out.iterdir()}
-    events = read_events(out / "metrics.jsonl")
+    events = RunDir(out).read_events()
     assert [e["event"] for e in events] == ["start", "train", "train", "train", "done"]
     assert events[0]["total_steps"] == 3 and events[0]["family"] == family
     assert all({"time", "step", "loss", "lr", "tokens_per_s", "eta_s", "epoch"} <= set(e) for e in events[1:4])
@@ -134,7 +134,7 @@ def test_default_run_loss_falls_in_a_subprocess(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "character accuracy" in proc.stdout + proc.stderr
     assert re.search(r"memory plan: predicted peak \d+\.\d+ GiB at 8 x 96 tokens", proc.stdout + proc.stderr)
-    losses = [e["loss"] for e in read_events(out / "metrics.jsonl") if e["event"] == "train"]
+    losses = [e["loss"] for e in RunDir(out).read_events() if e["event"] == "train"]
     assert len(losses) == 4 and losses[-1] < 0.8 * losses[0]
     assert (out / "loftq_report.json").is_file() and (out / "loss.png").stat().st_size > 0
     assert read_meta(out / "adapter").init == "loftq"

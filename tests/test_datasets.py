@@ -262,6 +262,6 @@ def test_training_script_takes_split_and_columns(tiny_dir, tmp_path):
                                "--device", "cpu", "--init", "default", "--family", "lora", "--rank", "4"])
     assert code == 0
     data = json.loads((out / "config.json").read_text())["data"]
-    assert (data["split"], data["columns"]) == ("test", {"prompt": "question", "response": "answer"})
+    assert (data["split"], data["columns"]) == ("test", "prompt=question,response=answer")
     first = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
     assert first["n_train"] == 2  # the test split's two records

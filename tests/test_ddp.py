@@ -6,7 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from qmor.metrics import read_events
+from qmor.run_dir import RunDir
 
 WORKER = """
 import hashlib, json, os, sys
@@ -45,6 +45,6 @@ def test_two_processes_agree_on_the_adapter_after_every_step(tiny_dir, tmp_path)
     assert [h["step"] for h in hashes[0]] == [1, 2, 3]
     assert hashes[0] == hashes[1]  # the gradients were averaged: both replicas took the same steps
     assert len({h["hash"] for h in hashes[0]}) == 3  # and the weights really changed every step
-    events = read_events(out / "metrics.jsonl")  # one log, written by rank 0 only
+    events = RunDir(out).read_events()  # one log, written by rank 0 only
     assert [e["event"] for e in events].count("start") == 1 and events[-1]["event"] == "done"
     assert (out / "checkpoints" / "step-000002" / "rng.pt").is_file()

@@ -11,11 +11,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from qmor.checkpoint import checkpoint_dirs
 from qmor.config import AdapterConfig
 from qmor.data import DataConfig
-from qmor.metrics import read_events
-from qmor.train import train
+from qmor.run_dir import RunDir
+from qmor.train import resume, train
 from qmor.train_config import TrainConfig
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -34,7 +33,7 @@ def config(tiny_dir, out, family, init) -> TrainConfig:
 
 
 def losses(run) -> dict[int, float]:
-    return {e["step"]: e["loss"] for e in read_events(Path(run) / "metrics.jsonl") if e["event"] == "train"}
+    return {e["step"]: e["loss"] for e in RunDir(run).read_events() if e["event"] == "train"}
 
 
 @pytest.mark.parametrize("family,init", [("lora", "default"), ("sira", "loftq")])
@@ -48,11 +47,11 @@ def test_stop_and_resume_equals_a_straight_run(family, init, tiny_dir, tmp_path)
 
     stopped = train(config(tiny_dir, tmp_path / "split", family, init), on_step=interrupt)
     assert stopped["stopped"] and stopped["step"] == 5 and stopped["signal"] == signal.SIGINT
-    assert [p.name for p in checkpoint_dirs(tmp_path / "split")] == ["step-000003", "step-000005"]
-    assert read_events(tmp_path / "split" / "metrics.jsonl")[-1]["event"] == "stopped"
+    assert [p.name for p in RunDir(tmp_path / "split").checkpoint_dirs()] == ["step-000003", "step-000005"]
+    assert RunDir(tmp_path / "split").read_events()[-1]["event"] == "stopped"
     assert not (tmp_path / "split" / "adapter").exists()
 
-    resumed = train(TrainConfig(output=str(tmp_path / "split")), resume=True)
+    resumed = resume(tmp_path / "split")  # the run's own config.json rules
     assert resumed["step"] == 10 and not resumed["stopped"]
     a, b = losses(tmp_path / "straight"), losses(tmp_path / "split")
     assert sorted(a) == sorted(b) == list(range(1, 11))
@@ -63,7 +62,7 @@ def test_stop_and_resume_equals_a_straight_run(family, init, tiny_dir, tmp_path)
     assert wa.keys() == wb.keys()
     for k in wa:
         torch.testing.assert_close(wb[k], wa[k], rtol=0, atol=1e-6, msg=k)
-    assert [p.name for p in checkpoint_dirs(tmp_path / "split")] == ["step-000006", "step-000009"]
+    assert [p.name for p in RunDir(tmp_path / "split").checkpoint_dirs()] == ["step-000006", "step-000009"]
 
 
 def test_resume_without_checkpoint_is_a_clear_error(tiny_dir, tmp_path):
@@ -72,7 +71,7 @@ def test_resume_without_checkpoint_is_a_clear_error(tiny_dir, tmp_path):
     with pytest.raises(QmorError, match="no checkpoint"):
         (tmp_path / "run").mkdir()
         (tmp_path / "run" / "config.json").write_text("{}")
-        train(TrainConfig(output=str(tmp_path / "run")), resume=True)
+        resume(tmp_path / "run")
 
 
 def test_sigterm_leaves_a_resumable_checkpoint(tiny_dir, tmp_path):
@@ -84,7 +83,7 @@ def test_sigterm_leaves_a_resumable_checkpoint(tiny_dir, tmp_path):
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.time() + 300
-        while not any(e["event"] == "train" for e in read_events(out / "metrics.jsonl")):
+        while not any(e["event"] == "train" for e in RunDir(out).read_events()):
             assert proc.poll() is None and time.time() < deadline, proc.communicate()[1][-2000:]
             time.sleep(0.2)
         proc.send_signal(signal.SIGTERM)
@@ -93,8 +92,8 @@ def test_sigterm_leaves_a_resumable_checkpoint(tiny_dir, tmp_path):
         if proc.poll() is None:
             proc.kill()
     assert proc.returncode == 128 + signal.SIGTERM, err[-2000:]
-    last = read_events(out / "metrics.jsonl")[-1]
+    last = RunDir(out).read_events()[-1]
     assert last["event"] == "stopped" and Path(last["checkpoint"]).is_dir()
-    assert checkpoint_dirs(out)[-1].name == f"step-{last['step']:06d}"
+    assert RunDir(out).checkpoint_dirs()[-1].name == f"step-{last['step']:06d}"
     assert {"adapter", "optimizer.pt", "scheduler.pt", "rng.pt", "state.json"} <= {
-        p.name for p in checkpoint_dirs(out)[-1].iterdir()}
+        p.name for p in RunDir(out).checkpoint_dirs()[-1].iterdir()}

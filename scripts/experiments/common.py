@@ -20,6 +20,7 @@ import torch
 from tqdm import tqdm
 
 from qmor.errors import QmorError
+from qmor.run_dir import RunDir
 
 FAMILIES = ("lora", "moslora", "mora", "mor", "sira")
 
@@ -153,15 +154,10 @@ def scored_run(job: tuple) -> dict:
     start = time.time()
     result = train(cfg, on_step=scorer)
     wall = time.time() - start
-    losses = [e for e in read_metrics(Path(cfg.output)) if e.get("event") == "train"]
+    losses = [e for e in RunDir(cfg.output).read_events() if e.get("event") == "train"]
     return {"family": cfg.adapter.family, "lr": cfg.lr, "curve": scorer.curve, "final": scorer.curve[-1],
             "losses": [{"step": e["step"], "loss": e["loss"]} for e in losses], "train_loss": result["loss"],
             "wall_s": wall, "score_s": scorer.seconds}
-
-
-def read_metrics(run_dir: Path) -> list[dict]:
-    path = run_dir / "metrics.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
 
 
 def run_all(fn: Callable, jobs: list, workers: int) -> list:

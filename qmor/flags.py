@@ -1,0 +1,222 @@
+"""The training options, one row each: the CLI parser (scripts/finetune_4bit.py), the app's form and command
+builder (apps/) and the README's flag table (scripts/flags_table.py) are all built from `FLAGS`.
+
+A row names its flag, the TrainConfig field it sets, its type and help; its default is read from TrainConfig and
+its choices from where they are defined (the adapter registry, the data formats, the built-in tasks), so neither
+can drift. A new training option is a field in its config dataclass plus one row here.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from qmor.adapters import ADAPTERS
+from qmor.data import FILE_TYPES, FORMATS
+from qmor.tasks import NAMES as TASKS
+from qmor.train_config import TrainConfig
+
+# where the app shows a row, in this order; the README's table follows the same order
+GROUPS = ("model", "data", "adapter", "family", "init", "training", "memory")
+WIDGETS = ("text", "number", "checkbox", "dropdown", "radio", "combo")  # combo: a dropdown that takes typed values
+
+
+@dataclass(frozen=True)
+class Flag:
+    name: str  # the CLI flag, "--lr"; its key ("lr") is the argparse dest, the form field and the API parameter
+    field: str  # the TrainConfig field it sets, dotted into sections: "lr", "adapter.r", "data.max_len"
+    kind: type  # str, int or float: the value's type; bool: an on/off switch (--X / --no-X)
+    help: str  # one line for --help and the README; the default is added where shown
+    group: str  # one of GROUPS
+    label: str = ""  # the app's label; "" keeps the row out of the app's form
+    widget: str = ""  # one of WIDGETS; "" picks from kind and choices (checkbox, dropdown, number or text)
+    choices: tuple[str, ...] = ()  # the values a dropdown or radio offers (a combo's are suggestions)
+    only_when: tuple[str, tuple[str, ...]] | None = None  # (key, values): used (and shown) only when that option has
+    # one of these values, e.g. ("family", ("sira",)); otherwise left out of the app's command
+    aliases: tuple[str, ...] = ()  # other flag names for the same option, e.g. ("--learning-rate",)
+    also: tuple[str, ...] = ()  # further fields given the same value (--seed seeds the built-in tasks too)
+    parse: Callable[[str], object] | None = None  # the flag's text -> the config value, where it is not just kind
+    minimum: float | None = None  # bounds of the app's number box (the config's checks are the real range)
+    maximum: float | None = None
+    scale: int = 1  # the widget's relative width in its row of the form
+    info: str = ""  # a hint under the app's widget
+
+    @property
+    def key(self) -> str:
+        return self.name[2:].replace("-", "_")
+
+    @property
+    def default(self):
+        return default_of(self.field)
+
+    @property
+    def switch(self) -> bool:
+        return self.kind is bool
+
+    @property
+    def in_app(self) -> bool:
+        return bool(self.label)
+
+    @property
+    def shown_as(self) -> str:
+        if self.widget:
+            return self.widget
+        if self.switch:
+            return "checkbox"
+        if self.choices:
+            return "dropdown"
+        return "number" if self.kind in (int, float) else "text"
+
+    def help_text(self) -> str:
+        """The help line with a closed list's choices, as --help (which adds the default) and the README show it."""
+        text = self.help
+        if self.choices and self.shown_as in ("dropdown", "radio"):
+            text += ": " + " | ".join(self.choices)
+        return text
+
+    def applies(self, values: dict) -> bool:
+        """Whether the option is used given the other options' values (an absent one counts as its default)."""
+        if self.only_when is None:
+            return True
+        key, allowed = self.only_when
+        given = values.get(key)
+        return (by_key()[key].default if given in (None, "") else given) in allowed
+
+    def to_config(self, value):
+        """A flag's value (as argparse gives it) -> the config value."""
+        return self.parse(value) if self.parse and isinstance(value, str) else value
+
+
+@functools.cache
+def _defaults() -> TrainConfig:
+    return TrainConfig()
+
+
+def default_of(field: str):
+    value = _defaults()
+    for part in field.split("."):
+        value = getattr(value, part)
+    return value
+
+
+def parse_targets(text: str) -> str | list[str]:
+    """all-linear, a comma list of name suffixes, a single plain name, or else a regex."""
+    if text == "all-linear":
+        return text
+    if "," in text:
+        return [t.strip() for t in text.split(",") if t.strip()]
+    return [text] if text.replace("_", "").replace(".", "").isalnum() else text
+
+
+def family_uses() -> dict[str, tuple[str, ...]]:
+    """Which adapter families read each family-specific option (alpha too: every family scales but MoRA)."""
+    return {"alpha": tuple(f for f in ADAPTERS if f != "mora"), "mora_kind": ("mora",), "experts": ("mor", "sira"),
+            "top_k": ("sira",), "capacity_factor": ("sira",), "expert_dropout": ("sira",),
+            "aux_loss_weight": ("sira",)}
+
+
+def family_flags() -> list[Flag]:
+    """The adapter families' own options (AdapterConfig's family-specific fields), shown with the family chosen."""
+    uses = family_uses()
+
+    def flag(name: str, kind: type, text: str, label: str, **kw) -> Flag:
+        field = name[2:].replace("-", "_")
+        return Flag(name, f"adapter.{field}", kind, text, "family", label, only_when=("family", uses[field]), **kw)
+
+    return [
+        # MoRA's operator kinds, as AdapterConfig checks them
+        flag("--mora-kind", str, "MoRA operators", "MoRA operators", choices=("auto", "sharing", "rope")),
+        flag("--experts", int, "MoR / SiRA: number of experts", "Experts", minimum=1),
+        flag("--top-k", int, "SiRA: experts per token", "Top-k", minimum=1),
+        flag("--capacity-factor", float, "SiRA: expert capacity factor", "Capacity factor"),
+        flag("--expert-dropout", float, "SiRA: dropout on the gate weights", "Expert dropout"),
+        flag("--aux-loss-weight", float, "SiRA: weight of the load-balancing loss", "Aux loss weight"),
+    ]
+
+
+def _table() -> list[Flag]:
+    return [
+        Flag("--model", "model", str, "tiny or smollm2 (built-in), a local Hugging Face folder, or a hub id", "model",
+             "Model (hub id, local folder, or built-in 'tiny' / 'smollm2')", scale=3),
+        Flag("--device", "device", str, "where to train (cuda:N picks one GPU)", "model", "Device",
+             choices=("auto", "cuda", "cpu")),
+        Flag("--trust-remote-code", "trust_remote_code", bool, "run model code from the hub (only for trusted models)",
+             "model", "Trust remote code", info="runs code from the model repository"),
+        Flag("--output", "output", str, "run folder (default runs/<timestamp>)", "model"),
+        Flag("--dataset", "data.source", str, f"built-in task ({', '.join(TASKS)}), a {'/'.join(FILE_TYPES)} "
+             "file, a datasets folder or a Hub dataset id", "data",
+             "Dataset (built-in name, or a file path in the workspace)", widget="combo", choices=TASKS, scale=3),
+        Flag("--format", "data.format", str, "record format", "data", "Format", choices=("auto", *FORMATS)),
+        Flag("--split", "data.split", str, "split to train on; files and Hub ids take slices too (train[:1000])",
+             "data"),
+        Flag("--subset", "data.subset", str, "a Hub dataset's configuration (load_dataset's name)", "data"),
+        Flag("--columns", "data.columns", str, "the dataset's columns mapped onto qmor's fields: "
+             "prompt=question,completion=answer", "data"),
+        Flag("--num-examples", "data.num_examples", int, "built-in tasks: number of records (0: task default)",
+             "data", "Examples (built-in tasks; 0 = task default)"),
+        Flag("--skip-bad", "data.skip_bad", bool, "skip malformed records (counted) instead of stopping", "data",
+             "Skip bad records"),
+        Flag("--family", "adapter.family", str, "adapter family", "adapter", "Adapter family", widget="radio",
+             choices=tuple(ADAPTERS), scale=3),
+        Flag("--rank", "adapter.r", int, "adapter rank (MoRA: the LoRA rank whose parameter count it matches)",
+             "adapter", "Rank r", minimum=1),
+        Flag("--alpha", "adapter.alpha", float, "scale alpha / rank (not used by MoRA)", "adapter", "Alpha",
+             only_when=("family", family_uses()["alpha"])),
+        Flag("--dropout", "adapter.dropout", float, "dropout on the adapter input", "adapter", "Dropout", minimum=0,
+             maximum=0.99),
+        Flag("--targets", "adapter.targets", str, "all-linear | comma list of name suffixes (q_proj,v_proj) | regex",
+             "adapter", "Targets", parse=parse_targets, info="all-linear, q_proj,v_proj, or a regex"),
+        *family_flags(),
+        Flag("--init", "adapter.init", str, "adapter initialisation", "init", "Initialisation", widget="radio",
+             choices=("loftq", "default")),
+        Flag("--loftq-iters", "adapter.loftq_iters", int, "LoftQ alternations T", "init", "LoftQ iterations",
+             only_when=("init", ("loftq",)), minimum=1),
+        Flag("--lr", "lr", float, "peak learning rate (linear warmup, cosine decay)", "training", "Learning rate"),
+        Flag("--epochs", "epochs", float, "passes over the data, used when --max-steps is 0", "training", "Epochs"),
+        Flag("--max-steps", "max_steps", int, "optimizer steps (0: from --epochs)", "training",
+             "Max steps (0 = by epochs)", minimum=0),
+        Flag("--batch-size", "batch_size", int, "sequences per micro-batch per process", "training", "Batch size",
+             minimum=1),
+        Flag("--grad-accum", "grad_accum", int, "micro-batches per optimizer step", "training", "Grad accumulation",
+             minimum=1),
+        Flag("--max-len", "data.max_len", int, "tokens per sequence; longer examples are truncated (and counted), a "
+             "data set with no example that fits is refused", "training", "Max length (tokens)", minimum=8),
+        Flag("--warmup-ratio", "warmup_ratio", float, "share of steps with linear warmup", "training", "Warmup ratio"),
+        Flag("--weight-decay", "weight_decay", float, "AdamW weight decay", "training", "Weight decay"),
+        Flag("--max-grad-norm", "max_grad_norm", float, "gradient clipping norm (0: off)", "training",
+             "Max grad norm"),
+        Flag("--val-size", "data.val_size", float, "validation split: fraction (<1) or count", "training",
+             "Validation size (fraction or count)"),
+        Flag("--eval-steps", "eval_steps", int, "eval loss every N steps (0: at the end only)", "training",
+             "Eval every (steps)"),
+        Flag("--save-steps", "save_steps", int, "checkpoint every N steps (0: only when stopped)", "training",
+             "Checkpoint every (steps)"),
+        Flag("--log-steps", "log_steps", int, "log the averaged loss every N steps", "training", "Log every (steps)",
+             minimum=1),
+        Flag("--keep-checkpoints", "keep_checkpoints", int, "how many checkpoints to keep", "training",
+             "Checkpoints kept"),
+        Flag("--eval-generate", "eval_generate", int, "built-in tasks: score greedy answers on N examples at the end",
+             "training", "Score answers at end (examples)", minimum=0),
+        Flag("--seed", "seed", int, "seed of the tiny model, data order, dropout and built-in records", "training",
+             "Seed", also=("data.seed",)),
+        Flag("--packing", "data.packing", bool, "pack several examples into each sequence", "training", "Packing"),
+        Flag("--train-on-prompt", "data.train_on_prompt", bool, "also compute the loss on prompt tokens", "training",
+             "Train on prompt"),
+        Flag("--gradient-checkpointing", "gradient_checkpointing", bool, "recompute each decoder layer in backward "
+             "(off: faster, much more memory)", "memory", "Gradient checkpointing"),
+        Flag("--offload-activations", "offload_activations", bool, "keep checkpointed activations in CPU RAM",
+             "memory", "Offload activations to CPU"),
+        Flag("--loss-chunk", "loss_chunk", int, "tokens per cross-entropy chunk (full logits never exist)", "memory",
+             "Loss chunk (tokens)", minimum=0),
+        Flag("--quant-storage", "quant.storage", str, "container dtype of the 4-bit codes: uint8, or bfloat16 for "
+             "FSDP", "memory"),
+    ]
+
+
+FLAGS: list[Flag] = _table()
+
+
+@functools.cache
+def by_key() -> dict[str, Flag]:
+    return {f.key: f for f in FLAGS}

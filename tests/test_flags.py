@@ -1,0 +1,159 @@
+"""The flag table (qmor/flags.py) against everything built from it: the CLI parser, the app's form and command
+builder, and the README's table. Nothing here loads a model."""
+
+import dataclasses
+import sys
+from pathlib import Path
+
+import pytest
+
+from apps import command
+from apps.paths import make_workspace
+from qmor.adapters import ADAPTERS
+from qmor.errors import QmorError
+from qmor.flags import FLAGS, GROUPS, WIDGETS, Flag, by_key, default_of
+from qmor.train_config import TrainConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "scripts"))
+import finetune_4bit  # noqa: E402
+import flags_table  # noqa: E402
+
+# config fields that only a config file sets (no flag): the NF4 block size, double quantisation, the compute dtype
+FILE_ONLY = {"quant.blocksize", "quant.double_quant", "quant.compute_dtype"}
+TEXT_VALUES = {"model": "smollm2", "dataset": "reverse", "targets": "q_proj,v_proj", "output": "runs/x",
+               "quant_storage": "bfloat16", "split": "test", "subset": "main", "columns": "prompt=q,completion=a"}
+
+
+def other_value(flag: Flag):
+    """A valid value for the flag that is not its default."""
+    d = flag.default
+    if flag.switch:
+        return not d
+    if flag.choices and flag.shown_as != "combo":
+        return next(c for c in flag.choices if c != d)
+    if flag.kind is int:
+        return d + 1
+    if flag.kind is float:
+        return d / 2 if d else 0.5
+    return TEXT_VALUES[flag.key]
+
+
+def config_value(cfg: TrainConfig, field: str):
+    for part in field.split("."):
+        cfg = getattr(cfg, part)
+    return cfg
+
+
+def leaf_fields(cls=TrainConfig, prefix="") -> set[str]:
+    out = set()
+    for f in dataclasses.fields(cls):
+        sub = getattr(cls(), f.name)
+        out |= leaf_fields(type(sub), f"{prefix}{f.name}.") if dataclasses.is_dataclass(sub) else {prefix + f.name}
+    return out
+
+
+def test_readme_table_is_the_generated_one():
+    text = (ROOT / "README.md").read_text()
+    assert flags_table.with_table(text) == text, "run: python scripts/flags_table.py --write"
+    assert all(f"`{f.name}`" in text or f"`--no-{f.name[2:]}`" in text for f in FLAGS)
+
+
+def test_readme_without_markers_is_refused():
+    with pytest.raises(QmorError, match="README.md needs one"):
+        flags_table.with_table("no table here\n")
+
+
+def test_every_config_field_has_one_flag_and_rows_are_well_formed():
+    fields = [field for f in FLAGS for field in (f.field, *f.also)]
+    assert len(fields) == len(set(fields)), "two flags set the same field"
+    assert set(fields) | FILE_ONLY == leaf_fields(), "a config field without a flag (or a flag without a field)"
+    names = [n for f in FLAGS for n in (f.name, *f.aliases)]
+    assert len(names) == len(set(names)) and len(by_key()) == len(FLAGS)
+    for f in FLAGS:
+        assert f.group in GROUPS and f.shown_as in WIDGETS and f.help, f
+        assert isinstance(f.default, f.kind) or f.kind is float and isinstance(f.default, int), f
+        if f.choices and f.shown_as in ("dropdown", "radio"):
+            assert f.default in f.choices, f
+        if f.only_when:
+            assert f.only_when[0] in by_key() and set(f.only_when[1]) <= set(by_key()[f.only_when[0]].choices), f
+    assert by_key()["family"].choices == tuple(ADAPTERS)
+
+
+def test_every_flag_parses_to_its_config_field():
+    argv, expected = [], {}
+    for f in FLAGS:
+        value = other_value(f)
+        argv += [f.name if value else f"--no-{f.name[2:]}"] if f.switch else [f.name, str(value)]
+        for field in (f.field, *f.also):
+            expected[field] = f.to_config(value)
+    cfg = finetune_4bit.build_config(finetune_4bit.parser().parse_args(argv))
+    assert {field: config_value(cfg, field) for field in expected} == expected
+    # and the other way round for the switches: each can be set back to its default
+    back = [f.name if f.default else f"--no-{f.name[2:]}" for f in FLAGS if f.switch]
+    cfg = finetune_4bit.build_config(finetune_4bit.parser().parse_args(back))
+    assert all(config_value(cfg, f.field) == f.default for f in FLAGS if f.switch)
+
+
+def test_parser_offers_exactly_the_table():
+    offered = {s for a in finetune_4bit.parser()._actions for s in a.option_strings}
+    table = {n for f in FLAGS for n in (f.name, *f.aliases)} | {f"--no-{f.name[2:]}" for f in FLAGS if f.switch}
+    assert offered == table | {"-h", "--help", "--config", "--resume"}
+
+
+def test_an_alias_sets_the_same_option(monkeypatch):
+    flags = [dataclasses.replace(f, aliases=("--learning-rate",)) if f.key == "lr" else f for f in FLAGS]
+    monkeypatch.setattr(finetune_4bit, "FLAGS", flags)
+    args = finetune_4bit.parser().parse_args(["--learning-rate", "0.25"])
+    assert finetune_4bit.build_config(args).lr == 0.25
+
+
+@pytest.mark.parametrize("init", ["loftq", "default"])
+@pytest.mark.parametrize("family", list(ADAPTERS))
+def test_app_command_round_trips_through_the_cli(family, init, tmp_path):
+    """Every form value, changed from its default, reaches the same config through the command line the app
+    builds; the options the family or init does not use are left out and stay at their defaults."""
+    ws = make_workspace(tmp_path / "ws", restrict=False)
+    shown = [f for f in FLAGS if f.in_app]
+    values = {f.key: other_value(f) for f in shown} | {"family": family, "init": init, "run_name": "r"}
+    args = command.train_args(ws, values)
+    cfg = finetune_4bit.build_config(finetune_4bit.parser().parse_args(args))
+    for f in shown:
+        want = f.to_config(values[f.key]) if f.applies(values) else f.default
+        assert all(config_value(cfg, field) == want for field in (f.field, *f.also)), (f.key, args)
+    assert cfg.output == str(ws.runs / "r")
+    assert cfg.adapter.family == family and cfg.adapter.init == init
+    assert ("--alpha" in args) == (family != "mora") and ("--top-k" in args) == (family == "sira")
+    assert ("--loftq-iters" in args) == (init == "loftq")
+
+
+def test_app_command_refuses_a_fraction_for_a_whole_number(tmp_path):
+    ws = make_workspace(tmp_path / "ws", restrict=False)
+    with pytest.raises(QmorError, match="Rank r must be a whole number, got 8.5"):
+        command.train_args(ws, {"model": "tiny", "dataset": "uuid", "run_name": "r", "rank": 8.5})
+    assert command.train_args(ws, {"model": "tiny", "dataset": "uuid", "run_name": "r", "rank": 8.0})[-1] == "8"
+
+
+def test_form_fields_are_the_table_rows_shown_in_the_app():
+    from apps import train_tab
+
+    assert list(train_tab.FIELDS)[:2] == ["model", "run_name"]
+    assert set(train_tab.FIELDS) == {f.key for f in FLAGS if f.in_app} | {"run_name"}
+    assert all(train_tab.FIELDS[k] == default_of(by_key()[k].field) for k in train_tab.FIELDS if k != "run_name")
+    assert {f.key for f in train_tab.DEPENDENTS["family"]} == {
+        "alpha", "mora_kind", "experts", "top_k", "capacity_factor", "expert_dropout", "aux_loss_weight"}
+    assert [f.key for f in train_tab.DEPENDENTS["init"]] == ["loftq_iters"]
+
+
+def test_app_endpoint_names_its_parameters_and_uploads_only_what_training_reads(tmp_path):
+    from apps.app import build
+    from apps.train_tab import FIELDS
+    from qmor.data import FILE_TYPES
+
+    demo, _ = build(make_workspace(tmp_path / "ws", restrict=False))
+    params = demo.get_api_info()["named_endpoints"]["/start_training"]["parameters"]
+    assert [p["parameter_name"] for p in params] == list(FIELDS)
+    assert all(p["parameter_has_default"] for p in params)
+    uploads = [b for b in demo.blocks.values() if type(b).__name__ == "File"]
+    assert [u.file_types for u in uploads] == [list(FILE_TYPES)]
+    assert set(FILE_TYPES) == {".jsonl", ".json", ".parquet", ".csv"}
