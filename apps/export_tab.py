@@ -11,7 +11,7 @@ from apps import command, jobs
 from apps.command import short_path
 from apps.paths import Workspace, check_name, check_run_sources, confined, run_dir
 from apps.ui import adapter_config, error_md, ok_md, trained_runs
-from qmor.adapters import MERGEABLE
+from qmor.adapters import ADAPTERS, check_family, merge_refusal
 from qmor.errors import QmorError
 
 VERIFY_RE = re.compile(r"max \|Δlogit\| (\S+) \(tolerance (\S+?),.*top-1 agreement (\S+)")
@@ -48,9 +48,8 @@ def build(ws: Workspace) -> dict:
             run_path = run_dir(ws, run_name)
             check_run_sources(ws, run_path)
             family = adapter_config(run_path).get("adapter", {}).get("family")
-            if family and family not in MERGEABLE:
-                raise QmorError(f"{family} adapters route each token to different experts, so no single merged "
-                                f"weight exists; chat with the run, or train lora, moslora or mora to export")
+            if family in ADAPTERS and not check_family(family).merges:
+                raise QmorError(merge_refusal(family, "chat with the run"))
             out = confined(ws, ws.exports / check_name(out_name or f"{run_name}-{dt}", "output name"), "output")
             if jobs.running(ws.root, "export"):
                 raise QmorError("an export is already running; wait for it to finish")

@@ -2,7 +2,7 @@
 
 __version__ = "0.1.0"
 
-from qmor.adapters import ADAPTERS, MERGEABLE, build_adapter  # noqa: E402
+from qmor.adapters import ADAPTERS, build_adapter, mergeable  # noqa: E402
 from qmor.attach import (  # noqa: E402
     AdapterMeta,
     attach,
@@ -16,6 +16,7 @@ from qmor.config import AdapterConfig, QuantConfig  # noqa: E402
 from qmor.errors import NotMergeable, QmorError  # noqa: E402
 
 __all__ = [
-    "ADAPTERS", "MERGEABLE", "AdapterConfig", "AdapterMeta", "NotMergeable", "QmorError", "QuantConfig",
-    "attach", "build_adapter", "count_parameters", "detach", "load_adapter", "save_adapter", "set_enabled",
+    "ADAPTERS", "AdapterConfig", "AdapterMeta", "NotMergeable", "QmorError", "QuantConfig",
+    "attach", "build_adapter", "count_parameters", "detach", "load_adapter", "mergeable", "save_adapter",
+    "set_enabled",
 ]

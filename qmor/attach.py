@@ -108,7 +108,7 @@ def set_enabled(model: nn.Module, enabled: bool) -> None:
 
 
 def aux_loss(model: nn.Module) -> torch.Tensor | None:
-    """Sum of the routed adapters' auxiliary losses from the last training forward (SiRA load balancing)."""
+    """Sum of the adapters' weighted auxiliary losses from the last training forward (SiRA's load balancing)."""
     losses = [layer.adapter.aux_loss for layer in adapted_layers(model).values()
               if getattr(layer.adapter, "aux_loss", None) is not None]
     return torch.stack(losses).sum() if losses else None

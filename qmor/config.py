@@ -3,29 +3,29 @@
 from __future__ import annotations
 
 import dataclasses
-import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
-from qmor.errors import QmorError
+from qmor.adapters import check_family, option_fields
+from qmor.adapters.family import option_spec
+from qmor.errors import QmorError, check_range
+
+TRAINING_ONLY = {"training_only": True}  # field metadata: changes only training, never what `fit` gives
 
 
 @dataclass
 class AdapterConfig:
-    family: str = "lora"  # one of qmor.adapters.ADAPTERS: lora, moslora, mora, mor, sira
+    family: str = "lora"  # a name in qmor.adapters.ADAPTERS: lora, moslora, mora, mor, sira
     r: int = 8  # rank; for MoRA the LoRA rank whose parameter count r_hat is matched; for SiRA per expert
     alpha: float = 16.0  # scale s = alpha / r (LoRA, MoSLoRA, MoR, SiRA); MoRA has no scaling
-    dropout: float = 0.0  # dropout on the adapter's input during training
+    dropout: float = field(default=0.0, metadata=TRAINING_ONLY)  # dropout on the adapter's input during training
     targets: str | list[str] = "all-linear"  # "all-linear" (every linear but the output head), module-name
     # suffixes such as ["q_proj", "v_proj"], or a regex string matched against the full module name
-    mora_kind: str = "auto"  # MoRA operators: "sharing", "rope", or "auto" (rope for r < 32, else sharing)
-    experts: int = 4  # MoR: number of experts (rank scalings); SiRA: number of LoRA experts
-    top_k: int = 2  # SiRA: experts kept per token
-    capacity_factor: float = 1.25  # SiRA: each expert takes at most ceil(cf * k * T / E) of a batch's T tokens
-    expert_dropout: float = 0.1  # SiRA: dropout on the kept gate weights during training
-    aux_loss_weight: float = 0.01  # SiRA: weight of the load-balancing loss added to the training loss
-    init: str = "default"  # "default" (adapter adds zero) or "loftq" (fit to the quantisation residual)
+    init: str = field(default="default", metadata=TRAINING_ONLY)  # "default" (adapter adds zero) or "loftq" (fit to
+    # the quantisation residual)
     loftq_iters: int = 1  # LoftQ alternations T, used when init == "loftq"
+    options: Any = None  # the family's own settings: its options dataclass (e.g. MoRAOptions(kind="rope"), declared
+    # in qmor/adapters/<family>.py) or a dict of its fields; None: the family's defaults
 
     def __post_init__(self) -> None:
         if not isinstance(self.r, int) or self.r <= 0:
@@ -36,20 +36,52 @@ class AdapterConfig:
             raise QmorError(f"init must be 'default' or 'loftq', got {self.init!r}")
         # alpha = 0 makes the adapter add nothing (and LoftQ divide by zero)
         check_range("alpha", self.alpha, "> 0", 0.0, None, "--alpha 16", open_low=True)
-        if self.mora_kind not in ("auto", "rope", "sharing"):
-            raise QmorError(f"mora_kind must be auto, rope or sharing, got {self.mora_kind!r}; pass e.g. "
-                            "--mora-kind auto")
-        check_range("experts", self.experts, ">= 1", 1, None, "--experts 4", integer=True)
-        if self.family == "sira":  # top_k 0 routes every token to no expert: the loss goes to nan
-            check_range("top_k", self.top_k, f"between 1 and experts ({self.experts})", 1, self.experts,
-                        "--top-k 2", integer=True)
-        check_range("capacity_factor", self.capacity_factor, "> 0", 0.0, None, "--capacity-factor 1.25",
-                    open_low=True)
-        if not 0.0 <= self.expert_dropout < 1.0:
-            raise QmorError(f"expert_dropout must be in [0, 1), got {self.expert_dropout}; pass e.g. "
-                            "--expert-dropout 0.1")
-        check_range("aux_loss_weight", self.aux_loss_weight, ">= 0", 0.0, None, "--aux-loss-weight 0.01")
         check_range("loftq_iters", self.loftq_iters, ">= 1", 1, None, "--loftq-iters 1", integer=True)
+        kind = check_family(self.family).options
+        if self.options is None:
+            self.options = kind()
+        elif isinstance(self.options, dict):
+            names = sorted(f.name for f in dataclasses.fields(kind))
+            unknown = sorted(set(self.options) - set(names))
+            if unknown:
+                have = f"its options are {names}" if names else f"{self.family} has no options"
+                raise QmorError(f"unknown {self.family} option(s) {unknown}; {have}")
+            self.options = kind(**self.options)
+        elif not isinstance(self.options, kind):
+            raise QmorError(f"{self.family} takes {kind.__name__} options, got {type(self.options).__name__}")
+
+    @classmethod
+    def from_dict(cls, data: dict) -> AdapterConfig:
+        """From its dict: the family's options nested under "options", or flat under their keys ("mora_kind",
+        "experts", "top_k", ...) as CLI flags give them and older versions wrote them; a flat key wins over the
+        nested one. Older files hold every family's keys: another family's are checked, then dropped."""
+        data = dict(data)
+        common = {f.name for f in dataclasses.fields(cls)}
+        every = {f.key: f for f in option_fields()}
+        unknown = sorted(set(data) - common - set(every))
+        if unknown:
+            raise QmorError(f"unknown {cls.__name__} field(s) {unknown}; valid fields: {sorted(common | set(every))}")
+        name = data.get("family", cls.family)
+        own = {f.key: f for f in option_fields() if f.family == name}
+        flat = {k: data.pop(k) for k in list(data) if k not in common}
+        for key, value in flat.items():
+            if key not in own:
+                every[key].check(value)  # not this family's: a value out of range is still refused
+        given = {own[k].name: v for k, v in flat.items() if k in own}
+        if given:
+            nested = data.get("options") or {}
+            if not isinstance(nested, dict):
+                raise QmorError(f"adapter options must be a mapping of {name}'s options, got {nested!r}")
+            data["options"] = {**nested, **given}
+        return cls(**data)
+
+    def fit_settings(self) -> dict:
+        """The settings that decide what the adapter's `fit` gives (LoftQ's cache key): all but training-only."""
+        common = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+                  if f.name != "options" and not f.metadata.get("training_only")}
+        options = {f.name: getattr(self.options, f.name) for f in dataclasses.fields(self.options)
+                   if not option_spec(f).training_only}
+        return {**common, "options": options}
 
 
 @dataclass
@@ -68,22 +100,15 @@ class QuantConfig:
             raise QmorError(f"compute_dtype must be auto, float32, bfloat16 or float16, got {self.compute_dtype!r}")
 
 
-def check_range(name: str, value, rule: str, low, high, example: str, integer: bool = False,
-                open_low: bool = False) -> None:
-    """Refuse a setting outside [low, high] (or (low, high] with open_low), nan and infinity included."""
-    ok = isinstance(value, int) if integer else isinstance(value, int | float) and math.isfinite(value)
-    ok = ok and not isinstance(value, bool) and (value > low if open_low else value >= low)
-    ok = ok and (high is None or value <= high)
-    if not ok:
-        raise QmorError(f"{name} must be {rule}, got {value!r}; pass e.g. {example}")
-
-
 def to_dict(cfg: Any) -> dict:
     return dataclasses.asdict(cfg)
 
 
 def from_dict(cls: type, data: dict) -> Any:
-    """Build a dataclass from a dict, refusing unknown keys with the list of valid ones."""
+    """Build a dataclass from a dict, refusing unknown keys with the list of valid ones (a class with its own
+    `from_dict`, AdapterConfig, reads the dict itself)."""
+    if "from_dict" in vars(cls):
+        return cls.from_dict(data)
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - names)
     if unknown:

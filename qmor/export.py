@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from qmor import __version__
-from qmor.adapters import MERGEABLE
+from qmor.adapters import check_family, merge_refusal
 from qmor.attach import AdapterMeta, read_meta
 from qmor.builtin import resolve_model as resolve_builtin
 from qmor.errors import NotMergeable, QmorError
@@ -37,9 +37,8 @@ SUPPORT = ["tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
 def check_merge(meta: AdapterMeta, merge_base: str) -> None:
     """Refuse what cannot be merged before anything is loaded or written."""
     family = meta.adapter.family
-    if family not in MERGEABLE:
-        raise NotMergeable(f"{family} routes each token to its own experts, so it has no single dense delta weight "
-                           "to merge; serve it with qmor (scripts/chat.py --adapter), or train lora, moslora or mora")
+    if not check_family(family).merges:
+        raise NotMergeable(merge_refusal(family, "serve it with qmor (scripts/chat.py --adapter)"))
     if merge_base not in MERGE_BASES:
         raise QmorError(f"merge base {merge_base!r} is unknown; choose one of {', '.join(MERGE_BASES)}")
     if merge_base == "original" and meta.init == "loftq":
@@ -249,7 +248,7 @@ def export_peft(
         else:
             targets = write_peft(model, meta, tmp, peft_base(meta, folder))
             check = Check(0.0, 0.0, 1.0, 0.0)  # no base to run; the factors are checked exactly below
-            check_factors(model, tmp)
+            check_factors(model, tmp, meta.adapter.alpha / meta.adapter.r)  # PEFT's scale
         if meta.chat_template:  # beside the adapter too, for servers that take the base's tokenizer elsewhere
             (tmp / "chat_template.jinja").write_text(meta.chat_template)
         what = f"{output.name}: PEFT LoRA adapter ({meta.adapter.family}, {len(targets)} modules)"
@@ -273,7 +272,7 @@ def peft_notes(with_base: bool, init: str) -> str:
             "wherever this folder is, up to NF4 rounding.")
 
 
-def check_factors(model: nn.Module, folder: Path) -> None:
+def check_factors(model: nn.Module, folder: Path, scale: float) -> None:
     """The written A, B reproduce every layer's ΔW (what PEFT will add), when there is no base to run."""
     from safetensors.torch import load_file
 
@@ -284,7 +283,7 @@ def check_factors(model: nn.Module, folder: Path) -> None:
     for name, layer in adapted_layers(model).items():
         A, B = state[f"base_model.model.{name}.lora_A.weight"], state[f"base_model.model.{name}.lora_B.weight"]
         expected = layer.adapter.delta_weight().float().cpu()
-        if not torch.allclose(layer.adapter.scale * B @ A, expected, rtol=1e-4, atol=1e-6):
+        if not torch.allclose(scale * B @ A, expected, rtol=1e-4, atol=1e-6):
             raise QmorError(f"PEFT factors for {name} do not reproduce the adapter's ΔW; the export was not kept")
 
 

@@ -12,7 +12,7 @@ import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from qmor.adapters import ADAPTERS
+from qmor.adapters import ADAPTERS, option_defaults, option_fields
 from qmor.data import FILE_TYPES, FORMATS
 from qmor.tasks import NAMES as TASKS
 from qmor.train_config import TrainConfig
@@ -94,6 +94,9 @@ def _defaults() -> TrainConfig:
 
 
 def default_of(field: str):
+    section, _, name = field.rpartition(".")
+    if section == "adapter" and name in option_defaults():  # a family option's default is its family's own
+        return option_defaults()[name]
     value = _defaults()
     for part in field.split("."):
         value = getattr(value, part)
@@ -110,29 +113,28 @@ def parse_targets(text: str) -> str | list[str]:
 
 
 def family_uses() -> dict[str, tuple[str, ...]]:
-    """Which adapter families read each family-specific option (alpha too: every family scales but MoRA)."""
-    return {"alpha": tuple(f for f in ADAPTERS if f != "mora"), "mora_kind": ("mora",), "experts": ("mor", "sira"),
-            "top_k": ("sira",), "capacity_factor": ("sira",), "expert_dropout": ("sira",),
-            "aux_loss_weight": ("sira",)}
+    """Which adapter families read each family-specific option: alpha (every family that scales), then each
+    family's own options as its file declares them."""
+    uses = {"alpha": tuple(name for name, spec in ADAPTERS.items() if spec.scaled)}
+    for f in option_fields():
+        uses[f.key] = (*uses.get(f.key, ()), f.family)
+    return uses
 
 
 def family_flags() -> list[Flag]:
-    """The adapter families' own options (AdapterConfig's family-specific fields), shown with the family chosen."""
-    uses = family_uses()
-
-    def flag(name: str, kind: type, text: str, label: str, **kw) -> Flag:
-        field = name[2:].replace("-", "_")
-        return Flag(name, f"adapter.{field}", kind, text, "family", label, only_when=("family", uses[field]), **kw)
-
-    return [
-        # MoRA's operator kinds, as AdapterConfig checks them
-        flag("--mora-kind", str, "MoRA operators", "MoRA operators", choices=("auto", "sharing", "rope")),
-        flag("--experts", int, "MoR / SiRA: number of experts", "Experts", minimum=1),
-        flag("--top-k", int, "SiRA: experts per token", "Top-k", minimum=1),
-        flag("--capacity-factor", float, "SiRA: expert capacity factor", "Capacity factor"),
-        flag("--expert-dropout", float, "SiRA: dropout on the gate weights", "Expert dropout"),
-        flag("--aux-loss-weight", float, "SiRA: weight of the load-balancing loss", "Aux loss weight"),
-    ]
+    """The adapter families' own options, read from their declarations and shown with the family chosen; an option
+    that several families declare (experts) is one flag."""
+    uses, first = family_uses(), {}
+    for f in option_fields():
+        first.setdefault(f.key, f)
+    flags = []
+    for key, f in first.items():
+        names = " / ".join(uses[key])
+        low = f.spec.low if f.spec.low is not None and not f.spec.open_low else None
+        flags.append(Flag(f.flag, f"adapter.{key}", f.type, f"{names}: {f.spec.help}", "family",
+                          f.spec.label or key, choices=f.spec.choices, only_when=("family", uses[key]),
+                          minimum=low if f.type is int else None))
+    return flags
 
 
 def _table() -> list[Flag]:

@@ -10,7 +10,7 @@ What the two need from the model, and what `prepare_model` gives them:
 - fp32 adapters: SFTTrainer casts the trainable weights of a 4-bit model to bf16 (the QLoRA paper's choice), in
   which small updates vanish; the prepared model puts qmor's adapters back to fp32 before each forward.
 
-The loss: with Trainer, pass `compute_loss_func=chunked_loss(model, meta)` and `data_collator=collator(pad_id)`: the
+The loss: with Trainer, pass `compute_loss_func=chunked_loss(model)` and `data_collator=collator(pad_id)`: the
 collator asks the model for its final hidden states instead of full logits, and the loss runs the output head and
 cross-entropy chunk by chunk (qmor/loss.py), as qmor's own loop does. SFTTrainer already computes its loss without
 full logits (its fused LM head), so it needs neither; a compute_loss_func there would make it run the model twice.
@@ -82,10 +82,10 @@ def collator(pad_id: int):
     return collate_for_trainer
 
 
-def chunked_loss(model: nn.Module, meta: AdapterMeta, chunk: int = 1024):
+def chunked_loss(model: nn.Module, chunk: int = 1024):
     """Trainer's `compute_loss_func`: the mean next-token cross-entropy over the labelled tokens of the whole
-    accumulated batch, from the final hidden states in chunks of `chunk` tokens, plus SiRA's load-balancing loss
-    weighted by meta.adapter.aux_loss_weight."""
+    accumulated batch, from the final hidden states (transformers' last one is after the final norm) in chunks of
+    `chunk` tokens, plus the adapters' weighted auxiliary loss (SiRA's load balancing)."""
 
     def compute_loss(outputs, labels: torch.Tensor, num_items_in_batch=None) -> torch.Tensor:
         hidden = getattr(outputs, "hidden_states", None)
@@ -96,9 +96,9 @@ def chunked_loss(model: nn.Module, meta: AdapterMeta, chunk: int = 1024):
         total, n = chunked_cross_entropy(hidden[-1], labels, model.get_output_embeddings(), chunk, softcap, scale)
         count = max(int(num_items_in_batch), 1) if num_items_in_batch is not None else max(n, 1)
         loss = total / count
-        extra = aux_loss(model)  # SiRA's, a per-micro-batch mean: weighted by this micro-batch's share of tokens
+        extra = aux_loss(model)  # a per-micro-batch mean: weighted by this micro-batch's share of the tokens
         if extra is not None:
-            loss = loss + meta.adapter.aux_loss_weight * extra * (n / count)
+            loss = loss + extra * (n / count)
         return loss
 
     return compute_loss

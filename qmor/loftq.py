@@ -28,7 +28,7 @@ from tqdm import tqdm
 
 from qmor.adapters import build_adapter
 from qmor.attach import WEIGHTS, AdapterMeta, adapted_layers, adapter_state, attach, load_adapter_weights
-from qmor.config import AdapterConfig, QuantConfig, to_dict
+from qmor.config import AdapterConfig, QuantConfig
 from qmor.errors import NotMergeable, QmorError
 from qmor.files import atomic_dir, load_json, save_json
 from qmor.layer import AdaptedLinear
@@ -39,8 +39,6 @@ BASE = "base.safetensors"  # Q_T of every target, keys "<module name>|<packed_st
 REPORT = "loftq_report.json"
 KEY = "key.json"
 ALGORITHM = 1  # bump when the loop changes, so old caches are not mistaken for new results
-# AdapterConfig fields that change only training, never the result of `fit`: left out of the cache key
-TRAINING_ONLY = ("dropout", "expert_dropout", "aux_loss_weight", "capacity_factor", "top_k", "init")
 
 
 # ---------------------------------------------------------------------------------------------------- one layer
@@ -162,8 +160,7 @@ def default_cache_dir() -> Path:
 
 
 def cache_key(model_path: str, files: list[Path], cfg: AdapterConfig, targets: list[str], quant: QuantConfig) -> dict:
-    adapter = {k: v for k, v in to_dict(cfg).items() if k not in TRAINING_ONLY}
-    return {"model": model_path, "weights": fingerprint(files), "adapter": adapter,
+    return {"model": model_path, "weights": fingerprint(files), "adapter": cfg.fit_settings(),
             "targets": hashlib.sha256("\n".join(targets).encode()).hexdigest()[:16],
             "quant": {"blocksize": quant.blocksize, "double_quant": quant.double_quant}, "algorithm": ALGORITHM}
 

@@ -1,7 +1,7 @@
 """Predict the peak GPU memory of a 4-bit + adapter training step before loading anything.
 
 The model is built on the meta device (shapes only, no weights), so the linear shapes, the adapter parameter
-counts (`ADAPTERS[family].num_params`) and the target selection are exactly those `qmor.attach` would produce.
+counts (each family's `num_params`) and the target selection are exactly those `qmor.attach` would produce.
 
 The peak of a step, for checkpointed training, comes at one of two moments, and only the larger one counts:
 - the loss phase: every layer's checkpointed input is alive and the logits (or one chunk of them) are being
@@ -190,28 +190,6 @@ def nf4_bytes(numel: int, double_quant: bool = True, blocksize: int = 64) -> int
     return numel // 2 + scales
 
 
-def keeps_input(family: str) -> bool:
-    """Whether the adapter's first matmul saves its input for backward (MoRA saves only its compressed input)."""
-    return family != "mora"
-
-
-def adapter_activation(family: str, d_in: int, d_out: int, cfg: AdapterConfig) -> int:
-    """Elements per token that one adapter saves for backward, beyond its input."""
-    if family == "lora":
-        return cfg.r
-    if family == "moslora":
-        return 2 * cfg.r
-    if family == "mora":
-        from qmor.adapters.mora import mora_kind, mora_rank
-
-        kind = mora_kind(cfg)
-        r_hat = mora_rank(d_in, d_out, cfg.r, kind)
-        return -(-d_in // r_hat) * r_hat if kind == "rope" else r_hat  # rope saves the rotated, padded input
-    if family == "mor":
-        return cfg.r + 3 * cfg.experts * cfg.r + 2 * cfg.experts
-    return 3 * cfg.experts * cfg.r + 4 * cfg.experts  # sira: expert projections, gates, capacity masks
-
-
 def layer_activation(g: Geometry, cfg: AdapterConfig, a: int, tokens: int, batch: int, attention: str,
                      autocast: bool = True) -> int:
     """Bytes one decoder layer saves for backward (what a checkpoint recomputes), for `tokens` tokens in all.
@@ -223,13 +201,14 @@ def layer_activation(g: Geometry, cfg: AdapterConfig, a: int, tokens: int, batch
     # a frozen 4-bit linear needs no input for backward, only its adapter does
     per_layer = g.targets[: len(g.targets) // max(g.layers, 1)]
     adapter_bytes = a if autocast else 4
-    if keeps_input(cfg.family):
+    spec = check_family(cfg.family)
+    if spec.keeps_input:
         if adapter_bytes == a:
             per_token += a * sum(g.target_inputs)  # saved once, however many adapters read it
         else:
             per_token += 4 * sum(d_in for d_in, _ in per_layer)  # without autocast each adapter keeps an fp32 copy
     for d_in, d_out in per_layer:
-        per_token += adapter_bytes * adapter_activation(cfg.family, d_in, d_out, cfg)
+        per_token += adapter_bytes * spec.saved_per_token(d_in, d_out, cfg)
     total = per_token * tokens
     if attention == "eager":
         total += batch * g.heads * (tokens // batch) ** 2 * (4 + a)  # fp32 softmax + compute-dtype copy
@@ -265,12 +244,11 @@ def estimate(
         raise QmorError(f"unknown optimizer {optimizer!r}; choose one of {', '.join(ADAM_BYTES)}")
     if attention not in ("sdpa", "eager"):
         raise QmorError(f"attention must be 'sdpa' or 'eager', got {attention!r}")
-    family = adapter_cfg.family
-    check = check_family(family)
+    module = check_family(adapter_cfg.family).module
     g = model_config if isinstance(model_config, Geometry) else geometry(model_config, adapter_cfg.targets)
     a, tokens = param_dtype_bytes, seq_len * batch
 
-    trainable = sum(check.num_params(d_in, d_out, adapter_cfg) for d_in, d_out in g.targets)
+    trainable = sum(module.num_params(d_in, d_out, adapter_cfg) for d_in, d_out in g.targets)
     head = 0 if g.tied else g.vocab * g.hidden
     parts = {
         "4-bit weights": sum(nf4_bytes(i * o, double_quant) for i, o in g.quantized),

@@ -24,7 +24,7 @@ from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list, gather_object
 from tqdm import tqdm
 
-from qmor.adapters import MERGEABLE
+from qmor.adapters import check_family
 from qmor.attach import aux_loss, count_parameters, save_adapter
 from qmor.builtin import resolve_model
 from qmor.checkpoint import ADAPTER, load_checkpoint, rng_state, save_checkpoint
@@ -301,9 +301,9 @@ class Training:
             with contextlib.nullcontext() if sync else accelerator.no_sync(self.loss_fn):
                 loss_sum, _ = self.loss_fn(**batch)
                 loss = loss_sum / max(n_label, 1)
-                extra = aux_loss(self.model)  # SiRA's load balancing; None for the other families
+                extra = aux_loss(self.model)  # SiRA's weighted load balancing; None for the other families
                 if extra is not None:
-                    loss = loss + cfg.adapter.aux_loss_weight * extra / len(batches)
+                    loss = loss + extra / len(batches)
                 accelerator.backward(loss)
             step_loss += loss_sum.item() / max(n_label, 1)
         grad_norm = float(accelerator.clip_grad_norm_(self.params, cfg.max_grad_norm) if cfg.max_grad_norm > 0
@@ -410,7 +410,7 @@ class Training:
                            f"{scores['exact_match']:.3f} on {scores['n']} examples (greedy generation)")
             self.emit("done", **{k: v for k, v in result.items() if k != "stopped"})
             tqdm.write(f"wrote {run_dir}: {RunDir.ADAPTER}/, {RunDir.CONFIG}, {RunDir.METRICS}, {RunDir.PLOT}")
-            if self.meta.adapter.family in MERGEABLE:
+            if check_family(self.meta.adapter.family).merges:
                 tqdm.write(f"merge it into an fp16 model: python scripts/export_fp16.py {run_dir} --output "
                            f"{run_dir}-fp16")
         self.accelerator.wait_for_everyone()

@@ -87,7 +87,10 @@ def from_json(data: dict) -> TrainConfig:
         section = data.get(name, {})
         if not isinstance(section, dict):
             raise QmorError(f"config key {name!r} must be a mapping of {cls.__name__} fields, got {section!r}")
-        data[name] = from_dict(cls, {**to_dict(getattr(defaults, name)), **section})
+        base = to_dict(getattr(defaults, name))
+        if name == "adapter" and section.get("family", base["family"]) != base["family"]:
+            del base["options"]  # the default's options are its own family's
+        data[name] = from_dict(cls, {**base, **section})
     return TrainConfig(**data)
 
 

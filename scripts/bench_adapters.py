@@ -17,6 +17,7 @@ import time
 import torch
 
 from qmor.adapters import ADAPTERS, build_adapter
+from qmor.adapters.mora import mora_kind
 from qmor.config import AdapterConfig
 from qmor.layer import AdaptedLinear
 from qmor.quant import quantize, set_packed
@@ -24,12 +25,12 @@ from qmor.quant import quantize, set_packed
 
 def matched_config(family: str, d_in: int, d_out: int, lora_rank: int, experts: int) -> AdapterConfig:
     """The family's config whose trainable parameter count is closest to LoRA's at `lora_rank`."""
-    target = ADAPTERS["lora"].num_params(d_in, d_out, AdapterConfig(r=lora_rank))
+    target = ADAPTERS["lora"].module.num_params(d_in, d_out, AdapterConfig(r=lora_rank))
     if family in ("lora", "moslora", "mora"):
-        return AdapterConfig(family=family, r=lora_rank, mora_kind="sharing" if lora_rank >= 128 else "rope")
-    candidates = [AdapterConfig(family=family, r=r, experts=experts, top_k=2, expert_dropout=0.0)
-                  for r in range(1, lora_rank + 1)]
-    return min(candidates, key=lambda c: abs(ADAPTERS[family].num_params(d_in, d_out, c) - target))
+        return AdapterConfig(family=family, r=lora_rank)  # MoRA: "auto" operators, as training picks them
+    candidates = [AdapterConfig.from_dict({"family": family, "r": r, "experts": experts, "top_k": 2,
+                                           "expert_dropout": 0.0}) for r in range(1, lora_rank + 1)]
+    return min(candidates, key=lambda c: abs(ADAPTERS[family].module.num_params(d_in, d_out, c) - target))
 
 
 def frozen_4bit(d_in: int, d_out: int) -> torch.nn.Linear:
@@ -70,7 +71,7 @@ def bench_shape(d_in: int, d_out: int, tokens: int, lora_rank: int, experts: int
     median = {name: statistics.median(t) for name, t in times.items()}
     rows = []
     for family, cfg in configs.items():
-        params = ADAPTERS[family].num_params(d_in, d_out, cfg)
+        params = ADAPTERS[family].module.num_params(d_in, d_out, cfg)
         rows.append({"shape": f"{d_in}->{d_out}", "family": family, "config": describe(cfg), "params": params,
                      "ms": 1000 * median[family], "vs_lora": median[family] / median["lora"],
                      "vs_base": median[family] / median["base"]})
@@ -81,10 +82,10 @@ def bench_shape(d_in: int, d_out: int, tokens: int, lora_rank: int, experts: int
 
 def describe(cfg: AdapterConfig) -> str:
     if cfg.family == "mora":
-        return f"r={cfg.r} ({cfg.mora_kind})"
+        return f"r={cfg.r} ({mora_kind(cfg)})"
     if cfg.family in ("mor", "sira"):
-        extra = f", top-{cfg.top_k}" if cfg.family == "sira" else ""
-        return f"r={cfg.r}, {cfg.experts} experts{extra}"
+        extra = f", top-{cfg.options.top_k}" if cfg.family == "sira" else ""
+        return f"r={cfg.r}, {cfg.options.experts} experts{extra}"
     return f"r={cfg.r}"
 
 

@@ -21,7 +21,7 @@ import sys
 os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
 
 from qmor.errors import QmorError  # noqa: E402
-from qmor.flags import FLAGS, by_key  # noqa: E402
+from qmor.flags import FLAGS, by_key, default_of  # noqa: E402
 from qmor.train_config import from_json, read_config_file  # noqa: E402
 
 
@@ -42,6 +42,10 @@ def build_config(args: argparse.Namespace):
     """Defaults, then the config file, then the flags given on the command line."""
     data = read_config_file(args.config) if args.config else {}
     given = vars(args)
+    adapter = data.get("adapter")
+    written_for = adapter.get("family", default_of("adapter.family")) if isinstance(adapter, dict) else None
+    if written_for and given.get("family", written_for) != written_for:
+        adapter.pop("options", None)  # the file's options are its own family's, not the one --family picks
     for flag in FLAGS:
         if flag.key not in given:
             continue

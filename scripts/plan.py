@@ -40,8 +40,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> int:
     args = parse_args(argv)
     try:
-        cfg = AdapterConfig(family=args.family, r=args.rank, experts=args.experts,
-                            targets=args.targets or "all-linear")
+        cfg = AdapterConfig.from_dict({"family": args.family, "r": args.rank, "experts": args.experts,
+                                       "targets": args.targets or "all-linear"})
         g = geometry(load_config(args.model), cfg.targets)
         opts = dict(checkpointing=not args.no_checkpointing, offload=args.offload_activations,
                     loss_chunk=args.loss_chunk, optimizer=args.optimizer, param_dtype_bytes=args.dtype_bytes,

@@ -5,8 +5,8 @@ import math
 import pytest
 import torch
 
-from qmor.adapters import ADAPTERS, MERGEABLE, build_adapter
-from qmor.adapters.mora import MoRA, rope_tables
+from qmor.adapters import ADAPTERS, build_adapter, mergeable
+from qmor.adapters.mora import ROPE_BELOW_RANK, MoRA, MoRAOptions, mora_kind, rope_tables
 from qmor.config import AdapterConfig
 from qmor.errors import NotMergeable, QmorError
 
@@ -14,7 +14,7 @@ D_IN, D_OUT = 48, 80
 
 
 def make(family, d_in=D_IN, d_out=D_OUT, **kw):
-    cfg = AdapterConfig(family=family, **{"r": 4, "alpha": 8.0, "experts": 3, **kw})
+    cfg = AdapterConfig.from_dict({"family": family, "r": 4, "alpha": 8.0, "experts": 3, **kw})
     return build_adapter(cfg, d_in, d_out), cfg
 
 
@@ -31,7 +31,7 @@ def test_default_init_adds_zero(family):
     assert torch.count_nonzero(adapter(x)) == 0
 
 
-@pytest.mark.parametrize("family,mora_kind", [(f, "sharing") for f in MERGEABLE] + [("mora", "rope")])
+@pytest.mark.parametrize("family,mora_kind", [(f, "sharing") for f in mergeable()] + [("mora", "rope")])
 def test_forward_matches_delta_weight(family, mora_kind):
     adapter, _ = make(family, mora_kind=mora_kind)
     randomise(adapter)
@@ -47,11 +47,11 @@ def test_routed_families_refuse_merge(family):
 
 
 def expected_params(family, cfg, d_in, d_out):
-    r, n = cfg.r, cfg.experts
+    r, n = cfg.r, getattr(cfg.options, "experts", 0)
     lora = r * (d_in + d_out)
     if family == "mora":
         r_hat = math.floor(math.sqrt((d_in + d_out) * r) + 0.5)
-        r_hat -= r_hat % 2 if cfg.mora_kind == "rope" else 0
+        r_hat -= r_hat % 2 if cfg.options.kind == "rope" else 0
         return r_hat**2
     return {"lora": lora, "moslora": lora + r * r, "mor": lora + n * (r + d_out + d_in),
             "sira": n * (lora + d_in)}[family]
@@ -66,11 +66,11 @@ def test_parameter_count_matches_formula(family, shape):
 
 
 def test_mora_matches_lora_parameter_count():
-    cfg = AdapterConfig(family="mora", r=8, mora_kind="sharing")
+    cfg = AdapterConfig(family="mora", r=8, options=MoRAOptions("sharing"))
     lora = AdapterConfig(family="lora", r=8)
     for d_in, d_out in [(4096, 4096), (4096, 11008)]:
-        mora_n = ADAPTERS["mora"].num_params(d_in, d_out, cfg)
-        lora_n = ADAPTERS["lora"].num_params(d_in, d_out, lora)
+        mora_n = ADAPTERS["mora"].module.num_params(d_in, d_out, cfg)
+        lora_n = ADAPTERS["lora"].module.num_params(d_in, d_out, lora)
         assert abs(mora_n - lora_n) / lora_n < 0.01
 
 
@@ -91,7 +91,7 @@ def test_fit_lowers_residual_error(family):
 @pytest.mark.parametrize("kind", ["sharing", "rope"])
 def test_mora_fit_is_least_squares(kind):
     """Without wrap padding the averaged fit is the exact least-squares M under the operator."""
-    adapter = MoRA(32, 32, AdapterConfig(family="mora", r=4, mora_kind=kind))  # r_hat = 16 divides 32
+    adapter = MoRA(32, 32, AdapterConfig(family="mora", r=4, options=MoRAOptions(kind)))  # r_hat = 16 divides 32
     residual = torch.randn(32, 32)
     assert adapter.r_hat == 16
     adapter.fit(residual)
@@ -114,7 +114,7 @@ def test_routed_fit_does_not_depend_on_routing(family):
 
 
 def test_sira_capacity_and_aux_loss():
-    adapter, cfg = make("sira", experts=4, top_k=1, capacity_factor=1.0, expert_dropout=0.0)
+    adapter, cfg = make("sira", experts=4, top_k=1, capacity_factor=1.0, expert_dropout=0.0, aux_loss_weight=1.0)
     randomise(adapter)
     adapter.train()
     x = torch.randn(40, D_IN)
@@ -124,6 +124,28 @@ def test_sira_capacity_and_aux_loss():
     assert adapter.aux_loss is not None and adapter.aux_loss >= 1.0 - 1e-5  # Switch loss is minimal (1) when balanced
     adapter.eval()
     assert ((adapter.gates(x) > 0).sum(-1) == 1).all()  # no capacity limit at inference: every token routed
+
+
+def test_sira_aux_loss_carries_its_weight():
+    """The loop adds `aux_loss` as it is, so the adapter applies its own aux_loss_weight."""
+    x = torch.randn(40, D_IN)
+    losses = []
+    for weight in (1.0, 0.25):
+        torch.manual_seed(0)
+        adapter, _ = make("sira", experts=4, top_k=1, expert_dropout=0.0, aux_loss_weight=weight)
+        adapter.train().gates(x)
+        losses.append(adapter.aux_loss)
+    torch.testing.assert_close(losses[1], 0.25 * losses[0])
+
+
+@pytest.mark.parametrize("r,kind", [(8, "rope"), (16, "rope"), (127, "rope"), (128, "sharing"), (256, "sharing")])
+def test_mora_auto_picks_rope_below_rank_128(r, kind):
+    """The MoRA paper's code: rope (type 6) for small ranks (r = 8), sharing (type 1, its default) for large ones
+    (r = 128 in pretraining, r = 256 in the memory tasks)."""
+    assert ROPE_BELOW_RANK == 128
+    cfg = AdapterConfig(family="mora", r=r)
+    assert cfg.options.kind == "auto" and mora_kind(cfg) == kind
+    assert MoRA(4096, 4096, cfg).kind == kind
 
 
 def mora_sharing_formula(M, d_in, d_out):
@@ -159,7 +181,7 @@ def mora_rope_formula(M, d_in, d_out):
 @pytest.mark.parametrize("kind,formula", [("sharing", mora_sharing_formula), ("rope", mora_rope_formula)])
 @pytest.mark.parametrize("d_in,d_out,r", [(7, 9, 2), (10, 6, 2), (12, 12, 3)])
 def test_mora_delta_weight_entry_by_entry(kind, formula, d_in, d_out, r):
-    cfg = AdapterConfig(family="mora", r=r, mora_kind=kind)
+    cfg = AdapterConfig(family="mora", r=r, options=MoRAOptions(kind))
     adapter = MoRA(d_in, d_out, cfg)
     with torch.no_grad():
         adapter.M.copy_(torch.arange(adapter.r_hat**2, dtype=torch.float32).view(adapter.r_hat, -1) / 10 + 1)
@@ -170,10 +192,10 @@ def test_mora_delta_weight_entry_by_entry(kind, formula, d_in, d_out, r):
 
 
 def test_mora_rank_formula():
-    assert MoRA(4096, 4096, AdapterConfig(family="mora", r=8, mora_kind="sharing")).r_hat == 256
-    assert MoRA(4096, 11008, AdapterConfig(family="mora", r=8, mora_kind="sharing")).r_hat == 348
-    assert MoRA(4096, 11008, AdapterConfig(family="mora", r=8, mora_kind="rope")).r_hat == 348
-    assert MoRA(100, 101, AdapterConfig(family="mora", r=1, mora_kind="rope")).r_hat == 14  # 14.18 -> 14
+    assert MoRA(4096, 4096, AdapterConfig(family="mora", r=8, options=MoRAOptions("sharing"))).r_hat == 256
+    assert MoRA(4096, 11008, AdapterConfig(family="mora", r=8, options=MoRAOptions("sharing"))).r_hat == 348
+    assert MoRA(4096, 11008, AdapterConfig(family="mora", r=8, options=MoRAOptions("rope"))).r_hat == 348
+    assert MoRA(100, 101, AdapterConfig(family="mora", r=1, options=MoRAOptions("rope"))).r_hat == 14  # 14.18 -> 14
 
 
 @pytest.mark.parametrize("bad,match", [

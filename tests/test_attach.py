@@ -20,7 +20,7 @@ def batch(seed=0, n=4, t=12):
 
 def test_attach_wraps_decoder_linears_not_head(tiny_dir):
     model = load_4bit(str(tiny_dir))
-    names = attach(model, AdapterConfig(**KW))
+    names = attach(model, AdapterConfig.from_dict(KW))
     assert len(names) == 2 * 7  # q k v o gate up down per layer
     assert all(is_4bit(layer.base) for layer in adapted_layers(model).values())
     assert "lm_head" not in names
@@ -40,7 +40,7 @@ def test_targets_by_suffix_and_regex(tiny_dir):
 @pytest.mark.parametrize("family", ADAPTERS)
 def test_gradients_reach_adapters_only(tiny_dir, family):
     model = load_4bit(str(tiny_dir))
-    attach(model, AdapterConfig(family=family, **KW))
+    attach(model, AdapterConfig.from_dict({"family": family, **KW}))
     perturb(model)
     ids = batch()
     model(input_ids=ids, labels=ids).loss.backward()
@@ -54,7 +54,7 @@ def test_gradients_reach_adapters_only(tiny_dir, family):
 @pytest.mark.parametrize("family", ADAPTERS)
 def test_memorisation_loss_falls_on_4bit_base(tiny_dir, family):
     model = load_4bit(str(tiny_dir))
-    attach(model, AdapterConfig(family=family, **{**KW, "r": 8, "alpha": 16.0}))
+    attach(model, AdapterConfig.from_dict({"family": family, **KW, "r": 8, "alpha": 16.0}))
     params = [p for p in model.parameters() if p.requires_grad]
     lr = 3e-3 if family == "mora" else 1e-2
     opt = torch.optim.AdamW(params, lr=lr)
@@ -76,7 +76,7 @@ def test_gradient_checkpointing_gives_same_gradients(tiny_dir, family):
     for checkpointing in (False, True):
         torch.manual_seed(0)
         model = load_4bit(str(tiny_dir))
-        attach(model, AdapterConfig(family=family, **KW))
+        attach(model, AdapterConfig.from_dict({"family": family, **KW}))
         perturb(model)
         model.train()
         if checkpointing:
@@ -98,7 +98,7 @@ def test_bf16_autocast_step_matches_fp32(tiny_dir, family):
     for dtype in ("float32", "bfloat16"):
         torch.manual_seed(0)
         model = load_4bit(str(tiny_dir), QuantConfig(compute_dtype=dtype), "cpu")
-        attach(model, AdapterConfig(family=family, **KW))
+        attach(model, AdapterConfig.from_dict({"family": family, **KW}))
         perturb(model)
         model.train()
         enable_checkpointing(model)
@@ -120,7 +120,7 @@ def test_bf16_autocast_step_matches_fp32(tiny_dir, family):
 @pytest.mark.parametrize("family", ADAPTERS)
 def test_save_load_gives_identical_logits(tiny_dir, tmp_path, family):
     model = load_4bit(str(tiny_dir))
-    cfg = AdapterConfig(family=family, **KW)
+    cfg = AdapterConfig.from_dict({"family": family, **KW})
     attach(model, cfg)
     perturb(model)
     model.eval()
@@ -196,10 +196,10 @@ def test_float_storage_holds_the_same_codes(tiny_dir):
     ids = batch()
     with torch.no_grad():
         assert torch.equal(plain(input_ids=ids).logits, floaty(input_ids=ids).logits)
-    attach(floaty, AdapterConfig(**KW))
+    attach(floaty, AdapterConfig.from_dict(KW))
     perturb(floaty)
     floaty(input_ids=ids, labels=ids).loss.backward()
-    attach(plain, AdapterConfig(**KW))
+    attach(plain, AdapterConfig.from_dict(KW))
     assert count_parameters(floaty) == count_parameters(plain)
     with pytest.raises(QmorError, match="quant storage must be"):
         load_4bit(str(tiny_dir), QuantConfig(storage="int4"))

@@ -59,6 +59,20 @@ def test_config_file_is_read_and_flags_override_it(tiny_dir, tmp_path):
     assert json.loads((again / "config.json").read_text())["adapter"] == cfg["adapter"]
 
 
+def test_family_options_from_flags_and_config_files(tmp_path):
+    def config(*argv):
+        return finetune_4bit.build_config(finetune_4bit.parser().parse_args(list(argv))).adapter
+
+    sira = config("--family", "sira", "--experts", "3", "--top-k", "1", "--mora-kind", "rope")
+    assert (sira.options.experts, sira.options.top_k) == (3, 1)  # --mora-kind is MoRA's: checked, not kept
+    written = tmp_path / "sira.json"
+    written.write_text(json.dumps({"adapter": {"family": "sira", "options": {"experts": 3, "top_k": 1}}}))
+    assert config("--config", str(written)).options == sira.options
+    # another family picked over the file's: the file's options were its family's
+    assert config("--config", str(written), "--family", "mora").options.kind == "auto"
+    assert config("--config", str(written), "--top-k", "2").options.top_k == 2  # a flag wins over the file
+
+
 def test_help_documents_every_flag(capsys):
     with pytest.raises(SystemExit):
         finetune_4bit.main(["--help"])

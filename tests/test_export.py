@@ -23,7 +23,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def make_adapter(tiny_dir, folder, family, **extra):
     model = load_4bit(str(tiny_dir))
-    cfg = AdapterConfig(family=family, **KW, **extra)
+    cfg = AdapterConfig.from_dict({"family": family, **KW, **extra})
     attach(model, cfg)
     perturb(model)
     return save_adapter(model, folder, AdapterMeta(adapter=cfg, base_model=str(tiny_dir)))

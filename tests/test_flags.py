@@ -9,7 +9,7 @@ import pytest
 
 from apps import command
 from apps.paths import make_workspace
-from qmor.adapters import ADAPTERS
+from qmor.adapters import ADAPTERS, option_fields
 from qmor.errors import QmorError
 from qmor.flags import FLAGS, GROUPS, WIDGETS, Flag, by_key, default_of
 from qmor.train_config import TrainConfig
@@ -20,6 +20,7 @@ import finetune_4bit  # noqa: E402
 import flags_table  # noqa: E402
 
 # config fields that only a config file sets (no flag): the NF4 block size, double quantisation, the compute dtype
+OPTION_NAMES = {f.key: f.name for f in option_fields()}  # flat key -> field in the family's options
 FILE_ONLY = {"quant.blocksize", "quant.double_quant", "quant.compute_dtype"}
 TEXT_VALUES = {"model": "smollm2", "dataset": "reverse", "targets": "q_proj,v_proj", "output": "runs/x",
                "quant_storage": "bfloat16", "split": "test", "subset": "main", "columns": "prompt=q,completion=a"}
@@ -40,6 +41,9 @@ def other_value(flag: Flag):
 
 
 def config_value(cfg: TrainConfig, field: str):
+    section, _, key = field.rpartition(".")
+    if section == "adapter" and key in OPTION_NAMES:  # a family option sits in its family's nested options
+        return getattr(cfg.adapter.options, OPTION_NAMES[key], default_of(field))
     for part in field.split("."):
         cfg = getattr(cfg, part)
     return cfg
@@ -67,7 +71,8 @@ def test_readme_without_markers_is_refused():
 def test_every_config_field_has_one_flag_and_rows_are_well_formed():
     fields = [field for f in FLAGS for field in (f.field, *f.also)]
     assert len(fields) == len(set(fields)), "two flags set the same field"
-    assert set(fields) | FILE_ONLY == leaf_fields(), "a config field without a flag (or a flag without a field)"
+    options = {f"adapter.{f.key}" for f in option_fields()}  # flat keys: AdapterConfig nests them by family
+    assert set(fields) | FILE_ONLY == leaf_fields() | options, "a config field without a flag (or a flag without one)"
     names = [n for f in FLAGS for n in (f.name, *f.aliases)]
     assert len(names) == len(set(names)) and len(by_key()) == len(FLAGS)
     for f in FLAGS:
@@ -82,10 +87,11 @@ def test_every_config_field_has_one_flag_and_rows_are_well_formed():
 
 def test_every_flag_parses_to_its_config_field():
     argv, expected = [], {}
+    values = {f.key: other_value(f) for f in FLAGS}
     for f in FLAGS:
-        value = other_value(f)
+        value = values[f.key]
         argv += [f.name if value else f"--no-{f.name[2:]}"] if f.switch else [f.name, str(value)]
-        for field in (f.field, *f.also):
+        for field in (f.field, *f.also) if f.applies(values) else ():  # another family's options are dropped
             expected[field] = f.to_config(value)
     cfg = finetune_4bit.build_config(finetune_4bit.parser().parse_args(argv))
     assert {field: config_value(cfg, field) for field in expected} == expected

@@ -66,7 +66,7 @@ def test_trainer_with_the_chunked_loss(tiny_dir, tok, tmp_path):
     model, meta = adapted(tiny_dir)
     train, _, _ = build_datasets(tok, DataConfig(source="uuid", num_examples=8, max_len=96))
     prepare_model(model, meta, tok)
-    loss_fn, collate = chunked_loss(model, meta), collator(tok.pad_token_id)
+    loss_fn, collate = chunked_loss(model), collator(tok.pad_token_id)
     batch = collate(train[:4])
     with torch.no_grad():  # the chunked loss is the model's own mean cross-entropy, without the full logits
         ours = loss_fn(model(**{k: v for k, v in batch.items() if k != "labels"}), batch["labels"])

@@ -17,7 +17,8 @@ def ids():
 
 @pytest.mark.parametrize("family", ["lora", "sira"])
 def test_default_init_round_trip(tiny_dir, tmp_path, family):
-    model, meta, report = load_for_training(str(tiny_dir), AdapterConfig(family=family, r=4, experts=2))
+    cfg = AdapterConfig.from_dict({"family": family, "r": 4, "experts": 2})
+    model, meta, report = load_for_training(str(tiny_dir), cfg)
     assert report is None and meta.init == "default" and meta.base_weights is None
     assert Path(meta.base_model).is_absolute() and Path(meta.base_model) == Path(tiny_dir).resolve()
     assert len(adapted_layers(model)) == 14

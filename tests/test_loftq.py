@@ -9,7 +9,7 @@ from safetensors import safe_open
 from transformers import AutoModelForCausalLM
 
 from qmor import AdapterConfig, QmorError, QuantConfig, save_adapter
-from qmor.adapters import MERGEABLE
+from qmor.adapters import mergeable
 from qmor.attach import adapted_layers, attach
 from qmor.layer import AdaptedLinear
 from qmor.load import load_for_training, load_trained
@@ -68,7 +68,7 @@ def cache(tmp_path_factory):
 
 
 @pytest.mark.parametrize("kind", ["random", "realistic"])
-@pytest.mark.parametrize("family", MERGEABLE)
+@pytest.mark.parametrize("family", mergeable())
 def test_loftq_error_below_plain_nf4(family, kind):
     W = weights(kind)
     adapter = fresh_adapter(AdapterConfig(family=family, r=8, alpha=16.0), W)
@@ -90,7 +90,7 @@ def test_any_alpha_gives_the_rank_r_svd_of_the_residual(family, alpha):
     """T = 1: Q = nf4(W) and ΔW must be the best rank-r approximation of W - deq(Q), whatever alpha / r is."""
     W = realistic(96, 160, seed=1)
     r = 6
-    adapter = fresh_adapter(AdapterConfig(family=family, r=r, alpha=alpha, experts=3), W)
+    adapter = fresh_adapter(AdapterConfig.from_dict({"family": family, "r": r, "alpha": alpha, "experts": 3}), W)
     packed, _, _ = loftq_layer(W, adapter, QuantConfig(), 1)
     Q = dequantize(packed)
     u, s, vh = torch.linalg.svd(W - Q, full_matrices=False)
@@ -103,7 +103,7 @@ def test_any_alpha_gives_the_rank_r_svd_of_the_residual(family, alpha):
 @pytest.mark.parametrize("family", ["mor", "sira"])
 def test_routed_families_start_independent_of_routing(family):
     W = realistic(64, 96, seed=2)
-    adapter = fresh_adapter(AdapterConfig(family=family, **{**KW, "experts": 4}), W)
+    adapter = fresh_adapter(AdapterConfig.from_dict({"family": family, **KW, "experts": 4}), W)
     loftq_layer(W, adapter, QuantConfig(), 2)
     adapter.eval()
     x = torch.randn(7, 96) * 3

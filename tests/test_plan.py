@@ -30,7 +30,8 @@ def test_parts_add_up_and_json_round_trips():
 
 @pytest.mark.parametrize("family", ["lora", "moslora", "mora", "mor", "sira"])
 def test_trainable_count_matches_an_attached_model(tiny_dir, family):
-    cfg = AdapterConfig(family=family, r=4, experts=3, targets=["q_proj", "v_proj", "down_proj"])
+    targets = ["q_proj", "v_proj", "down_proj"]
+    cfg = AdapterConfig.from_dict({"family": family, "r": 4, "experts": 3, "targets": targets})
     model = load_4bit(str(tiny_dir), device="cpu")
     attach(model, cfg)
     trainable, _ = count_parameters(model)
@@ -160,7 +161,7 @@ def saved_bytes(model, tokens: int, autocast: bool) -> int:
 def test_layer_activation_matches_what_backward_saves(tiny_dir, family, compute, targets):
     # bfloat16 without autocast is a GPU without bf16 support running fp16: each adapter keeps an fp32 input copy
     autocast = compute.endswith("autocast")
-    cfg = AdapterConfig(family=family, r=4, experts=3, targets=targets)
+    cfg = AdapterConfig.from_dict({"family": family, "r": 4, "experts": 3, "targets": targets})
     model = load_4bit(str(tiny_dir), QuantConfig(compute_dtype=compute.split("-")[0]), "cpu")
     attach(model, cfg)
     model.train()

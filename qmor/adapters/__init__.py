@@ -1,59 +1,105 @@
 """The adapter contract and the registry of families.
 
-Every family is a plain `nn.Module` built as `Family(d_in, d_out, cfg)` that provides:
+Every family is a plain `nn.Module` built as `Module(d_in, d_out, cfg)` that provides:
 - `forward(x)`: the contribution Δy (..., d_out) for x (..., d_in), without building the dense ΔW;
 - `delta_weight()`: the exact dense ΔW (d_out, d_in) with forward(x) == x @ ΔW.T, or `NotMergeable`;
 - `fit(residual)`: set the parameters to the family's best approximation of a dense (d_out, d_in) residual
   (what LoftQ calls); routed families fit so that the output does not depend on routing;
 - `num_params(d_in, d_out, cfg)` (static): the trainable parameter count.
-A family's default init adds zero.
+A family's default init adds zero. Its file declares the rest in one `Family(...)` (qmor.adapters.family): options,
+whether it merges or goes to PEFT, what its backward keeps, which shapes it takes. Adding a family is its file and
+one line in ADAPTERS.
 """
 
-from typing import Protocol
+from __future__ import annotations
 
-import torch
+import dataclasses
+import typing
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
 from torch import nn
 
-from qmor.adapters.lora import LoRA
-from qmor.adapters.mor import MoR
-from qmor.adapters.mora import MoRA, mora_kind, mora_rank
-from qmor.adapters.moslora import MoSLoRA
-from qmor.adapters.sira import SiRA
-from qmor.config import AdapterConfig
+from qmor.adapters import lora, mor, mora, moslora, sira
+from qmor.adapters.family import Family, Option, check_value, either, option_key, option_spec
 from qmor.errors import NotMergeable, QmorError
 
-__all__ = ["ADAPTERS", "Adapter", "NotMergeable", "build_adapter", "MERGEABLE"]
+if TYPE_CHECKING:
+    from qmor.config import AdapterConfig
+
+__all__ = ["ADAPTERS", "Family", "NotMergeable", "build_adapter", "check_family", "mergeable", "option_defaults",
+           "option_fields", "peft_families"]
+
+ADAPTERS: dict[str, Family] = {"lora": lora.FAMILY, "moslora": moslora.FAMILY, "mora": mora.FAMILY,
+                               "mor": mor.FAMILY, "sira": sira.FAMILY}
 
 
-class Adapter(Protocol):
-    def __call__(self, x: torch.Tensor) -> torch.Tensor: ...
-    def delta_weight(self) -> torch.Tensor: ...
-    def fit(self, residual: torch.Tensor) -> None: ...
-    def parameters(self): ...
+def check_family(name: str) -> Family:
+    """The declaration of family `name`, refusing a name that is not registered."""
+    if name not in ADAPTERS:
+        raise QmorError(f"unknown adapter family {name!r}; choose one of {either(ADAPTERS)}")
+    spec = ADAPTERS[name]
+    if not isinstance(spec, Family):
+        raise TypeError(f"ADAPTERS[{name!r}] is {spec!r}, not a Family declaration; register the family file's "
+                        "FAMILY")
+    return spec
 
 
-ADAPTERS: dict[str, type[nn.Module]] = {"lora": LoRA, "moslora": MoSLoRA, "mora": MoRA, "mor": MoR, "sira": SiRA}
-MERGEABLE = ("lora", "moslora", "mora")
+def mergeable() -> tuple[str, ...]:
+    """The families whose adapters fold into the base weights."""
+    return tuple(name for name, spec in ADAPTERS.items() if spec.merges)
 
 
-def check_family(family: str) -> type[nn.Module]:
-    if family not in ADAPTERS:
-        raise QmorError(f"unknown adapter family {family!r}; choose one of {', '.join(ADAPTERS)}")
-    return ADAPTERS[family]
+def peft_families() -> tuple[str, ...]:
+    """The families that export to PEFT's LoRA format."""
+    return tuple(name for name, spec in ADAPTERS.items() if spec.peft is not None)
+
+
+def merge_refusal(name: str, instead: str) -> str:
+    """Why family `name` cannot merge, then what to do: `instead`, or train a family that merges."""
+    return f"{name} {check_family(name).why_not}; {instead}, or train {either(mergeable())} to merge"
 
 
 def build_adapter(cfg: AdapterConfig, d_in: int, d_out: int, name: str = "layer") -> nn.Module:
-    """A fresh adapter for a d_in -> d_out linear, after checking the rank fits the layer."""
-    cls = check_family(cfg.family)
-    limit = min(d_in, d_out)
-    if cfg.family == "mora":
-        r_hat = mora_rank(d_in, d_out, cfg.r, mora_kind(cfg))
-        if r_hat > limit:
-            raise QmorError(f"MoRA rank r={cfg.r} gives a {r_hat}x{r_hat} matrix, larger than {name} "
-                            f"({d_in}->{d_out}); use a smaller --rank")
-    elif cfg.r > limit:
-        raise QmorError(f"rank r={cfg.r} is larger than {name} allows ({d_in}->{d_out}, so at most {limit}); "
-                        "use a smaller --rank")
-    if cfg.family in ("mor", "sira") and cfg.experts < 1:
-        raise QmorError(f"{cfg.family} needs at least one expert, got experts={cfg.experts}")
-    return cls(d_in, d_out, cfg)
+    """A fresh adapter for a d_in -> d_out linear, after the family's check that it fits the layer."""
+    spec = check_family(cfg.family)
+    spec.check_shape(d_in, d_out, cfg, name)
+    return spec.module(d_in, d_out, cfg)
+
+
+@dataclass(frozen=True)
+class OptionField:
+    """One family option as a CLI flag or an app form field sees it."""
+
+    family: str  # the family it belongs to (a flag such as --experts may serve several)
+    name: str  # its field in the family's options (AdapterConfig.options.<name>)
+    key: str  # its flat name: CLI flag --key-with-dashes, app form field, key in older config files
+    type: type  # int, float or str
+    default: Any
+    spec: Option  # help, example, range or choices, training_only
+
+    @property
+    def flag(self) -> str:
+        return "--" + self.key.replace("_", "-")
+
+    def check(self, value) -> None:
+        """Refuse a value outside this option's range or choices (QmorError, one line)."""
+        check_value(self.key, self.spec, value, isinstance(self.default, int))
+
+
+def option_fields() -> list[OptionField]:
+    """Every family's options, in registry order, with what a flag table needs to derive flags and form fields."""
+    out = []
+    for name, spec in ADAPTERS.items():
+        types = typing.get_type_hints(spec.options)
+        out += [OptionField(name, f.name, option_key(f), types[f.name], f.default, option_spec(f))
+                for f in dataclasses.fields(spec.options)]
+    return out
+
+
+def option_defaults() -> dict[str, Any]:
+    """{flat key: default} over every family's options, in registry order (a shared key takes its first default)."""
+    out: dict[str, Any] = {}
+    for f in option_fields():
+        out.setdefault(f.key, f.default)
+    return out

@@ -1,12 +1,18 @@
 """LoRA: Δy = s · B A x, with s = alpha / r."""
 
+from __future__ import annotations
+
 import math
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from qmor.adapters.factor import low_rank
-from qmor.config import AdapterConfig
+from qmor.adapters.family import Family, NoOptions, check_rank
+
+if TYPE_CHECKING:
+    from qmor.config import AdapterConfig
 
 
 class LoRA(nn.Module):
@@ -24,11 +30,23 @@ class LoRA(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (..., d_in) -> (..., d_out)
         return (x @ self.A.T) @ self.B.T * self.scale
 
+    @staticmethod
+    def saved_per_token(d_in: int, d_out: int, cfg: AdapterConfig) -> int:
+        return cfg.r  # A x, for B's gradient (x itself is the layer input)
+
     def delta_weight(self) -> torch.Tensor:
         return self.B @ self.A * self.scale
+
+    @torch.no_grad()
+    def peft_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.A.float().contiguous().cpu(), self.B.float().contiguous().cpu()  # PEFT's scale is ours
 
     @torch.no_grad()
     def fit(self, residual: torch.Tensor) -> None:
         B, A = low_rank(residual / self.scale, self.A.shape[0])
         self.B.copy_(B)
         self.A.copy_(A)
+
+
+FAMILY = Family(module=LoRA, options=NoOptions, scaled=True, merges=True, peft=LoRA.peft_factors, why_not="",
+                keeps_input=True, saved_per_token=LoRA.saved_per_token, check_shape=check_rank)

@@ -8,14 +8,31 @@ mixed per token by a dense softmax router g = softmax(W_g x):
 With all λ = 1 every expert is the same LoRA and Σ g_i = 1, so routing does not matter at init or after `fit`.
 """
 
+from __future__ import annotations
+
 import math
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from qmor.adapters.factor import low_rank
-from qmor.config import AdapterConfig
+from qmor.adapters.family import Family, check_options, check_rank, option
 from qmor.errors import NotMergeable
+
+if TYPE_CHECKING:
+    from qmor.config import AdapterConfig
+
+WHY_NOT = "routes each token to its own mix of experts, so it has no single dense delta weight"
+
+
+@dataclass
+class MoROptions:
+    experts: int = option(4, "number of experts", 4, low=1, label="Experts")
+
+    def __post_init__(self) -> None:
+        check_options(self)
 
 
 class MoR(nn.Module):
@@ -24,16 +41,16 @@ class MoR(nn.Module):
         self.scale = cfg.alpha / cfg.r
         self.A = nn.Parameter(torch.empty(cfg.r, d_in))  # (r, d_in), shared
         self.B = nn.Parameter(torch.zeros(d_out, cfg.r))  # (d_out, r), shared
-        self.lam_A = nn.Parameter(torch.ones(cfg.experts, cfg.r))  # (N, r)
-        self.lam_B = nn.Parameter(torch.ones(cfg.experts, d_out))  # (N, d_out)
+        self.lam_A = nn.Parameter(torch.ones(cfg.options.experts, cfg.r))  # (N, r)
+        self.lam_B = nn.Parameter(torch.ones(cfg.options.experts, d_out))  # (N, d_out)
         # A random router breaks the symmetry between the identical experts; a zero router would keep them equal.
-        self.router = nn.Parameter(torch.empty(cfg.experts, d_in))  # (N, d_in)
+        self.router = nn.Parameter(torch.empty(cfg.options.experts, d_in))  # (N, d_in)
         nn.init.kaiming_uniform_(self.A, a=math.sqrt(5))
         nn.init.kaiming_uniform_(self.router, a=math.sqrt(5))
 
     @staticmethod
     def num_params(d_in: int, d_out: int, cfg: AdapterConfig) -> int:
-        return cfg.r * (d_in + d_out) + cfg.experts * (cfg.r + d_out + d_in)
+        return cfg.r * (d_in + d_out) + cfg.options.experts * (cfg.r + d_out + d_in)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gates = torch.softmax(x @ self.router.T, dim=-1)  # (..., N)
@@ -42,9 +59,13 @@ class MoR(nn.Module):
         stacked = (self.lam_B[:, :, None] * self.B).permute(1, 0, 2).flatten(1)  # (d_out, N r)
         return h.flatten(-2) @ stacked.T * self.scale
 
+    @staticmethod
+    def saved_per_token(d_in: int, d_out: int, cfg: AdapterConfig) -> int:
+        n, r = cfg.options.experts, cfg.r
+        return r + 3 * n * r + 2 * n  # A x, the per-expert projections, gates
+
     def delta_weight(self) -> torch.Tensor:
-        raise NotMergeable("MoR routes each token to its own mix of experts, so it has no single dense delta weight; "
-                           "export it as an adapter, or train lora, moslora or mora to merge")
+        raise NotMergeable(f"MoR {WHY_NOT}; export it as an adapter, or train a family that merges")
 
     @torch.no_grad()
     def fit(self, residual: torch.Tensor) -> None:
@@ -53,3 +74,7 @@ class MoR(nn.Module):
         self.A.copy_(A)
         self.lam_A.fill_(1.0)
         self.lam_B.fill_(1.0)
+
+
+FAMILY = Family(module=MoR, options=MoROptions, scaled=True, merges=False, peft=None, why_not=WHY_NOT,
+                keeps_input=True, saved_per_token=MoR.saved_per_token, check_shape=check_rank)

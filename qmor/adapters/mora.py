@@ -12,25 +12,45 @@ so the parameter count matches LoRA at rank r. No alpha scaling. x is wrap-padde
   Before folding the padding back, ΔW is block diagonal with blocks M R_k.
 """
 
+from __future__ import annotations
+
 import math
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
-from qmor.config import AdapterConfig
+from qmor.adapters.family import Family, check_options, option
+from qmor.errors import QmorError
 
-ROPE_BELOW_RANK = 128  # "auto": the paper uses rope at r = 8 and sharing at r = 256
+if TYPE_CHECKING:
+    from qmor.config import AdapterConfig
+
+# "auto": the paper's code uses rope for small ranks (r = 8) and sharing, its default, for large ones (r = 128 in
+# pretraining, r = 256 in the memory tasks)
+ROPE_BELOW_RANK = 128
+
+
+@dataclass
+class MoRAOptions:
+    kind: str = option("auto", "operators (auto: rope below rank 128, sharing from 128)",
+                       "auto", label="MoRA operators", key="mora_kind", choices=("auto", "rope", "sharing"))
+
+    def __post_init__(self) -> None:
+        check_options(self)
+
+
+def mora_kind(cfg: AdapterConfig) -> str:
+    """The operators MoRA uses at this config: "auto" resolved by the rank."""
+    if cfg.options.kind == "auto":
+        return "rope" if cfg.r < ROPE_BELOW_RANK else "sharing"
+    return cfg.options.kind
 
 
 def mora_rank(d_in: int, d_out: int, r: int, kind: str) -> int:
     r_hat = math.floor(math.sqrt((d_in + d_out) * r) + 0.5)
     return r_hat - r_hat % 2 if kind == "rope" else r_hat
-
-
-def mora_kind(cfg: AdapterConfig) -> str:
-    if cfg.mora_kind == "auto":
-        return "rope" if cfg.r < ROPE_BELOW_RANK else "sharing"
-    return cfg.mora_kind
 
 
 def rope_tables(n: int, r_hat: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -50,10 +70,6 @@ class MoRA(nn.Module):
     def __init__(self, d_in: int, d_out: int, cfg: AdapterConfig):
         super().__init__()
         self.kind = mora_kind(cfg)
-        if self.kind not in ("sharing", "rope"):
-            from qmor.errors import QmorError
-
-            raise QmorError(f"mora_kind must be 'sharing', 'rope' or 'auto', got {cfg.mora_kind!r}")
         self.d_in, self.d_out = d_in, d_out
         self.r_hat = mora_rank(d_in, d_out, cfg.r, self.kind)
         self.n = math.ceil(d_in / self.r_hat)
@@ -80,6 +96,13 @@ class MoRA(nn.Module):
             return self._fill(chunks.sum(-2) @ self.M.T)
         rotated = chunks * self.cos + rotate_half(chunks) * self.sin
         return self._fill((rotated @ self.M.T).flatten(-2))
+
+    @staticmethod
+    def saved_per_token(d_in: int, d_out: int, cfg: AdapterConfig) -> int:
+        """Only the compressed input: the summed chunks (sharing) or the rotated, padded input (rope)."""
+        kind = mora_kind(cfg)
+        r_hat = mora_rank(d_in, d_out, cfg.r, kind)
+        return -(-d_in // r_hat) * r_hat if kind == "rope" else r_hat
 
     def _rotations(self) -> torch.Tensor:
         """R_k (n, r_hat, r_hat) with R_k v == v * cos_k + rotate_half(v) * sin_k."""
@@ -125,3 +148,16 @@ class MoRA(nn.Module):
         D = self._expand(M)
         norm = (D * D).sum()
         self.M.copy_(M * ((D * residual).sum() / norm) if norm > 0 else M)
+
+
+def check_shape(d_in: int, d_out: int, cfg: AdapterConfig, name: str) -> None:
+    r_hat = mora_rank(d_in, d_out, cfg.r, mora_kind(cfg))
+    if r_hat > min(d_in, d_out):
+        raise QmorError(f"MoRA rank r={cfg.r} gives a {r_hat}x{r_hat} matrix, larger than {name} ({d_in}->{d_out}); "
+                        "use a smaller --rank")
+
+
+FAMILY = Family(module=MoRA, options=MoRAOptions, scaled=False, merges=True, peft=None,
+                why_not="is not a low-rank adapter (its ΔW is a full-rank compress-M-decompress product), so PEFT's "
+                "LoRA format cannot hold it exactly",
+                keeps_input=False, saved_per_token=MoRA.saved_per_token, check_shape=check_shape)

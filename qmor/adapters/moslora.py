@@ -1,12 +1,18 @@
 """MoSLoRA (arXiv 2406.11909): Δy = s · B M A x with a learnable r x r mixer M between the LoRA factors."""
 
+from __future__ import annotations
+
 import math
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from qmor.adapters.factor import low_rank
-from qmor.config import AdapterConfig
+from qmor.adapters.family import Family, NoOptions, check_rank
+
+if TYPE_CHECKING:
+    from qmor.config import AdapterConfig
 
 
 class MoSLoRA(nn.Module):
@@ -26,8 +32,17 @@ class MoSLoRA(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return ((x @ self.A.T) @ self.M.T) @ self.B.T * self.scale
 
+    @staticmethod
+    def saved_per_token(d_in: int, d_out: int, cfg: AdapterConfig) -> int:
+        return 2 * cfg.r  # A x and M A x
+
     def delta_weight(self) -> torch.Tensor:
         return self.B @ self.M @ self.A * self.scale
+
+    @torch.no_grad()
+    def peft_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        # the mixer folds into B exactly: s · B M A = s · (B M) A, a plain rank-r LoRA
+        return self.A.float().contiguous().cpu(), (self.B.float() @ self.M.float()).contiguous().cpu()
 
     @torch.no_grad()
     def fit(self, residual: torch.Tensor) -> None:
@@ -36,3 +51,7 @@ class MoSLoRA(nn.Module):
         self.B.copy_(B)
         self.A.copy_(A)
         self.M.copy_(torch.eye(self.M.shape[0]))
+
+
+FAMILY = Family(module=MoSLoRA, options=NoOptions, scaled=True, merges=True, peft=MoSLoRA.peft_factors, why_not="",
+                keeps_input=True, saved_per_token=MoSLoRA.saved_per_token, check_shape=check_rank)

@@ -8,38 +8,71 @@ The paper's hyperparameters and several details are not public; these are our ch
   depend on the other tokens in the batch, or generation with a KV cache would disagree with a full forward;
 - expert dropout is ordinary dropout on the kept gate weights, in training only;
 - the load-balancing loss is the Switch Transformer one, E · Σ_e f_e · p_e (f_e: share of routed token slots,
-  p_e: mean gate probability), stored in `aux_loss` by each training forward for the loop to add.
+  p_e: mean gate probability), times aux_loss_weight, stored in `aux_loss` by each training forward for the
+  loop to add.
 The experts are computed densely as one rank E·r LoRA with per-token masked gates: the output is the sparse
 mixture's, and at matched parameters the cost is a LoRA's.
 """
 
+from __future__ import annotations
+
 import math
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from qmor.adapters.factor import low_rank
-from qmor.config import AdapterConfig
-from qmor.errors import NotMergeable
+from qmor.adapters.family import Family, check_options, check_rank, option
+from qmor.errors import NotMergeable, check_range
+
+if TYPE_CHECKING:
+    from qmor.config import AdapterConfig
+
+WHY_NOT = "routes each token to its own top-k experts, so it has no single dense delta weight"
+
+
+@dataclass
+class SiRAOptions:
+    experts: int = option(4, "number of LoRA experts", 4, low=1, label="Experts")
+    # top_k is left out of LoftQ's key: `fit` makes every expert the same, so its result does not depend on k
+    top_k: int = option(2, "experts per token", 2, low=1, label="Top-k", rule="between 1 and experts",
+                        training_only=True)
+    capacity_factor: float = option(1.25, "expert capacity factor (each expert takes at most ceil(cf * k * T / E) "
+                                    "of a batch's T tokens)", 1.25, label="Capacity factor", low=0.0,
+                                    open_low=True, training_only=True)
+    expert_dropout: float = option(0.1, "dropout on the gate weights", 0.1, label="Expert dropout", low=0.0,
+                                   high=1.0, open_high=True, training_only=True)
+    aux_loss_weight: float = option(0.01, "weight of the load-balancing loss", 0.01, label="Aux loss weight",
+                                    low=0.0, training_only=True)
+
+    def __post_init__(self) -> None:
+        check_options(self)
+        # top_k 0 routes every token to no expert (the loss goes to nan); above experts it asks for experts that
+        # do not exist
+        check_range("top_k", self.top_k, f"between 1 and experts ({self.experts})", 1, self.experts, "--top-k 2",
+                    integer=True)
 
 
 class SiRA(nn.Module):
     def __init__(self, d_in: int, d_out: int, cfg: AdapterConfig):
         super().__init__()
         self.scale = cfg.alpha / cfg.r
-        self.experts, self.r, self.top_k = cfg.experts, cfg.r, min(cfg.top_k, cfg.experts)
-        self.capacity_factor = cfg.capacity_factor
-        self.gate_dropout = nn.Dropout(cfg.expert_dropout)
-        self.A = nn.Parameter(torch.empty(cfg.experts * cfg.r, d_in))  # (E r, d_in): expert e owns rows e r..
-        self.B = nn.Parameter(torch.zeros(d_out, cfg.experts * cfg.r))  # (d_out, E r)
-        self.router = nn.Parameter(torch.empty(cfg.experts, d_in))  # (E, d_in)
+        o = cfg.options
+        self.experts, self.r, self.top_k = o.experts, cfg.r, o.top_k
+        self.capacity_factor, self.aux_loss_weight = o.capacity_factor, o.aux_loss_weight
+        self.gate_dropout = nn.Dropout(o.expert_dropout)
+        self.A = nn.Parameter(torch.empty(o.experts * cfg.r, d_in))  # (E r, d_in): expert e owns rows e r..
+        self.B = nn.Parameter(torch.zeros(d_out, o.experts * cfg.r))  # (d_out, E r)
+        self.router = nn.Parameter(torch.empty(o.experts, d_in))  # (E, d_in)
         nn.init.kaiming_uniform_(self.A, a=math.sqrt(5))
         nn.init.kaiming_uniform_(self.router, a=math.sqrt(5))
         self.aux_loss: torch.Tensor | None = None
 
     @staticmethod
     def num_params(d_in: int, d_out: int, cfg: AdapterConfig) -> int:
-        return cfg.experts * (cfg.r * (d_in + d_out) + d_in)
+        return cfg.options.experts * (cfg.r * (d_in + d_out) + d_in)
 
     def gates(self, x: torch.Tensor) -> torch.Tensor:
         """Dense (T, E) gate weights: renormalised top-k, zero elsewhere; capacity and dropout when training."""
@@ -51,7 +84,8 @@ class SiRA(nn.Module):
             capacity = math.ceil(self.capacity_factor * self.top_k * x.shape[0] / self.experts)
             keep = (mask.cumsum(0) <= capacity).to(mask.dtype)  # first come, first served per expert
             gates = self.gate_dropout(gates * keep)
-            self.aux_loss = self.experts * (mask.mean(0) / self.top_k * probs.mean(0)).sum()
+            balance = self.experts * (mask.mean(0) / self.top_k * probs.mean(0)).sum()
+            self.aux_loss = self.aux_loss_weight * balance
         return gates
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -60,12 +94,20 @@ class SiRA(nn.Module):
         h = h * self.gates(tokens)[..., None]
         return (h.flatten(1) @ self.B.T * self.scale).view(*x.shape[:-1], -1)
 
+    @staticmethod
+    def saved_per_token(d_in: int, d_out: int, cfg: AdapterConfig) -> int:
+        n = cfg.options.experts
+        return 3 * n * cfg.r + 4 * n  # expert projections, gates, capacity masks
+
     def delta_weight(self) -> torch.Tensor:
-        raise NotMergeable("SiRA routes each token to its own top-k experts, so it has no single dense delta weight; "
-                           "export it as an adapter, or train lora, moslora or mora to merge")
+        raise NotMergeable(f"SiRA {WHY_NOT}; export it as an adapter, or train a family that merges")
 
     @torch.no_grad()
     def fit(self, residual: torch.Tensor) -> None:
         B, A = low_rank(residual / self.scale, self.r)
         self.A.copy_(A.repeat(self.experts, 1))
         self.B.copy_(B.repeat(1, self.experts))
+
+
+FAMILY = Family(module=SiRA, options=SiRAOptions, scaled=True, merges=False, peft=None, why_not=WHY_NOT,
+                keeps_input=True, saved_per_token=SiRA.saved_per_token, check_shape=check_rank)

@@ -62,9 +62,9 @@ def target_shapes(model_path: str | Path) -> list[tuple[int, int]]:
 
 
 def count(cfg, shapes: list[tuple[int, int]]) -> int:
-    from qmor.adapters import ADAPTERS
+    from qmor.adapters import check_family
 
-    return sum(ADAPTERS[cfg.family].num_params(d_in, d_out, cfg) for d_in, d_out in shapes)
+    return sum(check_family(cfg.family).module.num_params(d_in, d_out, cfg) for d_in, d_out in shapes)
 
 
 def matched_configs(shapes: list[tuple[int, int]], lora_rank: int, mor_experts: int, sira_experts: int,
@@ -78,7 +78,7 @@ def matched_configs(shapes: list[tuple[int, int]], lora_rank: int, mor_experts: 
     out = {}
     for family in FAMILIES:
         extra = {"mor": {"experts": mor_experts}, "sira": {"experts": sira_experts, "top_k": sira_top_k}}
-        options = [AdapterConfig(family=family, r=r, **extra.get(family, {}), **fields) for r in range(1, limit + 1)]
+        options = [AdapterConfig(family=family, r=r, options=extra.get(family), **fields) for r in range(1, limit + 1)]
         if family == "mora":
             options = [AdapterConfig(family="mora", r=lora_rank, **fields)]  # r_hat follows r by construction
         best = min(options, key=lambda c: abs(count(c, shapes) - target))
@@ -88,15 +88,15 @@ def matched_configs(shapes: list[tuple[int, int]], lora_rank: int, mor_experts: 
 
 def describe(cfg, shapes: list[tuple[int, int]] | None = None) -> str:
     if cfg.family == "mora":
-        from qmor.adapters import mora_kind, mora_rank
+        from qmor.adapters.mora import mora_kind, mora_rank
 
         kind = mora_kind(cfg)
         hats = sorted({mora_rank(d_in, d_out, cfg.r, kind) for d_in, d_out in shapes or []})
         return f"r={cfg.r} ({kind}, r_hat {'/'.join(map(str, hats))})"
     if cfg.family == "mor":
-        return f"r={cfg.r}, N={cfg.experts}"
+        return f"r={cfg.r}, N={cfg.options.experts}"
     if cfg.family == "sira":
-        return f"r={cfg.r}, E={cfg.experts}, k={cfg.top_k}"
+        return f"r={cfg.r}, E={cfg.options.experts}, k={cfg.options.top_k}"
     return f"r={cfg.r}"
 
 
