@@ -1,45 +1,62 @@
-"""Datasets: read records, turn them into conversations, tokenise with loss masks, truncate, pack, split.
+"""Datasets: open a source, map its columns, tokenise the records with loss masks, truncate, pack, split.
 
-Formats (auto-detected from the first record's keys, or forced):
-  alpaca             {"instruction", "input"?, "output", "system"?}
-  messages           {"messages": [{"role", "content"}, ...]}
-  sharegpt           {"conversations": [{"from": human|gpt|system, "value"}, ...]}
-  prompt_completion  {"prompt", "completion"}
-  text               {"text"}   (no template; every token trained)
-Sources: a .jsonl file, a .json file holding one list, a `datasets.save_to_disk` folder, or a built-in task name
-(qmor/tasks.py). Every format but text goes through the chat template (qmor/template.py).
+Sources are opened by qmor/sources.py (built-in tasks, JSON files, data files, datasets folders, Hub ids); records
+become conversations in qmor/records.py (the formats); every format but text goes through the chat template
+(qmor/template.py). Tokenising runs as one `Dataset.map` whose result is cached under qmor's cache folder, keyed
+by the data, the tokenizer and every setting that changes the tokens, so a restarted run reads it back instead of
+tokenising again.
 """
 
 from __future__ import annotations
 
 import bisect
+import contextlib
 import dataclasses
+import hashlib
 import json
 import random
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
 
-from qmor import tasks
 from qmor.config import check_range
 from qmor.errors import QmorError
+from qmor.model_files import cache_root
+from qmor.records import (
+    FORMATS,
+    apply_columns,
+    check_columns,
+    check_fields,
+    conversation,
+    detect_format,
+    empty_response,
+    field_text,
+    parse_columns,
+    renames,
+    to_messages,
+    tools_of,
+)
+from qmor.sources import FILE_TYPES, Source, open_source
 from qmor.template import NoAssistantTokens, encode_chat, render, template_name, with_chat_template
+from qmor.version import __version__
 
-FORMATS = ("alpaca", "messages", "sharegpt", "prompt_completion", "text")
-FILE_TYPES = (".jsonl", ".json")  # the files _read takes (besides a datasets folder)
-REQUIRED = {"alpaca": ["instruction", "output"], "messages": ["messages"], "sharegpt": ["conversations"],
-            "prompt_completion": ["prompt", "completion"], "text": ["text"]}
-SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "model": "assistant",
-                  "chatgpt": "assistant", "system": "system"}
-ROLES = ("system", "user", "assistant")
+__all__ = ["FILE_TYPES", "FORMATS", "DataConfig", "DataStats", "build_datasets", "collate", "data_notes",
+           "detect_format", "load_records", "pack", "preview", "prompt_text", "to_messages"]
+
+TOKENISER_VERSION = 1  # part of the cache key: raise it when a change here would change the tokens of a record
+QUIET_BELOW = 5000  # records; smaller sets are tokenised without a progress bar
 
 
 @dataclass
 class DataConfig:
-    source: str = "uuid"  # built-in task (uuid, reverse, sort, add, upper, mix), a .json/.jsonl file or datasets folder
+    source: str = "uuid"  # built-in task (uuid, reverse, sort, add, upper, mix), a .jsonl/.json/.parquet/.csv file,
+    # a datasets folder, or a Hub dataset id (read from the local cache when offline)
     format: str = "auto"  # auto | alpaca | messages | sharegpt | prompt_completion | text
+    split: str = "train"  # split to train on (files and Hub ids take slices too, e.g. train[:1000]); tasks: train, test
+    subset: str = ""  # a Hub dataset's configuration (load_dataset's name), e.g. main for openai/gsm8k
+    columns: str = ""  # the dataset's columns mapped onto qmor's fields, "prompt=question,completion=answer" (a
+    # config file may give a mapping, {prompt: question, completion: answer}, kept in this written form)
     max_len: int = 128  # tokens per training sequence; longer examples are truncated (and counted), but a data set
     # whose every example is longer is refused: that max_len is almost certainly a mistake
     train_on_prompt: bool = False  # also train on system/user/prompt tokens (default: responses only)
@@ -50,6 +67,11 @@ class DataConfig:
     seed: int = 0  # seed of built-in tasks and of the validation split
 
     def __post_init__(self) -> None:
+        mapping = parse_columns(self.columns)
+        renames(mapping)  # two fields mapped onto one are refused here, before anything loads
+        self.columns = ",".join(f"{k}={v}" for k, v in mapping.items())
+        if not isinstance(self.split, str) or not self.split.strip():
+            raise QmorError(f"split must be a split name such as train, got {self.split!r}; pass e.g. --split train")
         if self.format != "auto" and self.format not in FORMATS:
             raise QmorError(f"unknown data format {self.format!r}; use auto or one of {', '.join(FORMATS)}")
         check_range("max_len", self.max_len, "an integer of at least 8 tokens", 8, None, "--max-len 512", integer=True)
@@ -77,6 +99,8 @@ class DataStats:
     packed: bool  # whether training examples were packed
     n_empty: int = 0  # examples kept whose response (output, completion, assistant turns, text) is empty
     first_empty: str = ""  # where the first of them came from ("FILE line N")
+    cache_file: str = ""  # the tokenised records, cached (Dataset.map's file)
+    from_cache: bool = False  # whether they were read back from it instead of tokenised
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -84,169 +108,103 @@ class DataStats:
 
 # ---- reading -----------------------------------------------------------------------------------------------------
 
-def _read(source: str, skip_bad: bool) -> tuple[list[dict], list[str], int]:
-    """Records, where each came from ("FILE line N"), and how many unreadable ones were skipped."""
-    path = Path(source)
-    if not path.exists():
-        raise QmorError(f"data source {source} does not exist; check the path, or use a built-in task: "
-                        f"{', '.join(tasks.NAMES)}")
-    if path.is_dir():
-        return _read_folder(path)
-    if path.suffix not in FILE_TYPES:
-        raise QmorError(f"{source}: unsupported file type {path.suffix!r}; use .jsonl, .json or a datasets folder")
-    text = _read_text(path)
-    if path.suffix == ".json":
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as e:
-            if e.msg != "Extra data":  # "Extra data" means one object per line: read it as JSONL below
-                raise QmorError(f"{source} line {e.lineno}: not valid JSON ({e.msg}); fix the file "
-                                f"(a .json file holds one list of records)") from None
-        else:
-            if not isinstance(data, list):
-                return _keep_dicts([data], [f"{source} line 1"], skip_bad)
-            return _keep_dicts(data, [f"{source} line {n}" for n in _list_lines(text)], skip_bad)
-    records, locs, skipped = [], [], 0
-    for n, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            records.append(json.loads(line))
-            locs.append(f"{source} line {n}")
-        except json.JSONDecodeError as e:
-            if not skip_bad:
-                raise QmorError(f"{source} line {n}: not valid JSON ({e.msg}); fix the line, or pass skip_bad "
-                                f"(--skip-bad) to skip bad records") from None
-            skipped += 1
-    records, locs, bad = _keep_dicts(records, locs, skip_bad)
-    return records, locs, skipped + bad
+def load_records(source: str, skip_bad: bool = False, split: str = "train", subset: str = "") -> tuple[list[dict], int]:
+    """The records of a data source, and how many unreadable ones were skipped."""
+    src = open_source(source, split, subset, skip_bad)
+    return [record for record, _ in src.head(len(src.rows))], src.skipped
 
 
-def _read_text(path: Path) -> str:
-    raw = path.read_bytes()
-    try:
-        return raw.decode("utf-8-sig")  # tolerate a byte-order mark
-    except UnicodeDecodeError as e:
-        line = raw[: e.start].count(b"\n") + 1
-        raise QmorError(f"{path} line {line}: byte {raw[e.start]:#04x} is not UTF-8 text; save the file as UTF-8 "
-                        f"(e.g. iconv -f latin1 -t utf-8) or fix that line") from None
+def _open(cfg: DataConfig) -> tuple[Source, dict[str, str]]:
+    """The source's split and the column renames, checked against its columns."""
+    src = open_source(cfg.source, cfg.split, cfg.subset, cfg.skip_bad, cfg.num_examples, cfg.seed)
+    mapping = parse_columns(cfg.columns)
+    check_columns(mapping, src.columns, cfg.source)
+    return src, renames(mapping)
 
 
-def _list_lines(text: str) -> list[int]:
-    """The line on which each item of a valid top-level JSON list starts, for error messages."""
-    dec, lines = json.JSONDecoder(), []
-    i = text.index("[") + 1
-    while True:
-        while text[i] in " \t\r\n,":
-            i += 1
-        if text[i] == "]":
-            return lines
-        lines.append(text.count("\n", 0, i) + 1)
-        i = dec.raw_decode(text, i)[1]
+def _first_records(src: Source, renamed: dict[str, str], n: int) -> list[tuple[dict, str]]:
+    return [(apply_columns(record, renamed), loc) for record, loc in src.head(n)]
 
 
-def _keep_dicts(records: list, locs: list[str], skip_bad: bool) -> tuple[list[dict], list[str], int]:
-    keep = [i for i, r in enumerate(records) if isinstance(r, dict)]
-    if len(keep) < len(records) and not skip_bad:
-        i = next(i for i, r in enumerate(records) if not isinstance(r, dict))
-        raise QmorError(f"{locs[i]}: a record must be a JSON object, got {type(records[i]).__name__}; fix it, or "
-                        f"pass skip_bad (--skip-bad)")
-    return [records[i] for i in keep], [locs[i] for i in keep], len(records) - len(keep)
-
-
-def _read_folder(path: Path) -> tuple[list[dict], list[str], int]:
-    import datasets
-
-    try:
-        ds = datasets.load_from_disk(str(path))
-    except (FileNotFoundError, ValueError) as e:
-        raise QmorError(f"{path} is not a datasets folder ({e}); save one with Dataset.save_to_disk, "
-                        f"or give a .jsonl file") from None
-    if isinstance(ds, datasets.DatasetDict):
-        ds = ds["train"] if "train" in ds else ds[next(iter(ds))]
-    rows = ds.to_list()
-    return rows, [f"{path} row {i + 1}" for i in range(len(rows))], 0
-
-
-def load_records(source: str, skip_bad: bool = False) -> tuple[list[dict], int]:
-    """The records of a file or datasets folder, and how many unreadable ones were skipped."""
-    records, _, skipped = _read(source, skip_bad)
-    return records, skipped
-
-
-def detect_format(records: list[dict], source: str) -> str:
-    """The format named by the first record's keys; a QmorError listing its keys when none matches."""
-    if not records:
-        raise QmorError(f"{source} holds no records; add at least one JSON object (one per line for .jsonl)")
-    keys = set(records[0])
-    for fmt in ("messages", "sharegpt", "alpaca", "prompt_completion", "text"):
-        if set(REQUIRED[fmt]) <= keys:
-            return fmt
-    raise QmorError(f"{source}: cannot tell the format from the first record's fields {sorted(keys)}; expected "
-                    f"one of {REQUIRED} (or pass format explicitly)")
-
-
-# ---- records -> conversations ------------------------------------------------------------------------------------
-
-def _str(record: dict, key: str) -> str:
-    value = record.get(key)
-    if value is None:
-        return ""
-    if not isinstance(value, str):
-        raise ValueError(f"field {key!r} must be a string, got {type(value).__name__}")
-    return value
-
-
-def _turns(items, role_key: str, text_key: str, roles: dict) -> list[dict]:
-    if not isinstance(items, list) or not items:
-        raise ValueError("the conversation must be a non-empty list of turns")
-    out = []
-    for t in items:
-        if not isinstance(t, dict) or role_key not in t or text_key not in t:
-            raise ValueError(f"every turn needs {role_key!r} and {text_key!r}")
-        role = roles.get(t[role_key])
-        if role is None:
-            raise ValueError(f"unknown role {t[role_key]!r}; use one of {sorted(roles)}")
-        out.append({"role": role, "content": _str(t, text_key)})
-    return out
-
-
-def to_messages(record: dict, fmt: str) -> list[dict]:
-    """The record as chat messages (role/content). Raises ValueError on a malformed record."""
-    if fmt == "messages":
-        return _turns(record["messages"], "role", "content", {r: r for r in ROLES})
-    if fmt == "sharegpt":
-        return _turns(record["conversations"], "from", "value", SHAREGPT_ROLES)
-    system = _str(record, "system")
-    if fmt == "alpaca":
-        user, answer = _str(record, "instruction"), _str(record, "output")
-        if _str(record, "input"):
-            user += "\n\n" + _str(record, "input")
-    else:  # prompt_completion
-        user, answer = _str(record, "prompt"), _str(record, "completion")
-    msgs = [{"role": "system", "content": system}] if system else []
-    return msgs + [{"role": "user", "content": user}, {"role": "assistant", "content": answer}]
-
+# ---- records -> tokens -------------------------------------------------------------------------------------------
 
 def _example(tokenizer, record: dict, fmt: str, train_on_prompt: bool) -> tuple[list[int], list[int]]:
-    missing = [k for k in REQUIRED[fmt] if k not in record]
-    if missing:
-        raise ValueError(f"record has fields {sorted(record)} but format {fmt!r} needs {REQUIRED[fmt]}")
+    check_fields(record, fmt)
     if fmt == "text":
-        ids = tokenizer(_str(record, "text"), add_special_tokens=True)["input_ids"]
+        ids = tokenizer(field_text(record, "text"), add_special_tokens=True)["input_ids"]
         if tokenizer.eos_token_id is not None and (not ids or ids[-1] != tokenizer.eos_token_id):
             ids = ids + [tokenizer.eos_token_id]  # the end of a document is something to learn
         return ids, list(ids)
-    messages = to_messages(record, fmt)
-    if not any(m["role"] == "assistant" for m in messages):
+    messages, first = conversation(record, fmt)
+    if not any(m["role"] == "assistant" for m in messages[first:]):
         raise ValueError("the conversation has no assistant turn to learn from")
-    return encode_chat(tokenizer, messages, train_on_prompt)
+    return encode_chat(tokenizer, messages, train_on_prompt, first, tools_of(record))
 
 
-def _empty_response(record: dict, fmt: str) -> bool:
-    if fmt == "text":
-        return not _str(record, "text").strip()
-    return not any(m["content"].strip() for m in to_messages(record, fmt) if m["role"] == "assistant")
+def tokenizer_key(tokenizer) -> str:
+    """Identifies what a tokenizer does to text: its vocabulary and rules, special tokens and chat template."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    rules = backend.to_str() if backend is not None else json.dumps(sorted(tokenizer.get_vocab().items()))
+    extra = [type(tokenizer).__name__, getattr(tokenizer, "chat_template", None), tokenizer.all_special_tokens,
+             tokenizer.bos_token_id, tokenizer.eos_token_id, getattr(tokenizer, "add_bos_token", None),
+             getattr(tokenizer, "add_eos_token", None)]
+    return hashlib.sha256((rules + json.dumps(extra, default=str)).encode()).hexdigest()
+
+
+def cache_dir() -> Path:
+    return cache_root() / "tokenised"
+
+
+@contextlib.contextmanager
+def _progress(shown: bool):
+    import datasets
+
+    was = datasets.is_progress_bar_enabled()
+    if not shown:
+        datasets.disable_progress_bars()
+    try:
+        yield
+    finally:
+        if was and not shown:
+            datasets.enable_progress_bars()
+
+
+def tokenise(tokenizer, src: Source, renamed: dict[str, str], fmt: str, train_on_prompt: bool):
+    """Every record as {"input_ids", "labels", "loc", "error", "fatal", "empty"}, through Dataset.map with its cache
+    file under qmor's cache folder: the same data, tokenizer and settings read the file back. Bad records are kept
+    with their error, so the caller decides (and a cached run reports the same errors)."""
+    import datasets
+
+    key = hashlib.sha256(json.dumps({
+        "data": src.key, "split": src.split, "skipped": src.skipped, "columns": renamed, "format": fmt,
+        "train_on_prompt": train_on_prompt, "tokenizer": tokenizer_key(tokenizer), "qmor": __version__,
+        "version": TOKENISER_VERSION}, sort_keys=True).encode()).hexdigest()[:32]
+    path = cache_dir() / f"{key}.arrow"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    features = datasets.Features({
+        "input_ids": datasets.Sequence(datasets.Value("int32")), "labels": datasets.Sequence(datasets.Value("int32")),
+        "loc": datasets.Value("string"), "error": datasets.Value("string"), "fatal": datasets.Value("bool"),
+        "empty": datasets.Value("bool")})
+
+    def one(row: dict, index: int) -> dict:
+        record, loc = src.record(row, index)
+        record = apply_columns(record, renamed)
+        out = {"input_ids": [], "labels": [], "loc": loc, "error": "", "fatal": False, "empty": False}
+        try:
+            ids, labels = _example(tokenizer, record, fmt, train_on_prompt)
+            out.update(input_ids=ids, labels=labels, empty=empty_response(record, fmt))
+        except NoAssistantTokens as e:  # the template's doing, not the record's: skipping would skip them all
+            out.update(error=str(e), fatal=True)
+        except (ValueError, KeyError, TypeError) as e:
+            out["error"] = str(e)
+        return out
+
+    cached = path.is_file()
+    with _progress(len(src.rows) >= QUIET_BELOW):
+        done = src.rows.map(one, with_indices=True, remove_columns=src.rows.column_names, features=features,
+                            new_fingerprint=key, cache_file_name=str(path), load_from_cache_file=True,
+                            desc="tokenising")
+    return done, str(path), cached
 
 
 def data_notes(stats: DataStats, source: str) -> list[str]:
@@ -267,13 +225,6 @@ def data_notes(stats: DataStats, source: str) -> list[str]:
 
 
 # ---- tokenise, truncate, split, pack -----------------------------------------------------------------------------
-
-def _source_records(cfg: DataConfig) -> tuple[list[dict], list[str], int]:
-    if tasks.is_task(cfg.source):
-        recs = tasks.records(cfg.source, "train", cfg.num_examples, cfg.seed)
-        return recs, [f"task {cfg.source} record {i + 1}" for i in range(len(recs))], 0
-    return _read(cfg.source, cfg.skip_bad)
-
 
 def _val_count(val_size: float, n: int, source: str) -> int:
     k = round(val_size * n) if val_size < 1 else int(val_size)
@@ -317,28 +268,31 @@ def build_datasets(tokenizer, cfg: DataConfig) -> tuple[list[dict], list[dict], 
     Examples longer than `max_len` are truncated (counted); those left without any label are dropped (counted).
     The validation split is drawn from the examples with `random.Random(seed)`; only training examples are packed.
     """
-    records, locs, skipped = _source_records(cfg)
-    if not records:
-        raise QmorError(f"{cfg.source} holds no usable records ({skipped} skipped); add records or fix the bad ones")
-    fmt = detect_format(records, cfg.source) if cfg.format == "auto" else cfg.format
+    src, renamed = _open(cfg)
+    first = _first_records(src, renamed, 1)
+    if not first:
+        raise QmorError(f"{cfg.source} holds no usable records ({src.skipped} skipped); add records or fix the bad "
+                        "ones")
+    fmt = detect_format([first[0][0]], cfg.source) if cfg.format == "auto" else cfg.format
     tok = tokenizer if fmt == "text" else with_chat_template(tokenizer)
-    examples, kept_locs, empty = [], [], []
-    for record, loc in tqdm(list(zip(records, locs, strict=True)), desc="tokenising", unit="rec",
-                            disable=len(records) < 5000):
-        try:
-            ids, labels = _example(tok, record, fmt, cfg.train_on_prompt)
-        except NoAssistantTokens as e:  # the template's doing, not the record's: skipping would skip them all
-            raise QmorError(f"{loc}: {e}") from None
-        except (ValueError, KeyError, TypeError) as e:
-            if not cfg.skip_bad:
-                raise QmorError(f"{loc}: {e}; fix the record, force another format, or pass skip_bad "
-                                f"(--skip-bad)") from None
-            skipped += 1
-            continue
-        examples.append({"input_ids": ids, "labels": labels})
-        kept_locs.append(loc)
-        if _empty_response(record, fmt):  # kept (it teaches an empty reply) but counted, so the user hears of it
-            empty.append(loc)
+    done, cache_file, from_cache = tokenise(tok, src, renamed, fmt, cfg.train_on_prompt)
+    table = done.data
+    errors = table.column("error").to_pylist()
+    bad = [i for i, e in enumerate(errors) if e]
+    locs = table.column("loc").to_pylist()
+    fatal = table.column("fatal").to_pylist()
+    for i in bad:
+        if fatal[i]:
+            raise QmorError(f"{locs[i]}: {errors[i]}")
+        if not cfg.skip_bad:
+            raise QmorError(f"{locs[i]}: {errors[i]}; fix the record, force another format, or pass skip_bad "
+                            f"(--skip-bad)")
+    skipped = src.skipped + len(bad)
+    keep = [i for i, e in enumerate(errors) if not e]
+    ids, labels, empty_flags = (table.column(c).to_pylist() for c in ("input_ids", "labels", "empty"))
+    examples = [{"input_ids": ids[i], "labels": labels[i]} for i in keep]
+    kept_locs = [locs[i] for i in keep]
+    empty = [locs[i] for i in keep if empty_flags[i]]  # kept (they teach an empty reply) but counted
     if not examples:
         raise QmorError(f"every record of {cfg.source} was bad ({skipped} skipped); check the format ({fmt})")
     lengths = [len(e["input_ids"]) for e in examples]
@@ -364,7 +318,7 @@ def build_datasets(tokenizer, cfg: DataConfig) -> tuple[list[dict], list[dict], 
         n_skipped=skipped, n_truncated=n_truncated, n_dropped=len(cut) - len(kept), n_train=len(rows),
         n_train_examples=len(train), n_val=len(val), n_tokens=sum(len(e["input_ids"]) for e in train),
         n_label_tokens=sum(t != -100 for e in train for t in e["labels"]), packed=cfg.packing,
-        n_empty=len(empty), first_empty=empty[0] if empty else "")
+        n_empty=len(empty), first_empty=empty[0] if empty else "", cache_file=cache_file, from_cache=from_cache)
     return rows, val, stats
 
 
@@ -397,24 +351,22 @@ def collate(examples: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
 
 # ---- for the app and for evaluation ------------------------------------------------------------------------------
 
-def preview(source: str, n: int = 5, format: str = "auto") -> tuple[str, list[dict]]:
-    """The detected (or forced) format and the first `n` records; a QmorError on unreadable or malformed data."""
-    if tasks.is_task(source):
-        return "prompt_completion", tasks.records(source, "train", 0, 0)[:n]
-    records, locs, _ = _read(source, skip_bad=False)
-    fmt = detect_format(records, source) if format == "auto" else format
-    if fmt not in FORMATS:
-        raise QmorError(f"unknown data format {fmt!r}; use auto or one of {', '.join(FORMATS)}")
-    for record, loc in zip(records[:n], locs[:n], strict=True):
-        missing = [k for k in REQUIRED[fmt] if k not in record]
+def preview(source: str, n: int = 5, format: str = "auto", split: str = "train", subset: str = "",
+            columns: dict[str, str] | str | None = None) -> tuple[str, list[dict]]:
+    """The detected (or forced) format and the first `n` records (under qmor's field names when `columns` maps
+    them); a QmorError on unreadable or malformed data."""
+    cfg = DataConfig(source=source, format=format, split=split, subset=subset, columns=columns or "")
+    src, renamed = _open(cfg)
+    first = _first_records(src, renamed, n)
+    fmt = detect_format([r for r, _ in first[:1]], source) if format == "auto" else format
+    for record, loc in first:
         try:
-            if missing:
-                raise ValueError(f"record has fields {sorted(record)} but format {fmt!r} needs {REQUIRED[fmt]}")
+            check_fields(record, fmt)
             if fmt != "text":
                 to_messages(record, fmt)
         except ValueError as e:
             raise QmorError(f"{loc}: {e}; fix the record or choose another format") from None
-    return fmt, records[:n]
+    return fmt, [r for r, _ in first]
 
 
 def prompt_text(tokenizer, record_or_messages) -> str:

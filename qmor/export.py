@@ -23,7 +23,8 @@ from qmor.errors import NotMergeable, QmorError
 from qmor.files import atomic_dir, load_json, save_json
 from qmor.load import load_trained
 from qmor.merge import check_dtype, parse_size, write_merged
-from qmor.model_files import INDEX, expand_builtin, local_folder, missing_folder, weight_files
+from qmor.model_card import base_name, card
+from qmor.model_files import INDEX, expand_builtin, hub_id, local_folder, missing_folder, weight_files
 from qmor.peft_export import PEFT_WEIGHTS, check_peft_family, write_peft
 from qmor.run_dir import find_adapter
 from qmor.verify import Check, compare, logits, prompt_ids, require
@@ -102,17 +103,26 @@ def write_chat_template(out: Path, template: str | None) -> None:
     (out / "chat_template.json").unlink(missing_ok=True)  # a processor's template, which some tools would read first
 
 
-def model_card(meta: AdapterMeta, merge_base: str, dtype: torch.dtype, check: Check, what: str) -> str:
+def model_card(meta: AdapterMeta, merge_base: str, dtype: torch.dtype, check: Check, what: str,
+               library: str = "transformers", notes: str = "") -> str:
+    """README.md with the Hub's front matter: base_model (a Hub id when the base came from one), library, tags."""
     cfg, quant = meta.adapter, meta.quant
-    rows = [("base model", f"`{meta.base_model}`"), ("adapter family", cfg.family),
+    rows = [("base model", base_name(meta.base_model)), ("adapter family", cfg.family),
             ("rank", f"{cfg.r} (alpha {cfg.alpha})"), ("targets", f"`{cfg.targets}`"), ("init", meta.init),
             ("merge base", merge_base),
             ("chat template", "the one training used (chat_template.jinja)" if meta.chat_template else "none recorded"),
             ("quantisation", f"NF4, block size {quant.blocksize}, double quant {quant.double_quant}"),
             ("dtype", str(dtype).removeprefix("torch.")),
-            ("verification", f"max abs logit difference {check.max_abs:.4g}, top-1 agreement {check.top1:.1%}")]
-    table = "\n".join(f"| {k} | {v} |" for k, v in rows)
-    return f"# {what}\n\nExported with qmor {__version__}.\n\n| | |\n|---|---|\n{table}\n"
+            ("verification", f"max abs logit difference {check.max_abs:.4g}, top-1 agreement {check.top1:.1%}"),
+            ("exported with", f"qmor {__version__}")]
+    tags = [cfg.family, "nf4"] + (["lora"] if library == "peft" else ["merged"])
+    return card(what, rows, meta.base_model, library, tags, notes)
+
+
+def peft_base(meta: AdapterMeta, folder: Path) -> str:
+    """What a PEFT adapter names as its base: the Hub id when the base came from the Hub, else the base's folder
+    (where it is now): neither depends on where the export is, so the export can be moved."""
+    return hub_id(meta.base_model) or hub_id(str(folder)) or str(folder)
 
 
 def verify_folder(reference: nn.Module, folder: Path, dtype: torch.dtype, tolerance: float | None,
@@ -223,21 +233,37 @@ def export_peft(
             write_merged(model, names, tmp / "base", torch_dtype, shard_bytes, with_adapter=False)
             copy_support(folder, tmp / "base", torch_dtype, trust_remote_code)
             write_chat_template(tmp / "base", meta.chat_template)
-            targets = write_peft(model, meta, tmp, str(base_dir))
+            # a LoftQ adapter fits its own base Q_T only, which exists nowhere but base/; a default-init adapter
+            # names the original base, like any adapter trained on a 4-bit copy (base/ is exact to NF4 rounding)
+            targets = write_peft(model, meta, tmp, str(base_dir) if meta.init == "loftq" else peft_base(meta, folder))
             check = verify_folder(model, tmp / "base", torch_dtype, tolerance, trust_remote_code, peft_dir=tmp,
                                   template=meta.chat_template)
             require(check, "the PEFT export")
         else:
-            targets = write_peft(model, meta, tmp, meta.base_model)
+            targets = write_peft(model, meta, tmp, peft_base(meta, folder))
             check = Check(0.0, 0.0, 1.0, 0.0)  # no base to run; the factors are checked exactly below
             check_factors(model, tmp, meta.adapter.alpha / meta.adapter.r)  # PEFT's scale
         if meta.chat_template:  # beside the adapter too, for servers that take the base's tokenizer elsewhere
             (tmp / "chat_template.jinja").write_text(meta.chat_template)
         what = f"{output.name}: PEFT LoRA adapter ({meta.adapter.family}, {len(targets)} modules)"
         base_note = "dequantized, in base/" if with_base else "original (NF4 rounding not included)"
-        (tmp / "README.md").write_text(model_card(meta, base_note, torch_dtype, check, what))
+        (tmp / "README.md").write_text(model_card(meta, base_note, torch_dtype, check, what, "peft",
+                                                  peft_notes(with_base, meta.init)))
     print(f"wrote {output} (PEFT adapter over {len(targets)} modules)", file=sys.stderr)
     return {"output": str(output), "targets": targets, "max_abs": check.max_abs, "top1": check.top1}
+
+
+def peft_notes(with_base: bool, init: str) -> str:
+    if not with_base:
+        return "Load with `AutoPeftModelForCausalLM.from_pretrained(this folder)`, or over the base with PeftModel."
+    exact = "`PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(\"base\"), \".\")`"
+    if init == "loftq":
+        return (f"This LoftQ adapter fits the base in `base/` only (its 4-bit initialisation Q_T, dequantized), "
+                "which `adapter_config.json` names by its path at export time; after moving this folder, load it as "
+                f"{exact}.")
+    return (f"`base/` holds the dequantized 4-bit base the adapter was trained over: {exact} reproduces the trained "
+            "model's logits. `adapter_config.json` names the original base, so `AutoPeftModelForCausalLM` works "
+            "wherever this folder is, up to NF4 rounding.")
 
 
 def check_factors(model: nn.Module, folder: Path, scale: float) -> None:

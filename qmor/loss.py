@@ -76,7 +76,11 @@ class ChunkedLoss(nn.Module):
         offload = save_on_cpu(pin_memory=input_ids.is_cuda) if self.offload else contextlib.nullcontext()
         with offload:
             hidden = self.lm.get_decoder()(input_ids=input_ids, **inputs).last_hidden_state  # (B, T, d)
-        config = self.lm.config
-        softcap = getattr(config, "final_logit_softcapping", None)
-        scale = 1.0 / getattr(config, "logits_scaling", 1.0)  # Granite divides its logits by this in forward
+        softcap, scale = head_scaling(self.lm.config)
         return chunked_cross_entropy(hidden, labels, self.lm.get_output_embeddings(), self.chunk, softcap, scale)
+
+
+def head_scaling(config) -> tuple[float | None, float]:
+    """(soft cap, scale) the model's own forward applies to its logits."""
+    softcap = getattr(config, "final_logit_softcapping", None)
+    return softcap, 1.0 / getattr(config, "logits_scaling", 1.0)  # Granite divides its logits by logits_scaling

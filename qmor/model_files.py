@@ -31,6 +31,7 @@ BUILTINS = ("tiny", "smollm2")
 HUB_ID_RE = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")  # org/name
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
+SNAPSHOTS = "snapshots"  # the Hugging Face cache's layout: <cache>/models--ORG--NAME/snapshots/<commit>/...
 # what transformers raises for a model it cannot read (a missing download, a damaged or unknown config)
 LOAD_ERRORS = (OSError, ValueError, TypeError, KeyError, getattr(hf_errors, "StrictDataclassError", ValueError))
 
@@ -57,8 +58,21 @@ def is_hub_id(text: str) -> bool:
     return bool(HUB_ID_RE.match(text))
 
 
+def hub_id(base: str | None) -> str | None:
+    """The Hub id of a base model (an id, or a folder in the Hugging Face cache), or None for other folders."""
+    if not base:
+        return None
+    if not is_local(base):
+        return base
+    parts = Path(base).expanduser().absolute().parts
+    for i in range(len(parts) - 1):
+        if parts[i].startswith("models--") and parts[i + 1] == SNAPSHOTS and len(parts[i]) > len("models--"):
+            return parts[i][len("models--"):].replace("--", "/")
+    return None
+
+
 def cache_root() -> Path:
-    """qmor's cache: built-in models and LoftQ results ($QMOR_CACHE, else ~/.cache/qmor)."""
+    """qmor's cache: built-in models, LoftQ results, tokenised datasets ($QMOR_CACHE, else ~/.cache/qmor)."""
     return Path(os.environ.get("QMOR_CACHE") or Path.home() / ".cache" / "qmor")
 
 

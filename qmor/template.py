@@ -10,9 +10,12 @@ _warned = False  # the fallback is stated once per process, not once per evaluat
 _warned_prefix = False  # likewise for templates whose prefixes are not token prefixes
 
 # ChatML layout. The EOS after each assistant turn is what teaches a base model to stop generating; the newline is
-# an expression because templates are rendered with trim_blocks, which eats a literal one after a block tag
+# an expression because templates are rendered with trim_blocks, which eats a literal one after a block tag. Tool
+# schemas and an assistant's tool calls are written as JSON, so that they are in the text the model learns from
 CHATML_TEMPLATE = (
-    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>"
+    "{% if tools %}<|im_start|>tools\n{{ tools | tojson }}<|im_end|>{{ '\\n' }}{% endif %}"
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}"
+    "{% if m['tool_calls'] %}{{ m['tool_calls'] | tojson }}{% endif %}<|im_end|>"
     "{% if m['role'] == 'assistant' and eos_token %}{{ eos_token }}{% endif %}{{ '\\n' }}{% endfor %}"
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
@@ -57,14 +60,15 @@ class NoAssistantTokens(ValueError):
 
 
 def render(tokenizer, messages: list[dict], add_generation_prompt: bool = False,
-           chat_template: str | None = None) -> str:
-    """The template (the tokenizer's, or `chat_template`) applied to `messages` as text; special tokens such as BOS
-    come from the template itself. A template that cannot render them raises TemplateError, in one line."""
+           chat_template: str | None = None, tools: list[dict] | None = None) -> str:
+    """The template (the tokenizer's, or `chat_template`) applied to `messages` (and the function schemas `tools`)
+    as text; special tokens such as BOS come from the template itself. A template that cannot render them raises
+    TemplateError, in one line."""
     from jinja2.exceptions import TemplateError as JinjaError
 
     try:
         return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt,
-                                             chat_template=chat_template)
+                                             chat_template=chat_template, tools=tools)
     except JinjaError as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise TemplateError(f"the chat template cannot render this conversation ({first}); fix the conversation "
@@ -86,8 +90,10 @@ def _common_prefix(a: list[int], b: list[int]) -> int:
     return n
 
 
-def encode_chat(tokenizer, messages: list[dict], train_on_prompt: bool = False) -> tuple[list[int], list[int]]:
-    """Token ids of a conversation and its labels: the ids on every assistant turn, -100 elsewhere.
+def encode_chat(tokenizer, messages: list[dict], train_on_prompt: bool = False, first: int = 0,
+                tools: list[dict] | None = None) -> tuple[list[int], list[int]]:
+    """Token ids of a conversation and its labels: the ids on every assistant turn from messages[first] on (a
+    prompt/completion record trains its completion only), -100 elsewhere. `tools` go to the template.
 
     Turn boundaries come from rendering the template prefix by prefix: assistant turn i spans from the end of
     messages[:i] + generation prompt to the end of messages[:i+1], in tokens. Each end is measured as the common
@@ -96,15 +102,15 @@ def encode_chat(tokenizer, messages: list[dict], train_on_prompt: bool = False) 
     after the next occurrence of the generation-prompt tokens, so prompt tokens are never labelled.
     """
     global _warned_prefix
-    ids = encode(tokenizer, render(tokenizer, messages))
+    ids = encode(tokenizer, render(tokenizer, messages, tools=tools))
     if train_on_prompt:
         return ids, list(ids)
     labels = [-100] * len(ids)
     for i, m in enumerate(messages):
-        if m["role"] != "assistant":
+        if m["role"] != "assistant" or i < first:
             continue
-        head = encode(tokenizer, render(tokenizer, messages[:i], True)) if i else []
-        upto = ids if i == len(messages) - 1 else encode(tokenizer, render(tokenizer, messages[: i + 1]))
+        head = encode(tokenizer, render(tokenizer, messages[:i], True, tools=tools)) if i else []
+        upto = ids if i == len(messages) - 1 else encode(tokenizer, render(tokenizer, messages[: i + 1], tools=tools))
         start, end = _common_prefix(ids, head), _common_prefix(ids, upto)
         if start < len(head) or end < len(upto):
             if not _warned_prefix:
@@ -112,7 +118,7 @@ def encode_chat(tokenizer, messages: list[dict], train_on_prompt: bool = False) 
                 log.warning("chat template renders a conversation prefix differently from the full conversation; "
                             "loss masks near turn boundaries may be off by a few tokens")
             if start < len(head):
-                start = _after_generation_prompt(tokenizer, messages[:i], head, ids, start)
+                start = _after_generation_prompt(tokenizer, messages[:i], head, ids, start, tools)
         labels[start:end] = ids[start:end]
     if all(t == -100 for t in labels):
         raise NoAssistantTokens("the chat template renders no tokens for the assistant replies, so the loss would be "
@@ -121,9 +127,10 @@ def encode_chat(tokenizer, messages: list[dict], train_on_prompt: bool = False) 
     return ids, labels
 
 
-def _after_generation_prompt(tokenizer, before: list[dict], head: list[int], ids: list[int], start: int) -> int:
+def _after_generation_prompt(tokenizer, before: list[dict], head: list[int], ids: list[int], start: int,
+                             tools: list[dict] | None = None) -> int:
     """Where the reply begins: after the first generation-prompt tokens in `ids` from `start`; len(ids) if absent."""
-    gen = head[_common_prefix(head, encode(tokenizer, render(tokenizer, before))):]  # e.g. "<|assistant|>"
+    gen = head[_common_prefix(head, encode(tokenizer, render(tokenizer, before, tools=tools))):]  # "<|assistant|>"
     for j in range(start, len(ids) - len(gen) + 1):
         if gen and ids[j: j + len(gen)] == gen:
             return j + len(gen)

@@ -435,3 +435,24 @@ def test_corrupt_model_config_names_the_fix(tiny_dir, tmp_path, capsys):
     code = finetune_4bit.main(["--model", str(broken), "--output", str(tmp_path / "r"), *FAST])
     error_line(capsys, code, "does not recognize this architecture", "upgrade transformers")
     assert not (tmp_path / "r").exists()
+
+
+def test_dataset_problems_name_the_fix(tmp_path, capsys, monkeypatch):
+    import datasets
+    import pandas as pd
+
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)  # no network attempts, as for models above
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path / "datasets"))
+    pd.DataFrame({"question": ["q"], "answer": ["a"]}).to_parquet(tmp_path / "d.parquet")
+    cases = [(["--dataset", "qmor-tests/no-such-data"], ["'qmor-tests/no-such-data' is not in the local cache",
+                                                         "hf download qmor-tests/no-such-data --repo-type dataset"]),
+             (["--dataset", str(tmp_path / "d.parquet"), "--columns", "prompt=q,completion=answer"],
+              ["has no column 'q'", "its columns: question, answer", "fix --columns"]),
+             (["--dataset", str(tmp_path / "d.parquet"), "--columns", "prompt=question,completion=answer",
+               "--split", "test"], ["has no split 'test'", "its splits: train", "--split"])]
+    for flags, words in cases:
+        code = finetune_4bit.main(["--output", str(tmp_path / "r"), *FAST, *flags])
+        error_line(capsys, code, *words)
+        assert not (tmp_path / "r").exists()

@@ -17,6 +17,15 @@ def tok():
     return tiny_tokenizer()
 
 
+@pytest.fixture(autouse=True)
+def caches(tmp_path_factory, monkeypatch):
+    """The tokenised examples and datasets' copies of data files stay in this session's folder."""
+    import datasets
+
+    monkeypatch.setenv("QMOR_CACHE", str(tmp_path_factory.getbasetemp() / "qmor-cache"))
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path_factory.getbasetemp() / "datasets"))
+
+
 def write_jsonl(path, records):
     path.write_text("".join(json.dumps(r) + "\n" for r in records))
     return str(path)
@@ -186,8 +195,8 @@ def test_empty_and_all_too_long_and_missing(tok, tmp_path):
     with pytest.raises(QmorError, match="does not exist"):
         build_datasets(tok, DataConfig(source=str(tmp_path / "nope.jsonl")))
     with pytest.raises(QmorError, match="unsupported file type"):
-        (tmp_path / "d.csv").write_text("a,b\n")
-        build_datasets(tok, DataConfig(source=str(tmp_path / "d.csv")))
+        (tmp_path / "d.txt").write_text("a,b\n")
+        build_datasets(tok, DataConfig(source=str(tmp_path / "d.txt")))
     with pytest.raises(QmorError, match="unknown data format"):
         DataConfig(format="csv")
 

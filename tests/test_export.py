@@ -77,7 +77,8 @@ def test_merged_export_matches_4bit_model(tiny_dir, tmp_path, family):
         assert all(f.get_tensor(k).dtype == torch.float16 for k in f.keys())
     assert (out / "tokenizer.json").is_file() and (out / "generation_config.json").is_file()
     card = (out / "README.md").read_text()
-    assert family in card and "dequantized" in card and str(tiny_dir) in card
+    assert family in card and "dequantized" in card and "local folder `tiny`" in card
+    assert str(tiny_dir) not in card  # a path on this machine means nothing on the Hub
     assert not list(tmp_path.glob(".merged.*"))  # no temporary folder left behind
 
 

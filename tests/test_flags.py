@@ -23,7 +23,7 @@ import flags_table  # noqa: E402
 OPTION_NAMES = {f.key: f.name for f in option_fields()}  # flat key -> field in the family's options
 FILE_ONLY = {"quant.blocksize", "quant.double_quant", "quant.compute_dtype"}
 TEXT_VALUES = {"model": "smollm2", "dataset": "reverse", "targets": "q_proj,v_proj", "output": "runs/x",
-               "quant_storage": "bfloat16"}
+               "quant_storage": "bfloat16", "split": "test", "subset": "main", "columns": "prompt=q,completion=a"}
 
 
 def other_value(flag: Flag):
@@ -161,4 +161,5 @@ def test_app_endpoint_names_its_parameters_and_uploads_only_what_training_reads(
     assert [p["parameter_name"] for p in params] == list(FIELDS)
     assert all(p["parameter_has_default"] for p in params)
     uploads = [b for b in demo.blocks.values() if type(b).__name__ == "File"]
-    assert [u.file_types for u in uploads] == [list(FILE_TYPES)] and set(FILE_TYPES) == {".jsonl", ".json"}
+    assert [u.file_types for u in uploads] == [list(FILE_TYPES)]
+    assert set(FILE_TYPES) == {".jsonl", ".json", ".parquet", ".csv"}
