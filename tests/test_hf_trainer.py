@@ -8,8 +8,7 @@ from qmor import AdapterConfig, QmorError, tasks
 from qmor.attach import CONFIG, WEIGHTS
 from qmor.data import DataConfig, build_datasets
 from qmor.hf_trainer import chunked_loss, collator, prepare_model
-from qmor.load import load_for_training, load_trained
-from qmor.quant import load_4bit
+from qmor.load import load_4bit, load_for_training, load_trained
 
 STEPS = 10
 
