@@ -101,6 +101,15 @@ def dense_weight(linear: nn.Linear) -> torch.Tensor:
     return dequantize(linear.weight) if is_4bit(linear) else linear.weight.detach().to(torch.float32)
 
 
+def linear_4bit(packed: Packed, dtype: torch.dtype) -> nn.Module:
+    """A bias-free 4-bit linear around an already quantised weight (one expert's matrix of an MoE block)."""
+    d_out, d_in = packed.quant_state.shape
+    linear = bnb.nn.Linear4bit(d_in, d_out, bias=False, compute_dtype=dtype, quant_type="nf4", device="meta")
+    linear.support_avx512bf16_for_cpu = False  # see keep_plain_layout
+    set_packed(linear, packed)
+    return linear
+
+
 def set_packed(linear: nn.Module, packed: Packed) -> None:
     """Replace a 4-bit layer's stored weight (e.g. with LoftQ's Q_T)."""
     packed.module = linear
@@ -192,16 +201,20 @@ def load_4bit(
     except LOAD_ERRORS as e:
         raise load_failed(name_or_path, e) from None
     support.refuse_transposed(config, trust_remote_code)
+    from qmor import moe
+
     try:
-        model = AutoModelForCausalLM.from_pretrained(
-            source,
-            quantization_config=quant,
-            dtype=dtype,
-            device_map={"": device},
-            trust_remote_code=trust_remote_code,
-        )
+        with moe.experts_left_out(config):  # MoE experts are read and quantised expert by expert below
+            model = AutoModelForCausalLM.from_pretrained(
+                source,
+                quantization_config=quant,
+                dtype=dtype,
+                device_map={"": device},
+                trust_remote_code=trust_remote_code,
+            )
     except LOAD_ERRORS as e:
         raise load_failed(name_or_path, e) from None
+    moe.quantise_experts(model, source, cfg, device, dtype)
     support.check_quantised(model)
     model.config.use_cache = False
     keep_plain_layout(model)

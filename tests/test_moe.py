@@ -1,0 +1,105 @@
+"""Mixture-of-experts blocks in 4-bit (qmor.moe): the 4-bit experts compute what a dense block of their dequantised
+weights computes, only routed experts run, and adapters on experts train, save, merge and export."""
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from archs import MIXTRAL, QWEN3_MOE, make_model
+from safetensors import safe_open
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from qmor import moe
+from qmor.attach import adapted_layers, attach, find_targets
+from qmor.config import AdapterConfig
+from qmor.quant import dequantize, is_4bit, load_4bit, nf4_roundtrip
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+ARCHS = {"qwen3_moe": QWEN3_MOE, "mixtral": MIXTRAL}
+
+
+@pytest.fixture(scope="module")
+def moe_dirs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("moe")
+    return {name: make_model(root / name, spec) for name, spec in ARCHS.items()}
+
+
+def block(model):
+    return model.model.layers[0].mlp
+
+
+def hidden(n=24, seed=0):
+    return torch.randn(n, 64, generator=torch.Generator().manual_seed(seed))  # (T, H)
+
+
+def dense_twin(quant: moe.QuantExperts, config):
+    """transformers' own expert module holding the dequantised weights of `quant` (adapters folded in when set)."""
+    from qmor.merge import merged_weight
+
+    cls = type(AutoModelForCausalLM.from_config(config).model.layers[0].mlp.experts)
+    dense = cls(config)
+    maps = {which: [merged_weight(*pair(m), None) for m in getattr(quant, which)] for which in moe.MAPS}
+    with torch.no_grad():
+        dense.gate_up_proj.copy_(torch.stack(maps["gate_up_proj"]))
+        dense.down_proj.copy_(torch.stack(maps["down_proj"]))
+    return dense
+
+
+def pair(module):
+    return (module.base, module.adapter) if hasattr(module, "adapter") else (module, None)
+
+
+@pytest.mark.parametrize("arch", list(ARCHS))
+def test_experts_are_nf4_and_equal_a_dense_block_of_their_dequantised_weights(moe_dirs, arch):
+    model = load_4bit(str(moe_dirs[arch]), device="cpu")
+    mlp = block(model)
+    assert isinstance(mlp.experts, moe.QuantExperts) and all(is_4bit(m) for m in mlp.experts.gate_up_proj)
+    assert not is_4bit(mlp.gate) and mlp.gate.weight.dtype == torch.float32  # the router stays unquantised
+    # each expert's matrix is the dense layers' NF4 of the checkpoint's (gate; up) rows and down matrix
+    with safe_open(str(moe_dirs[arch] / "model.safetensors"), "pt") as f:
+        names = {k: moe_dirs[arch] / "model.safetensors" for k in f.keys()}
+    W = moe.expert_weight("model.layers.0.mlp.experts.gate_up_proj.1", names, "model")
+    assert torch.equal(dequantize(mlp.experts.gate_up_proj[1].weight), nf4_roundtrip(W))
+    x = hidden()
+    _, weights, index = mlp.gate(x)
+    dense = dense_twin(mlp.experts, AutoConfig.from_pretrained(moe_dirs[arch]))
+    with torch.no_grad():
+        assert torch.equal(mlp.experts(x, index, weights), dense(x, index, weights))
+
+
+def test_loading_reads_no_expert_tensor_through_transformers(moe_dirs):
+    config = AutoConfig.from_pretrained(moe_dirs["qwen3_moe"])
+    with moe.experts_left_out(config):
+        model = AutoModelForCausalLM.from_config(config)
+    assert not any("experts" in n for n in model.state_dict())  # nothing for the loader to read or allocate
+    assert block(model).experts.expert_shape == (4, 64, 64)
+    assert block(AutoModelForCausalLM.from_config(config)).experts.gate_up_proj.shape == (4, 128, 64)  # restored
+
+
+def test_only_routed_experts_run_and_get_gradients(moe_dirs):
+    model = load_4bit(str(moe_dirs["qwen3_moe"]), device="cpu")
+    names = attach(model, AdapterConfig(r=4, targets=["experts", "q_proj"]))
+    assert sum(moe.is_expert_map(n) for n in names) == 2 * 2 * 4 and any(n.endswith("q_proj") for n in names)
+    mlp = block(model)
+    x = hidden(3)
+    _, weights, index = mlp.gate(x)
+    routed = set(index.flatten().tolist())
+    assert len(routed) < 4, "pick inputs that leave an expert unrouted"
+    for p in mlp.parameters():
+        if p.requires_grad and p.dim() == 2 and p.shape[0] != 4:
+            p.data.normal_()  # B != 0, so every adapter factor gets a gradient when its expert runs
+    mlp.experts(x, index, weights).sum().backward()
+    for e in range(4):
+        for which in moe.MAPS:
+            grad = getattr(mlp.experts, which)[e].adapter.A.grad
+            assert (grad is not None and grad.abs().sum() > 0) == (e in routed), (which, e)
+
+
+def test_all_linear_leaves_experts_out(moe_dirs):
+    model = load_4bit(str(moe_dirs["mixtral"]), device="cpu")
+    assert not any(moe.is_expert_map(n) for n in find_targets(model, "all-linear"))
+    assert len(find_targets(model, r"experts\.down_proj")) == 2 * 4
+    attach(model, AdapterConfig(r=4, targets=["experts"]))
+    assert len(adapted_layers(model)) == 2 * 2 * 4
