@@ -16,7 +16,7 @@ from qmor.config import AdapterConfig, QuantConfig, from_dict, to_dict
 from qmor.errors import QmorError
 from qmor.files import atomic_dir, load_json, save_json
 from qmor.layer import AdaptedLinear
-from qmor.moe import TARGET, is_expert_map
+from qmor.moe import TARGET, check_expert_family, is_expert_map
 from qmor.quant import keep_plain_layout
 
 WEIGHTS = "adapter.safetensors"
@@ -85,6 +85,7 @@ def attach(model: nn.Module, cfg: AdapterConfig) -> list[str]:
         p.requires_grad_(False)
     keep_plain_layout(model)  # for models loaded without qmor.quant.load_4bit
     names = find_targets(model, cfg.targets)
+    check_expert_family(cfg, names)
     for name in names:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name)

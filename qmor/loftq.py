@@ -32,6 +32,7 @@ from qmor.config import AdapterConfig, QuantConfig
 from qmor.errors import NotMergeable, QmorError
 from qmor.files import atomic_dir, load_json, save_json
 from qmor.layer import AdaptedLinear
+from qmor.moe import expert_weight
 from qmor.quant import Packed, dequantize, is_4bit, is_local, load_4bit, packed_from_state, packed_state, quantize
 from qmor.quant import set_packed as put_packed
 
@@ -222,8 +223,9 @@ def initialise(model: nn.Module, names: dict[str, Path], quant: QuantConfig, ite
     errors = {}
     for name, layer in tqdm(layers.items(), desc="LoftQ init", unit="layer", file=sys.stderr):
         device = layer.base.weight.device
-        key = checkpoint_name(name, names, prefix)
-        W = read_tensor(names, key).to(device, torch.float32)  # (d_out, d_in)
+        W = expert_weight(name, names, prefix)  # an MoE expert's map, or None
+        key = name if W is not None else checkpoint_name(name, names, prefix)
+        W = (read_tensor(names, key) if W is None else W).to(device, torch.float32)  # (d_out, d_in)
         if not bool(torch.isfinite(W).all()):
             raise QmorError(f"the checkpoint's {key} holds nan or inf values, so no quantisation of it can be right; "
                             "use an intact copy of the model")

@@ -29,7 +29,9 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
-from qmor.config import QuantConfig
+from qmor.adapters import check_family, mergeable
+from qmor.adapters.family import either
+from qmor.config import AdapterConfig, QuantConfig
 from qmor.errors import QmorError
 from qmor.quant import linear_4bit, quantize
 
@@ -204,3 +206,26 @@ def expert_maps(model: nn.Module) -> list[str]:
     """Names of every expert's gate/up and down linear."""
     return [f"{n}.{which}.{e}" for n, m in model.named_modules() if isinstance(m, QuantExperts)
             for which in MAPS for e in range(m.num_experts)]
+
+
+def expert_keys(model: nn.Module, names: dict[str, Path], prefix: str) -> dict[str, list]:
+    """checkpoint key -> the expert maps it is written from, as (map name, index into a fused tensor or None, rows
+    of the map): gate_proj is the first half of an expert's gate/up rows, up_proj the second."""
+    keys: dict[str, list] = {}
+    for name in expert_maps(model):
+        match = EXPERT_NAME.fullmatch(name)
+        parts = checkpoint_parts(match["block"], match["map"], int(match["e"]), names, prefix)
+        half = len(parts)  # 2: gate and up rows in separate tensors
+        for i, (key, index) in enumerate(parts):
+            d_out = model.get_submodule(name).out_features
+            cut = slice(i * d_out // half, (i + 1) * d_out // half)
+            keys.setdefault(key, []).append((name, index, cut))
+    return keys
+
+
+def check_expert_family(cfg: AdapterConfig, targets: list[str]) -> None:
+    """Refuse, on expert maps, a family that does not merge: those route each token among experts of their own,
+    which on top of the block's routing qmor does not support (nor could such adapters be merged or exported)."""
+    if any(is_expert_map(t) for t in targets) and not check_family(cfg.family).merges:
+        raise QmorError(f"{cfg.family} cannot adapt MoE experts (it routes tokens itself, on top of the experts' "
+                        f"router); train {either(mergeable())} on experts, or leave experts out of --targets")

@@ -103,3 +103,72 @@ def test_all_linear_leaves_experts_out(moe_dirs):
     assert len(find_targets(model, r"experts\.down_proj")) == 2 * 4
     attach(model, AdapterConfig(r=4, targets=["experts"]))
     assert len(adapted_layers(model)) == 2 * 2 * 4
+
+
+def experts_only(model, tensors=False):
+    layers = {n: m for n, m in adapted_layers(model).items() if moe.is_expert_map(n)}
+    return {f"{n}.{k}": v.clone() for n, m in layers.items() for k, v in m.adapter.state_dict().items()} \
+        if tensors else layers
+
+
+@torch.no_grad()
+def logits(model, x):
+    return model.eval()(input_ids=x).logits.float()
+
+
+IDS = torch.randint(8, 100, (2, 16), generator=torch.Generator().manual_seed(0))  # (B, T)
+
+
+@pytest.mark.parametrize(("arch", "family"), [("qwen3_moe", "lora"), ("mixtral", "moslora"), ("qwen3_moe", "mora")])
+def test_expert_adapters_save_load_and_export_to_plain_transformers(moe_dirs, tmp_path, arch, family):
+    from conftest import perturb
+
+    from qmor.attach import AdapterMeta, save_adapter
+    from qmor.export import export_merged
+    from qmor.load import load_trained
+
+    cfg = AdapterConfig(family=family, r=4, alpha=8.0, targets=["experts", "q_proj", "v_proj"])
+    model = load_4bit(str(moe_dirs[arch]), device="cpu")
+    attach(model, cfg)
+    perturb(model, size=0.2)
+    ref = logits(model, IDS)
+    saved = save_adapter(model, tmp_path / "adapter", AdapterMeta(adapter=cfg, base_model=str(moe_dirs[arch])))
+    again, _ = load_trained(saved, device="cpu")
+    assert torch.equal(logits(again, IDS), ref)
+    expected = experts_only(model, tensors=True)
+    assert expected and all(torch.equal(v, experts_only(again, tensors=True)[k]) for k, v in expected.items())
+
+    summary = export_merged(saved, tmp_path / "merged", dtype="fp16", device="cpu")
+    got = logits(AutoModelForCausalLM.from_pretrained(str(tmp_path / "merged"), dtype=torch.float32), IDS)
+    assert (got - ref).abs().max() < 0.01 * ref.abs().max() and summary["max_abs"] < summary["tolerance"]
+    base = logits(load_4bit(str(moe_dirs[arch]), device="cpu"), IDS)
+    assert (base - got).abs().max() > 0.1 * ref.abs().max()  # the expert adapters matter to the parity above
+    with safe_open(str(next((tmp_path / "merged").glob("*.safetensors"))), "pt") as f:
+        assert not any(k.endswith(("gate_up_proj", "down_proj.3")) for k in f.keys())  # the checkpoint's own names
+
+
+def test_loftq_lowers_the_experts_nf4_error(moe_dirs, tmp_path):
+    from qmor.loftq import loftq_init
+
+    cfg = AdapterConfig(family="lora", r=8, alpha=16.0, targets=["experts"], init="loftq")
+    model, meta, report = loftq_init(str(moe_dirs["mixtral"]), cfg, device="cpu", cache_dir=tmp_path)
+    errors = report["layers"]
+    assert len(errors) == 2 * 2 * 4 and all(moe.is_expert_map(n) for n in errors)
+    assert all(e["loftq"] < e["nf4"] for e in errors.values())
+    # the model trains on Q_T, and reloading puts the same Q_T back
+    from qmor.attach import save_adapter
+    from qmor.load import load_trained
+
+    saved = save_adapter(model, tmp_path / "adapter", meta)
+    again, _ = load_trained(saved, device="cpu")
+    assert torch.equal(logits(again, IDS), logits(model, IDS))
+
+
+@pytest.mark.parametrize("family", ["mor", "sira"])
+def test_routed_families_are_refused_on_experts(moe_dirs, family):
+    from qmor.errors import QmorError
+
+    model = load_4bit(str(moe_dirs["qwen3_moe"]), device="cpu")
+    with pytest.raises(QmorError, match=f"{family} cannot adapt MoE experts"):
+        attach(model, AdapterConfig(family=family, r=4, targets=["experts"]))
+    attach(model, AdapterConfig(family=family, r=4, targets=["q_proj"]))  # attention as before
