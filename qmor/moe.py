@@ -229,3 +229,18 @@ def check_expert_family(cfg: AdapterConfig, targets: list[str]) -> None:
     if any(is_expert_map(t) for t in targets) and not check_family(cfg.family).merges:
         raise QmorError(f"{cfg.family} cannot adapt MoE experts (it routes tokens itself, on top of the experts' "
                         f"router); train {either(mergeable())} on experts, or leave experts out of --targets")
+
+
+def meta_experts(model: nn.Module, top_k: int) -> int | None:
+    """On a model built on the meta device (the planner's): replace each convertible expert block by a
+    QuantExperts of plain meta linears, so its expert maps count as 4-bit linears (and targets); returns the MLP
+    width one token's routed experts compute with (top_k x expert width), or None for a dense model."""
+    width = None
+    for name, block in [(n, m) for n, m in model.named_modules() if convertible(m)]:
+        n_experts, hidden, inter = block.down_proj.shape
+        gate_up = [nn.Linear(hidden, 2 * inter, bias=False, device="meta") for _ in range(n_experts)]
+        down = [nn.Linear(inter, hidden, bias=False, device="meta") for _ in range(n_experts)]
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent), child, QuantExperts(gate_up, down, block.act_fn))
+        width = top_k * inter
+    return width

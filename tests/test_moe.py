@@ -172,3 +172,43 @@ def test_routed_families_are_refused_on_experts(moe_dirs, family):
     with pytest.raises(QmorError, match=f"{family} cannot adapt MoE experts"):
         attach(model, AdapterConfig(family=family, r=4, targets=["experts"]))
     attach(model, AdapterConfig(family=family, r=4, targets=["q_proj"]))  # attention as before
+
+
+def test_planner_counts_experts_as_4bit_and_their_adapters(moe_dirs):
+    from qmor.attach import count_parameters
+    from qmor.plan import estimate, geometry, nf4_bytes
+
+    config = AutoConfig.from_pretrained(moe_dirs["qwen3_moe"])
+    cfg = AdapterConfig(r=4, targets=["experts", "q_proj"])
+    model = load_4bit(str(moe_dirs["qwen3_moe"]), device="cpu")
+    attach(model, cfg)
+    assert estimate(config, 64, 1, cfg, device="cpu").trainable == count_parameters(model)[0]
+    packed = sum(p.numel() * p.element_size() for n, p in model.named_parameters()
+                 if "proj" in n and "adapter" not in n)
+    absmax = sum(m.weight.quant_state.absmax.numel() + 4 * m.weight.quant_state.state2.absmax.numel()
+                 for m in model.modules() if is_4bit(m))
+    assert sum(nf4_bytes(i * o) for i, o in geometry(config).quantized) == packed + absmax
+    assert geometry(config).intermediate == 2 * 64  # two routed experts of width 64 per token
+
+
+def saved_numels(experts, x, weights, index) -> list[int]:
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
+        experts(x, index, weights).sum().backward()
+    return saved
+
+
+def test_a_forward_keeps_no_dequantised_expert_weight(moe_dirs):
+    """Each routed expert's weights are dequantised inside the loop and dropped (backward dequantises them again),
+    so a forward saves activations and adapter factors, never an expert matrix: its memory holds at most one
+    routed expert's dequantised weights at a time."""
+    model = load_4bit(str(moe_dirs["qwen3_moe"]), device="cpu")
+    attach(model, AdapterConfig(r=4, targets=["experts"]))
+    mlp = block(model)
+    x = hidden(16).requires_grad_()  # 16 tokens: any activation is smaller than the smallest expert matrix
+    _, weights, index = mlp.gate(x)
+    smallest = 64 * 64  # down_proj: (hidden 64, expert width 64)
+    assert max(saved_numels(mlp.experts, x, weights.detach(), index)) < smallest
+    # the measure sees weights: transformers' dense block of the same experts keeps its weights for backward
+    dense = dense_twin(mlp.experts, AutoConfig.from_pretrained(moe_dirs["qwen3_moe"])).requires_grad_(False)
+    assert max(saved_numels(dense, x, weights.detach(), index)) >= smallest
