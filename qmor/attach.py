@@ -15,6 +15,7 @@ from qmor.config import AdapterConfig, QuantConfig, from_dict, to_dict
 from qmor.errors import QmorError
 from qmor.files import atomic_dir, load_json, save_json
 from qmor.layer import AdaptedLinear
+from qmor.moe import TARGET, check_expert_family, is_expert_map
 from qmor.quant import keep_plain_layout
 from qmor.version import __version__
 
@@ -54,11 +55,13 @@ def _output_head(model: nn.Module) -> nn.Module | None:
 
 
 def find_targets(model: nn.Module, targets: str | list[str]) -> list[str]:
-    """Names of the linears to adapt: every linear but the output head, name suffixes, or a regex."""
+    """Names of the linears to adapt: every linear but the output head and MoE experts, name suffixes (`experts`:
+    every expert's gate/up and down map), or a regex."""
     head = _output_head(model)
     linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and m is not head]
+    experts = [n for n in linears if is_expert_map(n)]  # MoE experts' maps: only when named (one adapter each)
     if targets == "all-linear":
-        found = linears
+        found = [n for n in linears if not is_expert_map(n)]
     elif isinstance(targets, str):
         try:
             pattern = re.compile(targets)
@@ -67,6 +70,7 @@ def find_targets(model: nn.Module, targets: str | list[str]) -> list[str]:
         found = [n for n in linears if pattern.fullmatch(n) or pattern.search(n)]
     else:
         found = [n for n in linears if any(n == t or n.endswith("." + t) for t in targets)]
+        found += [n for n in experts if TARGET in targets and n not in found]
     if not found:
         sample = sorted({n.rsplit(".", 1)[-1] for n in linears})
         raise QmorError(f"targets {targets!r} match no linear layer; this model's linears end in {sample}")
@@ -77,8 +81,9 @@ def attach(model: nn.Module, cfg: AdapterConfig) -> list[str]:
     """Freeze the model, wrap each target linear in an AdaptedLinear and return the wrapped names."""
     for p in model.parameters():
         p.requires_grad_(False)
-    keep_plain_layout(model)  # for models loaded without qmor.quant.load_4bit
+    keep_plain_layout(model)  # for models loaded without qmor.load.load_4bit
     names = find_targets(model, cfg.targets)
+    check_expert_family(cfg, names)
     for name in names:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name)

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
-from qmor import loftq, support
+from qmor import loftq, moe, support
 from qmor.attach import AdapterMeta, attach, load_adapter_weights, read_meta
 from qmor.config import AdapterConfig, QuantConfig
 from qmor.errors import QmorError
@@ -57,15 +57,17 @@ def load_4bit(
         raise load_failed(name_or_path, e) from None
     support.refuse_transposed(config, trust_remote_code)
     try:
-        model = AutoModelForCausalLM.from_pretrained(
-            source,
-            quantization_config=quant,
-            dtype=dtype,
-            device_map={"": device},
-            trust_remote_code=trust_remote_code,
-        )
+        with moe.experts_left_out(config):  # MoE experts are read and quantised expert by expert below
+            model = AutoModelForCausalLM.from_pretrained(
+                source,
+                quantization_config=quant,
+                dtype=dtype,
+                device_map={"": device},
+                trust_remote_code=trust_remote_code,
+            )
     except LOAD_ERRORS as e:
         raise load_failed(name_or_path, e) from None
+    moe.quantise_experts(model, source, cfg, device, dtype)
     support.check_quantised(model)
     model.config.use_cache = False
     keep_plain_layout(model)

@@ -30,6 +30,7 @@ from qmor.errors import NotMergeable, QmorError
 from qmor.files import atomic_dir, load_json, save_json
 from qmor.layer import AdaptedLinear
 from qmor.model_files import cache_root, local_folder, read_tensor, tensor_key, weight_files
+from qmor.moe import expert_weight
 from qmor.quant import Packed, dequantize, is_4bit, packed_from_state, packed_state, quantize
 from qmor.quant import set_packed as put_packed
 
@@ -169,11 +170,12 @@ def initialise(model: nn.Module, names: dict[str, Path], quant: QuantConfig, ite
     errors = {}
     for name, layer in tqdm(layers.items(), desc="LoftQ init", unit="layer", file=sys.stderr):
         device = layer.base.weight.device
-        key = tensor_key(name, names, prefix)
+        W = expert_weight(name, names, prefix)  # an MoE expert's map, or None
+        key = name if W is not None else tensor_key(name, names, prefix)
         if key is None:
             raise QmorError(f"the checkpoint has no tensor for {name}.weight; LoftQ streaming needs checkpoint tensor "
                             "names that match the model's modules (re-save the model with save_pretrained)")
-        W = read_tensor(names, key).to(device, torch.float32)  # (d_out, d_in)
+        W = (read_tensor(names, key) if W is None else W).to(device, torch.float32)  # (d_out, d_in)
         if not bool(torch.isfinite(W).all()):
             raise QmorError(f"the checkpoint's {key} holds nan or inf values, so no quantisation of it can be right; "
                             "use an intact copy of the model")

@@ -19,6 +19,7 @@ from qmor.errors import QmorError
 from qmor.files import save_json
 from qmor.layer import AdaptedLinear
 from qmor.model_files import INDEX, tensor_key
+from qmor.moe import expert_keys, is_expert_map
 from qmor.quant import dequantize, is_4bit
 
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
@@ -59,6 +60,8 @@ def checkpoint_keys(modules: dict, names: dict[str, Path], prefix: str) -> dict[
     """checkpoint tensor name -> module name, for each merged linear's weight."""
     keys = {}
     for module in modules:
+        if is_expert_map(module):
+            continue  # written by expert_keys
         key = tensor_key(module, names, prefix)
         if key is None:
             raise QmorError(f"the base checkpoint has no tensor {module}.weight; export needs a checkpoint whose "
@@ -105,6 +108,18 @@ def merged_weight(base: nn.Module, adapter: nn.Module | None, original: torch.Te
     return weight
 
 
+def expert_tensor(parts: list, modules: dict, merge_base: str, with_adapter: bool) -> torch.Tensor:
+    """One checkpoint tensor of MoE experts, from their merged maps: a per-expert matrix (a row range of one map) or
+    a fused 3-D tensor (the maps of every expert, stacked)."""
+    if merge_base == "original":
+        raise QmorError("MoE experts merge onto their 4-bit weights only; export with merge base 'dequantized'")
+    rows = []
+    for module, _, cut in parts:
+        base, adapter = modules[module]
+        rows.append(merged_weight(base, adapter if with_adapter else None, None)[cut])
+    return rows[0] if parts[0][1] is None else torch.stack(rows)
+
+
 def write_merged(
     model: nn.Module,
     names: dict[str, Path],
@@ -119,7 +134,9 @@ def write_merged(
     `names` maps every tensor of the base checkpoint to its safetensors file. Tensors are read one at a time.
     """
     modules = quantised_linears(model)
-    merged = checkpoint_keys(modules, names, getattr(model, "base_model_prefix", "model"))
+    prefix = getattr(model, "base_model_prefix", "model")
+    merged = checkpoint_keys(modules, names, prefix)
+    experts = expert_keys(model, names, prefix)  # MoE experts: key -> [(module, expert, rows)]
     shards = plan_shards(names, dtype, shard_bytes)
     total = len(shards)
     weight_map, total_size = {}, 0
@@ -131,7 +148,9 @@ def write_merged(
             filename = f"model-{i:05d}-of-{total:05d}.safetensors"
             tensors = {}
             for key in keys:
-                if key in merged:
+                if key in experts:
+                    tensor = expert_tensor(experts[key], modules, merge_base, with_adapter)
+                elif key in merged:
                     base, adapter = modules[merged[key]]
                     original = handles[names[key]].get_tensor(key) if merge_base == "original" else None
                     tensor = merged_weight(base, adapter if with_adapter else None, original)

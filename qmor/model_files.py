@@ -185,6 +185,8 @@ def tensor_key(module: str, names: dict[str, Path], prefix: str) -> str | None:
     return None
 
 
-def read_tensor(names: dict[str, Path], key: str) -> torch.Tensor:
+def read_tensor(names: dict[str, Path], key: str, index: int | None = None) -> torch.Tensor:
+    """Checkpoint tensor `key`, or with `index` its slice `index` along the first axis alone (one expert of a fused
+    3-D expert tensor)."""
     with safe_open(str(names[key]), framework="pt") as f:
-        return f.get_tensor(key)
+        return f.get_tensor(key) if index is None else f.get_slice(key)[index]

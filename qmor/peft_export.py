@@ -16,6 +16,7 @@ from qmor.adapters import check_family, peft_families
 from qmor.adapters.family import either
 from qmor.attach import AdapterMeta, adapted_layers
 from qmor.errors import QmorError
+from qmor.moe import is_expert_map
 
 PEFT_WEIGHTS = "adapter_model.safetensors"
 
@@ -46,6 +47,9 @@ def write_peft(model: nn.Module, meta: AdapterMeta, out: Path, base_model: str) 
     cfg = meta.adapter
     check_peft_family(cfg.family)
     targets = sorted(adapted_layers(model))
+    if any(is_expert_map(t) for t in targets):
+        raise QmorError("PEFT's LoRA has no layout for adapters on MoE experts; export a merged model instead "
+                        "(drop --peft)")
     config = LoraConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=targets,
                         bias="none", task_type="CAUSAL_LM", base_model_name_or_path=base_model)
     config.save_pretrained(str(out))

@@ -29,6 +29,7 @@ from qmor.attach import find_targets
 from qmor.config import AdapterConfig
 from qmor.errors import QmorError
 from qmor.model_files import expand_builtin, is_local
+from qmor.moe import meta_experts
 
 GIB = 1024**3
 CUDA_CONTEXT = 512 * 1024**2  # CUDA context, cuBLAS workspace and kernels: ~0.5 GiB, outside max_memory_allocated
@@ -44,7 +45,7 @@ class Geometry:
 
     layers: int  # decoder layers
     hidden: int  # residual stream width d
-    intermediate: int  # MLP width m
+    intermediate: int  # MLP width m (MoE: top-k x expert width, what one token's routed experts compute)
     heads: int  # attention heads
     q_dim: int  # heads x head_dim
     kv_dim: int  # key/value heads x head_dim
@@ -151,6 +152,8 @@ def _geometry(config_json: str, targets_json: str) -> Geometry:
     config = AutoConfig.for_model(data.pop("model_type"), **data)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    routed = meta_experts(model, getattr(text, "num_experts_per_tok", 1))  # MoE: experts become 4-bit linears
     head = model.get_output_embeddings()
     linears = {n: m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and m is not head}
     names = find_targets(model, json.loads(targets_json))
@@ -158,12 +161,12 @@ def _geometry(config_json: str, targets_json: str) -> Geometry:
     untied_head = head is not None and head.weight is not model.get_input_embeddings().weight
     linear_params = {id(m.weight) for m in linears.values()} | ({id(head.weight)} if untied_head else set())
     other = sum(p.numel() for p in model.parameters() if id(p) not in linear_params)
-    text = config.get_text_config() if hasattr(config, "get_text_config") else config
     heads = text.num_attention_heads
     head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
     return Geometry(
         layers=text.num_hidden_layers, hidden=text.hidden_size,
-        intermediate=getattr(text, "intermediate_size", 4 * text.hidden_size), heads=heads,
+        # MoE: the width of the k experts a token is routed to (each saves its gate and up for backward)
+        intermediate=routed or getattr(text, "intermediate_size", 4 * text.hidden_size), heads=heads,
         q_dim=heads * head_dim, kv_dim=(getattr(text, "num_key_value_heads", None) or heads) * head_dim,
         vocab=text.vocab_size, tied=bool(getattr(config, "tie_word_embeddings", False)),
         quantized=tuple((m.in_features, m.out_features) for m in linears.values()),

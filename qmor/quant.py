@@ -88,6 +88,15 @@ def is_4bit(module: nn.Module) -> bool:
     return isinstance(module, bnb.nn.Linear4bit)
 
 
+def linear_4bit(packed: Packed, dtype: torch.dtype) -> nn.Module:
+    """A bias-free 4-bit linear around an already quantised weight (one expert's matrix of an MoE block)."""
+    d_out, d_in = packed.quant_state.shape
+    linear = bnb.nn.Linear4bit(d_in, d_out, bias=False, compute_dtype=dtype, quant_type="nf4", device="meta")
+    linear.support_avx512bf16_for_cpu = False  # see keep_plain_layout
+    set_packed(linear, packed)
+    return linear
+
+
 def set_packed(linear: nn.Module, packed: Packed) -> None:
     """Replace a 4-bit layer's stored weight (e.g. with LoftQ's Q_T)."""
     packed.module = linear

@@ -6,8 +6,9 @@ layers. Models built otherwise are caught here, in one line each:
   4-bit layer computes with the wrong orientation: refused before anything loads;
 - layers that are subclasses of `nn.Linear` (Falcon's `FalconLinear`) are left unquantised by the loader: when no
   layer at all became 4-bit, the model is refused;
-- weights that are not linear layers (the fused 3-D expert tensors of mixture-of-experts models) stay 16/32-bit and
-  get no adapter: a warning gives their share of the layer weights.
+- weights that are not linear layers stay 16/32-bit and get no adapter: a warning gives their share of the layer
+  weights. Mixture-of-experts blocks in the common layout become 4-bit experts (qmor.moe); others (gpt-oss's
+  transposed experts with biases) are what this warning is about. MoE routers stay 16-bit by design.
 """
 
 from __future__ import annotations
@@ -44,6 +45,8 @@ def unquantised_weights(model: nn.Module) -> tuple[int, dict[str, int], torch.dt
     Embeddings and the output head stay 16/32-bit by design and are not counted; nor are norms and biases (1-D)."""
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     skip = {id(p) for m in model.modules() if isinstance(m, nn.Embedding) or m is head for p in m.parameters()}
+    skip |= {id(p) for m in model.modules() if type(m).__name__.endswith("Router") for p in m.parameters()}  # MoE
+    # routers stay 16-bit by design, like the embeddings
     quantised, owners, dtype = 0, {}, None
     for module in model.modules():
         if is_4bit(module):
@@ -68,7 +71,8 @@ def check_quantised(model: nn.Module) -> None:
                         "this architecture (see the README's supported architectures)")
     if left:
         share = left / (left + quantised)
-        moe = "; mixture-of-experts layers are not supported yet" if "expert" in classes.lower() else ""
+        moe = ("; qmor quantises only experts with concatenated gate/up weights, untransposed and without bias"
+               if "expert" in classes.lower() else "")
         kept = str(dtype).removeprefix("torch.")
         print(f"warning: {share:.0%} of {name}'s layer weights ({left:,} parameters in {classes}) are not linear "
               f"layers, so they stay {kept}, unquantised and without adapters{moe}", file=sys.stderr)

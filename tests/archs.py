@@ -31,13 +31,19 @@ SUPPORTED = {
     "gpt_neox": ("GPTNeoXConfig", {"intermediate_size": 128, "max_position_embeddings": 256}),  # fused qkv, biases
     "opt": ("OPTConfig", {"ffn_dim": 128, "word_embed_proj_dim": HIDDEN, "max_position_embeddings": 256}),
     "starcoder2": ("Starcoder2Config", {**ROTARY, "intermediate_size": 128, "sliding_window": 32}),
+    # mixtures of experts: 4-bit experts (qmor.moe), 4 of them, 2 routed per token
+    "mixtral": ("MixtralConfig", {**ROTARY, "intermediate_size": 128, "num_local_experts": 4,
+                                  "num_experts_per_tok": 2}),
+    "qwen3_moe": ("Qwen3MoeConfig", {**ROTARY, "intermediate_size": 128, "moe_intermediate_size": 64,
+                                     "num_experts": 4, "num_experts_per_tok": 2, "head_dim": 16}),
 }
 # architectures qmor refuses or warns about
 GPT2 = ("GPT2Config", {"n_embd": HIDDEN, "n_layer": LAYERS, "n_head": HEADS, "n_positions": 256})
 FALCON = ("FalconConfig", {"new_decoder_architecture": True, "num_kv_heads": 2, "max_position_embeddings": 256})
-MIXTRAL = ("MixtralConfig", {**ROTARY, "intermediate_size": 128, "num_local_experts": 4, "num_experts_per_tok": 2})
-QWEN3_MOE = ("Qwen3MoeConfig", {**ROTARY, "intermediate_size": 128, "moe_intermediate_size": 64, "num_experts": 4,
-                                "num_experts_per_tok": 2, "head_dim": 16})
+MIXTRAL, QWEN3_MOE = SUPPORTED["mixtral"], SUPPORTED["qwen3_moe"]
+# experts stored transposed, with biases: left unquantised, with a warning
+GPT_OSS = ("GptOssConfig", {**ROTARY, "intermediate_size": 64, "num_local_experts": 4, "num_experts_per_tok": 2,
+                            "head_dim": 16, "sliding_window": 32})
 
 
 def make_config(spec: tuple[str, dict], vocab_size: int):

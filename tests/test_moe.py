@@ -1,0 +1,215 @@
+"""Mixture-of-experts blocks in 4-bit (qmor.moe): the 4-bit experts compute what a dense block of their dequantised
+weights computes, only routed experts run, and adapters on experts train, save, merge and export."""
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from archs import MIXTRAL, QWEN3_MOE, make_model
+from safetensors import safe_open
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from qmor import moe
+from qmor.attach import adapted_layers, attach, find_targets
+from qmor.config import AdapterConfig
+from qmor.load import load_4bit
+from qmor.quant import dequantize, is_4bit, quantize
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+ARCHS = {"qwen3_moe": QWEN3_MOE, "mixtral": MIXTRAL}
+
+
+@pytest.fixture(scope="module")
+def moe_dirs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("moe")
+    return {name: make_model(root / name, spec) for name, spec in ARCHS.items()}
+
+
+def block(model):
+    return model.model.layers[0].mlp
+
+
+def hidden(n=24, seed=0):
+    return torch.randn(n, 64, generator=torch.Generator().manual_seed(seed))  # (T, H)
+
+
+def dense_twin(quant: moe.QuantExperts, config):
+    """transformers' own expert module holding the dequantised weights of `quant` (adapters folded in when set)."""
+    from qmor.merge import merged_weight
+
+    cls = type(AutoModelForCausalLM.from_config(config).model.layers[0].mlp.experts)
+    dense = cls(config)
+    maps = {which: [merged_weight(*pair(m), None) for m in getattr(quant, which)] for which in moe.MAPS}
+    with torch.no_grad():
+        dense.gate_up_proj.copy_(torch.stack(maps["gate_up_proj"]))
+        dense.down_proj.copy_(torch.stack(maps["down_proj"]))
+    return dense
+
+
+def pair(module):
+    return (module.base, module.adapter) if hasattr(module, "adapter") else (module, None)
+
+
+@pytest.mark.parametrize("arch", list(ARCHS))
+def test_experts_are_nf4_and_equal_a_dense_block_of_their_dequantised_weights(moe_dirs, arch):
+    model = load_4bit(str(moe_dirs[arch]), device="cpu")
+    mlp = block(model)
+    assert isinstance(mlp.experts, moe.QuantExperts) and all(is_4bit(m) for m in mlp.experts.gate_up_proj)
+    assert not is_4bit(mlp.gate) and mlp.gate.weight.dtype == torch.float32  # the router stays unquantised
+    # each expert's matrix is the dense layers' NF4 of the checkpoint's (gate; up) rows and down matrix
+    with safe_open(str(moe_dirs[arch] / "model.safetensors"), "pt") as f:
+        names = {k: moe_dirs[arch] / "model.safetensors" for k in f.keys()}
+    W = moe.expert_weight("model.layers.0.mlp.experts.gate_up_proj.1", names, "model")
+    assert torch.equal(dequantize(mlp.experts.gate_up_proj[1].weight), dequantize(quantize(W)))
+    x = hidden()
+    _, weights, index = mlp.gate(x)
+    dense = dense_twin(mlp.experts, AutoConfig.from_pretrained(moe_dirs[arch]))
+    with torch.no_grad():
+        assert torch.equal(mlp.experts(x, index, weights), dense(x, index, weights))
+
+
+def test_loading_reads_no_expert_tensor_through_transformers(moe_dirs):
+    config = AutoConfig.from_pretrained(moe_dirs["qwen3_moe"])
+    with moe.experts_left_out(config):
+        model = AutoModelForCausalLM.from_config(config)
+    assert not any("experts" in n for n in model.state_dict())  # nothing for the loader to read or allocate
+    assert block(model).experts.expert_shape == (4, 64, 64)
+    assert block(AutoModelForCausalLM.from_config(config)).experts.gate_up_proj.shape == (4, 128, 64)  # restored
+
+
+def test_only_routed_experts_run_and_get_gradients(moe_dirs):
+    model = load_4bit(str(moe_dirs["qwen3_moe"]), device="cpu")
+    names = attach(model, AdapterConfig(r=4, targets=["experts", "q_proj"]))
+    assert sum(moe.is_expert_map(n) for n in names) == 2 * 2 * 4 and any(n.endswith("q_proj") for n in names)
+    mlp = block(model)
+    x = hidden(3)
+    _, weights, index = mlp.gate(x)
+    routed = set(index.flatten().tolist())
+    assert len(routed) < 4, "pick inputs that leave an expert unrouted"
+    for p in mlp.parameters():
+        if p.requires_grad and p.dim() == 2 and p.shape[0] != 4:
+            p.data.normal_()  # B != 0, so every adapter factor gets a gradient when its expert runs
+    mlp.experts(x, index, weights).sum().backward()
+    for e in range(4):
+        for which in moe.MAPS:
+            grad = getattr(mlp.experts, which)[e].adapter.A.grad
+            assert (grad is not None and grad.abs().sum() > 0) == (e in routed), (which, e)
+
+
+def test_all_linear_leaves_experts_out(moe_dirs):
+    model = load_4bit(str(moe_dirs["mixtral"]), device="cpu")
+    assert not any(moe.is_expert_map(n) for n in find_targets(model, "all-linear"))
+    assert len(find_targets(model, r"experts\.down_proj")) == 2 * 4
+    attach(model, AdapterConfig(r=4, targets=["experts"]))
+    assert len(adapted_layers(model)) == 2 * 2 * 4
+
+
+def experts_only(model, tensors=False):
+    layers = {n: m for n, m in adapted_layers(model).items() if moe.is_expert_map(n)}
+    return {f"{n}.{k}": v.clone() for n, m in layers.items() for k, v in m.adapter.state_dict().items()} \
+        if tensors else layers
+
+
+@torch.no_grad()
+def logits(model, x):
+    return model.eval()(input_ids=x).logits.float()
+
+
+IDS = torch.randint(8, 100, (2, 16), generator=torch.Generator().manual_seed(0))  # (B, T)
+
+
+@pytest.mark.parametrize(("arch", "family"), [("qwen3_moe", "lora"), ("mixtral", "moslora"), ("qwen3_moe", "mora")])
+def test_expert_adapters_save_load_and_export_to_plain_transformers(moe_dirs, tmp_path, arch, family):
+    from conftest import perturb
+
+    from qmor.attach import AdapterMeta, save_adapter
+    from qmor.export import export_merged
+    from qmor.load import load_trained
+
+    cfg = AdapterConfig(family=family, r=4, alpha=8.0, targets=["experts", "q_proj", "v_proj"])
+    model = load_4bit(str(moe_dirs[arch]), device="cpu")
+    attach(model, cfg)
+    perturb(model, size=0.2)
+    ref = logits(model, IDS)
+    saved = save_adapter(model, tmp_path / "adapter", AdapterMeta(adapter=cfg, base_model=str(moe_dirs[arch])))
+    again, _ = load_trained(saved, device="cpu")
+    assert torch.equal(logits(again, IDS), ref)
+    expected = experts_only(model, tensors=True)
+    assert expected and all(torch.equal(v, experts_only(again, tensors=True)[k]) for k, v in expected.items())
+
+    summary = export_merged(saved, tmp_path / "merged", dtype="fp16", device="cpu")
+    got = logits(AutoModelForCausalLM.from_pretrained(str(tmp_path / "merged"), dtype=torch.float32), IDS)
+    assert (got - ref).abs().max() < 0.01 * ref.abs().max() and summary["max_abs"] < summary["tolerance"]
+    base = logits(load_4bit(str(moe_dirs[arch]), device="cpu"), IDS)
+    assert (base - got).abs().max() > 0.1 * ref.abs().max()  # the expert adapters matter to the parity above
+    with safe_open(str(next((tmp_path / "merged").glob("*.safetensors"))), "pt") as f:
+        assert not any(k.endswith(("gate_up_proj", "down_proj.3")) for k in f.keys())  # the checkpoint's own names
+
+
+def test_loftq_lowers_the_experts_nf4_error(moe_dirs, tmp_path):
+    from qmor.loftq import loftq_init
+
+    cfg = AdapterConfig(family="lora", r=8, alpha=16.0, targets=["experts"], init="loftq")
+    model, meta, report = loftq_init(str(moe_dirs["mixtral"]), cfg, device="cpu", cache_dir=tmp_path)
+    errors = report["layers"]
+    assert len(errors) == 2 * 2 * 4 and all(moe.is_expert_map(n) for n in errors)
+    assert all(e["loftq"] < e["nf4"] for e in errors.values())
+    # the model trains on Q_T, and reloading puts the same Q_T back
+    from qmor.attach import save_adapter
+    from qmor.load import load_trained
+
+    saved = save_adapter(model, tmp_path / "adapter", meta)
+    again, _ = load_trained(saved, device="cpu")
+    assert torch.equal(logits(again, IDS), logits(model, IDS))
+
+
+@pytest.mark.parametrize("family", ["mor", "sira"])
+def test_routed_families_are_refused_on_experts(moe_dirs, family):
+    from qmor.errors import QmorError
+
+    model = load_4bit(str(moe_dirs["qwen3_moe"]), device="cpu")
+    with pytest.raises(QmorError, match=f"{family} cannot adapt MoE experts"):
+        attach(model, AdapterConfig(family=family, r=4, targets=["experts"]))
+    attach(model, AdapterConfig(family=family, r=4, targets=["q_proj"]))  # attention as before
+
+
+def test_planner_counts_experts_as_4bit_and_their_adapters(moe_dirs):
+    from qmor.attach import count_parameters
+    from qmor.plan import estimate, geometry, nf4_bytes
+
+    config = AutoConfig.from_pretrained(moe_dirs["qwen3_moe"])
+    cfg = AdapterConfig(r=4, targets=["experts", "q_proj"])
+    model = load_4bit(str(moe_dirs["qwen3_moe"]), device="cpu")
+    attach(model, cfg)
+    assert estimate(config, 64, 1, cfg, device="cpu").trainable == count_parameters(model)[0]
+    packed = sum(p.numel() * p.element_size() for n, p in model.named_parameters()
+                 if "proj" in n and "adapter" not in n)
+    absmax = sum(m.weight.quant_state.absmax.numel() + 4 * m.weight.quant_state.state2.absmax.numel()
+                 for m in model.modules() if is_4bit(m))
+    assert sum(nf4_bytes(i * o) for i, o in geometry(config).quantized) == packed + absmax
+    assert geometry(config).intermediate == 2 * 64  # two routed experts of width 64 per token
+
+
+def saved_numels(experts, x, weights, index) -> list[int]:
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
+        experts(x, index, weights).sum().backward()
+    return saved
+
+
+def test_a_forward_keeps_no_dequantised_expert_weight(moe_dirs):
+    """Each routed expert's weights are dequantised inside the loop and dropped (backward dequantises them again),
+    so a forward saves activations and adapter factors, never an expert matrix: its memory holds at most one
+    routed expert's dequantised weights at a time."""
+    model = load_4bit(str(moe_dirs["qwen3_moe"]), device="cpu")
+    attach(model, AdapterConfig(r=4, targets=["experts"]))
+    mlp = block(model)
+    x = hidden(16).requires_grad_()  # 16 tokens: any activation is smaller than the smallest expert matrix
+    _, weights, index = mlp.gate(x)
+    smallest = 64 * 64  # down_proj: (hidden 64, expert width 64)
+    assert max(saved_numels(mlp.experts, x, weights.detach(), index)) < smallest
+    # the measure sees weights: transformers' dense block of the same experts keeps its weights for backward
+    dense = dense_twin(mlp.experts, AutoConfig.from_pretrained(moe_dirs["qwen3_moe"])).requires_grad_(False)
+    assert max(saved_numels(dense, x, weights.detach(), index)) >= smallest
