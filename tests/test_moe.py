@@ -149,10 +149,10 @@ def test_expert_adapters_save_load_and_export_to_plain_transformers(moe_dirs, tm
 
 
 def test_loftq_lowers_the_experts_nf4_error(moe_dirs, tmp_path):
-    from qmor.loftq import loftq_init
+    from qmor.load import load_for_training
 
     cfg = AdapterConfig(family="lora", r=8, alpha=16.0, targets=["experts"], init="loftq")
-    model, meta, report = loftq_init(str(moe_dirs["mixtral"]), cfg, device="cpu", cache_dir=tmp_path)
+    model, meta, report = load_for_training(str(moe_dirs["mixtral"]), cfg, device="cpu", cache_dir=tmp_path)
     errors = report["layers"]
     assert len(errors) == 2 * 2 * 4 and all(moe.is_expert_map(n) for n in errors)
     assert all(e["loftq"] < e["nf4"] for e in errors.values())
