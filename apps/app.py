@@ -21,8 +21,8 @@ from apps.paths import LOCAL_HOSTS, Workspace, check_launch, make_workspace  # n
 from qmor.errors import QmorError  # noqa: E402
 
 
-def parse(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description="qmor web app: train, chat and export from the browser")
+def parse(argv: list[str] | None = None, prog: str | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog=prog, description="qmor web app: train, chat and export from the browser")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: loopback only)")
     p.add_argument("--port", type=int, default=7860)
     p.add_argument("--workspace", default="qmor-workspace", help="folder for runs, uploads and exports")
@@ -65,8 +65,8 @@ def _runs(ws: Workspace) -> list[str]:
     return trained_runs(ws)
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse(argv)
+def main(argv: list[str] | None = None, prog: str | None = None) -> int:
+    args = parse(argv, prog)
     password = args.password or os.environ.get("QMOR_APP_PASSWORD") or None
     exposed = args.host not in LOCAL_HOSTS or args.share
     try:

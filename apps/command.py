@@ -12,6 +12,8 @@ from qmor.errors import QmorError
 from qmor.flags import FLAGS, by_key
 
 ROOT = Path(__file__).resolve().parents[1]
+# the scripts, not `python -m qmor`: a script puts its own tree's qmor first, so the job trains with the code the app
+# runs, whatever the working folder or the installed qmor
 TRAIN_SCRIPT = ROOT / "scripts" / "finetune_4bit.py"
 EXPORT_SCRIPT = ROOT / "scripts" / "export_fp16.py"
 

@@ -8,14 +8,18 @@ can drift. A new training option is a field in its config dataclass plus one row
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+import difflib
 import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 
 from qmor.adapters import ADAPTERS, option_defaults, option_fields
 from qmor.data import FILE_TYPES, FORMATS
+from qmor.errors import QmorError
 from qmor.tasks import NAMES as TASKS
-from qmor.train_config import TrainConfig
+from qmor.train_config import ATTENTION, SCHEDULERS, TRACKERS, TrainConfig
 
 # where the app shows a row, in this order; the README's table follows the same order
 GROUPS = ("model", "data", "adapter", "family", "init", "training", "memory")
@@ -105,8 +109,8 @@ def default_of(field: str):
 
 def parse_targets(text: str) -> str | list[str]:
     """all-linear, a comma list of name suffixes, a single plain name, or else a regex."""
-    if text == "all-linear":
-        return text
+    if text in ("all-linear", "all"):  # "all" is LLaMA-Factory's lora_target for every linear
+        return "all-linear"
     if "," in text:
         return [t.strip() for t in text.split(",") if t.strip()]
     return [text] if text.replace("_", "").replace(".", "").isalnum() else text
@@ -140,12 +144,16 @@ def family_flags() -> list[Flag]:
 def _table() -> list[Flag]:
     return [
         Flag("--model", "model", str, "tiny or smollm2 (built-in), a local Hugging Face folder, or a hub id", "model",
-             "Model (hub id, local folder, or built-in 'tiny' / 'smollm2')", scale=3),
+             "Model (hub id, local folder, or built-in 'tiny' / 'smollm2')", scale=3,
+             aliases=("--model-name-or-path",)),
         Flag("--device", "device", str, "where to train (cuda:N picks one GPU)", "model", "Device",
              choices=("auto", "cuda", "cpu")),
         Flag("--trust-remote-code", "trust_remote_code", bool, "run model code from the hub (only for trusted models)",
              "model", "Trust remote code", info="runs code from the model repository"),
-        Flag("--output", "output", str, "run folder (default runs/<timestamp>)", "model"),
+        Flag("--output", "output", str, "run folder (default runs/<timestamp>)", "model", aliases=("--output-dir",)),
+        Flag("--attn-implementation", "attn_implementation", str, "attention kernel passed to transformers (auto: "
+             "its default; the planner counts eager's T x T scores, any other as O(T))", "model",
+             choices=ATTENTION),
         Flag("--dataset", "data.source", str, f"built-in task ({', '.join(TASKS)}), a {'/'.join(FILE_TYPES)} "
              "file, a datasets folder or a Hub dataset id", "data",
              "Dataset (built-in name, or a file path in the workspace)", widget="combo", choices=TASKS, scale=3),
@@ -162,28 +170,35 @@ def _table() -> list[Flag]:
         Flag("--family", "adapter.family", str, "adapter family", "adapter", "Adapter family", widget="radio",
              choices=tuple(ADAPTERS), scale=3),
         Flag("--rank", "adapter.r", int, "adapter rank (MoRA: the LoRA rank whose parameter count it matches)",
-             "adapter", "Rank r", minimum=1),
+             "adapter", "Rank r", minimum=1, aliases=("--lora-r", "--lora-rank")),
         Flag("--alpha", "adapter.alpha", float, "scale alpha / rank (not used by MoRA)", "adapter", "Alpha",
-             only_when=("family", family_uses()["alpha"])),
+             only_when=("family", family_uses()["alpha"]), aliases=("--lora-alpha",)),
         Flag("--dropout", "adapter.dropout", float, "dropout on the adapter input", "adapter", "Dropout", minimum=0,
-             maximum=0.99),
-        Flag("--targets", "adapter.targets", str, "all-linear | comma list of name suffixes (q_proj,v_proj) | regex",
-             "adapter", "Targets", parse=parse_targets, info="all-linear, q_proj,v_proj, or a regex"),
+             maximum=0.99, aliases=("--lora-dropout",)),
+        Flag("--targets", "adapter.targets", str, "all-linear (or all) | comma list of name suffixes (q_proj,v_proj) "
+             "| regex", "adapter", "Targets", parse=parse_targets, info="all-linear, q_proj,v_proj, or a regex",
+             aliases=("--lora-target", "--target-modules")),
         *family_flags(),
         Flag("--init", "adapter.init", str, "adapter initialisation", "init", "Initialisation", widget="radio",
              choices=("loftq", "default")),
         Flag("--loftq-iters", "adapter.loftq_iters", int, "LoftQ alternations T", "init", "LoftQ iterations",
              only_when=("init", ("loftq",)), minimum=1),
-        Flag("--lr", "lr", float, "peak learning rate (linear warmup, cosine decay)", "training", "Learning rate"),
-        Flag("--epochs", "epochs", float, "passes over the data, used when --max-steps is 0", "training", "Epochs"),
+        Flag("--lr", "lr", float, "peak learning rate (after the warmup)", "training", "Learning rate",
+             aliases=("--learning-rate",)),
+        Flag("--lr-scheduler-type", "lr_scheduler_type", str, "learning rate schedule after the linear warmup "
+             "(cosine: to zero at the last step; the others are transformers' get_scheduler)", "training",
+             choices=SCHEDULERS),
+        Flag("--epochs", "epochs", float, "passes over the data, used when --max-steps is 0", "training", "Epochs",
+             aliases=("--num-train-epochs",)),
         Flag("--max-steps", "max_steps", int, "optimizer steps (0: from --epochs)", "training",
              "Max steps (0 = by epochs)", minimum=0),
         Flag("--batch-size", "batch_size", int, "sequences per micro-batch per process", "training", "Batch size",
-             minimum=1),
+             minimum=1, aliases=("--per-device-train-batch-size",)),
         Flag("--grad-accum", "grad_accum", int, "micro-batches per optimizer step", "training", "Grad accumulation",
-             minimum=1),
+             minimum=1, aliases=("--gradient-accumulation-steps",)),
         Flag("--max-len", "data.max_len", int, "tokens per sequence; longer examples are truncated (and counted), a "
-             "data set with no example that fits is refused", "training", "Max length (tokens)", minimum=8),
+             "data set with no example that fits is refused", "training", "Max length (tokens)", minimum=8,
+             aliases=("--max-length", "--cutoff-len", "--max-seq-length")),
         Flag("--warmup-ratio", "warmup_ratio", float, "share of steps with linear warmup", "training", "Warmup ratio"),
         Flag("--weight-decay", "weight_decay", float, "AdamW weight decay", "training", "Weight decay"),
         Flag("--max-grad-norm", "max_grad_norm", float, "gradient clipping norm (0: off)", "training",
@@ -195,9 +210,11 @@ def _table() -> list[Flag]:
         Flag("--save-steps", "save_steps", int, "checkpoint every N steps (0: only when stopped)", "training",
              "Checkpoint every (steps)"),
         Flag("--log-steps", "log_steps", int, "log the averaged loss every N steps", "training", "Log every (steps)",
-             minimum=1),
+             minimum=1, aliases=("--logging-steps",)),
         Flag("--keep-checkpoints", "keep_checkpoints", int, "how many checkpoints to keep", "training",
-             "Checkpoints kept"),
+             "Checkpoints kept", aliases=("--save-total-limit",)),
+        Flag("--report-to", "report_to", str, "experiment trackers, comma-separated (accelerate's; each needs its "
+             "package)", "training", choices=TRACKERS),
         Flag("--eval-generate", "eval_generate", int, "built-in tasks: score greedy answers on N examples at the end",
              "training", "Score answers at end (examples)", minimum=0),
         Flag("--seed", "seed", int, "seed of the tiny model, data order, dropout and built-in records", "training",
@@ -222,3 +239,47 @@ FLAGS: list[Flag] = _table()
 @functools.cache
 def by_key() -> dict[str, Flag]:
     return {f.key: f for f in FLAGS}
+
+
+@functools.cache
+def config_keys() -> dict[str, Flag]:
+    """Flat config-file keys -> their row: every flag's name and alias as a key (lr, learning_rate, lora_r,
+    cutoff_len, max_len), so a recipe written for transformers, TRL or LLaMA-Factory reads as it is."""
+    return {name[2:].replace("-", "_"): f for f in FLAGS for name in (f.name, *f.aliases)}
+
+
+def nest_config(data: dict, source: str) -> dict:
+    """A config file's mapping with its flat keys moved to the nested fields they set (`cutoff_len: 512` ->
+    data.max_len), numbers written as text read as numbers (YAML reads 1e-4 as a string); a key that is neither a
+    TrainConfig key nor a flat one is refused naming the closest valid key, an option set under two names too."""
+    top = {f.name for f in dataclasses.fields(TrainConfig)}
+    out, named = {}, {}  # named: field -> the key that set it
+    for key, value in data.items():
+        flat = str(key).replace("-", "_")
+        if key in top:
+            out[key] = dict(value) if isinstance(value, dict) else value
+            named.update({f"{key}.{k}": f"{key}: {k}" for k in value} if isinstance(value, dict) else {key: key})
+        elif flat not in config_keys():
+            close = difflib.get_close_matches(flat, [*top, *config_keys()], n=1)
+            raise QmorError(f"{source}: unknown key {key!r}; " + (f"did you mean {close[0]!r}?" if close else
+                                                                   f"valid keys: {', '.join(sorted(top))}"))
+    for key, value in data.items():
+        flag = config_keys().get(str(key).replace("-", "_"))
+        if key in top and (flag is None or flag.field != key):
+            continue
+        if isinstance(value, str) and flag.kind in (int, float):
+            with contextlib.suppress(ValueError):  # a value that is not a number is refused by the config's check
+                value = flag.kind(value)
+        if key in top:
+            out[key] = value
+            continue
+        if flag.field in named:
+            raise QmorError(f"{source} sets {flag.field} twice, as {named[flag.field]!r} and {key!r}; keep one")
+        named[flag.field] = key
+        *sections, name = flag.field.split(".")
+        where = out
+        for section in sections:
+            where = where.setdefault(section, {})
+        if isinstance(where, dict):  # a section that is not a mapping is refused by from_json, naming it
+            where[name] = flag.to_config(value)
+    return out

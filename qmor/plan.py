@@ -239,7 +239,7 @@ def estimate(
         raise QmorError(f"sequence length and batch must be positive, got seq {seq_len}, batch {batch}")
     if offload and not checkpointing:
         raise QmorError("offloading moves checkpointed activations to CPU RAM, so it needs checkpointing; "
-                        "drop --no-checkpointing or --offload-activations")
+                        "drop --no-gradient-checkpointing or --offload-activations")
     if optimizer not in ADAM_BYTES:
         raise QmorError(f"unknown optimizer {optimizer!r}; choose one of {', '.join(ADAM_BYTES)}")
     if attention not in ("sdpa", "eager"):

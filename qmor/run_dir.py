@@ -39,8 +39,9 @@ class RunDir:
     PLOT = "loss.png"
     LOFTQ_REPORT = "loftq_report.json"
     LOG = "train.log"
+    TENSORBOARD = "tensorboard"  # event files, with --report-to tensorboard
     # what a run that failed before its first checkpoint leaves behind: such a folder is started afresh, not refused
-    LEFTOVERS = frozenset({CONFIG, METRICS, PLOT, LOFTQ_REPORT, LOG, CHECKPOINTS})
+    LEFTOVERS = frozenset({CONFIG, METRICS, PLOT, LOFTQ_REPORT, LOG, CHECKPOINTS, TENSORBOARD})
 
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)

@@ -24,6 +24,7 @@ from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list, gather_object
 from tqdm import tqdm
 
+from qmor import measure, trackers
 from qmor.adapters import check_family
 from qmor.attach import aux_loss, count_parameters, save_adapter
 from qmor.checkpoint import ADAPTER, load_checkpoint, rng_state, save_checkpoint
@@ -36,11 +37,11 @@ from qmor.loss import ChunkedLoss, enable_checkpointing
 from qmor.metrics import MetricsLog
 from qmor.model_files import expand_builtin
 from qmor.packing import check_documents_apart
-from qmor.plan import GIB, estimate
+from qmor.plan import GIB, Plan, estimate
 from qmor.quant import paged_adamw_8bit
 from qmor.run_dir import RunDir
 from qmor.template import template_text
-from qmor.train_config import TrainConfig, to_json
+from qmor.train_config import TrainConfig, planner_attention, to_json
 
 OnStep = Callable[[int, torch.nn.Module], None]
 
@@ -64,6 +65,16 @@ def cosine_schedule(optimizer, total_steps: int, warmup_ratio: float) -> torch.o
         return 0.5 * (1.0 + math.cos(math.pi * (step - warmup) / max(1, total_steps - warmup)))
 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def make_schedule(optimizer, cfg: TrainConfig, total_steps: int):
+    """cosine: qmor's own (above); any other name: transformers' scheduler of that name, same warmup steps."""
+    if cfg.lr_scheduler_type == "cosine":
+        return cosine_schedule(optimizer, total_steps, cfg.warmup_ratio)
+    from transformers import get_scheduler
+
+    return get_scheduler(cfg.lr_scheduler_type, optimizer, num_warmup_steps=round(cfg.warmup_ratio * total_steps),
+                         num_training_steps=total_steps)
 
 
 def example_order(n: int, seed: int, position: int, count: int, cache: dict) -> list[int]:
@@ -169,6 +180,9 @@ class Training:
         self.last_eval: float | None = None  # the latest eval loss
         self.lr, self.grad_norm = 0.0, 0.0  # of the latest step
         self.orders: dict[int, list[int]] = {}  # the shuffled order of each epoch seen so far
+        trackers.check_installed(cfg.report_to)  # before anything loads: a missing package is one line
+        self.tracking = False  # whether experiment trackers are started (on the main process)
+        self.memory_baseline = measure.start(accelerator.device)
 
     def run(self, checkpoint: Path | None, restart: bool = False) -> dict:
         self.load(checkpoint)
@@ -189,7 +203,9 @@ class Training:
 
     def emit(self, event: str, **fields) -> None:
         if self.metrics is not None:
-            self.metrics.log(event, **fields)
+            record = self.metrics.log(event, **fields)
+            if self.tracking:
+                self.tracking = trackers.log(self.accelerator, record)
 
     # ------------------------------------------------------------------------------------------------ setup
 
@@ -234,7 +250,7 @@ class Training:
         self.pad_id = self.tokenizer.pad_token_id
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         optimizer = make_optimizer(self.params, cfg, accelerator.device)
-        self.scheduler = cosine_schedule(optimizer, self.total_steps, cfg.warmup_ratio)
+        self.scheduler = make_schedule(optimizer, cfg, self.total_steps)
         loss_fn = ChunkedLoss(self.model, cfg.loss_chunk, cfg.offload_activations)
         self.loss_fn, self.optimizer = accelerator.prepare(loss_fn, optimizer)
         if checkpoint is not None:
@@ -243,6 +259,8 @@ class Training:
             if self.metrics is not None:
                 self.metrics.forget_after(self.step)
             self.say(f"resuming {self.run_dir} from {checkpoint.name} (step {self.step} of {self.total_steps})")
+        if self.main:
+            self.tracking = trackers.start(accelerator, cfg.report_to, self.run_dir, to_json(cfg))
         trainable, total = count_parameters(self.model)
         family, stats = self.meta.adapter.family, self.stats
         self.say(f"{family} r={self.meta.adapter.r} on {cfg.model}: {trainable:,} trainable of {total:,} parameters; "
@@ -370,6 +388,7 @@ class Training:
         path = self.checkpoint()
         self.say(f"stopped at step {self.step}; continue with --resume --output {self.run_dir}")
         self.emit("stopped", step=self.step, checkpoint=str(path), signal=signum)
+        trackers.finish(self.accelerator)
         return {"run_dir": str(self.run_dir), "step": self.step, "stopped": True, "signal": signum,
                 "checkpoint": str(path), "loss": self.last_loss}
 
@@ -383,6 +402,9 @@ class Training:
         if self.val_set:
             self.evaluate()
         result["eval_loss"] = self.last_eval
+        # every run checks the planner: its prediction beside what this process measured (qmor/measure.py)
+        result["peak_memory_bytes"] = measure.peak_since(self.accelerator.device, self.memory_baseline)
+        result["predicted_peak_bytes"] = measure.planned_live_bytes(memory_plan(cfg, model, self.accelerator))
         if self.main:
             save_adapter(model, run_dir.adapter, self.meta)
             scores = score_task(model, self.tokenizer, cfg.data, cfg.eval_generate)
@@ -394,6 +416,9 @@ class Training:
                 tqdm.write(f"{cfg.data.source}: character accuracy {scores['char_accuracy']:.3f}, exact match "
                            f"{scores['exact_match']:.3f} on {scores['n']} examples (greedy generation)")
             self.emit("done", **{k: v for k, v in result.items() if k != "stopped"})
+            trackers.finish(self.accelerator)
+            tqdm.write(f"memory: peak {result['peak_memory_bytes'] / GIB:.2f} GiB measured, "
+                       f"{result['predicted_peak_bytes'] / GIB:.2f} GiB planned")
             tqdm.write(f"wrote {run_dir}: {RunDir.ADAPTER}/, {RunDir.CONFIG}, {RunDir.METRICS}, {RunDir.PLOT}")
             if check_family(self.meta.adapter.family).merges:
                 tqdm.write(f"merge it into an fp16 model: python scripts/export_fp16.py {run_dir} --output "
@@ -425,16 +450,23 @@ def all_finite(params: list[torch.nn.Parameter]) -> bool:
     return all(bool(torch.isfinite(p.detach()).all()) for p in params)
 
 
+def memory_plan(cfg: TrainConfig, model: torch.nn.Module, accelerator) -> Plan:
+    """The planner's prediction for this run on this device."""
+    cuda = accelerator.device.type == "cuda"
+    return estimate(model.config, cfg.data.max_len, cfg.batch_size, cfg.adapter,
+                    checkpointing=cfg.gradient_checkpointing, offload=cfg.offload_activations,
+                    loss_chunk=cfg.loss_chunk, optimizer="paged-adamw-8bit" if cuda else "adamw",
+                    param_dtype_bytes=2 if cuda else 4, device="cuda" if cuda else "cpu",
+                    attention=planner_attention(cfg.attn_implementation),
+                    autocast=accelerator.mixed_precision == "bf16")
+
+
 def report_memory(cfg: TrainConfig, model: torch.nn.Module, accelerator) -> None:
     """Print the planner's predicted peak before the first step, and warn when it exceeds the GPU: running out of
     memory an hour in is the most expensive way to find out."""
     device = accelerator.device
     cuda = device.type == "cuda"
-    plan = estimate(model.config, cfg.data.max_len, cfg.batch_size, cfg.adapter,
-                    checkpointing=cfg.gradient_checkpointing, offload=cfg.offload_activations,
-                    loss_chunk=cfg.loss_chunk, optimizer="paged-adamw-8bit" if cuda else "adamw",
-                    param_dtype_bytes=2 if cuda else 4, device="cuda" if cuda else "cpu",
-                    autocast=accelerator.mixed_precision == "bf16")
+    plan = memory_plan(cfg, model, accelerator)
     tqdm.write(f"memory plan: predicted peak {plan.total_bytes / GIB:.2f} GiB at {cfg.batch_size} x "
                f"{cfg.data.max_len} tokens (see scripts/plan.py for the breakdown)")
     if cuda:
@@ -454,7 +486,20 @@ def load_model(cfg: TrainConfig, model_path: str, checkpoint: Path | None, devic
         model, meta, report = load_for_training(model_path, cfg.adapter, cfg.quant, device,
                                                 trust_remote_code=cfg.trust_remote_code)
     model.config.use_cache = False
+    if cfg.attn_implementation != "auto":
+        set_attention(model, cfg.attn_implementation)
     if cfg.gradient_checkpointing:
         enable_checkpointing(model)
     model.train()
     return model, meta, report
+
+
+def set_attention(model: torch.nn.Module, name: str) -> None:
+    """The attention kernel asked for (transformers switches it on the loaded model, so every loading path, LoftQ's
+    included, gets it); one that this model or machine lacks is one line."""
+    try:
+        model.set_attn_implementation(name)
+    except (ValueError, ImportError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise QmorError(f"attn_implementation {name} is not available here ({first}); pass --attn-implementation "
+                        "sdpa or eager") from None

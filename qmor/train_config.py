@@ -7,6 +7,7 @@ finished run's config.json can start the next run. Only the keys present are cha
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,6 +17,19 @@ from qmor.data import DataConfig
 from qmor.errors import QmorError
 
 SECTIONS = {"adapter": AdapterConfig, "quant": QuantConfig, "data": DataConfig}
+# transformers' schedulers that need nothing beyond warmup and total steps (cosine is qmor's own, see qmor/train.py)
+SCHEDULERS = ("cosine", "linear", "constant", "constant_with_warmup", "cosine_with_restarts", "polynomial",
+              "inverse_sqrt")
+TRACKERS = ("none", "tensorboard", "wandb", "trackio", "mlflow")  # accelerate's trackers qmor reports to
+ATTENTION = ("auto", "sdpa", "eager", "flash_attention_2", "flash_attention_3", "flex_attention")
+
+
+def check_choice(name: str, value, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        close = difflib.get_close_matches(str(value), choices, n=1)
+        hint = f"did you mean {close[0]}? " if close else ""
+        raise QmorError(f"{name} must be one of {', '.join(choices)}, got {value!r}; {hint}"
+                        f"pass e.g. --{name.replace('_', '-')} {close[0] if close else choices[0]}")
 
 
 def default_adapter() -> AdapterConfig:
@@ -53,6 +67,9 @@ class TrainConfig:
     loss_chunk: int = 1024  # tokens per cross-entropy chunk: full-sequence fp32 logits never exist at once
     trust_remote_code: bool = False  # run model code shipped with a hub model (only for models you trust)
     device: str = "auto"  # "auto" (CUDA when available), "cpu" or "cuda"
+    lr_scheduler_type: str = "cosine"  # cosine (qmor's: warmup, then cosine to zero) or a transformers scheduler
+    report_to: str = "none"  # experiment trackers, comma-separated: tensorboard, wandb, trackio, mlflow (or none)
+    attn_implementation: str = "auto"  # transformers' attention kernel: auto (its default), sdpa, eager, flash_...
 
     def __post_init__(self) -> None:
         for name in ("max_steps", "grad_accum", "batch_size", "loss_chunk", "save_steps", "eval_steps", "log_steps",
@@ -69,6 +86,11 @@ class TrainConfig:
         check_range("max_grad_norm", self.max_grad_norm, ">= 0 (0: no clipping)", 0.0, None, "--max-grad-norm 1")
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
             raise QmorError(f"device must be auto, cpu or cuda, got {self.device!r}")
+        check_choice("lr_scheduler_type", self.lr_scheduler_type, SCHEDULERS)
+        for name in self.report_to.split(","):
+            check_choice("report_to", name.strip(), TRACKERS)
+        if "/" not in self.attn_implementation:  # "org/kernel" names a hub kernel, which transformers checks
+            check_choice("attn_implementation", self.attn_implementation, ATTENTION)
 
 
 def to_json(cfg: TrainConfig) -> dict:
@@ -81,7 +103,9 @@ def from_json(data: dict) -> TrainConfig:
     top = {f.name for f in dataclasses.fields(TrainConfig)}
     unknown = sorted(set(data) - top)
     if unknown:
-        raise QmorError(f"unknown config key(s) {unknown}; valid keys: {sorted(top)}")
+        close = difflib.get_close_matches(unknown[0], top, n=1)
+        hint = f"did you mean {close[0]!r}? " if close else ""
+        raise QmorError(f"unknown config key(s) {unknown}; {hint}valid keys: {sorted(top)}")
     defaults = TrainConfig()
     for name, cls in SECTIONS.items():
         section = data.get(name, {})
@@ -113,3 +137,8 @@ def read_config_file(path: str | Path) -> dict:
     if not isinstance(data, dict):
         raise QmorError(f"config file {path} must hold a mapping of TrainConfig keys, not {type(data).__name__}")
     return data
+
+
+def planner_attention(attn_implementation: str) -> str:
+    """The planner's attention model for a kernel: eager keeps T x T scores, every other kernel is O(T)."""
+    return "eager" if attn_implementation == "eager" else "sdpa"

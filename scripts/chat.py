@@ -1,104 +1,17 @@
-"""Chat in the terminal with a 4-bit base model and, optionally, a trained adapter; replies stream as they come.
-
-    python scripts/chat.py --model meta-llama/Llama-2-7b-chat-hf --adapter runs/NAME --temperature 0.7
-
-Commands: /adapter DIR (switch adapter, base stays loaded), /base (no adapter), /system TEXT, /clear, /quit.
-"""
+"""Chat in the terminal with a 4-bit base and a trained adapter: the same command as `qmor chat`
+(qmor/commands/chat.py); --help lists its options and commands."""
 
 from __future__ import annotations
 
-import argparse
 import sys
+from pathlib import Path
 
-from qmor.errors import QmorError
+if __package__ in (None, ""):  # run from a checkout: its own qmor comes first
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-HELP = "commands: /adapter DIR, /base, /system TEXT, /clear, /quit"
+from qmor.commands.chat import command, main, parse_args  # noqa: E402
 
-
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", required=True,
-                   help="base model folder, hub id, or built-in tiny / smollm2 (loaded once, in 4-bit)")
-    p.add_argument("--adapter", default=None, help="run folder or adapter folder to start with")
-    p.add_argument("--system", default=None, help="system prompt")
-    p.add_argument("--temperature", type=float, default=0.7, help="0 is greedy")
-    p.add_argument("--top-p", type=float, default=0.9)
-    p.add_argument("--top-k", type=int, default=50)
-    p.add_argument("--max-new-tokens", type=int, default=256)
-    p.add_argument("--repetition-penalty", type=float, default=1.0)
-    p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
-    p.add_argument("--trust-remote-code", action="store_true", help="run the model repository's own code")
-    p.add_argument("--allow-other-base", action="store_true",
-                   help="use adapters whose recorded base fingerprint differs from --model")
-    return p.parse_args(argv)
-
-
-def command(session, line: str, state: dict) -> bool:
-    """Handle a /command; False means quit."""
-    name, _, arg = line.partition(" ")
-    if name == "/quit":
-        return False
-    if name == "/adapter" and arg.strip():
-        session.use_adapter(arg.strip())
-        state["history"].clear()
-    elif name == "/base":
-        session.use_adapter(None)
-        state["history"].clear()
-    elif name == "/system":
-        state["system"] = arg.strip() or None
-    elif name == "/clear":
-        state["history"].clear()
-    else:
-        print(HELP)
-        return True
-    print(f"[{session.describe()}; system: {state['system']!r}]")
-    return True
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    from qmor.chat import ChatSession, Sampling
-
-    try:
-        sampling = Sampling(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
-                            top_k=args.top_k, repetition_penalty=args.repetition_penalty)
-        session = ChatSession(args.model, device=args.device, trust_remote_code=args.trust_remote_code,
-                              allow_other_base=args.allow_other_base)
-        if args.adapter:
-            session.use_adapter(args.adapter)
-    except QmorError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except OSError as e:  # reading the model or the adapter: the system's reason, in one line
-        from qmor.files import describe_os_error
-
-        print(f"error: {describe_os_error(e) or e}", file=sys.stderr)
-        return 2
-    state = {"system": args.system, "history": []}
-    print(f"[{session.describe()}] {HELP}")
-    while True:
-        try:
-            line = input("> ").strip()
-        except (EOFError, KeyboardInterrupt):
-            print()
-            return 0
-        try:
-            if line.startswith("/"):
-                if not command(session, line, state):
-                    return 0
-                continue
-            if not line:
-                continue
-            state["history"].append({"role": "user", "content": line})
-            reply = []
-            for piece in session.stream(state["history"], system=state["system"], **vars(sampling)):
-                reply.append(piece)
-                print(piece, end="", flush=True)
-            print()
-            state["history"].append({"role": "assistant", "content": "".join(reply)})
-        except QmorError as e:  # a bad path or setting: say so and keep the session
-            print(f"error: {e}", file=sys.stderr)
-
+__all__ = ["command", "main", "parse_args"]
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -1,99 +1,20 @@
-"""Fine-tune an adapter on a 4-bit NF4 base.
+"""Fine-tune an adapter on a 4-bit NF4 base: the same command as `qmor train` (qmor/commands/train.py).
 
-With no arguments: the built-in default. A tiny Llama-style model built in code memorises random UUID pairs (the
-MoRA paper's task) with a MoRA adapter on a LoftQ-initialised 4-bit base; offline, a couple of minutes on a CPU.
-
-    python scripts/finetune_4bit.py
-    python scripts/finetune_4bit.py --model meta-llama/Llama-2-7b-hf --dataset data.jsonl --family lora --rank 16
-    python scripts/finetune_4bit.py --config run.yaml --lr 1e-4        # flags override the config file
-    python scripts/finetune_4bit.py --resume --output runs/NAME         # continue from the latest checkpoint
-    accelerate launch scripts/finetune_4bit.py ...                      # data parallel on several GPUs
+    python scripts/finetune_4bit.py                      # the built-in default, offline on a CPU
+    python scripts/finetune_4bit.py --help               # every flag
 """
 
 from __future__ import annotations
 
-import argparse
-import os
 import sys
+from pathlib import Path
 
-# steps of different lengths leave blocks of odd sizes in the CUDA cache; growable segments reuse them, so reserved
-# memory stays near what is in use (read when CUDA starts, so before anything touches it; a user's value wins)
-os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
+if __package__ in (None, ""):  # run from a checkout: its own qmor comes first
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from qmor.errors import QmorError  # noqa: E402
-from qmor.flags import FLAGS, by_key, default_of  # noqa: E402
-from qmor.train_config import from_json, read_config_file  # noqa: E402
+from qmor.commands.train import build_config, ignored_by_resume, main, parser  # noqa: E402
 
-
-def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", help="YAML or JSON file with TrainConfig keys (a run's config.json works too)")
-    p.add_argument("--resume", action="store_true", help="continue the run in --output from its latest intact "
-                   "checkpoint, with its saved config (other flags are ignored, with a warning naming them)")
-    for flag in FLAGS:  # defaults are suppressed: only the flags given override the config file
-        kind = {"action": argparse.BooleanOptionalAction} if flag.switch else {"type": flag.kind}
-        default = f" (default: {flag.default})" if flag.default not in ("", None) else ""
-        p.add_argument(flag.name, *flag.aliases, dest=flag.key, default=argparse.SUPPRESS,
-                       help=flag.help_text() + default, **kind)
-    return p
-
-
-def build_config(args: argparse.Namespace):
-    """Defaults, then the config file, then the flags given on the command line."""
-    data = read_config_file(args.config) if args.config else {}
-    given = vars(args)
-    adapter = data.get("adapter")
-    written_for = adapter.get("family", default_of("adapter.family")) if isinstance(adapter, dict) else None
-    if written_for and given.get("family", written_for) != written_for:
-        adapter.pop("options", None)  # the file's options are its own family's, not the one --family picks
-    for flag in FLAGS:
-        if flag.key not in given:
-            continue
-        for field in (flag.field, *flag.also):
-            *sections, name = field.split(".")
-            where = data
-            for section in sections:
-                where = where.setdefault(section, {})
-            if isinstance(where, dict):  # a section that is not a mapping is refused by from_json, naming it
-                where[name] = flag.to_config(given[flag.key])
-    return from_json(data)
-
-
-def ignored_by_resume(args: argparse.Namespace) -> list[str]:
-    """The flags given beside --resume (only flags given on the command line are in args: defaults are suppressed)."""
-    flags = by_key()
-    named = [f"--no-{flags[key].name[2:]}" if value is False else flags[key].name
-             for key, value in vars(args).items() if key in flags and key != "output"]
-    return named + (["--config"] if args.config else [])
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = parser().parse_args(argv)
-    try:
-        from qmor.train import resume, train
-
-        if args.resume:
-            if "output" not in vars(args):
-                raise QmorError("--resume needs --output: the run folder to continue")
-            ignored = ignored_by_resume(args)
-            if ignored:
-                print(f"warning: --resume continues {args.output} with its saved config.json, so {', '.join(ignored)} "
-                      "will not apply; start a new run (another --output) to change settings", file=sys.stderr)
-            result = resume(args.output)
-        else:
-            result = train(build_config(args))
-    except QmorError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except OSError as e:  # a full disk, a folder that cannot be written: the system's reason, in one line
-        from qmor.files import describe_os_error
-
-        print(f"error: {describe_os_error(e) or e}", file=sys.stderr)
-        return 2
-    if result["stopped"]:
-        return 128 + result["signal"]  # the shell's convention for "ended by this signal"
-    return 0
-
+__all__ = ["build_config", "ignored_by_resume", "main", "parser"]
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -120,12 +120,12 @@ def run_cli(*args):
 
 def test_cli_on_a_local_config_and_a_missing_path(tmp_path):
     LLAMA2_7B.save_pretrained(tmp_path)
-    out = run_cli("--model", str(tmp_path / "config.json"), "--seq", "4096", "--family", "mora", "--rank", "16",
+    out = run_cli("--model", str(tmp_path / "config.json"), "--max-len", "4096", "--family", "mora", "--rank", "16",
                   "--json")
     assert out.returncode == 0, out.stderr
     data = json.loads(out.stdout)
     assert data["fits"] and data["longest_sequence"] > 4096 and data["seq_len"] == 4096
-    table = run_cli("--model", str(tmp_path), "--seq", "2048", "--gpu-gb", "4")
+    table = run_cli("--model", str(tmp_path), "--max-len", "2048", "--gpu-gb", "4")
     assert table.returncode == 0 and "does not fit" in table.stdout and "4-bit weights" in table.stdout
     missing = run_cli("--model", str(tmp_path / "nope"))
     assert missing.returncode == 2 and missing.stdout == ""

@@ -1,0 +1,7 @@
+"""`python -m qmor ...`: the `qmor` command (qmor/cli.py)."""
+
+import sys
+
+from qmor.cli import main
+
+sys.exit(main())

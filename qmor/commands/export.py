@@ -1,0 +1,65 @@
+"""Export a trained adapter: merged into a plain fp16 Hugging Face model (default) or as a PEFT LoRA adapter.
+
+    qmor export runs/NAME --output merged/NAME                 # fp16, merged onto dequant(Q)
+    qmor export runs/NAME --output merged/NAME --dtype bf16 --shard-size 5GB
+    qmor export runs/NAME --output peft/NAME --format peft     # adapter + its base in base/
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from qmor.errors import QmorError
+
+
+def parse_args(argv: list[str] | None = None, prog: str | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("source", help="a run folder (runs/NAME) or an adapter folder")
+    p.add_argument("--output", required=True, help="folder to write; refused if it exists, unless --overwrite")
+    p.add_argument("--format", choices=["merged", "peft"], default="merged", help="merged model or PEFT adapter")
+    p.add_argument("--peft", action="store_true", help="same as --format peft")
+    p.add_argument("--dtype", choices=["fp16", "bf16"], default="fp16", help="dtype of the written weights")
+    p.add_argument("--merge-base", choices=["dequantized", "original"], default="dequantized",
+                   help="dequant(Q), what the adapter was trained against, or the original weights W")
+    p.add_argument("--shard-size", default="2GB", help="largest safetensors shard, e.g. 2GB, 500MB")
+    p.add_argument("--no-base", action="store_true",
+                   help="PEFT only: write the adapter alone, naming the original base (not for LoftQ adapters)")
+    p.add_argument("--base-model", default=None, help="base model folder, hub id or built-in name, if not the "
+                   "recorded one (it must be the same model: its fingerprint is checked)")
+    p.add_argument("--allow-other-base", action="store_true",
+                   help="merge onto a base whose fingerprint differs from the one the adapter was trained on")
+    p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    p.add_argument("--tolerance", type=float, default=None, help="largest |Δlogit| accepted by the final check")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    p.add_argument("--trust-remote-code", action="store_true", help="run the model repository's own code")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None, prog: str | None = None) -> int:
+    args = parse_args(argv, prog)
+    from qmor.export import export_merged, export_peft
+
+    common = dict(dtype=args.dtype, shard_size=args.shard_size, overwrite=args.overwrite, device=args.device,
+                  base_model=args.base_model, trust_remote_code=args.trust_remote_code, tolerance=args.tolerance,
+                  allow_other_base=args.allow_other_base)
+    try:
+        if args.peft or args.format == "peft":
+            if args.merge_base != "dequantized":
+                raise QmorError("--merge-base applies to merged exports; a PEFT adapter goes over its dequantised "
+                                "base (or, with --no-base, the original one)")
+            export_peft(args.source, args.output, with_base=not args.no_base, **common)
+        else:
+            if args.no_base:
+                raise QmorError("--no-base applies to PEFT exports only; add --format peft or drop --no-base")
+            export_merged(args.source, args.output, merge_base=args.merge_base, **common)
+    except QmorError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # reading the base or the run: the system's reason, in one line
+        from qmor.files import describe_os_error
+
+        print(f"error: {describe_os_error(e) or e}", file=sys.stderr)
+        return 2
+    return 0
+

@@ -1,0 +1,100 @@
+"""Fine-tune an adapter on a 4-bit NF4 base.
+
+With no arguments: the built-in default. A tiny Llama-style model built in code memorises random UUID pairs (the
+MoRA paper's task) with a MoRA adapter on a LoftQ-initialised 4-bit base; offline, a couple of minutes on a CPU.
+`qmor train` and `python scripts/finetune_4bit.py` are the same command.
+
+    qmor train
+    qmor train --model meta-llama/Llama-2-7b-hf --dataset data.jsonl --family lora --rank 16
+    qmor train --config run.yaml --lr 1e-4        # flags override the config file
+    qmor train --learning_rate 1e-4 --lora_r 16    # transformers' / LLaMA-Factory's names are aliases
+    qmor train --resume --output runs/NAME         # continue from the latest checkpoint
+    accelerate launch -m qmor train ...            # data parallel on several GPUs
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+# steps of different lengths leave blocks of odd sizes in the CUDA cache; growable segments reuse them, so reserved
+# memory stays near what is in use (read when CUDA starts, so before anything touches it; a user's value wins)
+os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
+
+from qmor.commands.options import add_flags, parse  # noqa: E402
+from qmor.errors import QmorError  # noqa: E402
+from qmor.flags import FLAGS, by_key, default_of, nest_config  # noqa: E402
+from qmor.train_config import from_json, read_config_file  # noqa: E402
+
+
+def parser(prog: str | None = None) -> argparse.ArgumentParser:
+    # no abbreviations: with aliases, a mistyped prefix (--learning-rat) would quietly pick a flag
+    p = argparse.ArgumentParser(prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                allow_abbrev=False)
+    p.add_argument("--config", help="YAML or JSON file with TrainConfig keys (a run's config.json works too) or flat "
+                   "keys named like the flags (learning_rate, lora_r, cutoff_len, ...)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --output from its latest intact "
+                   "checkpoint, with its saved config (other flags are ignored, with a warning naming them)")
+    add_flags(p, FLAGS)
+    return p
+
+
+def build_config(args: argparse.Namespace, under: dict | None = None):
+    """Defaults, then `under` (nested TrainConfig keys), then the config file, then the flags given."""
+    data = nest_config(read_config_file(args.config), args.config) if args.config else {}
+    for key, value in (under or {}).items():
+        mine = data.get(key, value)
+        data[key] = {**value, **mine} if isinstance(value, dict) and isinstance(mine, dict) else mine
+    given = vars(args)
+    adapter = data.get("adapter")
+    written_for = adapter.get("family", default_of("adapter.family")) if isinstance(adapter, dict) else None
+    if written_for and given.get("family", written_for) != written_for:
+        adapter.pop("options", None)  # the file's options are its own family's, not the one --family picks
+    for flag in FLAGS:
+        if flag.key not in given:
+            continue
+        for field in (flag.field, *flag.also):
+            *sections, name = field.split(".")
+            where = data
+            for section in sections:
+                where = where.setdefault(section, {})
+            if isinstance(where, dict):  # a section that is not a mapping is refused by from_json, naming it
+                where[name] = flag.to_config(given[flag.key])
+    return from_json(data)
+
+
+def ignored_by_resume(args: argparse.Namespace) -> list[str]:
+    """The flags given beside --resume (only flags given on the command line are in args: defaults are suppressed)."""
+    flags = by_key()
+    named = [f"--no-{flags[key].name[2:]}" if value is False else flags[key].name
+             for key, value in vars(args).items() if key in flags and key != "output"]
+    return named + (["--config"] if args.config else [])
+
+
+def main(argv: list[str] | None = None, prog: str | None = None) -> int:
+    try:
+        args = parse(parser(prog), sys.argv[1:] if argv is None else list(argv))
+        from qmor.train import resume, train
+
+        if args.resume:
+            if "output" not in vars(args):
+                raise QmorError("--resume needs --output: the run folder to continue")
+            ignored = ignored_by_resume(args)
+            if ignored:
+                print(f"warning: --resume continues {args.output} with its saved config.json, so {', '.join(ignored)} "
+                      "will not apply; start a new run (another --output) to change settings", file=sys.stderr)
+            result = resume(args.output)
+        else:
+            result = train(build_config(args))
+    except QmorError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # a full disk, a folder that cannot be written: the system's reason, in one line
+        from qmor.files import describe_os_error
+
+        print(f"error: {describe_os_error(e) or e}", file=sys.stderr)
+        return 2
+    if result["stopped"]:
+        return 128 + result["signal"]  # the shell's convention for "ended by this signal"
+    return 0
