@@ -7,6 +7,8 @@ import difflib
 import importlib
 import sys
 
+from qmor.version import __version__
+
 COMMANDS = {  # name -> (module, one line for the overview)
     "train": ("qmor.commands.train", "fine-tune an adapter on a 4-bit base (the built-in default with no options)"),
     "export": ("qmor.commands.export", "merge a trained adapter into an fp16 model, or write it as a PEFT adapter"),
@@ -28,8 +30,6 @@ def main(argv: list[str] | None = None) -> int:
         print(usage())
         return 0 if argv else 2
     if argv[0] == "--version":
-        from qmor import __version__
-
         print(f"qmor {__version__}")
         return 0
     name, rest = argv[0], argv[1:]

@@ -64,8 +64,8 @@ def test_a_tracker_that_is_not_installed_is_one_line_before_anything_is_written(
 
 def test_every_run_records_the_measured_peak_beside_the_plan(tiny_dir, tmp_path):
     """Without a tracker too: the done event carries both figures, the plan's being that of the run's config."""
+    from qmor.load import load_4bit
     from qmor.plan import estimate
-    from qmor.quant import load_4bit
 
     out = tmp_path / "run"
     train(config(tiny_dir, out))

@@ -11,6 +11,7 @@ import argparse
 import sys
 
 from qmor.errors import QmorError
+from qmor.files import describe_os_error
 
 HELP = "commands: /adapter DIR, /base, /system TEXT, /clear, /quit"
 
@@ -57,6 +58,7 @@ def command(session, line: str, state: dict) -> bool:
 
 def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     args = parse_args(argv, prog)
+    # loaded when the command runs, so --help and bad options answer at once
     from qmor.chat import ChatSession, Sampling
 
     try:
@@ -70,8 +72,6 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except OSError as e:  # reading the model or the adapter: the system's reason, in one line
-        from qmor.files import describe_os_error
-
         print(f"error: {describe_os_error(e) or e}", file=sys.stderr)
         return 2
     state = {"system": args.system, "history": []}

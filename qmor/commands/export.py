@@ -11,6 +11,7 @@ import argparse
 import sys
 
 from qmor.errors import QmorError
+from qmor.files import describe_os_error
 
 
 def parse_args(argv: list[str] | None = None, prog: str | None = None) -> argparse.Namespace:
@@ -38,6 +39,7 @@ def parse_args(argv: list[str] | None = None, prog: str | None = None) -> argpar
 
 def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     args = parse_args(argv, prog)
+    # loaded when the command runs, so --help and bad options answer at once
     from qmor.export import export_merged, export_peft
 
     common = dict(dtype=args.dtype, shard_size=args.shard_size, overwrite=args.overwrite, device=args.device,
@@ -57,8 +59,6 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except OSError as e:  # reading the base or the run: the system's reason, in one line
-        from qmor.files import describe_os_error
-
         print(f"error: {describe_os_error(e) or e}", file=sys.stderr)
         return 2
     return 0

@@ -44,6 +44,7 @@ def parser(prog: str | None = None) -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None, prog: str | None = None) -> int:
+    # loaded when the command runs, so --help and bad options answer at once
     from qmor.commands.train import build_config
     from qmor.plan import estimate, geometry, load_config, longest_sequence
     from qmor.train_config import planner_attention

@@ -24,6 +24,7 @@ os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
 
 from qmor.commands.options import add_flags, parse  # noqa: E402
 from qmor.errors import QmorError  # noqa: E402
+from qmor.files import describe_os_error  # noqa: E402
 from qmor.flags import FLAGS, by_key, default_of, nest_config  # noqa: E402
 from qmor.train_config import from_json, read_config_file  # noqa: E402
 
@@ -75,6 +76,7 @@ def ignored_by_resume(args: argparse.Namespace) -> list[str]:
 def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     try:
         args = parse(parser(prog), sys.argv[1:] if argv is None else list(argv))
+        # loaded when the command runs, so --help and bad options answer at once
         from qmor.train import resume, train
 
         if args.resume:
@@ -91,8 +93,6 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except OSError as e:  # a full disk, a folder that cannot be written: the system's reason, in one line
-        from qmor.files import describe_os_error
-
         print(f"error: {describe_os_error(e) or e}", file=sys.stderr)
         return 2
     if result["stopped"]:
