@@ -130,13 +130,14 @@ def set_rng_state(state: dict) -> None:
 
 def save_checkpoint(
     run_dir: str | Path, model: torch.nn.Module, meta: AdapterMeta, optimizer, scheduler, rng: list[dict],
-    state: dict, keep: int,
+    state: dict, keep: int, adapter: dict | None = None, optimizer_state: dict | None = None,
 ) -> Path:
-    """Write step-NNNNNN/ atomically (rng: one state per process) and delete all but the `keep` latest."""
+    """Write step-NNNNNN/ atomically (rng: one state per process) and delete all but the `keep` latest (`adapter`,
+    `optimizer_state`: gathered already, from FSDP shards)."""
     path = Path(run_dir) / FOLDER / f"step-{state['step']:06d}"
     with atomic_dir(path) as tmp:
-        save_adapter(model, tmp / "adapter", meta)
-        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        save_adapter(model, tmp / "adapter", meta, adapter)
+        torch.save(optimizer.state_dict() if optimizer_state is None else optimizer_state, tmp / "optimizer.pt")
         torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
         torch.save(rng, tmp / "rng.pt")
         save_json(state, tmp / "state.json")

@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from qmor import fsdp
 from qmor.adapters import MERGEABLE
 from qmor.attach import aux_loss, count_parameters
 from qmor.builtin import resolve_model
@@ -154,6 +155,8 @@ def train(cfg: TrainConfig, resume: bool = False, on_step: Callable[[int, torch.
         checkpoint = None
         restart = check_fresh(run_dir)
     torch.manual_seed(cfg.seed + accelerator.process_index)
+    if fsdp.requested():
+        fsdp.check(cfg.quant.storage, accelerator.num_processes)
 
     with accelerator.main_process_first():  # the tiny model and the LoftQ cache are built once, then read
         model_path = resolve_model(cfg.model, cfg.seed)
@@ -234,7 +237,8 @@ def grad_norm_of(params: list[torch.nn.Parameter]) -> torch.Tensor:
 
 
 def all_finite(params: list[torch.nn.Parameter]) -> bool:
-    return all(bool(torch.isfinite(p.detach()).all()) for p in params)
+    # a sharded (FSDP) parameter is checked by its local shard
+    return all(bool(torch.isfinite(getattr(p, "_local_tensor", p).detach()).all()) for p in params)
 
 
 def report_memory(cfg: TrainConfig, model: torch.nn.Module, accelerator) -> None:
@@ -283,15 +287,24 @@ def _loop(cfg, accelerator, model, meta, tokenizer, train_set, val_set, stats, r
     say = tqdm.write if main else (lambda *_: None)
     emit = log.log if log is not None else (lambda *a, **k: None)
     total_steps = planned_steps(cfg, len(train_set), world)
+    loss_fn = ChunkedLoss(model, cfg.loss_chunk, cfg.offload_activations)
+    sharded = fsdp.requested()
+    if sharded:  # before the optimizer is built: it holds the sharded parameters
+        say(f"FSDP: {fsdp.shard(loss_fn, model)} decoder layers and the rest of the model sharded over {world} "
+            "processes")
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = make_optimizer(params, cfg, accelerator.device)
     scheduler = cosine_schedule(optimizer, total_steps, cfg.warmup_ratio)
-    loss_fn = ChunkedLoss(model, cfg.loss_chunk, cfg.offload_activations)
-    loss_fn, optimizer = accelerator.prepare(loss_fn, optimizer)
+    if sharded:  # already sharded: accelerate must not wrap it again (in DDP, on CPUs)
+        optimizer = accelerator.prepare(optimizer)
+    else:
+        loss_fn, optimizer = accelerator.prepare(loss_fn, optimizer)
 
     step, position = 0, 0  # optimizer steps done; training examples consumed by all processes together
     if checkpoint is not None:
         state = load_checkpoint(checkpoint, optimizer, scheduler, rank)
+        if sharded:
+            fsdp.shard_optimizer_state(optimizer)
         step, position = state["step"], state["position"]
         if log is not None:
             log.forget_after(step)
@@ -315,11 +328,13 @@ def _loop(cfg, accelerator, model, meta, tokenizer, train_set, val_set, stats, r
         if not all_finite(params):  # never save weights that are not numbers over a good checkpoint
             raise diverged(step, "the adapter weights are not finite", cfg, run_dir)
         rngs = gather_object([rng_state()]) if world > 1 else [rng_state()]
+        # under FSDP every process takes part in gathering the shards; the main process writes them
+        whole = (fsdp.adapter_state(model), fsdp.optimizer_state(optimizer)) if sharded else (None, None)
         path = None
         if main:
             path = save_checkpoint(run_dir, accelerator.unwrap_model(loss_fn).lm, meta, optimizer, scheduler, rngs,
                                    {"step": step, "position": position, "total_steps": total_steps,
-                                    "epoch": position / len(train_set)}, cfg.keep_checkpoints)
+                                    "epoch": position / len(train_set)}, cfg.keep_checkpoints, *whole)
             emit("checkpoint", step=step, path=str(path))
         accelerator.wait_for_everyone()
         return path
@@ -415,9 +430,14 @@ def _finish(cfg, accelerator, loss_fn, meta, tokenizer, val_set, run_dir, step, 
                               accelerator.device)
         emit("eval", step=step, eval_loss=last_eval)
     result["eval_loss"] = last_eval
+    sharded = fsdp.is_sharded(model)
+    whole = fsdp.adapter_state(model) if sharded else None  # gathered by every process, written by the main one
     if accelerator.is_main_process:
-        save_adapter(model, run_dir / "adapter", meta)
-        scores = score_task(model, tokenizer, cfg.data, cfg.eval_generate)
+        save_adapter(model, run_dir / "adapter", meta, whole)
+        if sharded and cfg.eval_generate:  # generation would run on the main process alone, with half the weights
+            tqdm.write("note: no generation score under FSDP; chat with the adapter: scripts/chat.py --adapter "
+                       f"{run_dir}")
+        scores = None if sharded else score_task(model, tokenizer, cfg.data, cfg.eval_generate)
         if scores is not None:
             result.update(char_accuracy=scores["char_accuracy"], exact_match=scores["exact_match"],
                           n_scored=scores["n"])
