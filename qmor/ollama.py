@@ -69,18 +69,20 @@ def match(template: str, tokenizer) -> tuple[Layout, str | None] | None:
 
     def jinja(messages: list[dict]) -> str | None:
         try:
-            text = render(tokenizer, messages, add_generation_prompt=True, chat_template=template)
+            return render(tokenizer, messages, add_generation_prompt=True, chat_template=template)
         except TemplateError:
             return None
-        return text[len(bos):] if bos and text.startswith(bos) else text  # GGUF readers add BOS themselves
 
-    for layout in LAYOUTS:
-        rendered = [(jinja(m), m) for m in SAMPLES]
-        rendered = [(text, m) for text, m in rendered if text is not None]
-        if rendered and all(text == layout.render(m, eos) for text, m in rendered if m[0]["role"] == "system"):
-            system = default_system(layout, [(t, m) for t, m in rendered if m[0]["role"] != "system"], eos)
-            if system is not False:
-                return layout, system
+    rendered = [(text, m) for m in SAMPLES if (text := jinja(m)) is not None]
+    # a template that writes BOS itself matches without it: GGUF readers add BOS as the file says
+    for texts in ([(t, m) for t, m in rendered], [(t.removeprefix(bos), m) for t, m in rendered]):
+        for layout in LAYOUTS:
+            if texts and all(t == layout.render(m, eos) for t, m in texts if m[0]["role"] == "system"):
+                system = default_system(layout, [(t, m) for t, m in texts if m[0]["role"] != "system"], eos)
+                if system is not False:
+                    return layout, system
+        if not bos:
+            break
     return None
 
 

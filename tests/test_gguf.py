@@ -250,6 +250,8 @@ def test_known_templates_are_matched_with_their_default_system_prompt(tiny_dir):
     assert match(CHATML_TEMPLATE, tok)[0].name == "chatml+eos"  # qmor's fallback puts EOS after assistant turns
     assert match(LLAMA3, tok)[0].name == "llama3"  # BOS left to the runtime, as GGUF readers add it
     assert match(CHAT_TEMPLATE, tok)[0].name == "tiny"
+    tok.bos_token = "<|im_start|>"  # as SmolLM2's tokenizer has it: the template's first turn starts with that text
+    assert match(SMOLLM2, tok)[0].name == "chatml" and match(CHATML, tok) == (LAYOUTS[0], None)
     assert match("{% for m in messages %}[{{ m['content'] }}]{% endfor %}", tok) is None
 
 
