@@ -212,6 +212,7 @@ def export_gguf(
         (tmp / "Modelfile").write_text(modelfile(filename, meta.chat_template, merged, generation))
         card = model_card(meta, merge_base, torch_dtype, merge_check, f"{output.name}: merged {meta.adapter.family} "
                           f"model, GGUF {gguf_type}")
+        card = card.replace("(chat_template.jinja)", "(in the GGUF file: tokenizer.chat_template)")
         (tmp / "README.md").write_text(card + gguf_usage(filename, gguf_type, check))
         shutil.rmtree(merged)
     size = (output / filename).stat().st_size
