@@ -56,6 +56,7 @@ def test_gguf_export_reads_back_with_the_merged_logits(adapter, spm_dir, tmp_pat
     summary = export_gguf(adapter, out, gguf_type=gguf_type)
     name = f"smol-{gguf_type}.gguf"
     assert sorted(p.name for p in out.iterdir()) == ["Modelfile", "README.md", name]  # the merged folder is gone
+    assert not list(spm_dir.glob("*.gguf"))  # the early checks write nothing into the base folder
 
     x = torch.randint(5, 300, (2, 12), generator=torch.Generator().manual_seed(0))
     model, _ = load_trained(adapter)
