@@ -295,9 +295,9 @@ def _loop(cfg, accelerator, model, meta, tokenizer, train_set, val_set, stats, r
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = make_optimizer(params, cfg, accelerator.device)
     scheduler = cosine_schedule(optimizer, total_steps, cfg.warmup_ratio)
-    if sharded:  # already sharded: accelerate must not wrap it again (in DDP, on CPUs)
+    if sharded and not getattr(accelerator, "is_fsdp2", False):  # on CPUs accelerate would wrap it in DDP
         optimizer = accelerator.prepare(optimizer)
-    else:
+    else:  # on GPUs accelerate's FSDP2 path takes a model that is sharded already as it is
         loss_fn, optimizer = accelerator.prepare(loss_fn, optimizer)
 
     step, position = 0, 0  # optimizer steps done; training examples consumed by all processes together
