@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 
 from qmor.errors import QmorError
 from qmor.fsdp import check
-from qmor.metrics import read_events
+from qmor.run_dir import RunDir
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = str(ROOT / "scripts" / "finetune_4bit.py")
@@ -39,7 +39,7 @@ def launch(tmp_path, *args):
 
 
 def losses(run):
-    return [e["loss"] for e in read_events(run / "metrics.jsonl") if e["event"] == "train"]
+    return [e["loss"] for e in RunDir(run).read_events() if e["event"] == "train"]
 
 
 def test_fsdp_matches_single_process_training_and_saves_the_whole_adapter(tmp_path):
@@ -61,7 +61,7 @@ def test_fsdp_matches_single_process_training_and_saves_the_whole_adapter(tmp_pa
         assert torch.allclose(adapter[key], value, atol=1e-5), key
 
     # the checkpoint holds the whole optimizer state too, in the single-process layout
-    step2 = sharded / "checkpoints" / "step-000002"
+    step2 = RunDir(sharded).checkpoint(2)
     optimizer = torch.load(step2 / "optimizer.pt", weights_only=True)
     shapes = sorted(tuple(v.shape) for v in reference.values())
     assert sorted(tuple(s["exp_avg"].shape) for s in optimizer["state"].values()) == shapes
@@ -69,7 +69,7 @@ def test_fsdp_matches_single_process_training_and_saves_the_whole_adapter(tmp_pa
     resumed = tmp_path / "resumed"
     shutil.copytree(sharded, resumed)
     launch(tmp_path, "--resume", "--output", str(resumed))
-    events = read_events(resumed / "metrics.jsonl")  # appended to: the resumed part starts at the last start
+    events = RunDir(resumed).read_events()  # appended to: the resumed part starts at the last start
     again = [e for e in events[max(i for i, e in enumerate(events) if e["event"] == "start"):] if e["event"] == "train"]
     assert [e["step"] for e in again] == [3] and again[0]["loss"] == pytest.approx(got[2], abs=1e-5)
     final = load_file(str(resumed / "adapter" / "adapter.safetensors"))

@@ -110,10 +110,10 @@ def test_unknown_type_names_the_choices():
 @pytest.mark.parametrize("family", ["mor", "sira"])
 def test_routed_families_are_refused_before_loading(spm_dir, tmp_path, family):
     model = load_4bit(str(spm_dir))
-    cfg = AdapterConfig(family=family, r=4, alpha=8.0, experts=3, top_k=2)
+    cfg = AdapterConfig.from_dict({"family": family, "r": 4, "alpha": 8.0, "experts": 3, "top_k": 2})
     attach(model, cfg)
     adapter = save_adapter(model, tmp_path / "adapter", AdapterMeta(adapter=cfg, base_model=str(spm_dir)))
-    with pytest.raises(QmorError, match=f"^{family} routes each token .* train lora, moslora or mora$"):
+    with pytest.raises(QmorError, match=f"^{family} routes each token .* train lora, moslora or mora to merge$"):
         export_gguf(adapter, tmp_path / "out")
     assert not (tmp_path / "out").exists()
 
