@@ -137,11 +137,12 @@ def adapter_state(model: nn.Module) -> dict[str, torch.Tensor]:
             for name, layer in adapted_layers(model).items() for k, v in layer.adapter.state_dict().items()}
 
 
-def save_adapter(model: nn.Module, path: str | Path, meta: AdapterMeta) -> Path:
-    """adapter.safetensors + qmor_adapter.json, written under a temporary name and renamed when complete."""
+def save_adapter(model: nn.Module, path: str | Path, meta: AdapterMeta, state: dict | None = None) -> Path:
+    """adapter.safetensors + qmor_adapter.json, written under a temporary name and renamed when complete (`state`:
+    the adapter's tensors when gathered already, from FSDP shards)."""
     path = Path(path)
     with atomic_dir(path) as tmp:
-        save_file(adapter_state(model), str(tmp / WEIGHTS), metadata={"format": "qmor"})
+        save_file(adapter_state(model) if state is None else state, str(tmp / WEIGHTS), metadata={"format": "qmor"})
         save_json(meta.to_json(), tmp / CONFIG)
     return path
 

@@ -86,11 +86,12 @@ def set_rng_state(state: dict) -> None:
 
 
 def save_checkpoint(path: Path, model: torch.nn.Module, meta: AdapterMeta, optimizer, scheduler, rng: list[dict],
-                    state: dict) -> Path:
-    """Write the checkpoint folder `path` atomically (rng: one state per process)."""
+                    state: dict, adapter: dict | None = None, optimizer_state: dict | None = None) -> Path:
+    """Write the checkpoint folder `path` atomically (rng: one state per process; `adapter`, `optimizer_state`:
+    gathered already, from FSDP shards)."""
     with atomic_dir(path) as tmp:
-        save_adapter(model, tmp / ADAPTER, meta)
-        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        save_adapter(model, tmp / ADAPTER, meta, adapter)
+        torch.save(optimizer.state_dict() if optimizer_state is None else optimizer_state, tmp / "optimizer.pt")
         torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
         torch.save(rng, tmp / "rng.pt")
         save_json(state, tmp / STATE)

@@ -183,17 +183,27 @@ def export_merged(
     folder, names = base_checkpoint(base_model or meta.base_model, given=bool(base_model))
     model, meta = load_source(source, device, base_model, trust_remote_code, allow_other_base)
     with atomic_dir(output, overwrite) as tmp:
-        index = write_merged(model, names, tmp, torch_dtype, shard_bytes, merge_base)
-        copy_support(folder, tmp, torch_dtype, trust_remote_code)
-        write_chat_template(tmp, meta.chat_template)
-        check = verify_folder(model, tmp, torch_dtype, tolerance, trust_remote_code, template=meta.chat_template)
-        require(check, "the merged export")
+        index, check = write_checked_merge(model, meta, folder, names, tmp, torch_dtype, shard_bytes, merge_base,
+                                           tolerance, trust_remote_code)
         (tmp / "README.md").write_text(model_card(meta, merge_base, torch_dtype, check, f"{output.name}: merged "
                                                   f"{meta.adapter.family} model"))
     shards = sorted(set(index["weight_map"].values()))
     print(f"wrote {output} ({len(shards)} shard(s), {index['metadata']['total_size'] / 1e6:.1f} MB)", file=sys.stderr)
     return {"output": str(output), "shards": shards, "max_abs": check.max_abs, "top1": check.top1,
             "tolerance": check.tolerance}
+
+
+def write_checked_merge(model: nn.Module, meta: AdapterMeta, folder: Path, names: dict[str, Path], out: Path,
+                        dtype: torch.dtype, shard_bytes: int, merge_base: str, tolerance: float | None,
+                        trust_remote_code: bool) -> tuple[dict, Check]:
+    """The merged model, its tokenizer and chat template written into `out`, and checked against the 4-bit +
+    adapter model (a QmorError when it drifts); returns the shard index and the check."""
+    index = write_merged(model, names, out, dtype, shard_bytes, merge_base)
+    copy_support(folder, out, dtype, trust_remote_code)
+    write_chat_template(out, meta.chat_template)
+    check = verify_folder(model, out, dtype, tolerance, trust_remote_code, template=meta.chat_template)
+    require(check, "the merged export")
+    return index, check
 
 
 def export_peft(

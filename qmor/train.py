@@ -24,7 +24,7 @@ from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list, gather_object
 from tqdm import tqdm
 
-from qmor import measure, trackers
+from qmor import fsdp, measure, trackers
 from qmor.adapters import check_family
 from qmor.attach import aux_loss, count_parameters, save_adapter
 from qmor.checkpoint import ADAPTER, load_checkpoint, rng_state, save_checkpoint
@@ -182,6 +182,7 @@ class Training:
         self.orders: dict[int, list[int]] = {}  # the shuffled order of each epoch seen so far
         trackers.check_installed(cfg.report_to)  # before anything loads: a missing package is one line
         self.tracking = False  # whether experiment trackers are started (on the main process)
+        self.sharded = False  # whether FSDP shards the model over the processes
         self.memory_baseline = measure.start(accelerator.device)
 
     def run(self, checkpoint: Path | None, restart: bool = False) -> dict:
@@ -213,6 +214,8 @@ class Training:
         """Tokenizer, data and model; nothing is written yet, so bad data or a bad model leaves no folder behind."""
         cfg, accelerator = self.cfg, self.accelerator
         torch.manual_seed(cfg.seed + self.rank)
+        if fsdp.requested():
+            fsdp.check(cfg.quant.storage, self.world)
         with accelerator.main_process_first():  # the tiny model and the LoftQ cache are built once, then read
             model_path = expand_builtin(cfg.model, cfg.seed)
             self.tokenizer = load_tokenizer(model_path, cfg.trust_remote_code)
@@ -248,13 +251,22 @@ class Training:
         self.total_steps = planned_steps(cfg, len(self.train_set), self.world)
         self.per_step = cfg.batch_size * cfg.grad_accum * self.world  # examples one optimizer step consumes
         self.pad_id = self.tokenizer.pad_token_id
+        loss_fn = ChunkedLoss(self.model, cfg.loss_chunk, cfg.offload_activations)
+        self.sharded = fsdp.requested()
+        if self.sharded:  # before the optimizer is built: it holds the sharded parameters
+            self.say(f"FSDP: {fsdp.shard(loss_fn, self.model)} decoder layers and the rest of the model sharded over "
+                     f"{self.world} processes")
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         optimizer = make_optimizer(self.params, cfg, accelerator.device)
         self.scheduler = make_schedule(optimizer, cfg, self.total_steps)
-        loss_fn = ChunkedLoss(self.model, cfg.loss_chunk, cfg.offload_activations)
-        self.loss_fn, self.optimizer = accelerator.prepare(loss_fn, optimizer)
+        if self.sharded and not getattr(accelerator, "is_fsdp2", False):  # on CPUs accelerate would wrap it in DDP
+            self.loss_fn, self.optimizer = loss_fn, accelerator.prepare(optimizer)
+        else:  # on GPUs accelerate's FSDP2 path takes a model that is sharded already as it is
+            self.loss_fn, self.optimizer = accelerator.prepare(loss_fn, optimizer)
         if checkpoint is not None:
             state = load_checkpoint(checkpoint, self.optimizer, self.scheduler, self.rank)
+            if self.sharded:
+                fsdp.shard_optimizer_state(self.optimizer)
             self.step, self.position = state["step"], state["position"]
             if self.metrics is not None:
                 self.metrics.forget_after(self.step)
@@ -365,12 +377,14 @@ class Training:
         if not all_finite(self.params):  # never save weights that are not numbers over a good checkpoint
             raise self.diverged(self.step, "the adapter weights are not finite")
         rngs = gather_object([rng_state()]) if self.world > 1 else [rng_state()]
+        # under FSDP every process takes part in gathering the shards; the main process writes them
+        whole = (fsdp.adapter_state(self.model), fsdp.optimizer_state(self.optimizer)) if self.sharded else ()
         path = None
         if self.main:
             state = {"step": self.step, "position": self.position, "total_steps": self.total_steps,
                      "epoch": self.position / len(self.train_set)}
             path = save_checkpoint(self.run_dir.checkpoint(self.step), self.unwrapped().lm, self.meta,
-                                   self.optimizer, self.scheduler, rngs, state)
+                                   self.optimizer, self.scheduler, rngs, state, *whole)
             self.run_dir.prune_checkpoints(self.step, self.cfg.keep_checkpoints)
             self.emit("checkpoint", step=self.step, path=str(path))
         self.accelerator.wait_for_everyone()
@@ -405,9 +419,13 @@ class Training:
         # every run checks the planner: its prediction beside what this process measured (qmor/measure.py)
         result["peak_memory_bytes"] = measure.peak_since(self.accelerator.device, self.memory_baseline)
         result["predicted_peak_bytes"] = measure.planned_live_bytes(memory_plan(cfg, model, self.accelerator))
+        whole = fsdp.adapter_state(model) if self.sharded else None  # gathered by every process, written by one
         if self.main:
-            save_adapter(model, run_dir.adapter, self.meta)
-            scores = score_task(model, self.tokenizer, cfg.data, cfg.eval_generate)
+            save_adapter(model, run_dir.adapter, self.meta, whole)
+            if self.sharded and cfg.eval_generate:  # generation would run on one process, with part of the weights
+                tqdm.write("note: no generation score under FSDP; chat with the adapter: scripts/chat.py --adapter "
+                           f"{run_dir}")
+            scores = None if self.sharded else score_task(model, self.tokenizer, cfg.data, cfg.eval_generate)
             if scores is not None:
                 result.update(char_accuracy=scores["char_accuracy"], exact_match=scores["exact_match"],
                               n_scored=scores["n"])
@@ -447,7 +465,8 @@ def grad_norm_of(params: list[torch.nn.Parameter]) -> torch.Tensor:
 
 
 def all_finite(params: list[torch.nn.Parameter]) -> bool:
-    return all(bool(torch.isfinite(p.detach()).all()) for p in params)
+    # a sharded (FSDP) parameter is checked by its local shard
+    return all(bool(torch.isfinite(getattr(p, "_local_tensor", p).detach()).all()) for p in params)
 
 
 def memory_plan(cfg: TrainConfig, model: torch.nn.Module, accelerator) -> Plan:

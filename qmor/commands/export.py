@@ -3,6 +3,7 @@
     qmor export runs/NAME --output merged/NAME                 # fp16, merged onto dequant(Q)
     qmor export runs/NAME --output merged/NAME --dtype bf16 --shard-size 5GB
     qmor export runs/NAME --output peft/NAME --format peft     # adapter + its base in base/
+    qmor export runs/NAME --output gguf/NAME --format gguf     # GGUF q8_0 + Ollama Modelfile
 """
 
 from __future__ import annotations
@@ -18,9 +19,12 @@ def parse_args(argv: list[str] | None = None, prog: str | None = None) -> argpar
     p = argparse.ArgumentParser(prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("source", help="a run folder (runs/NAME) or an adapter folder")
     p.add_argument("--output", required=True, help="folder to write; refused if it exists, unless --overwrite")
-    p.add_argument("--format", choices=["merged", "peft"], default="merged", help="merged model or PEFT adapter")
+    p.add_argument("--format", choices=["merged", "peft", "gguf"], default="merged",
+                   help="merged model, PEFT adapter, or GGUF file for llama.cpp / Ollama (with a Modelfile)")
     p.add_argument("--peft", action="store_true", help="same as --format peft")
-    p.add_argument("--dtype", choices=["fp16", "bf16"], default="fp16", help="dtype of the written weights")
+    p.add_argument("--dtype", choices=["fp16", "bf16"], default=None,
+                   help="dtype of the written weights (default fp16)")
+    p.add_argument("--gguf-type", default="q8_0", help="GGUF only: f16, bf16 or q8_0 (default)")
     p.add_argument("--merge-base", choices=["dequantized", "original"], default="dequantized",
                    help="dequant(Q), what the adapter was trained against, or the original weights W")
     p.add_argument("--shard-size", default="2GB", help="largest safetensors shard, e.g. 2GB, 500MB")
@@ -41,11 +45,19 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     args = parse_args(argv, prog)
     # loaded when the command runs, so --help and bad options answer at once
     from qmor.export import export_merged, export_peft
+    from qmor.gguf_export import export_gguf
 
-    common = dict(dtype=args.dtype, shard_size=args.shard_size, overwrite=args.overwrite, device=args.device,
-                  base_model=args.base_model, trust_remote_code=args.trust_remote_code, tolerance=args.tolerance,
+    common = dict(overwrite=args.overwrite, device=args.device, base_model=args.base_model,
+                  trust_remote_code=args.trust_remote_code, tolerance=args.tolerance,
                   allow_other_base=args.allow_other_base)
     try:
+        if args.format == "gguf" and not args.peft:
+            if args.dtype or args.no_base:
+                raise QmorError(f"{'--dtype' if args.dtype else '--no-base'} does not apply to GGUF exports; the "
+                                "GGUF weights are set with --gguf-type (f16, bf16 or q8_0)")
+            export_gguf(args.source, args.output, gguf_type=args.gguf_type, merge_base=args.merge_base, **common)
+            return 0
+        common.update(dtype=args.dtype or "fp16", shard_size=args.shard_size)
         if args.peft or args.format == "peft":
             if args.merge_base != "dequantized":
                 raise QmorError("--merge-base applies to merged exports; a PEFT adapter goes over its dequantised "
