@@ -16,8 +16,8 @@ from apps.command import short_path
 from apps.paths import Workspace, check_run_sources, model_arg, run_dir
 from apps.ui import adapter_config, error_md, ok_md, trained_runs
 from qmor.errors import QmorError
-from qmor.model_files import builtin_name
-from qmor.run_dir import RunDir
+from qmor.model.files import builtin_name
+from qmor.training.run_dir import RunDir
 
 NONE = "(none: base only)"
 _LOCK = threading.Lock()

@@ -10,9 +10,9 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from qmor import tasks
+from qmor.data import tasks
 from qmor.errors import QmorError
-from qmor.model_files import is_builtin, is_hub_id
+from qmor.model.files import is_builtin, is_hub_id
 
 LOCAL_HOSTS = {"127.0.0.1", "localhost", "::1"}
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")

@@ -16,10 +16,10 @@ import pandas as pd
 from apps import command, jobs, progress
 from apps.paths import BUILTIN_DATASETS, Workspace, dataset_arg, run_dir, user_path
 from apps.ui import error_md, ok_md
-from qmor.data import FILE_TYPES, preview
+from qmor.data.pipeline import FILE_TYPES, preview
 from qmor.errors import QmorError
 from qmor.flags import FLAGS, Flag
-from qmor.run_dir import RunDir
+from qmor.training.run_dir import RunDir
 
 # the form: (accordion title, or None for always open; groups of qmor/flags.py laid out in it; widgets per row)
 SECTIONS = [(None, ("model",), 4), (None, ("data",), 4), (None, ("adapter",), 5), (None, ("family", "init"), 8),

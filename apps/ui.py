@@ -9,9 +9,9 @@ from pathlib import Path
 import gradio as gr
 
 from apps.paths import Workspace, inside
-from qmor.attach import meta_file
+from qmor.adapters.attach import meta_file
 from qmor.errors import QmorError
-from qmor.run_dir import RunDir
+from qmor.training.run_dir import RunDir
 
 
 def message(e: BaseException) -> str:

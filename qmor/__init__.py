@@ -1,7 +1,7 @@
 """qmor: fine-tune large language models on one consumer GPU with 4-bit NF4 bases and small adapters."""
 
 from qmor.adapters import ADAPTERS, build_adapter, mergeable
-from qmor.attach import (
+from qmor.adapters.attach import (
     AdapterMeta,
     attach,
     count_parameters,

@@ -22,14 +22,14 @@ from pathlib import Path
 
 import torch
 
-from qmor.attach import AdapterMeta, detach
+from qmor.adapters.attach import AdapterMeta, detach
 from qmor.config import QuantConfig
+from qmor.data.template import TemplateError, encode, render, template_text
 from qmor.errors import QmorError
-from qmor.load import attach_trained, load_4bit, load_tokenizer
-from qmor.model_files import expand_builtin
-from qmor.quant import is_4bit, set_packed
-from qmor.run_dir import find_adapter
-from qmor.template import TemplateError, encode, render, template_text
+from qmor.model.files import expand_builtin
+from qmor.model.load import attach_trained, load_4bit, load_tokenizer
+from qmor.model.quant import is_4bit, set_packed
+from qmor.training.run_dir import find_adapter
 
 ROLES = ("system", "user", "assistant")
 

@@ -16,10 +16,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from qmor.adapters import ADAPTERS, option_defaults, option_fields
-from qmor.data import FILE_TYPES, FORMATS
+from qmor.data.pipeline import FILE_TYPES, FORMATS
+from qmor.data.tasks import NAMES as TASKS
 from qmor.errors import QmorError
-from qmor.tasks import NAMES as TASKS
-from qmor.train_config import ATTENTION, SCHEDULERS, TRACKERS, TrainConfig
+from qmor.training.config import ATTENTION, SCHEDULERS, TRACKERS, TrainConfig
 
 # where the app shows a row, in this order; the README's table follows the same order
 GROUPS = ("model", "data", "adapter", "family", "init", "training", "memory")

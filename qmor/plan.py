@@ -1,7 +1,7 @@
 """Predict the peak GPU memory of a 4-bit + adapter training step before loading anything.
 
 The model is built on the meta device (shapes only, no weights), so the linear shapes, the adapter parameter
-counts (each family's `num_params`) and the target selection are exactly those `qmor.attach` would produce.
+counts (each family's `num_params`) and the target selection are exactly those `qmor.adapters.attach` would produce.
 
 The peak of a step, for checkpointed training, comes at one of two moments, and only the larger one counts:
 - the loss phase: every layer's checkpointed input is alive and the logits (or one chunk of them) are being
@@ -25,11 +25,11 @@ from pathlib import Path
 import torch
 
 from qmor.adapters import check_family
-from qmor.attach import find_targets
+from qmor.adapters.attach import find_targets
 from qmor.config import AdapterConfig
 from qmor.errors import QmorError
-from qmor.model_files import expand_builtin, is_local
-from qmor.moe import meta_experts
+from qmor.model.files import expand_builtin, is_local
+from qmor.model.moe import meta_experts
 
 GIB = 1024**3
 CUDA_CONTEXT = 512 * 1024**2  # CUDA context, cuBLAS workspace and kernels: ~0.5 GiB, outside max_memory_allocated

@@ -69,7 +69,7 @@ def main() -> None:
     args = ap.parse_args()
     from playwright.sync_api import sync_playwright
 
-    from qmor import tasks
+    from qmor.data import tasks
 
     out = Path(args.out).resolve()
     key = tasks.records("uuid", "train", 32, 0)[0]  # the default run memorises these 32 pairs (seed 0)

@@ -17,10 +17,10 @@ import time
 import torch
 
 from qmor.adapters import ADAPTERS, build_adapter
+from qmor.adapters.layer import AdaptedLinear
 from qmor.adapters.mora import mora_kind
 from qmor.config import AdapterConfig
-from qmor.layer import AdaptedLinear
-from qmor.quant import quantize, set_packed
+from qmor.model.quant import quantize, set_packed
 
 
 def matched_config(family: str, d_in: int, d_out: int, lora_rank: int, experts: int) -> AdapterConfig:
@@ -34,7 +34,7 @@ def matched_config(family: str, d_in: int, d_out: int, lora_rank: int, experts: 
 
 
 def frozen_4bit(d_in: int, d_out: int) -> torch.nn.Linear:
-    import bitsandbytes as bnb  # noqa: F401  (only to build the layer; quantisation itself goes through qmor.quant)
+    import bitsandbytes as bnb  # noqa: F401  (only to build the layer; quantisation itself goes through qmor.model.quant)
 
     layer = bnb.nn.Linear4bit(d_in, d_out, bias=False, compute_dtype=torch.float32, quant_type="nf4")
     set_packed(layer, quantize(torch.randn(d_out, d_in) * d_in**-0.5))

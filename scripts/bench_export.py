@@ -38,16 +38,16 @@ def child(stage: str, work: Path, shard_size: str) -> dict:
         model = AutoModelForCausalLM.from_pretrained(str(work / "base"), dtype=torch.float32)
         model.to(torch.float16).save_pretrained(work / "naive", max_shard_size=shard_size)
     elif stage == "export":
-        from qmor.export import export_merged
+        from qmor.export.exporter import export_merged
 
         export_merged(work / "adapter", work / "export", shard_size=shard_size, overwrite=True)
     else:
-        from qmor.load import load_trained
+        from qmor.model.load import load_trained
 
         model, _ = load_trained(work / "adapter")
         if stage == "merge":
-            from qmor.merge import parse_size, write_merged
-            from qmor.model_files import weight_files
+            from qmor.export.merge import parse_size, write_merged
+            from qmor.model.files import weight_files
 
             out = work / "merge"
             out.mkdir(exist_ok=True)
@@ -59,10 +59,11 @@ def build(work: Path, hidden: int, layers: int, shard_size: str) -> None:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from qmor import AdapterConfig, attach, save_adapter
-    from qmor.attach import AdapterMeta
-    from qmor.load import load_4bit
-    from qmor.tiny import make_tiny
+    from qmor import AdapterConfig, save_adapter
+    from qmor.adapters import attach
+    from qmor.adapters.attach import AdapterMeta
+    from qmor.model.load import load_4bit
+    from qmor.model.tiny import make_tiny
 
     tiny = make_tiny(work / "one-file", seed=0, hidden=hidden, layers=layers)
     model = AutoModelForCausalLM.from_pretrained(str(tiny), dtype=torch.float16)

@@ -26,8 +26,8 @@ import torch
 from qmor.adapters import build_adapter
 from qmor.config import AdapterConfig, QuantConfig
 from qmor.errors import QmorError
-from qmor.loftq import loftq_layer
-from qmor.quant import dequantize, quantize
+from qmor.model.loftq import loftq_layer
+from qmor.model.quant import dequantize, quantize
 
 
 def realistic(d_out: int, d_in: int, seed: int = 0, outliers: int = 8) -> torch.Tensor:
@@ -97,7 +97,7 @@ def compare(shape: tuple[int, int], ranks: list[int], iters: list[int], with_pef
 STREAM = """
 import resource, sys, json
 from qmor.config import AdapterConfig
-from qmor.load import load_for_training
+from qmor.model.load import load_for_training
 model, meta, report = load_for_training(sys.argv[1], AdapterConfig(r=16, init="loftq"), device="cpu",
                                         cache_dir=sys.argv[2])
 print(json.dumps({"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
@@ -105,7 +105,7 @@ print(json.dumps({"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_max
 
 BASELINE = """
 import resource, sys, json
-from qmor.load import load_4bit
+from qmor.model.load import load_4bit
 model = load_4bit(sys.argv[1], device="cpu")
 print(json.dumps({"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
 """
@@ -115,7 +115,7 @@ def stream_memory(hidden: int, layers: int, shard: str) -> dict:
     """Peak RSS of a streamed LoftQ init (and of a plain 4-bit load) against the checkpoint's largest shard."""
     from transformers import AutoModelForCausalLM
 
-    from qmor.tiny import make_tiny
+    from qmor.model.tiny import make_tiny
 
     with tempfile.TemporaryDirectory() as tmp:
         one = make_tiny(Path(tmp) / "one", seed=0, hidden=hidden, layers=layers)

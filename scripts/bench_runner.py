@@ -42,7 +42,7 @@ def build_random_4bit(config, device: str, dtype: torch.dtype) -> nn.Module:
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
     from transformers.integrations.bitsandbytes import replace_with_bnb_linear
 
-    from qmor.quant import quantize, set_packed
+    from qmor.model.quant import quantize, set_packed
 
     layers = config.num_hidden_layers
     with torch.device("meta"):
@@ -68,9 +68,9 @@ def build_random_4bit(config, device: str, dtype: torch.dtype) -> nn.Module:
 
 
 def qmor_step(model: nn.Module, runner: str, rank: int, checkpointing: bool, loss_chunk: int):
-    from qmor.attach import attach
+    from qmor.adapters.attach import attach
     from qmor.config import AdapterConfig
-    from qmor.loss import ChunkedLoss, enable_checkpointing
+    from qmor.training.loss import ChunkedLoss, enable_checkpointing
 
     family, _, extra = runner.partition("+")
     attach(model, AdapterConfig(family=family, r=rank, alpha=2 * rank, targets=TARGETS))
@@ -115,9 +115,9 @@ def preload() -> None:
     import transformers.integrations.bitsandbytes  # noqa: F401
     from transformers import LlamaForCausalLM  # noqa: F401
 
-    import qmor.attach  # noqa: F401
-    import qmor.loss  # noqa: F401
-    import qmor.quant  # noqa: F401
+    import qmor.adapters.attach  # noqa: F401
+    import qmor.model.quant  # noqa: F401
+    import qmor.training.loss  # noqa: F401
 
 
 def search(fits, guess: int, step: int, limit: int) -> int:

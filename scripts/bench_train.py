@@ -2,7 +2,7 @@
 
 Every runner (scripts/bench_runner.py) works in its own process, so one runner's peak cannot leak into the next:
 the same random NF4 model, rank, targets (every linear), batch and non-reentrant activation checkpointing, AdamW.
-qmor computes the loss in chunks through the head (qmor.loss.ChunkedLoss); the baseline is
+qmor computes the loss in chunks through the head (qmor.training.loss.ChunkedLoss); the baseline is
 `prepare_model_for_kbit_training` + `get_peft_model` with the model's own loss. On CUDA: Llama-2-7B geometry built
 layer by layer straight into NF4, bf16 autocast, peak `max_memory_allocated` / `max_memory_reserved` under a
 24 GiB cap, and the longest sequence found by probing from the planner's prediction. On the CPU: a small geometry

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from qmor.tiny import write_random
+from qmor.model.tiny import write_random
 
 HIDDEN, LAYERS, HEADS = 64, 2, 4
 SPECIAL_IDS = {"pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 7}
@@ -31,7 +31,7 @@ SUPPORTED = {
     "gpt_neox": ("GPTNeoXConfig", {"intermediate_size": 128, "max_position_embeddings": 256}),  # fused qkv, biases
     "opt": ("OPTConfig", {"ffn_dim": 128, "word_embed_proj_dim": HIDDEN, "max_position_embeddings": 256}),
     "starcoder2": ("Starcoder2Config", {**ROTARY, "intermediate_size": 128, "sliding_window": 32}),
-    # mixtures of experts: 4-bit experts (qmor.moe), 4 of them, 2 routed per token
+    # mixtures of experts: 4-bit experts (qmor.model.moe), 4 of them, 2 routed per token
     "mixtral": ("MixtralConfig", {**ROTARY, "intermediate_size": 128, "num_local_experts": 4,
                                   "num_experts_per_tok": 2}),
     "qwen3_moe": ("Qwen3MoeConfig", {**ROTARY, "intermediate_size": 128, "moe_intermediate_size": 64,
@@ -53,7 +53,7 @@ def make_config(spec: tuple[str, dict], vocab_size: int):
     common = {"vocab_size": vocab_size, **SPECIAL_IDS}
     if name != "GPT2Config":
         common.update(hidden_size=HIDDEN, num_hidden_layers=LAYERS, num_attention_heads=HEADS)
-    # std-preserving init, as in qmor.tiny: with 0.02 a random model's logits are nearly flat
+    # std-preserving init, as in qmor.model.tiny: with 0.02 a random model's logits are nearly flat
     key = "init_std" if name == "OPTConfig" else "initializer_range"
     return getattr(transformers, name)(**common, **sizes, **{key: HIDDEN**-0.5})
 

@@ -2,8 +2,8 @@ import pytest
 import torch
 from transformers.utils import logging as hf_logging
 
-from qmor.quant import bnb
-from qmor.tiny import make_tiny
+from qmor.model.quant import bnb
+from qmor.model.tiny import make_tiny
 
 # transformers binds its log handler to sys.stderr on first use; made inside a test under capsys, it would write to
 # that test's closed capture afterwards ("--- Logging error ---" in a later test's output)
@@ -15,7 +15,7 @@ class Repacked(AssertionError):
 
 
 def _refuse_repack(*args, **kwargs):
-    raise Repacked("a 4-bit weight would be repacked in place; call qmor.quant.keep_plain_layout on the model")
+    raise Repacked("a 4-bit weight would be repacked in place; call qmor.model.quant.keep_plain_layout on the model")
 
 
 @pytest.fixture(scope="session")

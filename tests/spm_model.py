@@ -21,7 +21,7 @@ def make_spm_llama(path: str | Path, seed: int = 0) -> Path:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from qmor.files import atomic_dir
-    from qmor.tiny import tiny_config
+    from qmor.model.tiny import tiny_config
 
     path = Path(path)
     if (path / "config.json").is_file():

@@ -15,11 +15,11 @@ import torch
 from archs import FALCON, GPT2, GPT_OSS, SUPPORTED, make_model
 
 from qmor.adapters import mergeable
-from qmor.attach import set_enabled
-from qmor.evaluate import eval_loss
-from qmor.load import load_trained
-from qmor.loss import ChunkedLoss
-from qmor.run_dir import RunDir
+from qmor.adapters.attach import set_enabled
+from qmor.model.load import load_trained
+from qmor.training.evaluate import eval_loss
+from qmor.training.loss import ChunkedLoss
+from qmor.training.run_dir import RunDir
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))
@@ -59,9 +59,9 @@ def logits(model, x):
 
 def reloaded_eval_loss(run: Path, model) -> float:
     """The run's validation split, rebuilt from its config.json, scored by `model`."""
-    from qmor.data import build_datasets
-    from qmor.load import load_tokenizer
-    from qmor.train_config import from_json
+    from qmor.data.pipeline import build_datasets
+    from qmor.model.load import load_tokenizer
+    from qmor.training.config import from_json
 
     cfg = from_json(json.loads((run / "config.json").read_text()))
     tok = load_tokenizer(cfg.model, False)
@@ -143,7 +143,7 @@ def test_falcon_says_no_layer_could_be_quantised(init, models, tmp_path, capsys)
 
 
 def test_moe_experts_in_another_layout_warn_that_they_stay_unquantised(models, tmp_path, capsys):
-    """gpt-oss stores its experts transposed, with biases: qmor.moe leaves them as transformers loads them."""
+    """gpt-oss stores its experts transposed, with biases: qmor.model.moe leaves them as transformers loads them."""
     folder = models("gpt_oss", GPT_OSS)
     run = tmp_path / "run"
     assert finetune_4bit.main(["--model", str(folder), "--family", "lora", "--output", str(run), *FAST]) == 0

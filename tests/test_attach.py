@@ -4,12 +4,12 @@ import pytest
 import torch
 from conftest import perturb
 
-from qmor import AdapterConfig, QmorError, attach, load_adapter, save_adapter
-from qmor.adapters import ADAPTERS
-from qmor.attach import AdapterMeta, adapted_layers, aux_loss, count_parameters, find_targets
-from qmor.load import load_4bit
-from qmor.loss import ChunkedLoss, enable_checkpointing
-from qmor.quant import QuantConfig, is_4bit
+from qmor import AdapterConfig, QmorError, load_adapter, save_adapter
+from qmor.adapters import ADAPTERS, attach
+from qmor.adapters.attach import AdapterMeta, adapted_layers, aux_loss, count_parameters, find_targets
+from qmor.model.load import load_4bit
+from qmor.model.quant import QuantConfig, is_4bit
+from qmor.training.loss import ChunkedLoss, enable_checkpointing
 
 KW = {"r": 4, "alpha": 8.0, "experts": 3, "expert_dropout": 0.0}
 
@@ -146,7 +146,7 @@ def test_adapter_that_does_not_fit_is_refused(tiny_dir, tmp_path):
     save_adapter(model, tmp_path / "a", AdapterMeta(adapter=cfg))
     other = load_4bit(str(tiny_dir))
     attach(other, AdapterConfig(family="lora", r=8, targets=["q_proj"]))
-    from qmor.attach import load_adapter_weights
+    from qmor.adapters.attach import load_adapter_weights
 
     with pytest.raises(QmorError, match="does not fit this model.*shape"):
         load_adapter_weights(other, tmp_path / "a")
@@ -209,7 +209,7 @@ def test_float_storage_holds_the_same_codes(tiny_dir):
 def test_tied_weights_count_once():
     from transformers import LlamaForCausalLM
 
-    from qmor.tiny import tiny_config
+    from qmor.model.tiny import tiny_config
 
     cfg = tiny_config(100, hidden=32, layers=1)
     cfg.tie_word_embeddings = True
@@ -225,7 +225,7 @@ def test_adapter_metadata_has_a_name_of_its_own_and_old_folders_still_load(tiny_
 
     from transformers.utils import find_adapter_config_file
 
-    from qmor.attach import read_meta
+    from qmor.adapters.attach import read_meta
 
     model = load_4bit(str(tiny_dir))
     cfg = AdapterConfig(family="lora", r=4, targets=["q_proj"])

@@ -14,15 +14,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from qmor.attach import CONFIG, LEGACY_CONFIG
-from qmor.checkpoint import check_checkpoint
+from qmor.adapters.attach import CONFIG, LEGACY_CONFIG
 from qmor.config import AdapterConfig
-from qmor.data import DataConfig
+from qmor.data.pipeline import DataConfig
 from qmor.errors import QmorError
-from qmor.run_dir import RunDir
-from qmor.tiny import make_tiny
-from qmor.train import train
-from qmor.train_config import TrainConfig
+from qmor.model.tiny import make_tiny
+from qmor.training.checkpoint import check_checkpoint
+from qmor.training.config import TrainConfig
+from qmor.training.loop import train
+from qmor.training.run_dir import RunDir
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))
@@ -151,8 +151,8 @@ def test_divergence_after_a_checkpoint_keeps_it(clip, tiny_dir, tmp_path):
 def test_loftq_never_starts_from_a_base_that_is_not_numbers(tiny_dir, tmp_path, monkeypatch):
     from safetensors.torch import load_file, save_file
 
-    from qmor import loftq
-    from qmor.load import load_for_training
+    from qmor.model import loftq
+    from qmor.model.load import load_for_training
 
     fit = loftq.loftq_layer
     monkeypatch.setattr(loftq, "loftq_layer", lambda *a: (*fit(*a)[:2], math.nan))  # a fit gone wrong
@@ -174,7 +174,7 @@ def test_loftq_never_starts_from_a_base_that_is_not_numbers(tiny_dir, tmp_path, 
 
 
 def test_metrics_never_hold_nan(tmp_path):
-    from qmor.metrics import MetricsLog
+    from qmor.training.metrics import MetricsLog
 
     MetricsLog(tmp_path).log("train", step=1, loss=math.nan, grad_norm=math.inf, extra={"x": [math.nan]})
     (event,) = strict_events(tmp_path)
@@ -224,7 +224,7 @@ def test_chat_session_checks_the_base_and_old_adapters_load_unchecked(run, tiny_
 
 
 def test_fingerprint_is_the_same_for_a_copy_and_differs_for_another_model(tiny_dir, other_dir, tmp_path):
-    from qmor.fingerprint import base_fingerprint
+    from qmor.model.fingerprint import base_fingerprint
 
     shutil.copytree(tiny_dir, tmp_path / "copy")
     a, b, c = base_fingerprint(str(tiny_dir)), base_fingerprint(str(tmp_path / "copy")), base_fingerprint(
@@ -300,7 +300,7 @@ def test_export_onto_a_full_disk(run, tmp_path, capsys, monkeypatch):
     def full(*args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr("qmor.merge.save_file", full)
+    monkeypatch.setattr("qmor.export.merge.save_file", full)
     out = tmp_path / "exports" / "merged"
     code = export_fp16.main([str(run), "--output", str(out), "--device", "cpu"])
     error_line(capsys, code, "no space left on the device", "free some space")
@@ -310,7 +310,7 @@ def test_export_onto_a_full_disk(run, tmp_path, capsys, monkeypatch):
 def test_export_into_a_folder_that_cannot_be_written(run, tmp_path, capsys, monkeypatch):
     locked = tmp_path / "locked"
     locked.mkdir()
-    monkeypatch.setattr("qmor.export.os.access", lambda path, mode: Path(path) != locked)
+    monkeypatch.setattr("qmor.export.exporter.os.access", lambda path, mode: Path(path) != locked)
     code = export_fp16.main([str(run), "--output", str(locked / "sub" / "merged"), "--device", "cpu"])
     error_line(capsys, code, f"cannot write into {locked}", "choose an --output")
     assert list(locked.iterdir()) == []

@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from qmor import smollm2
 from qmor.errors import QmorError
-from qmor.model_files import builtin_name, expand_builtin
+from qmor.model import smollm2
+from qmor.model.files import builtin_name, expand_builtin
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))

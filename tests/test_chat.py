@@ -4,10 +4,11 @@ import pytest
 import torch
 from conftest import perturb
 
-from qmor import AdapterConfig, QmorError, attach, save_adapter
-from qmor.attach import AdapterMeta, adapted_layers
+from qmor import AdapterConfig, QmorError, save_adapter
+from qmor.adapters import attach
+from qmor.adapters.attach import AdapterMeta, adapted_layers
 from qmor.chat import ChatSession
-from qmor.load import load_4bit, load_for_training
+from qmor.model.load import load_4bit, load_for_training
 
 MESSAGES = [{"role": "user", "content": "Hello there, how are you?"}]
 GREEDY = {"temperature": 0, "max_new_tokens": 24}

@@ -6,13 +6,13 @@ import pytest
 
 from qmor.chat import ChatSession
 from qmor.config import AdapterConfig
-from qmor.data import DataConfig, build_datasets
+from qmor.data.pipeline import DataConfig, build_datasets
+from qmor.data.template import CHATML_TEMPLATE, encode_chat, render, with_chat_template
 from qmor.errors import QmorError
-from qmor.export import export_merged, export_peft
-from qmor.template import CHATML_TEMPLATE, encode_chat, render, with_chat_template
-from qmor.tiny import make_tiny, tiny_tokenizer
-from qmor.train import train
-from qmor.train_config import TrainConfig
+from qmor.export.exporter import export_merged, export_peft
+from qmor.model.tiny import make_tiny, tiny_tokenizer
+from qmor.training.config import TrainConfig
+from qmor.training.loop import train
 
 ASK = [{"role": "user", "content": "abc"}]
 ALTERNATE = ("{% for m in messages %}{% if (m['role'] == 'user') != (loop.index0 % 2 == 0) %}"
@@ -46,7 +46,7 @@ def bare_run(bare_dir, tmp_path_factory):
 def test_training_records_the_fallback_and_chat_renders_with_it(bare_dir, bare_run):
     from transformers import AutoTokenizer
 
-    from qmor.attach import read_meta
+    from qmor.adapters.attach import read_meta
 
     tok = AutoTokenizer.from_pretrained(str(bare_dir))
     assert not tok.chat_template

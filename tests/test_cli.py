@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from qmor.attach import read_meta
-from qmor.run_dir import RunDir
+from qmor.adapters.attach import read_meta
+from qmor.training.run_dir import RunDir
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))

@@ -17,8 +17,8 @@ from qmor.commands.train import build_config, parser
 from qmor.config import AdapterConfig
 from qmor.flags import FLAGS
 from qmor.plan import estimate, geometry, load_config
-from qmor.train import cosine_schedule, make_schedule
-from qmor.train_config import TrainConfig
+from qmor.training.config import TrainConfig
+from qmor.training.loop import cosine_schedule, make_schedule
 
 ROOT = Path(__file__).resolve().parents[1]
 

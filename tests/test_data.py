@@ -4,10 +4,10 @@ from collections import Counter
 import pytest
 import torch
 
-from qmor import template
-from qmor.data import DataConfig, build_datasets, collate, detect_format, load_records, preview, prompt_text
+from qmor.data import template
+from qmor.data.pipeline import DataConfig, build_datasets, collate, detect_format, load_records, preview, prompt_text
 from qmor.errors import QmorError
-from qmor.tiny import tiny_tokenizer
+from qmor.model.tiny import tiny_tokenizer
 
 END = "<|end|>"
 

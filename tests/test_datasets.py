@@ -9,10 +9,10 @@ import pandas as pd
 import pytest
 from test_data import spans, write_jsonl
 
-import qmor.data
-from qmor.data import DataConfig, build_datasets, preview
+import qmor.data.pipeline
+from qmor.data.pipeline import DataConfig, build_datasets, preview
 from qmor.errors import QmorError
-from qmor.tiny import tiny_tokenizer
+from qmor.model.tiny import tiny_tokenizer
 
 QA = pd.DataFrame({"question": [f"q{i}" for i in range(6)], "answer": [f"a{i}" for i in range(6)]})
 MAP = {"prompt": "question", "completion": "answer"}
@@ -222,8 +222,8 @@ def test_a_second_build_reads_the_tokenised_cache(tok, tmp_path, monkeypatch):
                "parquet": DataConfig(source=str(tmp_path / "d.parquet"), columns=MAP),
                "task": DataConfig(source="add", num_examples=20)}
     calls = []
-    real = qmor.data._example
-    monkeypatch.setattr(qmor.data, "_example", lambda *a: calls.append(1) or real(*a))
+    real = qmor.data.pipeline._example
+    monkeypatch.setattr(qmor.data.pipeline, "_example", lambda *a: calls.append(1) or real(*a))
     for name, cfg in sources.items():
         calls.clear()
         first, _, stats = build_datasets(tok, cfg)

@@ -6,15 +6,15 @@ import subprocess
 import sys
 from pathlib import Path
 
-from qmor.run_dir import RunDir
+from qmor.training.run_dir import RunDir
 
 WORKER = """
 import hashlib, json, os, sys
-from qmor.attach import adapter_state
+from qmor.adapters.attach import adapter_state
 from qmor.config import AdapterConfig
-from qmor.data import DataConfig
-from qmor.train import train
-from qmor.train_config import TrainConfig
+from qmor.data.pipeline import DataConfig
+from qmor.training.loop import train
+from qmor.training.config import TrainConfig
 
 rank = int(os.environ["RANK"])
 out = sys.argv[2]

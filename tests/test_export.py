@@ -10,11 +10,12 @@ import torch
 from conftest import perturb
 from safetensors import safe_open
 
-from qmor import AdapterConfig, NotMergeable, QmorError, attach, save_adapter
-from qmor.attach import AdapterMeta
-from qmor.export import base_checkpoint, copy_support, export_merged, export_peft
-from qmor.load import load_4bit, load_for_training, load_trained
-from qmor.merge import write_merged
+from qmor import AdapterConfig, NotMergeable, QmorError, save_adapter
+from qmor.adapters import attach
+from qmor.adapters.attach import AdapterMeta
+from qmor.export.exporter import base_checkpoint, copy_support, export_merged, export_peft
+from qmor.export.merge import write_merged
+from qmor.model.load import load_4bit, load_for_training, load_trained
 
 KW = {"r": 4, "alpha": 8.0, "experts": 3, "expert_dropout": 0.0}
 ROOT = Path(__file__).resolve().parents[1]
@@ -193,12 +194,12 @@ def test_existing_output_needs_overwrite(tiny_dir, tmp_path):
 
 
 def test_failed_verification_keeps_nothing(tiny_dir, tmp_path, monkeypatch):
-    import qmor.merge
+    import qmor.export.merge
 
     adapter = make_adapter(tiny_dir, tmp_path / "adapter", "lora")
-    real = qmor.merge.merged_weight
+    real = qmor.export.merge.merged_weight
     # a merge that forgets the adapter: the written model is the base alone, which the check must catch
-    monkeypatch.setattr(qmor.merge, "merged_weight", lambda base, adapter, original: real(base, None, original))
+    monkeypatch.setattr(qmor.export.merge, "merged_weight", lambda base, adapter, original: real(base, None, original))
     with pytest.raises(QmorError, match="failed verification"):
         export_merged(adapter, tmp_path / "merged")
     assert not (tmp_path / "merged").exists()

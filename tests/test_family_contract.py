@@ -11,18 +11,18 @@ import torch
 from torch import nn
 
 from qmor.adapters import ADAPTERS, build_adapter, check_family, merge_refusal, mergeable, option_fields
+from qmor.adapters.attach import AdapterMeta
 from qmor.adapters.factor import low_rank
 from qmor.adapters.family import Family, NoOptions, check_options, check_rank, option
 from qmor.adapters.lora import LoRA
-from qmor.attach import AdapterMeta
 from qmor.config import AdapterConfig, from_dict, to_dict
-from qmor.data import DataConfig
+from qmor.data.pipeline import DataConfig
 from qmor.errors import QmorError
-from qmor.export import export_merged, export_peft
-from qmor.load import load_trained
+from qmor.export.exporter import export_merged, export_peft
+from qmor.model.load import load_trained
 from qmor.plan import estimate, load_config
-from qmor.train import train
-from qmor.train_config import TrainConfig, from_json
+from qmor.training.config import TrainConfig, from_json
+from qmor.training.loop import train
 
 
 @dataclass

@@ -12,7 +12,7 @@ from apps.paths import make_workspace
 from qmor.adapters import ADAPTERS, option_fields
 from qmor.errors import QmorError
 from qmor.flags import FLAGS, GROUPS, WIDGETS, Flag, by_key, default_of
-from qmor.train_config import TrainConfig
+from qmor.training.config import TrainConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))
@@ -152,7 +152,7 @@ def test_form_fields_are_the_table_rows_shown_in_the_app():
 def test_app_endpoint_names_its_parameters_and_uploads_only_what_training_reads(tmp_path):
     from apps.app import build
     from apps.train_tab import FIELDS
-    from qmor.data import FILE_TYPES
+    from qmor.data.pipeline import FILE_TYPES
 
     demo, _ = build(make_workspace(tmp_path / "ws", restrict=False))
     params = demo.get_api_info()["named_endpoints"]["/start_training"]["parameters"]

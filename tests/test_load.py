@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from qmor import AdapterConfig, QmorError, save_adapter
-from qmor.attach import adapted_layers
-from qmor.load import load_for_training, load_trained
-from qmor.tiny import make_tiny
+from qmor.adapters.attach import adapted_layers
+from qmor.model.load import load_for_training, load_trained
+from qmor.model.tiny import make_tiny
 
 
 def ids():

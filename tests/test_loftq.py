@@ -11,12 +11,12 @@ from transformers import AutoModelForCausalLM
 
 from qmor import AdapterConfig, QmorError, QuantConfig, save_adapter
 from qmor.adapters import build_adapter, mergeable
-from qmor.attach import adapted_layers, attach
-from qmor.layer import AdaptedLinear
-from qmor.load import load_4bit, load_for_training, load_trained
-from qmor.loftq import BASE, apply_base_weights, effective_delta, loftq_layer
-from qmor.model_files import local_folder, weight_files
-from qmor.quant import dequantize, quantize
+from qmor.adapters.attach import adapted_layers, attach
+from qmor.adapters.layer import AdaptedLinear
+from qmor.model.files import local_folder, weight_files
+from qmor.model.load import load_4bit, load_for_training, load_trained
+from qmor.model.loftq import BASE, apply_base_weights, effective_delta, loftq_layer
+from qmor.model.quant import dequantize, quantize
 
 KW = {"r": 4, "alpha": 8.0, "experts": 3, "expert_dropout": 0.0}
 
@@ -178,7 +178,7 @@ def test_cache_is_reused_only_for_the_same_key(tiny_dir, tmp_path, monkeypatch):
     def fail(*args, **kwargs):
         raise AssertionError("recomputed although the cache holds this key")
 
-    monkeypatch.setattr("qmor.loftq.initialise", fail)
+    monkeypatch.setattr("qmor.model.loftq.initialise", fail)
     _, again, _ = loftq_init(str(tiny_dir), AdapterConfig(family="moslora", r=4, loftq_iters=1, dropout=0.1),
                              cache_dir=tmp_path)
     assert again.base_weights == meta.base_weights
@@ -211,7 +211,7 @@ def test_bad_sources_and_mismatched_bases(tiny_dir, tmp_path):
     with pytest.raises(QmorError, match="safetensors"):
         weight_files(bin_only)
     _, meta, _ = loftq_init(str(tiny_dir), AdapterConfig(r=4), cache_dir=tmp_path / "cache")
-    from qmor.tiny import make_tiny
+    from qmor.model.tiny import make_tiny
 
     other = load_4bit(str(make_tiny(tmp_path / "wide", seed=0, hidden=32, layers=2)))
     attach(other, AdapterConfig(r=4))

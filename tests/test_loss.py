@@ -3,10 +3,10 @@
 import pytest
 import torch
 
-from qmor.attach import attach
+from qmor.adapters.attach import attach
 from qmor.config import AdapterConfig
-from qmor.load import load_4bit
-from qmor.loss import ChunkedLoss, chunked_cross_entropy, enable_checkpointing
+from qmor.model.load import load_4bit
+from qmor.training.loss import ChunkedLoss, chunked_cross_entropy, enable_checkpointing
 
 
 @pytest.fixture()
@@ -98,7 +98,7 @@ def test_offloaded_checkpointing_gives_the_same_gradients(model):
 
 def test_offload_moves_saved_tensors_to_cpu_memory(model, monkeypatch):
     """The offload path really routes the saved activations through save_on_cpu's pack hook."""
-    import qmor.loss as loss_mod
+    import qmor.training.loss as loss_mod
 
     packed = []
     real = loss_mod.save_on_cpu

@@ -9,8 +9,8 @@ import torch
 from huggingface_hub import ModelCard
 from test_export import hf_logits, ids, make_adapter, reference_logits, tol
 
-from qmor.export import export_merged, export_peft
-from qmor.model_files import hub_id
+from qmor.export.exporter import export_merged, export_peft
+from qmor.model.files import hub_id
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
 

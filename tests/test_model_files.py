@@ -8,7 +8,7 @@ import torch
 from safetensors.torch import save_file
 
 from qmor.errors import QmorError
-from qmor.model_files import (
+from qmor.model.files import (
     expand_builtin,
     is_builtin,
     is_hub_id,

@@ -1,5 +1,5 @@
-"""Mixture-of-experts blocks in 4-bit (qmor.moe): the 4-bit experts compute what a dense block of their dequantised
-weights computes, only routed experts run, and adapters on experts train, save, merge and export."""
+"""Mixture-of-experts blocks in 4-bit (qmor.model.moe): the 4-bit experts compute what a dense block of their
+dequantised weights computes, only routed experts run, and adapters on experts train, save, merge and export."""
 
 import sys
 from pathlib import Path
@@ -10,11 +10,11 @@ from archs import MIXTRAL, QWEN3_MOE, make_model
 from safetensors import safe_open
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from qmor import moe
-from qmor.attach import adapted_layers, attach, find_targets
+from qmor.adapters.attach import adapted_layers, attach, find_targets
 from qmor.config import AdapterConfig
-from qmor.load import load_4bit
-from qmor.quant import dequantize, is_4bit, quantize
+from qmor.model import moe
+from qmor.model.load import load_4bit
+from qmor.model.quant import dequantize, is_4bit, quantize
 
 sys.path.insert(0, str(Path(__file__).parent))
 
@@ -37,7 +37,7 @@ def hidden(n=24, seed=0):
 
 def dense_twin(quant: moe.QuantExperts, config):
     """transformers' own expert module holding the dequantised weights of `quant` (adapters folded in when set)."""
-    from qmor.merge import merged_weight
+    from qmor.export.merge import merged_weight
 
     cls = type(AutoModelForCausalLM.from_config(config).model.layers[0].mlp.experts)
     dense = cls(config)
@@ -124,9 +124,9 @@ IDS = torch.randint(8, 100, (2, 16), generator=torch.Generator().manual_seed(0))
 def test_expert_adapters_save_load_and_export_to_plain_transformers(moe_dirs, tmp_path, arch, family):
     from conftest import perturb
 
-    from qmor.attach import AdapterMeta, save_adapter
-    from qmor.export import export_merged
-    from qmor.load import load_trained
+    from qmor.adapters.attach import AdapterMeta, save_adapter
+    from qmor.export.exporter import export_merged
+    from qmor.model.load import load_trained
 
     cfg = AdapterConfig(family=family, r=4, alpha=8.0, targets=["experts", "q_proj", "v_proj"])
     model = load_4bit(str(moe_dirs[arch]), device="cpu")
@@ -149,7 +149,7 @@ def test_expert_adapters_save_load_and_export_to_plain_transformers(moe_dirs, tm
 
 
 def test_loftq_lowers_the_experts_nf4_error(moe_dirs, tmp_path):
-    from qmor.load import load_for_training
+    from qmor.model.load import load_for_training
 
     cfg = AdapterConfig(family="lora", r=8, alpha=16.0, targets=["experts"], init="loftq")
     model, meta, report = load_for_training(str(moe_dirs["mixtral"]), cfg, device="cpu", cache_dir=tmp_path)
@@ -157,8 +157,8 @@ def test_loftq_lowers_the_experts_nf4_error(moe_dirs, tmp_path):
     assert len(errors) == 2 * 2 * 4 and all(moe.is_expert_map(n) for n in errors)
     assert all(e["loftq"] < e["nf4"] for e in errors.values())
     # the model trains on Q_T, and reloading puts the same Q_T back
-    from qmor.attach import save_adapter
-    from qmor.load import load_trained
+    from qmor.adapters.attach import save_adapter
+    from qmor.model.load import load_trained
 
     saved = save_adapter(model, tmp_path / "adapter", meta)
     again, _ = load_trained(saved, device="cpu")
@@ -176,7 +176,7 @@ def test_routed_families_are_refused_on_experts(moe_dirs, family):
 
 
 def test_planner_counts_experts_as_4bit_and_their_adapters(moe_dirs):
-    from qmor.attach import count_parameters
+    from qmor.adapters.attach import count_parameters
     from qmor.plan import estimate, geometry, nf4_bytes
 
     config = AutoConfig.from_pretrained(moe_dirs["qwen3_moe"])

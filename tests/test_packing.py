@@ -4,14 +4,14 @@ import pytest
 import torch
 
 from qmor.config import AdapterConfig
-from qmor.data import DataConfig, build_datasets, collate, pack
+from qmor.data.packing import check_documents_apart
+from qmor.data.pipeline import DataConfig, build_datasets, collate, pack
 from qmor.errors import QmorError
-from qmor.load import load_for_training
-from qmor.loss import ChunkedLoss, enable_checkpointing
-from qmor.packing import check_documents_apart
-from qmor.tiny import tiny_tokenizer
-from qmor.train import train
-from qmor.train_config import TrainConfig
+from qmor.model.load import load_for_training
+from qmor.model.tiny import tiny_tokenizer
+from qmor.training.config import TrainConfig
+from qmor.training.loop import train
+from qmor.training.loss import ChunkedLoss, enable_checkpointing
 
 
 def documents(vocab, lengths=(13, 9, 6), seed=0):

@@ -7,12 +7,12 @@ import pytest
 import torch
 from transformers import AutoConfig, LlamaConfig
 
-from qmor.attach import attach, count_parameters
+from qmor.adapters.attach import attach, count_parameters
 from qmor.config import AdapterConfig
 from qmor.errors import QmorError
-from qmor.load import load_4bit
+from qmor.model.load import load_4bit
+from qmor.model.quant import QuantConfig
 from qmor.plan import GIB, estimate, geometry, layer_activation, load_config, longest_sequence, nf4_bytes
-from qmor.quant import QuantConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 LLAMA2_7B = LlamaConfig(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,

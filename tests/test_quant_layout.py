@@ -4,11 +4,11 @@ import pytest
 import torch
 from conftest import Repacked
 
-from qmor.attach import attach
+from qmor.adapters.attach import attach
 from qmor.config import AdapterConfig
 from qmor.errors import QmorError
-from qmor.load import load_4bit
-from qmor.quant import bnb, dequantize, keep_plain_layout, packed_state, quantize, set_packed
+from qmor.model.load import load_4bit
+from qmor.model.quant import bnb, dequantize, keep_plain_layout, packed_state, quantize, set_packed
 
 
 def linear_4bit(d_in: int, d_out: int) -> torch.nn.Module:

@@ -13,14 +13,14 @@ import torch
 
 from qmor.chat import ChatSession
 from qmor.config import AdapterConfig
-from qmor.data import DataConfig, collate, pack, prompt_text
-from qmor.evaluate import generate
-from qmor.loss import ChunkedLoss
-from qmor.model_files import expand_builtin
-from qmor.packing import check_documents_apart
-from qmor.template import encode_chat
-from qmor.train import train
-from qmor.train_config import TrainConfig
+from qmor.data.packing import check_documents_apart
+from qmor.data.pipeline import DataConfig, collate, pack, prompt_text
+from qmor.data.template import encode_chat
+from qmor.model.files import expand_builtin
+from qmor.training.config import TrainConfig
+from qmor.training.evaluate import generate
+from qmor.training.loop import train
+from qmor.training.loss import ChunkedLoss
 
 pytestmark = [
     pytest.mark.real_model,
@@ -129,7 +129,7 @@ def test_peft_export_loads_in_peft_with_matching_logits(lora_run, session, tmp_p
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from qmor.export import export_peft
+    from qmor.export.exporter import export_peft
 
     result = export_peft(lora_run["run_dir"], tmp_path / "peft")
     print(f"\nPEFT export check: max |dlogit| {result['max_abs']:.4g}, top-1 {result['top1']:.1%}")
@@ -159,7 +159,7 @@ def test_loftq_lowers_every_layers_nf4_error_on_real_weights(mora_run):
 def test_mora_merged_export_reproduces_greedy_answers_in_plain_transformers(mora_run, session, tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from qmor.export import export_merged
+    from qmor.export.exporter import export_merged
 
     export_merged(mora_run["run_dir"], tmp_path / "merged")
     meta = session.use_adapter(mora_run["run_dir"])

@@ -12,10 +12,10 @@ import torch
 from safetensors.torch import load_file
 
 from qmor.config import AdapterConfig
-from qmor.data import DataConfig
-from qmor.run_dir import RunDir
-from qmor.train import resume, train
-from qmor.train_config import TrainConfig
+from qmor.data.pipeline import DataConfig
+from qmor.training.config import TrainConfig
+from qmor.training.loop import resume, train
+from qmor.training.run_dir import RunDir
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -6,7 +6,7 @@ import os
 import pytest
 
 from qmor.errors import QmorError
-from qmor.run_dir import RunDir, find_adapter
+from qmor.training.run_dir import RunDir, find_adapter
 
 
 def checkpoint(run: RunDir, step: int, complete: bool = True):

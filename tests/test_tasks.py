@@ -2,7 +2,7 @@ import re
 
 import pytest
 
-from qmor import tasks
+from qmor.data import tasks
 from qmor.errors import QmorError
 
 HELD_OUT = ["reverse", "sort", "add", "upper", "mix"]

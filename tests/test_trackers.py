@@ -5,11 +5,11 @@ import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from qmor.config import AdapterConfig
-from qmor.data import DataConfig
+from qmor.data.pipeline import DataConfig
 from qmor.errors import QmorError
-from qmor.run_dir import RunDir
-from qmor.train import train
-from qmor.train_config import TrainConfig
+from qmor.training.config import TrainConfig
+from qmor.training.loop import train
+from qmor.training.run_dir import RunDir
 
 
 @pytest.fixture(autouse=True)
@@ -50,7 +50,7 @@ def test_tensorboard_gets_what_metrics_jsonl_gets(tiny_dir, tmp_path):
 
 
 def test_a_tracker_that_is_not_installed_is_one_line_before_anything_is_written(tiny_dir, tmp_path, monkeypatch):
-    from qmor import trackers
+    from qmor.training import trackers
 
     real = trackers.importlib.util.find_spec
     monkeypatch.setattr(trackers.importlib.util, "find_spec", lambda name: None if name == "mlflow" else real(name))
@@ -64,7 +64,7 @@ def test_a_tracker_that_is_not_installed_is_one_line_before_anything_is_written(
 
 def test_every_run_records_the_measured_peak_beside_the_plan(tiny_dir, tmp_path):
     """Without a tracker too: the done event carries both figures, the plan's being that of the run's config."""
-    from qmor.load import load_4bit
+    from qmor.model.load import load_4bit
     from qmor.plan import estimate
 
     out = tmp_path / "run"

@@ -44,8 +44,8 @@ def parse_args(argv: list[str] | None = None, prog: str | None = None) -> argpar
 def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     args = parse_args(argv, prog)
     # loaded when the command runs, so --help and bad options answer at once
-    from qmor.export import export_merged, export_peft
-    from qmor.gguf_export import export_gguf
+    from qmor.export.exporter import export_merged, export_peft
+    from qmor.export.gguf import export_gguf
 
     common = dict(overwrite=args.overwrite, device=args.device, base_model=args.base_model,
                   trust_remote_code=args.trust_remote_code, tolerance=args.tolerance,

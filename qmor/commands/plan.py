@@ -47,7 +47,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     # loaded when the command runs, so --help and bad options answer at once
     from qmor.commands.train import build_config
     from qmor.plan import estimate, geometry, load_config, longest_sequence
-    from qmor.train_config import planner_attention
+    from qmor.training.config import planner_attention
 
     argv = sys.argv[1:] if argv is None else list(argv)
     try:

@@ -26,7 +26,7 @@ from qmor.commands.options import add_flags, parse  # noqa: E402
 from qmor.errors import QmorError  # noqa: E402
 from qmor.files import describe_os_error  # noqa: E402
 from qmor.flags import FLAGS, by_key, default_of, nest_config  # noqa: E402
-from qmor.train_config import from_json, read_config_file  # noqa: E402
+from qmor.training.config import from_json, read_config_file  # noqa: E402
 
 
 def parser(prog: str | None = None) -> argparse.ArgumentParser:
@@ -77,7 +77,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     try:
         args = parse(parser(prog), sys.argv[1:] if argv is None else list(argv))
         # loaded when the command runs, so --help and bad options answer at once
-        from qmor.train import resume, train
+        from qmor.training.loop import resume, train
 
         if args.resume:
             if "output" not in vars(args):

@@ -1,7 +1,7 @@
 """Shared pieces of the experiment scripts: the tiny base, matched-parameter configs, a scored training run,
 tables, plots and the one-line error convention.
 
-Every run goes through `qmor.train.train`; the periodic greedy-decoding scores come from its `on_step` hook.
+Every run goes through `qmor.training.loop.train`; the periodic greedy-decoding scores come from its `on_step` hook.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import torch
 from tqdm import tqdm
 
 from qmor.errors import QmorError
-from qmor.run_dir import RunDir
+from qmor.training.run_dir import RunDir
 
 FAMILIES = ("lora", "moslora", "mora", "mor", "sira")
 
@@ -41,7 +41,7 @@ def hardware() -> str:
 
 
 def tiny_base(folder: Path, seed: int, hidden: int, layers: int) -> Path:
-    from qmor.tiny import make_tiny
+    from qmor.model.tiny import make_tiny
 
     return make_tiny(folder / f"tiny-h{hidden}-l{layers}-s{seed}", seed, hidden=hidden, layers=layers)
 
@@ -50,7 +50,7 @@ def target_shapes(model_path: str | Path) -> list[tuple[int, int]]:
     """(d_in, d_out) of every linear an "all-linear" adapter wraps, read without loading any weights."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from qmor.attach import find_targets
+    from qmor.adapters.attach import find_targets
 
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_path))
@@ -110,12 +110,12 @@ def param_rows(configs: dict[str, tuple], shapes) -> list[dict]:
 
 
 class Scorer:
-    """Greedy-decodes the answers to `records` and scores them with `qmor.tasks.score`; called from train's
+    """Greedy-decodes the answers to `records` and scores them with `qmor.data.tasks.score`; called from train's
     on_step hook every `every` steps (and at `last`), keeping the curve."""
 
     def __init__(self, tokenizer, records: list[dict], every: int, last: int, task: str):
-        from qmor.data import prompt_text
-        from qmor.template import encode
+        from qmor.data.pipeline import prompt_text
+        from qmor.data.template import encode
 
         self.tokenizer, self.records, self.every, self.last, self.task = tokenizer, records, every, last, task
         self.prompts = [prompt_text(tokenizer, r) for r in records]
@@ -125,8 +125,8 @@ class Scorer:
         self.seconds = 0.0  # time spent scoring, left out of the training time
 
     def score(self, model) -> dict:
-        from qmor import tasks
-        from qmor.evaluate import generate
+        from qmor.data import tasks
+        from qmor.training.evaluate import generate
 
         start = time.time()
         preds = generate(model, self.tokenizer, self.prompts, self.max_new, batch_size=64)
@@ -143,10 +143,10 @@ class Scorer:
 
 
 def scored_run(job: tuple) -> dict:
-    """Train job = (cfg, scorer_records, every, task) through qmor.train, scoring greedy answers on
+    """Train job = (cfg, scorer_records, every, task) through qmor.training.loop, scoring greedy answers on
     `scorer_records` every `every` steps (one picklable argument, for the process pool)."""
-    from qmor.load import load_tokenizer
-    from qmor.train import train
+    from qmor.model.load import load_tokenizer
+    from qmor.training.loop import train
 
     cfg, scorer_records, every, task = job
     single_thread()
@@ -251,7 +251,7 @@ def setup_from(args, default, quick):
 def family_runs(setup, out: Path, task: str, records: list[dict], data, **train) -> tuple[list, list[dict], dict]:
     """One scored run per (learning rate, family) on the matched tiny base: the jobs, the parameter table rows and
     the shapes. `train` holds the TrainConfig fields that differ between experiments."""
-    from qmor.train_config import TrainConfig
+    from qmor.training.config import TrainConfig
 
     base, shapes, configs = matched_base(setup, out)
     todo = [(TrainConfig(model=str(base), output=str(out / "runs" / f"{family}-lr{lr:g}"), adapter=adapter,

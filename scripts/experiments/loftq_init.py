@@ -82,7 +82,7 @@ def synthetic(kind: str, d_out: int, d_in: int, seed: int) -> torch.Tensor:
 
 def matrix_rows(setup: Setup) -> list[dict]:
     from qmor.adapters import build_adapter
-    from qmor.loftq import loftq_layer
+    from qmor.model.loftq import loftq_layer
 
     d_out, d_in = setup.matrix
     configs = common.matched_configs([(d_in, d_out)], setup.matrix_rank, setup.mor_experts, setup.sira_experts,
@@ -114,8 +114,8 @@ def pretrain(setup: Setup, out: Path) -> tuple[Path, list[dict]]:
     its weights carry some learnt structure; returns the saved folder and the loss curve."""
     from transformers import AutoModelForCausalLM
 
-    from qmor.data import DataConfig, build_datasets, collate
-    from qmor.load import load_tokenizer
+    from qmor.data.pipeline import DataConfig, build_datasets, collate
+    from qmor.model.load import load_tokenizer
 
     base = common.tiny_base(out / "models", setup.seed, setup.hidden, setup.layers)
     tokenizer = load_tokenizer(str(base), False)
@@ -144,8 +144,8 @@ def pretrain(setup: Setup, out: Path) -> tuple[Path, list[dict]]:
 
 def test_examples(tokenizer, setup: Setup, out: Path) -> list[dict]:
     """Held-out `mix` examples (test split), tokenised by the project's own pipeline via a JSONL file."""
-    from qmor import tasks
-    from qmor.data import DataConfig, build_datasets
+    from qmor.data import tasks
+    from qmor.data.pipeline import DataConfig, build_datasets
 
     path = out / "mix_test.jsonl"
     recs = tasks.records("mix", "test", setup.test_examples, setup.seed)
@@ -155,8 +155,8 @@ def test_examples(tokenizer, setup: Setup, out: Path) -> list[dict]:
 
 
 def loss_of(model, examples: list[dict], pad_id: int) -> float:
-    from qmor.evaluate import eval_loss
-    from qmor.loss import ChunkedLoss
+    from qmor.training.evaluate import eval_loss
+    from qmor.training.loss import ChunkedLoss
 
     return eval_loss(ChunkedLoss(model), examples, 64, pad_id, "cpu")
 
@@ -165,7 +165,7 @@ def model_rows(setup: Setup, out: Path) -> tuple[list[dict], dict]:
     from transformers import AutoModelForCausalLM
 
     from qmor.config import AdapterConfig
-    from qmor.load import load_for_training, load_tokenizer
+    from qmor.model.load import load_for_training, load_tokenizer
 
     folder, curve = pretrain(setup, out)
     tokenizer = load_tokenizer(str(folder), False)

@@ -14,8 +14,8 @@ from pathlib import Path
 import common
 import plots
 
+from qmor.data.tasks import MIX
 from qmor.errors import QmorError
-from qmor.tasks import MIX
 
 
 @dataclass
@@ -45,8 +45,8 @@ def parser():
 
 
 def jobs(setup: Setup, out: Path) -> tuple[list, list[dict], dict]:
-    from qmor import tasks
-    from qmor.data import DataConfig
+    from qmor.data import tasks
+    from qmor.data.pipeline import DataConfig
 
     test = tasks.records("mix", "test", setup.test_examples, setup.seed)
     data = DataConfig(source="mix", num_examples=setup.train_examples, max_len=64, seed=setup.seed)

@@ -42,8 +42,8 @@ def parser():
 
 
 def jobs(setup: Setup, out: Path) -> tuple[list, list[dict], dict]:
-    from qmor import tasks
-    from qmor.data import DataConfig
+    from qmor.data import tasks
+    from qmor.data.pipeline import DataConfig
 
     records = tasks.records("uuid", "train", setup.pairs, setup.seed)
     data = DataConfig(source="uuid", num_examples=setup.pairs, max_len=96, seed=setup.seed)

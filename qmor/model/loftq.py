@@ -5,7 +5,7 @@ For each target weight W (read from the checkpoint one tensor at a time, never t
     adapter starts at ΔW = 0
     repeat T times:  Q = nf4(W - ΔW);  adapter.fit(W - deq(Q))
 
-nf4 is `qmor.quant.quantize`, the quantiser the 4-bit layers train with, so the Q_T written into the layer is the
+nf4 is `qmor.model.quant.quantize`, the quantiser the 4-bit layers train with, so the Q_T written into the layer is the
 Q that LoftQ optimised. Q_T is not nf4(W), so it is cached on disk (keyed by model, family, rank, targets, T and
 quantisation) and every later load of a LoftQ adapter puts it back with `apply_base_weights`.
 """
@@ -24,15 +24,15 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm import tqdm
 
-from qmor.attach import WEIGHTS, AdapterMeta, adapted_layers, adapter_state, load_adapter_weights
+from qmor.adapters.attach import WEIGHTS, AdapterMeta, adapted_layers, adapter_state, load_adapter_weights
+from qmor.adapters.layer import AdaptedLinear
 from qmor.config import AdapterConfig, QuantConfig
 from qmor.errors import NotMergeable, QmorError
 from qmor.files import atomic_dir, load_json, save_json
-from qmor.layer import AdaptedLinear
-from qmor.model_files import cache_root, local_folder, read_tensor, tensor_key, weight_files
-from qmor.moe import expert_weight
-from qmor.quant import Packed, dequantize, is_4bit, packed_from_state, packed_state, quantize
-from qmor.quant import set_packed as put_packed
+from qmor.model.files import cache_root, local_folder, read_tensor, tensor_key, weight_files
+from qmor.model.moe import expert_weight
+from qmor.model.quant import Packed, dequantize, is_4bit, packed_from_state, packed_state, quantize
+from qmor.model.quant import set_packed as put_packed
 
 BASE = "base.safetensors"  # Q_T of every target, keys "<module name>|<packed_state key>"
 REPORT = "loftq_report.json"

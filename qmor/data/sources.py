@@ -1,6 +1,6 @@
 """Data sources: where training records come from, opened as one split of a `datasets.Dataset`.
 
-- a built-in task name (qmor/tasks.py), split train or test;
+- a built-in task name (qmor/data/tasks.py), split train or test;
 - a .jsonl / .json file, read by qmor's own reader, so that a bad line is named by file and line;
 - a .parquet / .csv file, a folder of data files, or a Hub dataset id, through `datasets.load_dataset` (a Hub id
   is read from the local cache when offline: the datasets cache of an earlier load, or the files of
@@ -15,7 +15,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from qmor import tasks
+from qmor.data import tasks
 from qmor.errors import QmorError
 
 JSON_FILES = (".jsonl", ".json")  # read by qmor itself, for the file-and-line error messages

@@ -3,7 +3,7 @@
     runs/NAME/
       config.json            the resolved TrainConfig
       adapter/               the final adapter, written last
-      checkpoints/step-NNNNNN/   resumable checkpoints (their inside: qmor/checkpoint.py)
+      checkpoints/step-NNNNNN/   resumable checkpoints (their inside: qmor/training/checkpoint.py)
       metrics.jsonl          one event a line (docs/architecture.md)
       loss.png               the loss plot
       loftq_report.json      per-layer quantisation errors (LoftQ init)
@@ -21,12 +21,12 @@ import shutil
 import sys
 from pathlib import Path
 
-from qmor.attach import CONFIG as ADAPTER_META
-from qmor.attach import meta_file
-from qmor.checkpoint import STATE, Damaged, check_checkpoint
+from qmor.adapters.attach import CONFIG as ADAPTER_META
+from qmor.adapters.attach import meta_file
 from qmor.errors import QmorError
 from qmor.files import load_json
-from qmor.train_config import TrainConfig, from_json
+from qmor.training.checkpoint import STATE, Damaged, check_checkpoint
+from qmor.training.config import TrainConfig, from_json
 
 STEP_NAME = re.compile(r"step-(\d{6,})")
 

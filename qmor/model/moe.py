@@ -7,14 +7,14 @@ qmor loads such models in three steps:
 1. `experts_left_out(config)`: while transformers builds and loads the model, those classes are built without their
    3-D weights, so the checkpoint's expert tensors are never read (the load lists them as unexpected);
 2. `quantise_experts(model, ...)`: each block becomes a `QuantExperts`, its experts read from the checkpoint one
-   matrix at a time and quantised with `qmor.quant.quantize` (the dense layers' quantiser and double quantisation),
-   so the whole 16-bit expert set never sits in memory;
+   matrix at a time and quantised with `qmor.model.quant.quantize` (the dense layers' quantiser and double
+   quantisation), so the whole 16-bit expert set never sits in memory;
 3. each expert's gate/up (H -> 2I, gate rows first) and down (I -> H) map is a 4-bit linear named
    `<block>.gate_up_proj.<e>` / `<block>.down_proj.<e>`, so adapters, LoftQ, merge and export treat it as any other
    4-bit linear. `--targets experts` adapts them; `all-linear` leaves them out (one adapter per expert is many).
 
 Only the layout most MoE models share is converted (concatenated gate/up, not transposed, no bias, gated); other
-expert classes (gpt-oss, Aria) stay as transformers loads them, and `qmor.support` warns with their share.
+expert classes (gpt-oss, Aria) stay as transformers loads them, and `qmor.model.support` warns with their share.
 """
 
 from __future__ import annotations
@@ -32,8 +32,8 @@ from qmor.adapters import check_family, mergeable
 from qmor.adapters.family import either
 from qmor.config import AdapterConfig, QuantConfig
 from qmor.errors import QmorError
-from qmor.model_files import local_folder, read_tensor, weight_files
-from qmor.quant import linear_4bit, quantize
+from qmor.model.files import local_folder, read_tensor, weight_files
+from qmor.model.quant import linear_4bit, quantize
 
 TARGET = "experts"  # the --targets word that selects every expert map
 MAPS = ("gate_up_proj", "down_proj")

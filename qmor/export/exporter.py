@@ -18,16 +18,16 @@ from safetensors.torch import load_file
 from torch import nn
 
 from qmor.adapters import check_family, merge_refusal
-from qmor.attach import AdapterMeta, adapted_layers, read_meta
+from qmor.adapters.attach import AdapterMeta, adapted_layers, read_meta
 from qmor.errors import NotMergeable, QmorError
+from qmor.export.card import base_name, card
+from qmor.export.merge import check_dtype, parse_size, write_merged
+from qmor.export.peft import PEFT_WEIGHTS, check_peft_family, write_peft
+from qmor.export.verify import Check, compare, logits, prompt_ids, require
 from qmor.files import atomic_dir, load_json, save_json
-from qmor.load import load_trained
-from qmor.merge import check_dtype, parse_size, write_merged
-from qmor.model_card import base_name, card
-from qmor.model_files import INDEX, expand_builtin, hub_id, local_folder, missing_folder, weight_files
-from qmor.peft_export import PEFT_WEIGHTS, check_peft_family, write_peft
-from qmor.run_dir import find_adapter
-from qmor.verify import Check, compare, logits, prompt_ids, require
+from qmor.model.files import INDEX, expand_builtin, hub_id, local_folder, missing_folder, weight_files
+from qmor.model.load import load_trained
+from qmor.training.run_dir import find_adapter
 from qmor.version import __version__
 
 MERGE_BASES = ("dequantized", "original")

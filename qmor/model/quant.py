@@ -1,4 +1,4 @@
-"""NF4 quantisation: the only module that imports bitsandbytes (4-bit models are loaded by qmor/load.py).
+"""NF4 quantisation: the only module that imports bitsandbytes (4-bit models are loaded by qmor/model/load.py).
 
 Everything that quantises or dequantises goes through `quantize` / `dequantize` here, so the Q that LoftQ
 optimises is bit for bit the Q that training uses (same block size, same double quantisation).
@@ -73,8 +73,8 @@ def _plain(packed: Packed) -> Packed:
     """`packed` itself, after checking that its codes are in the plain NF4 layout that every reader assumes."""
     if getattr(packed.quant_state, "packing_format_for_cpu", False):
         raise QmorError("a 4-bit weight was repacked in place by bitsandbytes' CPU inference path, so its codes are "
-                        "no longer plain NF4; load the model with qmor.load.load_4bit, or call "
-                        "qmor.quant.keep_plain_layout(model) before running it in eval mode")
+                        "no longer plain NF4; load the model with qmor.model.load.load_4bit, or call "
+                        "qmor.model.quant.keep_plain_layout(model) before running it in eval mode")
     return packed
 
 

@@ -15,12 +15,12 @@ from safetensors.torch import save_file
 from torch import nn
 from tqdm import tqdm
 
+from qmor.adapters.layer import AdaptedLinear
 from qmor.errors import QmorError
 from qmor.files import save_json
-from qmor.layer import AdaptedLinear
-from qmor.model_files import INDEX, tensor_key
-from qmor.moe import expert_keys, is_expert_map
-from qmor.quant import dequantize, is_4bit
+from qmor.model.files import INDEX, tensor_key
+from qmor.model.moe import expert_keys, is_expert_map
+from qmor.model.quant import dequantize, is_4bit
 
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,

@@ -6,13 +6,13 @@ What the two need from the model, and what `prepare_model` gives them:
   output require grad, so no gradient would reach adapters inside reentrant-checkpointed layers;
 - saving: Trainer writes checkpoints and `save_model` through `model.save_pretrained`, which for this model would
   write the 4-bit base and the adapters under module names that load nowhere. The prepared model's save_pretrained
-  writes the qmor adapter only (adapter.safetensors + qmor_adapter.json), which `qmor.load.load_trained` reloads;
+  writes the qmor adapter only (adapter.safetensors + qmor_adapter.json), which `qmor.model.load.load_trained` reloads;
 - fp32 adapters: SFTTrainer casts the trainable weights of a 4-bit model to bf16 (the QLoRA paper's choice), in
   which small updates vanish; the prepared model puts qmor's adapters back to fp32 before each forward.
 
 The loss: with Trainer, pass `compute_loss_func=chunked_loss(model)` and `data_collator=collator(pad_id)`: the
 collator asks the model for its final hidden states instead of full logits, and the loss runs the output head and
-cross-entropy chunk by chunk (qmor/loss.py), as qmor's own loop does. SFTTrainer already computes its loss without
+cross-entropy chunk by chunk (training/loss.py), as qmor's own loop does. SFTTrainer already computes its loss without
 full logits (its fused LM head), so it needs neither; a compute_loss_func there would make it run the model twice.
 Resuming through Trainer's `resume_from_checkpoint` is not supported: it looks for full model weights.
 """
@@ -25,22 +25,22 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from qmor.attach import CONFIG, WEIGHTS, AdapterMeta, adapted_layers, adapter_state, aux_loss
-from qmor.data import collate
+from qmor.adapters.attach import CONFIG, WEIGHTS, AdapterMeta, adapted_layers, adapter_state, aux_loss
+from qmor.data.pipeline import collate
+from qmor.data.template import template_text
 from qmor.errors import QmorError
 from qmor.files import save_json
-from qmor.loss import chunked_cross_entropy, head_scaling
-from qmor.template import template_text
+from qmor.training.loss import chunked_cross_entropy, head_scaling
 
 
 def prepare_model(model: nn.Module, meta: AdapterMeta, tokenizer=None) -> nn.Module:
-    """Mark `model` (4-bit base + qmor adapters, e.g. from qmor.load.load_for_training) as adapted, make its
+    """Mark `model` (4-bit base + qmor adapters, e.g. from qmor.model.load.load_for_training) as adapted, make its
     save_pretrained write the qmor adapter, and keep its adapters fp32. `tokenizer`: its chat template is recorded
     with the adapter, for chat and export. Returns the model."""
     layers = adapted_layers(model)
     if not layers:
-        raise QmorError("the model has no qmor adapters to train; attach them first (qmor.attach, or "
-                        "qmor.load.load_for_training)")
+        raise QmorError("the model has no qmor adapters to train; attach them first (qmor.adapters.attach, or "
+                        "qmor.model.load.load_for_training)")
     if tokenizer is not None:
         meta.chat_template = template_text(tokenizer)
     model._hf_peft_config_loaded = True
@@ -72,7 +72,7 @@ def save_adapter_files(model: nn.Module, folder: str | Path, meta: AdapterMeta) 
 
 
 def collator(pad_id: int):
-    """A Trainer data collator for qmor examples ({"input_ids", "labels"}, e.g. from qmor.data.build_datasets) that
+    """A Trainer data collator for qmor examples ({"input_ids", "labels"}, e.g. from data.pipeline.build_datasets) that
     asks the model for hidden states and a single position's logits, for `chunked_loss`."""
     def collate_for_trainer(examples: list[dict]) -> dict:
         return {**collate(examples, pad_id), "output_hidden_states": True, "logits_to_keep": 1}
@@ -89,7 +89,7 @@ def chunked_loss(model: nn.Module, chunk: int = 1024):
         hidden = getattr(outputs, "hidden_states", None)
         if not hidden:
             raise QmorError("the model returned no hidden states, so the chunked loss has nothing to work on; pass "
-                            "data_collator=qmor.hf_trainer.collator(tokenizer.pad_token_id) to the Trainer")
+                            "data_collator=qmor.training.hf_trainer.collator(tokenizer.pad_token_id) to the Trainer")
         softcap, scale = head_scaling(model.config)
         total, n = chunked_cross_entropy(hidden[-1], labels, model.get_output_embeddings(), chunk, softcap, scale)
         count = max(int(num_items_in_batch), 1) if num_items_in_batch is not None else max(n, 1)

@@ -1,8 +1,8 @@
 """Datasets: open a source, map its columns, tokenise the records with loss masks, truncate, pack, split.
 
-Sources are opened by qmor/sources.py (built-in tasks, JSON files, data files, datasets folders, Hub ids); records
-become conversations in qmor/records.py (the formats); every format but text goes through the chat template
-(qmor/template.py). Tokenising runs as one `Dataset.map` whose result is cached under qmor's cache folder, keyed
+Sources are opened by qmor/data/sources.py (built-in tasks, JSON files, data files, datasets folders, Hub ids); records
+become conversations in qmor/data/records.py (the formats); every format but text goes through the chat template
+(qmor/data/template.py). Tokenising runs as one `Dataset.map` whose result is cached under qmor's cache folder, keyed
 by the data, the tokenizer and every setting that changes the tokens, so a restarted run reads it back instead of
 tokenising again.
 """
@@ -21,9 +21,7 @@ from pathlib import Path
 import torch
 
 from qmor.config import check_range
-from qmor.errors import QmorError
-from qmor.model_files import cache_root
-from qmor.records import (
+from qmor.data.records import (
     FORMATS,
     apply_columns,
     check_columns,
@@ -37,8 +35,10 @@ from qmor.records import (
     to_messages,
     tools_of,
 )
-from qmor.sources import FILE_TYPES, Source, open_source
-from qmor.template import NoAssistantTokens, encode_chat, render, template_name, with_chat_template
+from qmor.data.sources import FILE_TYPES, Source, open_source
+from qmor.data.template import NoAssistantTokens, encode_chat, render, template_name, with_chat_template
+from qmor.errors import QmorError
+from qmor.model.files import cache_root
 from qmor.version import __version__
 
 __all__ = ["FILE_TYPES", "FORMATS", "DataConfig", "DataStats", "build_datasets", "collate", "data_notes",

@@ -24,24 +24,24 @@ from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list, gather_object
 from tqdm import tqdm
 
-from qmor import fsdp, measure, trackers
 from qmor.adapters import check_family
-from qmor.attach import aux_loss, count_parameters, save_adapter
-from qmor.checkpoint import ADAPTER, load_checkpoint, rng_state, save_checkpoint
-from qmor.data import build_datasets, collate, data_notes
+from qmor.adapters.attach import aux_loss, count_parameters, save_adapter
+from qmor.data.packing import check_documents_apart
+from qmor.data.pipeline import build_datasets, collate, data_notes
+from qmor.data.template import template_text
 from qmor.errors import QmorError
-from qmor.evaluate import eval_loss, score_task
 from qmor.files import save_json
-from qmor.load import load_for_training, load_tokenizer, load_trained
-from qmor.loss import ChunkedLoss, enable_checkpointing
-from qmor.metrics import MetricsLog
-from qmor.model_files import expand_builtin
-from qmor.packing import check_documents_apart
+from qmor.model.files import expand_builtin
+from qmor.model.load import load_for_training, load_tokenizer, load_trained
+from qmor.model.quant import paged_adamw_8bit
 from qmor.plan import GIB, Plan, estimate
-from qmor.quant import paged_adamw_8bit
-from qmor.run_dir import RunDir
-from qmor.template import template_text
-from qmor.train_config import TrainConfig, planner_attention, to_json
+from qmor.training import fsdp, measure, trackers
+from qmor.training.checkpoint import ADAPTER, load_checkpoint, rng_state, save_checkpoint
+from qmor.training.config import TrainConfig, planner_attention, to_json
+from qmor.training.evaluate import eval_loss, score_task
+from qmor.training.loss import ChunkedLoss, enable_checkpointing
+from qmor.training.metrics import MetricsLog
+from qmor.training.run_dir import RunDir
 
 OnStep = Callable[[int, torch.nn.Module], None]
 
@@ -416,7 +416,7 @@ class Training:
         if self.val_set:
             self.evaluate()
         result["eval_loss"] = self.last_eval
-        # every run checks the planner: its prediction beside what this process measured (qmor/measure.py)
+        # every run checks the planner: its prediction beside what this process measured (qmor/training/measure.py)
         result["peak_memory_bytes"] = measure.peak_since(self.accelerator.device, self.memory_baseline)
         result["predicted_peak_bytes"] = measure.planned_live_bytes(memory_plan(cfg, model, self.accelerator))
         whole = fsdp.adapter_state(model) if self.sharded else None  # gathered by every process, written by one

@@ -15,7 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from qmor.template import TemplateError, render
+from qmor.data.template import TemplateError, render
 
 MARK = "\x00system\x00"  # stands for the default system prompt while finding it in a rendering
 

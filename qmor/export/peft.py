@@ -13,10 +13,10 @@ from safetensors.torch import save_file
 from torch import nn
 
 from qmor.adapters import check_family, peft_families
+from qmor.adapters.attach import AdapterMeta, adapted_layers
 from qmor.adapters.family import either
-from qmor.attach import AdapterMeta, adapted_layers
 from qmor.errors import QmorError
-from qmor.moe import is_expert_map
+from qmor.model.moe import is_expert_map
 
 PEFT_WEIGHTS = "adapter_model.safetensors"
 

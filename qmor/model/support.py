@@ -7,7 +7,7 @@ layers. Models built otherwise are caught here, in one line each:
 - layers that are subclasses of `nn.Linear` (Falcon's `FalconLinear`) are left unquantised by the loader: when no
   layer at all became 4-bit, the model is refused;
 - weights that are not linear layers stay 16/32-bit and get no adapter: a warning gives their share of the layer
-  weights. Mixture-of-experts blocks in the common layout become 4-bit experts (qmor.moe); others (gpt-oss's
+  weights. Mixture-of-experts blocks in the common layout become 4-bit experts (qmor.model.moe); others (gpt-oss's
   transposed experts with biases) are what this warning is about. MoE routers stay 16-bit by design.
 """
 
@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from qmor.errors import QmorError
-from qmor.quant import is_4bit
+from qmor.model.quant import is_4bit
 
 
 def refuse_transposed(config, trust_remote_code: bool = False) -> None:

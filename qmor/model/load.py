@@ -13,12 +13,11 @@ import torch
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
-from qmor import loftq, moe, support
-from qmor.attach import AdapterMeta, attach, load_adapter_weights, read_meta
+from qmor.adapters.attach import AdapterMeta, attach, load_adapter_weights, read_meta
 from qmor.config import AdapterConfig, QuantConfig
 from qmor.errors import QmorError
-from qmor.fingerprint import check_base, record
-from qmor.model_files import (
+from qmor.model import loftq, moe, support
+from qmor.model.files import (
     LOAD_ERRORS,
     check_model_source,
     expand_builtin,
@@ -28,7 +27,8 @@ from qmor.model_files import (
     model_source,
     weight_files,
 )
-from qmor.quant import compute_dtype, keep_plain_layout, storage_dtype
+from qmor.model.fingerprint import check_base, record
+from qmor.model.quant import compute_dtype, keep_plain_layout, storage_dtype
 
 
 def load_4bit(

@@ -3,7 +3,7 @@
 Each checkpoint is written into a temporary folder and renamed when complete, so a crash or a second Ctrl-C while
 saving leaves the previous checkpoint as the latest. Only the adapter is saved: the frozen 4-bit base is rebuilt
 from the model (and, after LoftQ, from its cached Q_T) on resume. Where checkpoints live in a run folder, and which
-one a run resumes from: qmor/run_dir.py.
+one a run resumes from: qmor/training/run_dir.py.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from qmor.attach import CONFIG, WEIGHTS, AdapterMeta, save_adapter
+from qmor.adapters.attach import CONFIG, WEIGHTS, AdapterMeta, save_adapter
 from qmor.errors import QmorError
 from qmor.files import atomic_dir, load_json, save_json
 

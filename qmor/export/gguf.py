@@ -24,9 +24,9 @@ from pathlib import Path
 
 import torch
 
-from qmor.attach import read_meta
+from qmor.adapters.attach import read_meta
 from qmor.errors import QmorError
-from qmor.export import (
+from qmor.export.exporter import (
     base_checkpoint,
     check_merge,
     check_output,
@@ -35,11 +35,11 @@ from qmor.export import (
     model_card,
     write_checked_merge,
 )
+from qmor.export.merge import check_dtype, parse_size
+from qmor.export.ollama import modelfile
+from qmor.export.verify import PROMPTS, Check, compare, logits, prompt_ids, require
 from qmor.files import atomic_dir, load_json
-from qmor.merge import check_dtype, parse_size
-from qmor.model_files import expand_builtin
-from qmor.ollama import modelfile
-from qmor.verify import PROMPTS, Check, compare, logits, prompt_ids, require
+from qmor.model.files import expand_builtin
 
 TYPES = ("f16", "bf16", "q8_0")  # what the converter writes in pure Python (tq1_0/tq2_0 are for ternary models)
 MERGE_DTYPE = {"f16": "fp16", "bf16": "bf16", "q8_0": "fp16"}  # the merged folder each type is converted from

@@ -14,7 +14,7 @@ import os
 import torch
 from torch import nn
 
-from qmor.attach import adapted_layers
+from qmor.adapters.attach import adapted_layers
 from qmor.errors import QmorError
 
 FLOATS = {"float16", "bfloat16", "float32"}

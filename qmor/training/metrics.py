@@ -9,7 +9,7 @@ import time
 import uuid
 from pathlib import Path
 
-from qmor.run_dir import RunDir
+from qmor.training.run_dir import RunDir
 
 
 class MetricsLog:

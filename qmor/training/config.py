@@ -13,11 +13,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from qmor.config import AdapterConfig, QuantConfig, check_range, from_dict, to_dict
-from qmor.data import DataConfig
+from qmor.data.pipeline import DataConfig
 from qmor.errors import QmorError
 
 SECTIONS = {"adapter": AdapterConfig, "quant": QuantConfig, "data": DataConfig}
-# transformers' schedulers that need nothing beyond warmup and total steps (cosine is qmor's own, see qmor/train.py)
+# transformers' schedulers that need nothing beyond warmup and total steps (cosine is qmor's own: training/loop.py)
 SCHEDULERS = ("cosine", "linear", "constant", "constant_with_warmup", "cosine_with_restarts", "polynomial",
               "inverse_sqrt")
 TRACKERS = ("none", "tensorboard", "wandb", "trackio", "mlflow")  # accelerate's trackers qmor reports to
@@ -43,11 +43,11 @@ def default_data() -> DataConfig:
 
 @dataclass
 class TrainConfig:
-    model: str = "tiny"  # built-in "tiny" or "smollm2" (qmor/model_files.py), a local Hugging Face folder, or a hub id
+    model: str = "tiny"  # built-in "tiny" or "smollm2" (qmor/model/files.py), a local Hugging Face folder, or a hub id
     output: str = ""  # run folder; empty: runs/<timestamp>
     adapter: AdapterConfig = field(default_factory=default_adapter)  # family, rank, targets, init (qmor.config)
     quant: QuantConfig = field(default_factory=QuantConfig)  # NF4 block size, double quantisation, compute dtype
-    data: DataConfig = field(default_factory=default_data)  # source, format, max_len, packing, split (qmor.data)
+    data: DataConfig = field(default_factory=default_data)  # source, format, max_len, packing (data.pipeline)
     lr: float = 5e-3  # peak learning rate (after warmup), cosine decay to zero
     epochs: float = 1.0  # passes over the training set, used when max_steps is 0
     max_steps: int = 120  # optimizer steps; 0: derived from epochs

@@ -20,7 +20,7 @@ from safetensors import safe_open
 
 from qmor.errors import QmorError
 from qmor.files import load_json
-from qmor.model_files import local_folder, missing_folder, weight_files
+from qmor.model.files import local_folder, missing_folder, weight_files
 
 ROWS = 4  # rows sampled per matrix, evenly spaced from the first to the last
 COLS = 64  # leading columns of each sampled row

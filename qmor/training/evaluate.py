@@ -6,14 +6,14 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from qmor import tasks
-from qmor.data import DataConfig, collate, prompt_text
-from qmor.template import encode
+from qmor.data import tasks
+from qmor.data.pipeline import DataConfig, collate, prompt_text
+from qmor.data.template import encode
 
 
 @torch.no_grad()
 def eval_loss(loss_fn: nn.Module, examples: list[dict], batch_size: int, pad_id: int, device) -> float:
-    """Mean next-token loss over every labelled token of `examples` (loss_fn: a qmor.loss.ChunkedLoss)."""
+    """Mean next-token loss over every labelled token of `examples` (loss_fn: a qmor.training.loss.ChunkedLoss)."""
     was_training = loss_fn.training
     loss_fn.eval()
     total, count = 0.0, 0

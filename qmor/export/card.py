@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from qmor.model_files import hub_id
+from qmor.model.files import hub_id
 
 
 def base_name(base: str | None) -> str:

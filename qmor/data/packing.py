@@ -1,7 +1,7 @@
 """Before training on packed rows: check that the model really keeps the packed documents apart.
 
 Packed rows rely on the attention implementation turning restarting position ids into a per-document mask
-(qmor/data.py `pack`). transformers does this for its own models; a model whose code ignores it would let every
+(qmor/data/pipeline.py `pack`). transformers does this for its own models; a model whose code ignores it would let every
 document attend to the ones before it in its row, training on a wrong context without any error. Two short random
 documents are run packed and alone; their hidden states must agree.
 """

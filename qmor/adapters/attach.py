@@ -11,12 +11,12 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from qmor.adapters import build_adapter
+from qmor.adapters.layer import AdaptedLinear
 from qmor.config import AdapterConfig, QuantConfig, from_dict, to_dict
 from qmor.errors import QmorError
 from qmor.files import atomic_dir, load_json, save_json
-from qmor.layer import AdaptedLinear
-from qmor.moe import TARGET, check_expert_family, is_expert_map
-from qmor.quant import keep_plain_layout
+from qmor.model.moe import TARGET, check_expert_family, is_expert_map
+from qmor.model.quant import keep_plain_layout
 from qmor.version import __version__
 
 WEIGHTS = "adapter.safetensors"
@@ -33,7 +33,7 @@ class AdapterMeta:
     quant: QuantConfig = field(default_factory=QuantConfig)
     init: str = "default"  # "default" or "loftq": LoftQ changes the quantised base, so the merge base must be Q_T
     base_weights: str | None = None  # folder with the LoftQ-initialised 4-bit base (Q_T), when init == "loftq"
-    base_fingerprint: dict | None = None  # qmor.fingerprint of the base, so another base is refused (None: unchecked)
+    base_fingerprint: dict | None = None  # the base's fingerprint (qmor.model.fingerprint): another base is refused
     chat_template: str | None = None  # the Jinja chat template training rendered conversations with (None: none)
 
     def to_json(self) -> dict:
@@ -81,7 +81,7 @@ def attach(model: nn.Module, cfg: AdapterConfig) -> list[str]:
     """Freeze the model, wrap each target linear in an AdaptedLinear and return the wrapped names."""
     for p in model.parameters():
         p.requires_grad_(False)
-    keep_plain_layout(model)  # for models loaded without qmor.load.load_4bit
+    keep_plain_layout(model)  # for models loaded without qmor.model.load.load_4bit
     names = find_targets(model, cfg.targets)
     check_expert_family(cfg, names)
     for name in names:
