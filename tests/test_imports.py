@@ -94,8 +94,8 @@ def test_the_cycle_finder_finds_cycles():
 
 
 def test_the_import_reader_sees_every_form():
-    node = ast.parse("from qmor import load, __version__\nimport qmor.adapters.mora\nfrom . import files").body
-    assert qmor_targets(node[0], "qmor.chat") == ["qmor.model.load", "qmor"]
+    node = ast.parse("from qmor.model import load, __version__\nimport qmor.adapters.mora\nfrom . import files").body
+    assert qmor_targets(node[0], "qmor.chat") == ["qmor.model.load", "qmor.model"]
     assert qmor_targets(node[1], "qmor.chat") == ["qmor.adapters.mora"]
     assert qmor_targets(node[2], "qmor.chat") == ["qmor.files"]
 

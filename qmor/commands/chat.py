@@ -10,8 +10,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from qmor.commands import USER_ERRORS, fail
 from qmor.errors import QmorError
-from qmor.files import describe_os_error
 
 HELP = "commands: /adapter DIR, /base, /system TEXT, /clear, /quit"
 
@@ -68,12 +68,8 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
                               allow_other_base=args.allow_other_base)
         if args.adapter:
             session.use_adapter(args.adapter)
-    except QmorError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except OSError as e:  # reading the model or the adapter: the system's reason, in one line
-        print(f"error: {describe_os_error(e) or e}", file=sys.stderr)
-        return 2
+    except USER_ERRORS as e:
+        return fail(e)
     state = {"system": args.system, "history": []}
     print(f"[{session.describe()}] {HELP}")
     while True:

@@ -9,10 +9,9 @@
 from __future__ import annotations
 
 import argparse
-import sys
 
+from qmor.commands import USER_ERRORS, fail
 from qmor.errors import QmorError
-from qmor.files import describe_os_error
 
 
 def parse_args(argv: list[str] | None = None, prog: str | None = None) -> argparse.Namespace:
@@ -67,11 +66,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
             if args.no_base:
                 raise QmorError("--no-base applies to PEFT exports only; add --format peft or drop --no-base")
             export_merged(args.source, args.output, merge_base=args.merge_base, **common)
-    except QmorError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except OSError as e:  # reading the base or the run: the system's reason, in one line
-        print(f"error: {describe_os_error(e) or e}", file=sys.stderr)
-        return 2
+    except USER_ERRORS as e:
+        return fail(e)
     return 0
 

@@ -13,6 +13,7 @@ import argparse
 import json
 import sys
 
+from qmor.commands import fail
 from qmor.commands.options import add_flags, parse
 from qmor.errors import QmorError
 from qmor.flags import by_key, family_flags
@@ -67,8 +68,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
         plan = estimate(g, seq, batch, adapter, **opts)
         longest = longest_sequence(g, own["gpu_gb"], batch, adapter, **opts)
     except QmorError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return fail(e)
     if own["json"]:
         print(json.dumps({**plan.to_json(), "gpu_gb": own["gpu_gb"], "fits": plan.fits(own["gpu_gb"]),
                           "longest_sequence": longest}, indent=2))

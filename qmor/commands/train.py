@@ -22,9 +22,9 @@ import sys
 # memory stays near what is in use (read when CUDA starts, so before anything touches it; a user's value wins)
 os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
 
+from qmor.commands import USER_ERRORS, fail  # noqa: E402
 from qmor.commands.options import add_flags, parse  # noqa: E402
 from qmor.errors import QmorError  # noqa: E402
-from qmor.files import describe_os_error  # noqa: E402
 from qmor.flags import FLAGS, by_key, default_of, nest_config  # noqa: E402
 from qmor.training.config import from_json, read_config_file  # noqa: E402
 
@@ -89,12 +89,8 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
             result = resume(args.output)
         else:
             result = train(build_config(args))
-    except QmorError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except OSError as e:  # a full disk, a folder that cannot be written: the system's reason, in one line
-        print(f"error: {describe_os_error(e) or e}", file=sys.stderr)
-        return 2
+    except USER_ERRORS as e:
+        return fail(e)
     if result["stopped"]:
         return 128 + result["signal"]  # the shell's convention for "ended by this signal"
     return 0
