@@ -19,10 +19,11 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from qmor.adapters import ADAPTERS
 from qmor.errors import QmorError
 from qmor.training.run_dir import RunDir
 
-FAMILIES = ("lora", "moslora", "mora", "mor", "sira")
+FAMILIES = tuple(ADAPTERS)  # every registered family takes part
 
 
 def single_thread() -> None:
