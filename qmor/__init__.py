@@ -19,3 +19,9 @@ __all__ = [
     "attach", "build_adapter", "count_parameters", "detach", "load_adapter", "mergeable", "save_adapter",
     "set_enabled",
 ]
+
+
+def __getattr__(name: str):
+    if name == "MERGEABLE":  # the earlier constant, computed from the registry so that it cannot go stale
+        return mergeable()
+    raise AttributeError(f"module 'qmor' has no attribute {name!r}")
