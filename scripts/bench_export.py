@@ -59,8 +59,7 @@ def build(work: Path, hidden: int, layers: int, shard_size: str) -> None:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from qmor import AdapterConfig, save_adapter
-    from qmor.adapters import attach
+    from qmor import AdapterConfig, attach, save_adapter
     from qmor.adapters.attach import AdapterMeta
     from qmor.model.load import load_4bit
     from qmor.model.tiny import make_tiny

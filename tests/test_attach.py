@@ -4,8 +4,8 @@ import pytest
 import torch
 from conftest import perturb
 
-from qmor import AdapterConfig, QmorError, load_adapter, save_adapter
-from qmor.adapters import ADAPTERS, attach
+from qmor import AdapterConfig, QmorError, attach, load_adapter, save_adapter
+from qmor.adapters import ADAPTERS
 from qmor.adapters.attach import AdapterMeta, adapted_layers, aux_loss, count_parameters, find_targets
 from qmor.model.load import load_4bit
 from qmor.model.quant import QuantConfig, is_4bit

@@ -4,8 +4,7 @@ import pytest
 import torch
 from conftest import perturb
 
-from qmor import AdapterConfig, QmorError, save_adapter
-from qmor.adapters import attach
+from qmor import AdapterConfig, QmorError, attach, save_adapter
 from qmor.adapters.attach import AdapterMeta, adapted_layers
 from qmor.chat import ChatSession
 from qmor.model.load import load_4bit, load_for_training

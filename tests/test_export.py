@@ -10,8 +10,7 @@ import torch
 from conftest import perturb
 from safetensors import safe_open
 
-from qmor import AdapterConfig, NotMergeable, QmorError, save_adapter
-from qmor.adapters import attach
+from qmor import AdapterConfig, NotMergeable, QmorError, attach, save_adapter
 from qmor.adapters.attach import AdapterMeta
 from qmor.export.exporter import base_checkpoint, copy_support, export_merged, export_peft
 from qmor.export.merge import write_merged

@@ -12,8 +12,7 @@ from archs import SUPPORTED, make_model
 from conftest import perturb
 from spm_model import CHATML, make_spm_llama
 
-from qmor import AdapterConfig, QmorError, save_adapter
-from qmor.adapters import attach
+from qmor import AdapterConfig, QmorError, attach, save_adapter
 from qmor.adapters.attach import AdapterMeta
 from qmor.export.gguf import check_converter, check_model, check_type, export_gguf
 from qmor.export.ollama import LAYOUTS, match, modelfile
