@@ -66,8 +66,8 @@ def test_experts_are_nf4_and_equal_a_dense_block_of_their_dequantised_weights(mo
     x = hidden()
     _, weights, index = mlp.gate(x)
     dense = dense_twin(mlp.experts, AutoConfig.from_pretrained(moe_dirs[arch]))
-    with torch.no_grad():
-        assert torch.equal(mlp.experts(x, index, weights), dense(x, index, weights))
+    with torch.no_grad():  # equal up to float rounding: with several threads the two matmuls sum in another order
+        torch.testing.assert_close(mlp.experts(x, index, weights), dense(x, index, weights), rtol=1e-5, atol=1e-6)
 
 
 def test_loading_reads_no_expert_tensor_through_transformers(moe_dirs):
