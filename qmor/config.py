@@ -11,6 +11,7 @@ from qmor.adapters.family import option_spec
 from qmor.errors import QmorError, check_range
 
 TRAINING_ONLY = {"training_only": True}  # field metadata: changes only training, never what `fit` gives
+EXPERT_ADAPTERS = ("per-expert", "shared")  # MoE experts' adapters: one per expert, or one per block and map
 
 
 @dataclass
@@ -21,6 +22,8 @@ class AdapterConfig:
     dropout: float = field(default=0.0, metadata=TRAINING_ONLY)  # dropout on the adapter's input during training
     targets: str | list[str] = "all-linear"  # "all-linear" (every linear but the output head), module-name
     # suffixes such as ["q_proj", "v_proj"], or a regex string matched against the full module name
+    expert_adapters: str = "per-expert"  # MoE experts (targets "experts"): "per-expert", an adapter each, or
+    # "shared", one per block and map (gate/up, down) whose delta every expert adds (qmor.model.moe.SharedAdapter)
     init: str = field(default="default", metadata=TRAINING_ONLY)  # "default" (adapter adds zero) or "loftq" (fit to
     # the quantisation residual)
     loftq_iters: int = 1  # LoftQ alternations T, used when init == "loftq"
@@ -32,6 +35,9 @@ class AdapterConfig:
             raise QmorError(f"rank r must be a positive integer, got {self.r}; pass e.g. --rank 8")
         if not 0.0 <= self.dropout < 1.0:
             raise QmorError(f"dropout must be in [0, 1), got {self.dropout}; pass e.g. --dropout 0.05")
+        if self.expert_adapters not in EXPERT_ADAPTERS:
+            raise QmorError(f"expert_adapters must be per-expert or shared, got {self.expert_adapters!r}; pass e.g. "
+                            "--expert-adapters shared")
         if self.init not in ("default", "loftq"):
             raise QmorError(f"init must be 'default' or 'loftq', got {self.init!r}")
         # alpha = 0 makes the adapter add nothing (and LoftQ divide by zero)

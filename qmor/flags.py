@@ -16,6 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from qmor.adapters import ADAPTERS, option_defaults, option_fields
+from qmor.config import EXPERT_ADAPTERS
 from qmor.data.pipeline import FILE_TYPES, FORMATS
 from qmor.data.tasks import NAMES as TASKS
 from qmor.errors import QmorError
@@ -178,6 +179,9 @@ def _table() -> list[Flag]:
         Flag("--targets", "adapter.targets", str, "all-linear (or all) | comma list of name suffixes (q_proj,v_proj) "
              "| regex", "adapter", "Targets", parse=parse_targets, info="all-linear, q_proj,v_proj, or a regex",
              aliases=("--lora-target", "--target-modules")),
+        Flag("--expert-adapters", "adapter.expert_adapters", str, "MoE experts (--targets experts): an adapter "
+             "per expert, or one per block and map shared by its experts", "adapter", "Expert adapters (MoE)",
+             choices=EXPERT_ADAPTERS),
         *family_flags(),
         Flag("--init", "adapter.init", str, "adapter initialisation", "init", "Initialisation", widget="radio",
              choices=("loftq", "default")),

@@ -18,7 +18,8 @@ softmax + its compute-dtype copy). Other architectures get the same per-token fo
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+import re
+from dataclasses import dataclass, field, replace
 from functools import lru_cache
 from pathlib import Path
 
@@ -29,7 +30,7 @@ from qmor.adapters.attach import find_targets
 from qmor.config import AdapterConfig
 from qmor.errors import QmorError
 from qmor.model.files import expand_builtin, is_local
-from qmor.model.moe import meta_experts
+from qmor.model.moe import QuantExperts, adapter_owner, meta_experts
 
 GIB = 1024**3
 CUDA_CONTEXT = 512 * 1024**2  # CUDA context, cuBLAS workspace and kernels: ~0.5 GiB, outside max_memory_allocated
@@ -40,21 +41,36 @@ ADAPTER_BYTES = 4  # adapters train in fp32: parameter and gradient are 4 bytes 
 
 
 @dataclass(frozen=True)
+class Layer:
+    """One kind of decoder layer (an MoE model may mix dense and expert layers): what it computes per token."""
+
+    count: int  # decoder layers of this kind
+    intermediate: int  # MLP width m (MoE: top-k x expert width, what one token's routed experts compute)
+    targets: tuple[tuple[int, int, float], ...]  # (d_in, d_out, share of the tokens it sees) of each adapted linear:
+    # 1, or k/E for one of E experts of which a token's router picks k
+    inputs: tuple[tuple[int, float], ...]  # (width, share) of each distinct tensor its adapted linears read
+
+
+@dataclass(frozen=True)
 class Geometry:
     """The shapes that memory depends on, read from a model config."""
 
     layers: int  # decoder layers
     hidden: int  # residual stream width d
-    intermediate: int  # MLP width m (MoE: top-k x expert width, what one token's routed experts compute)
     heads: int  # attention heads
     q_dim: int  # heads x head_dim
     kv_dim: int  # key/value heads x head_dim
     vocab: int  # vocabulary size V
     tied: bool  # lm_head shares the embedding matrix
     quantized: tuple[tuple[int, int], ...]  # (d_in, d_out) of every 4-bit linear (all but the head)
-    targets: tuple[tuple[int, int], ...]  # (d_in, d_out) of every adapted linear
-    target_inputs: tuple[int, ...]  # width of each distinct tensor that one layer's adapted linears read
+    adapters: tuple[tuple[int, int], ...]  # (d_in, d_out) of every trainable adapter (a shared expert one once)
+    kinds: tuple[Layer, ...]  # the decoder layers, grouped by what they compute
     other_params: int  # 16-bit parameters that are not linears: embeddings, norms (head counted separately)
+
+    @property
+    def intermediate(self) -> int:
+        """The widest MLP of any layer."""
+        return max(k.intermediate for k in self.kinds)
 
 
 @dataclass
@@ -133,11 +149,19 @@ def load_config(source: str):
 # linears that read one tensor (the normalised attention or MLP input): their adapters save it once between them
 INPUT_GROUPS = dict.fromkeys(["q_proj", "k_proj", "v_proj", "qkv_proj", "query_key_value", "Wqkv", "c_attn"], "attn")
 INPUT_GROUPS |= dict.fromkeys(["gate_proj", "up_proj", "gate_up_proj", "w1", "w3", "c_fc", "fc1"], "mlp")
+LAYER_INDEX = re.compile(r"\.(\d+)\.")  # the decoder layer of a module name: its first numbered part
 
 
-def shared_inputs(names: list[str], linears: dict) -> dict[str, int]:
-    """{input: width} of the distinct tensors that the linears `names` (one layer's) read."""
-    return {INPUT_GROUPS.get(n.rsplit(".", 1)[-1], n): linears[n].in_features for n in names}
+def shared_inputs(names: list[str], linears: dict, share: dict[str, float]) -> dict[str, tuple[int, float]]:
+    """{input: (width, share)} of the distinct tensors that the linears `names` (one layer's) read; each expert
+    reads a tensor of its own, the tokens routed to it."""
+    return {n if share[n] < 1 else INPUT_GROUPS.get(n.rsplit(".", 1)[-1], n): (linears[n].in_features, share[n])
+            for n in names}
+
+
+def _layer_of(name: str) -> int:
+    match = LAYER_INDEX.search(name)
+    return int(match[1]) if match else -1
 
 
 def _targets_key(targets) -> str:
@@ -145,7 +169,7 @@ def _targets_key(targets) -> str:
 
 
 @lru_cache(maxsize=32)
-def _geometry(config_json: str, targets_json: str) -> Geometry:
+def _geometry(config_json: str, targets_json: str, expert_adapters: str) -> Geometry:
     from transformers import AutoConfig, AutoModelForCausalLM
 
     data = json.loads(config_json)
@@ -153,7 +177,8 @@ def _geometry(config_json: str, targets_json: str) -> Geometry:
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
-    routed = meta_experts(model, getattr(text, "num_experts_per_tok", 1))  # MoE: experts become 4-bit linears
+    top_k = getattr(text, "num_experts_per_tok", 1)
+    routed = meta_experts(model, top_k)  # MoE: experts become 4-bit linears
     head = model.get_output_embeddings()
     linears = {n: m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and m is not head}
     names = find_targets(model, json.loads(targets_json))
@@ -163,23 +188,39 @@ def _geometry(config_json: str, targets_json: str) -> Geometry:
     other = sum(p.numel() for p in model.parameters() if id(p) not in linear_params)
     heads = text.num_attention_heads
     head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
+    # MoE: the layers whose MLP is routed experts (Qwen3-MoE's mlp_only_layers and decoder_sparse_step leave others
+    # dense), each expert map seeing k/E of the tokens
+    blocks = {n: m for n, m in model.named_modules() if isinstance(m, QuantExperts)}
+    sparse = {_layer_of(n) for n in blocks}
+    share = {n: next((top_k / m.num_experts for b, m in blocks.items() if n.startswith(b + ".")), 1.0) for n in names}
+    dense_width = getattr(text, "intermediate_size", None) or 4 * text.hidden_size
+    by_layer: dict[int, list[str]] = {}
+    for n in names:
+        by_layer.setdefault(_layer_of(n), []).append(n)
+    kinds: dict[Layer, int] = {}
+    for i in range(text.num_hidden_layers):
+        own = by_layer.get(i, [])
+        kind = Layer(1, routed if i in sparse else dense_width,
+                     tuple((linears[n].in_features, linears[n].out_features, share[n]) for n in own),
+                     tuple(shared_inputs(own, linears, share).values()))
+        kinds[kind] = kinds.get(kind, 0) + 1
+    owners = {adapter_owner(n, expert_adapters): linears[n] for n in names}  # a shared expert adapter counts once
     return Geometry(
-        layers=text.num_hidden_layers, hidden=text.hidden_size,
-        # MoE: the width of the k experts a token is routed to (each saves its gate and up for backward)
-        intermediate=routed or getattr(text, "intermediate_size", 4 * text.hidden_size), heads=heads,
+        layers=text.num_hidden_layers, hidden=text.hidden_size, heads=heads,
         q_dim=heads * head_dim, kv_dim=(getattr(text, "num_key_value_heads", None) or heads) * head_dim,
         vocab=text.vocab_size, tied=bool(getattr(config, "tie_word_embeddings", False)),
         quantized=tuple((m.in_features, m.out_features) for m in linears.values()),
-        targets=tuple((linears[n].in_features, linears[n].out_features) for n in names),
-        target_inputs=tuple(shared_inputs(names[: len(names) // max(text.num_hidden_layers, 1)], linears).values()),
+        adapters=tuple((m.in_features, m.out_features) for m in owners.values()),
+        kinds=tuple(replace(kind, count=n) for kind, n in kinds.items()),
         other_params=other,
     )
 
 
-def geometry(model_config, targets="all-linear") -> Geometry:
-    """Shapes of `model_config` (a transformers config or its dict) with the adapted linears for `targets`."""
+def geometry(model_config, targets="all-linear", expert_adapters: str = "per-expert") -> Geometry:
+    """Shapes of `model_config` (a transformers config or its dict) with the adapted linears for `targets`, MoE
+    experts' adapters in the `expert_adapters` layout (AdapterConfig's)."""
     data = model_config if isinstance(model_config, dict) else model_config.to_dict()
-    return _geometry(json.dumps(data, sort_keys=True, default=str), _targets_key(targets))
+    return _geometry(json.dumps(data, sort_keys=True, default=str), _targets_key(targets), expert_adapters)
 
 
 def nf4_bytes(numel: int, double_quant: bool = True, blocksize: int = 64) -> int:
@@ -191,25 +232,27 @@ def nf4_bytes(numel: int, double_quant: bool = True, blocksize: int = 64) -> int
 
 
 def layer_activation(g: Geometry, cfg: AdapterConfig, a: int, tokens: int, batch: int, attention: str,
-                     autocast: bool = True) -> int:
-    """Bytes one decoder layer saves for backward (what a checkpoint recomputes), for `tokens` tokens in all.
-    `autocast`: the adapters run in the compute dtype (bf16 autocast); otherwise they compute in their own fp32."""
-    d, m = g.hidden, g.intermediate
+                     autocast: bool = True, layer: Layer | None = None) -> int:
+    """Bytes one decoder layer of kind `layer` (None: the kind that saves most) saves for backward (what a
+    checkpoint recomputes), for `tokens` tokens in all. `autocast`: the adapters run in the compute dtype (bf16
+    autocast); otherwise they compute in their own fp32."""
+    if layer is None:
+        return max(layer_activation(g, cfg, a, tokens, batch, attention, autocast, k) for k in g.kinds)
+    d, m = g.hidden, layer.intermediate
     per_token = 2 * (4 * d + 4)  # two RMSNorms: fp32 input and 1/rms (the frozen scale saves no output)
     per_token += a * (2 * g.q_dim + 2 * g.kv_dim) + 4 * g.heads  # attention: rotated q, k, v, output, logsumexp
     per_token += 3 * a * m  # MLP: gate, silu(gate), up
     # a frozen 4-bit linear needs no input for backward, only its adapter does
-    per_layer = g.targets[: len(g.targets) // max(g.layers, 1)]
     adapter_bytes = a if autocast else 4
     spec = check_family(cfg.family)
     if spec.keeps_input:
         if adapter_bytes == a:
-            per_token += a * sum(g.target_inputs)  # saved once, however many adapters read it
-        else:
-            per_token += 4 * sum(d_in for d_in, _ in per_layer)  # without autocast each adapter keeps an fp32 copy
-    for d_in, d_out in per_layer:
-        per_token += adapter_bytes * spec.saved_per_token(d_in, d_out, cfg)
-    total = per_token * tokens
+            per_token += a * sum(width * share for width, share in layer.inputs)  # once, however many read it
+        else:  # without autocast each adapter keeps an fp32 copy
+            per_token += 4 * sum(d_in * share for d_in, _, share in layer.targets)
+    for d_in, d_out, share in layer.targets:
+        per_token += adapter_bytes * spec.saved_per_token(d_in, d_out, cfg) * share
+    total = int(per_token * tokens)
     if attention == "eager":
         total += batch * g.heads * (tokens // batch) ** 2 * (4 + a)  # fp32 softmax + compute-dtype copy
     return total
@@ -245,10 +288,11 @@ def estimate(
     if attention not in ("sdpa", "eager"):
         raise QmorError(f"attention must be 'sdpa' or 'eager', got {attention!r}")
     module = check_family(adapter_cfg.family).module
-    g = model_config if isinstance(model_config, Geometry) else geometry(model_config, adapter_cfg.targets)
+    g = model_config if isinstance(model_config, Geometry) else geometry(model_config, adapter_cfg.targets,
+                                                                         adapter_cfg.expert_adapters)
     a, tokens = param_dtype_bytes, seq_len * batch
 
-    trainable = sum(module.num_params(d_in, d_out, adapter_cfg) for d_in, d_out in g.targets)
+    trainable = sum(module.num_params(d_in, d_out, adapter_cfg) for d_in, d_out in g.adapters)
     head = 0 if g.tied else g.vocab * g.hidden
     parts = {
         "4-bit weights": sum(nf4_bytes(i * o, double_quant) for i, o in g.quantized),
@@ -258,20 +302,21 @@ def estimate(
         "optimizer states": int(trainable * ADAM_BYTES[optimizer]),
     }
 
-    one_layer = layer_activation(g, adapter_cfg, a, tokens, batch, attention, autocast)
+    one_layer = {k: layer_activation(g, adapter_cfg, a, tokens, batch, attention, autocast, k) for k in g.kinds}
     boundary = tokens * g.hidden * a  # one layer's input: what a checkpoint keeps
     if not checkpointing:
-        saved = g.layers * one_layer
+        saved = sum(k.count * one_layer[k] for k in g.kinds)
     elif offload:
         saved = 2 * boundary  # the layer being computed and the copy on its way to or from host memory
     else:
         saved = g.layers * boundary
     largest = max(i * o for i, o in g.quantized)
     dequant = largest * a  # a 4-bit matmul dequantises its weight, one layer at a time (the backward uses a view)
-    layer_grads = tokens * (2 * a * g.intermediate + 4 * max(g.hidden, g.intermediate))  # gradients in flight
     chunk = min(loss_chunk, tokens) if loss_chunk else tokens
     loss_phase = chunk * g.vocab * LOGIT_BYTES + tokens * g.hidden * 4  # + fp32 gradient of the hidden states
-    layer_phase = (one_layer if checkpointing else 0) + layer_grads + dequant
+    # the backward runs one layer at a time: the kind whose recompute and gradients in flight are largest counts
+    layer_phase = max((one_layer[k] if checkpointing else 0) + dequant
+                      + tokens * (2 * a * k.intermediate + 4 * max(g.hidden, k.intermediate)) for k in g.kinds)
     phase = "loss" if loss_phase >= layer_phase else "layer"
 
     parts["activations (saved)"] = saved
@@ -289,7 +334,8 @@ def estimate(
 def longest_sequence(model_config, gpu_gb: float, batch: int, adapter_cfg: AdapterConfig, step: int = 256,
                      limit: int = 1 << 21, **kwargs) -> int:
     """The longest multiple of `step` tokens whose plan fits in `gpu_gb` GiB (0 if not even `step` fits)."""
-    g = model_config if isinstance(model_config, Geometry) else geometry(model_config, adapter_cfg.targets)
+    g = model_config if isinstance(model_config, Geometry) else geometry(model_config, adapter_cfg.targets,
+                                                                         adapter_cfg.expert_adapters)
 
     def fits(n: int) -> bool:
         return estimate(g, n * step, batch, adapter_cfg, **kwargs).fits(gpu_gb)

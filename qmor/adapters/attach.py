@@ -15,7 +15,15 @@ from qmor.adapters.layer import AdaptedLinear
 from qmor.config import AdapterConfig, QuantConfig, from_dict, to_dict
 from qmor.errors import QmorError
 from qmor.files import atomic_dir, load_json, save_json
-from qmor.model.moe import TARGET, check_expert_family, is_expert_map
+from qmor.model.moe import (
+    TARGET,
+    SharedAdapter,
+    adapter_owner,
+    check_expert_family,
+    expert_layout,
+    is_expert_map,
+    shared_name,
+)
 from qmor.model.quant import keep_plain_layout
 from qmor.version import __version__
 
@@ -78,18 +86,26 @@ def find_targets(model: nn.Module, targets: str | list[str]) -> list[str]:
 
 
 def attach(model: nn.Module, cfg: AdapterConfig) -> list[str]:
-    """Freeze the model, wrap each target linear in an AdaptedLinear and return the wrapped names."""
+    """Freeze the model, wrap each target linear in an AdaptedLinear and return the wrapped names. Under
+    `expert_adapters="shared"` the experts of a block's map all hold one SharedAdapter."""
     for p in model.parameters():
         p.requires_grad_(False)
     keep_plain_layout(model)  # for models loaded without qmor.model.load.load_4bit
     names = find_targets(model, cfg.targets)
     check_expert_family(cfg, names)
+    shared: dict[str, SharedAdapter] = {}
     for name in names:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name)
         base = getattr(parent, child)
         device = next(base.parameters()).device
-        adapter = build_adapter(cfg, base.in_features, base.out_features, name).to(device)
+        owner = adapter_owner(name, cfg.expert_adapters)
+        if owner == name:
+            adapter = build_adapter(cfg, base.in_features, base.out_features, name).to(device)
+        else:  # every expert of the map has the same shape: the first one builds the adapter they share
+            if owner not in shared:
+                shared[owner] = SharedAdapter(build_adapter(cfg, base.in_features, base.out_features, owner))
+            adapter = shared[owner].to(device)
         setattr(parent, child, AdaptedLinear(base, adapter, cfg.dropout))
     return names
 
@@ -132,9 +148,21 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
     return trainable, total
 
 
+def saved_adapters(model: nn.Module) -> dict[str, nn.Module]:
+    """name -> family module, as adapter files name them: each linear's own adapter under the linear's name, a
+    shared expert adapter once, under `<block>.<map>.shared`."""
+    out = {}
+    for name, layer in adapted_layers(model).items():
+        if isinstance(layer.adapter, SharedAdapter):
+            out[shared_name(name)] = layer.adapter.adapter
+        else:
+            out[name] = layer.adapter
+    return out
+
+
 def adapter_state(model: nn.Module) -> dict[str, torch.Tensor]:
     return {f"{name}.{k}": v.detach().contiguous().cpu()
-            for name, layer in adapted_layers(model).items() for k, v in layer.adapter.state_dict().items()}
+            for name, adapter in saved_adapters(model).items() for k, v in adapter.state_dict().items()}
 
 
 def save_adapter(model: nn.Module, path: str | Path, meta: AdapterMeta, state: dict | None = None) -> Path:
@@ -176,6 +204,10 @@ def load_adapter_weights(model: nn.Module, path: str | Path) -> None:
     path = Path(path)
     state = load_file(str(path / WEIGHTS))
     expected = adapter_state(model)
+    got, want = expert_layout(state), expert_layout(expected)
+    if got and want and got != want:
+        raise QmorError(f"adapter {path} holds {got} expert adapters but {want} ones are attached here; attach it "
+                        f"with expert_adapters={got!r} (load_adapter reads the layout from its {CONFIG})")
     missing = sorted(set(expected) - set(state))
     extra = sorted(set(state) - set(expected))
     if missing or extra:
@@ -186,9 +218,9 @@ def load_adapter_weights(model: nn.Module, path: str | Path) -> None:
         if value.shape != expected[key].shape:
             raise QmorError(f"adapter {path} does not fit this model: {key} has shape {tuple(value.shape)} in the "
                             f"file but {tuple(expected[key].shape)} here; load it onto the base it was trained on")
-    for name, layer in adapted_layers(model).items():
+    for name, adapter in saved_adapters(model).items():
         prefix = name + "."
-        layer.adapter.load_state_dict({k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)})
+        adapter.load_state_dict({k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)})
 
 
 def load_adapter(model: nn.Module, path: str | Path) -> AdapterMeta:

@@ -61,7 +61,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
         own = {k: vars(args).pop(k) for k in ("gpu_gb", "optimizer", "dtype_bytes", "no_autocast", "json")}
         cfg = build_config(args, under=UNDER)
         seq, batch, adapter = cfg.data.max_len, cfg.batch_size, cfg.adapter
-        g = geometry(load_config(cfg.model), adapter.targets)
+        g = geometry(load_config(cfg.model), adapter.targets, adapter.expert_adapters)
         opts = dict(checkpointing=cfg.gradient_checkpointing, offload=cfg.offload_activations,
                     loss_chunk=cfg.loss_chunk, optimizer=own["optimizer"], param_dtype_bytes=own["dtype_bytes"],
                     attention=planner_attention(cfg.attn_implementation), autocast=not own["no_autocast"])

@@ -8,6 +8,12 @@ For each target weight W (read from the checkpoint one tensor at a time, never t
 nf4 is `qmor.model.quant.quantize`, the quantiser the 4-bit layers train with, so the Q_T written into the layer is the
 Q that LoftQ optimised. Q_T is not nf4(W), so it is cached on disk (keyed by model, family, rank, targets, T and
 quantisation) and every later load of a LoftQ adapter puts it back with `apply_base_weights`.
+
+Shared MoE expert adapters (`expert_adapters="shared"`) are left at their zero init on plain NF4 experts. The one
+ΔW that best fits every expert's residual is the low-rank fit of their mean, but NF4's rounding errors of different
+experts are independent, so that mean shrinks like 1/sqrt(E) and the fit removes about 1/E of what per-expert
+LoftQ removes (measured on 256x512 experts at r=16: 8.3% lower error per expert, shared 2.0% at E=4, 0.15% at
+E=64), while it would cost a pass over every expert and a cached Q_T of the whole expert set.
 """
 
 from __future__ import annotations
@@ -30,7 +36,7 @@ from qmor.config import AdapterConfig, QuantConfig
 from qmor.errors import NotMergeable, QmorError
 from qmor.files import atomic_dir, load_json, save_json
 from qmor.model.files import cache_root, local_folder, read_tensor, tensor_key, weight_files
-from qmor.model.moe import expert_weight
+from qmor.model.moe import SharedAdapter, expert_weight
 from qmor.model.quant import Packed, dequantize, is_4bit, packed_from_state, packed_state, quantize
 from qmor.model.quant import set_packed as put_packed
 
@@ -150,9 +156,14 @@ def apply_base_weights(model: nn.Module, folder: str | Path) -> None:
         put_packed(linear, packed)
 
 
+def fitted_layers(model: nn.Module) -> dict[str, AdaptedLinear]:
+    """The adapted layers LoftQ fits: all but those holding a shared expert adapter (see the module's docstring)."""
+    return {n: layer for n, layer in adapted_layers(model).items() if not isinstance(layer.adapter, SharedAdapter)}
+
+
 def save_cache(model: nn.Module, folder: Path, key: dict, report: dict) -> None:
     state = {f"{name}|{k}": v.detach().contiguous().cpu()
-             for name, layer in adapted_layers(model).items() for k, v in packed_state(layer.base.weight).items()}
+             for name, layer in fitted_layers(model).items() for k, v in packed_state(layer.base.weight).items()}
     with atomic_dir(folder) as tmp:
         save_file(state, str(tmp / BASE), metadata={"format": "qmor-loftq"})
         save_file(adapter_state(model), str(tmp / WEIGHTS), metadata={"format": "qmor"})
@@ -166,7 +177,15 @@ def save_cache(model: nn.Module, folder: Path, key: dict, report: dict) -> None:
 def initialise(model: nn.Module, names: dict[str, Path], quant: QuantConfig, iters: int) -> dict[str, dict]:
     """LoftQ every attached layer in place, one checkpoint tensor at a time; per-layer errors."""
     prefix = getattr(model, "base_model_prefix", "model")
-    layers = adapted_layers(model)
+    layers = fitted_layers(model)
+    skipped = len(adapted_layers(model)) - len(layers)
+    if not layers:
+        raise QmorError("LoftQ has nothing to fit: shared expert adapters start at zero on plain NF4 experts; pass "
+                        "--init default, add dense targets (e.g. experts,q_proj,v_proj), or --expert-adapters "
+                        "per-expert")
+    if skipped:
+        print(f"LoftQ: the shared adapters of {skipped} expert maps start at zero on plain NF4 (one shared fit "
+              "would remove about 1/E of the error per-expert LoftQ removes)", file=sys.stderr)
     errors = {}
     for name, layer in tqdm(layers.items(), desc="LoftQ init", unit="layer", file=sys.stderr):
         device = layer.base.weight.device

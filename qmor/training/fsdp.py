@@ -14,7 +14,7 @@ import os
 import torch
 from torch import nn
 
-from qmor.adapters.attach import adapted_layers
+from qmor.adapters.attach import saved_adapters
 from qmor.errors import QmorError
 
 FLOATS = {"float16", "bfloat16", "float32"}
@@ -81,8 +81,8 @@ def full(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 def adapter_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    return full({f"{name}.{k}": v for name, layer in adapted_layers(model).items()
-                 for k, v in layer.adapter.state_dict().items()})
+    return full({f"{name}.{k}": v for name, adapter in saved_adapters(model).items()
+                 for k, v in adapter.state_dict().items()})
 
 
 def optimizer_state(optimizer) -> dict:

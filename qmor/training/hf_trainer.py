@@ -44,7 +44,8 @@ def prepare_model(model: nn.Module, meta: AdapterMeta, tokenizer=None) -> nn.Mod
     if tokenizer is not None:
         meta.chat_template = template_text(tokenizer)
     model._hf_peft_config_loaded = True
-    params = [p for layer in layers.values() for p in layer.adapter.parameters()]
+    # dict.fromkeys: a shared expert adapter sits in every expert's layer, its parameters belong in the list once
+    params = list(dict.fromkeys(p for layer in layers.values() for p in layer.adapter.parameters()))
 
     def keep_fp32(module: nn.Module, args) -> None:
         for p in params:
