@@ -120,22 +120,26 @@ def logits(model, x):
 IDS = torch.randint(8, 100, (2, 16), generator=torch.Generator().manual_seed(0))  # (B, T)
 
 
+@pytest.mark.parametrize("layout", ["per-expert", "shared"])
 @pytest.mark.parametrize(("arch", "family"), [("qwen3_moe", "lora"), ("mixtral", "moslora"), ("qwen3_moe", "mora")])
-def test_expert_adapters_save_load_and_export_to_plain_transformers(moe_dirs, tmp_path, arch, family):
+def test_expert_adapters_save_load_and_export_to_plain_transformers(moe_dirs, tmp_path, arch, family, layout):
     from conftest import perturb
 
     from qmor.adapters.attach import AdapterMeta, save_adapter
     from qmor.export.exporter import export_merged
     from qmor.model.load import load_trained
 
-    cfg = AdapterConfig(family=family, r=4, alpha=8.0, targets=["experts", "q_proj", "v_proj"])
+    cfg = AdapterConfig(family=family, r=4, alpha=8.0, targets=["experts", "q_proj", "v_proj"],
+                        expert_adapters=layout)
     model = load_4bit(str(moe_dirs[arch]), device="cpu")
     attach(model, cfg)
     perturb(model, size=0.2)
     ref = logits(model, IDS)
     saved = save_adapter(model, tmp_path / "adapter", AdapterMeta(adapter=cfg, base_model=str(moe_dirs[arch])))
-    again, _ = load_trained(saved, device="cpu")
-    assert torch.equal(logits(again, IDS), ref)
+    again, meta = load_trained(saved, device="cpu")
+    assert meta.adapter.expert_adapters == layout and torch.equal(logits(again, IDS), ref)
+    with safe_open(str(saved / "adapter.safetensors"), "pt") as f:  # shared: one set of tensors per block and map
+        assert moe.expert_layout(f.keys()) == layout
     expected = experts_only(model, tensors=True)
     assert expected and all(torch.equal(v, experts_only(again, tensors=True)[k]) for k, v in expected.items())
 
@@ -213,3 +217,146 @@ def test_a_forward_keeps_no_dequantised_expert_weight(moe_dirs):
     # the measure sees weights: transformers' dense block of the same experts keeps its weights for backward
     dense = dense_twin(mlp.experts, AutoConfig.from_pretrained(moe_dirs["qwen3_moe"])).requires_grad_(False)
     assert max(saved_numels(dense, x, weights.detach(), index)) >= smallest
+
+
+# ---------------------------------------------------------------------------------------------- shared adapters
+
+
+def shared_model(moe_dirs, arch="qwen3_moe", **options):
+    model = load_4bit(str(moe_dirs[arch]), device="cpu")
+    cfg = AdapterConfig(r=4, targets=["experts"], expert_adapters="shared", **options)
+    attach(model, cfg)
+    return model, cfg
+
+
+def test_a_shared_adapter_is_one_module_that_every_routed_expert_trains(moe_dirs):
+    model, _ = shared_model(moe_dirs)
+    mlp = block(model)
+    shared = {which: getattr(mlp.experts, which)[0].adapter for which in moe.MAPS}
+    assert all(isinstance(a, moe.SharedAdapter) for a in shared.values())
+    assert all(m.adapter is shared[which] for which in moe.MAPS for m in getattr(mlp.experts, which))
+    for p in mlp.parameters():
+        if p.requires_grad and p.dim() == 2 and p.shape[0] != 4:
+            p.data.normal_()  # B != 0, so A gets a gradient wherever an expert runs
+    x = hidden(24)
+    _, weights, index = mlp.gate(x)
+    routed = sorted(set(index.flatten().tolist()))
+    assert len(routed) >= 2
+
+    def grads(w):
+        model.zero_grad()
+        mlp.experts(x, index, w).sum().backward()
+        return {which: a.adapter.A.grad.clone() for which, a in shared.items()}
+
+    total = grads(weights)
+    # the gradient of the one adapter is the sum of what each routed expert alone gives it (the others' output
+    # weights zeroed), and each routed expert gives it something
+    alone = [grads(torch.where(index == e, weights, torch.zeros_like(weights))) for e in routed]
+    for which in moe.MAPS:
+        assert all(g[which].abs().sum() > 0 for g in alone), which
+        torch.testing.assert_close(sum(g[which] for g in alone), total[which], rtol=1e-4, atol=1e-6)
+
+
+def test_shared_adapters_count_once_per_block_in_the_model_and_the_planner(moe_dirs):
+    from qmor.adapters.attach import count_parameters
+    from qmor.plan import estimate
+
+    config = AutoConfig.from_pretrained(moe_dirs["qwen3_moe"])
+    model, cfg = shared_model(moe_dirs)
+    per_block = 4 * (64 + 128) + 4 * (64 + 64)  # LoRA r=4 on gate/up (64 -> 128) and on down (64 -> 64)
+    trainable = count_parameters(model)[0]
+    assert trainable == config.num_hidden_layers * per_block
+    assert estimate(config, 64, 1, cfg, device="cpu").trainable == trainable
+    per_expert = estimate(config, 64, 1, AdapterConfig(r=4, targets=["experts"]), device="cpu").trainable
+    assert per_expert == config.num_experts * trainable
+
+
+def test_a_shared_adapter_merges_the_same_delta_into_every_expert(moe_dirs, tmp_path):
+    from conftest import perturb
+
+    from qmor.adapters.attach import AdapterMeta, save_adapter
+    from qmor.export.exporter import export_merged
+
+    model, cfg = shared_model(moe_dirs)
+    perturb(model, size=0.2)
+    saved = save_adapter(model, tmp_path / "adapter", AdapterMeta(adapter=cfg, base_model=str(moe_dirs["qwen3_moe"])))
+    export_merged(saved, tmp_path / "merged", dtype="fp16", device="cpu")
+    experts = block(model).experts
+    delta = experts.down_proj[0].adapter.delta_weight()
+    with safe_open(str(next((tmp_path / "merged").glob("*.safetensors"))), "pt") as f:
+        for e in range(4):
+            merged = f.get_tensor(f"model.layers.0.mlp.experts.{e}.down_proj.weight").float()
+            torch.testing.assert_close(merged - dequantize(experts.down_proj[e].base.weight), delta,
+                                       rtol=0, atol=2e-3)  # fp16 rounding of the merged weight
+
+
+@pytest.mark.parametrize(("saved_as", "attached_as"), [("shared", "per-expert"), ("per-expert", "shared")])
+def test_an_adapter_loads_only_in_the_expert_layout_it_was_saved_in(moe_dirs, tmp_path, saved_as, attached_as):
+    from qmor.adapters.attach import CONFIG, AdapterMeta, load_adapter_weights, save_adapter
+    from qmor.errors import QmorError
+    from qmor.files import load_json, save_json
+    from qmor.model.load import load_trained
+
+    model = load_4bit(str(moe_dirs["qwen3_moe"]), device="cpu")
+    cfg = AdapterConfig(r=4, targets=["experts"], expert_adapters=saved_as)
+    attach(model, cfg)
+    saved = save_adapter(model, tmp_path / "adapter", AdapterMeta(adapter=cfg, base_model=str(moe_dirs["qwen3_moe"])))
+    other = load_4bit(str(moe_dirs["qwen3_moe"]), device="cpu")
+    attach(other, AdapterConfig(r=4, targets=["experts"], expert_adapters=attached_as))
+    message = f"holds {saved_as} expert adapters but {attached_as} ones are attached here"
+    with pytest.raises(QmorError, match=message):
+        load_adapter_weights(other, saved)
+    meta = load_json(saved / CONFIG)  # a qmor_adapter.json that says the other layout is refused the same way
+    meta["adapter"]["expert_adapters"] = attached_as
+    save_json(meta, saved / CONFIG)
+    with pytest.raises(QmorError, match=message):
+        load_trained(saved, device="cpu")
+
+
+def test_loftq_leaves_shared_expert_adapters_at_zero_and_fits_the_rest(moe_dirs, tmp_path):
+    from qmor.errors import QmorError
+    from qmor.model.load import load_for_training
+
+    cfg = AdapterConfig(r=4, targets=["experts", "q_proj"], init="loftq", expert_adapters="shared")
+    model, _, report = load_for_training(str(moe_dirs["mixtral"]), cfg, device="cpu", cache_dir=tmp_path)
+    assert report["layers"] and all(n.endswith("q_proj") for n in report["layers"])
+    plain = load_4bit(str(moe_dirs["mixtral"]), device="cpu")
+    experts = block(model).experts
+    assert torch.equal(experts.gate_up_proj[2].base.weight, block(plain).experts.gate_up_proj[2].weight)  # NF4(W)
+    assert not experts.gate_up_proj[2].adapter.delta_weight().any()
+    with pytest.raises(QmorError, match="LoftQ has nothing to fit"):
+        load_for_training(str(moe_dirs["mixtral"]), AdapterConfig(r=4, targets=["experts"], init="loftq",
+                                                                   expert_adapters="shared"), device="cpu",
+                          cache_dir=tmp_path)
+
+
+# ------------------------------------------------------------------------------------------------ dense layers
+
+
+@pytest.mark.parametrize("dense", [{"mlp_only_layers": [0]}, {"decoder_sparse_step": 2}])
+def test_planner_counts_qwen3_moe_dense_layers_as_dense(tmp_path, dense):
+    """Qwen3-MoE's mlp_only_layers (and decoder_sparse_step) give some layers a dense MLP of intermediate_size:
+    the planner counts their linears, adapters and activations as a dense layer's."""
+    from archs import make_model
+
+    from qmor.adapters.attach import count_parameters
+    from qmor.plan import estimate, geometry, nf4_bytes
+
+    name, sizes = QWEN3_MOE
+    folder = make_model(tmp_path / "mixed", (name, {**sizes, "intermediate_size": 96, **dense}))
+    config = AutoConfig.from_pretrained(folder)
+    model = load_4bit(str(folder), device="cpu")
+    assert not isinstance(block(model), type(model.model.layers[1].mlp))  # layer 0 dense, layer 1 experts
+    cfg = AdapterConfig(r=4, targets=["experts", "gate_proj", "down_proj"])
+    attach(model, cfg)
+    assert estimate(config, 64, 1, cfg, device="cpu").trainable == count_parameters(model)[0]
+    packed = sum(p.numel() * p.element_size() for n, p in model.named_parameters()
+                 if "proj" in n and "adapter" not in n)
+    absmax = sum(m.weight.quant_state.absmax.numel() + 4 * m.weight.quant_state.state2.absmax.numel()
+                 for m in model.modules() if is_4bit(m))
+    g = geometry(config, cfg.targets)
+    assert sum(nf4_bytes(i * o) for i, o in g.quantized) == packed + absmax
+    kinds = sorted((k.count, k.intermediate, len(k.targets)) for k in g.kinds)
+    assert kinds == [(1, 96, 2), (1, 2 * 64, 2 * 4)]  # dense: gate_proj, down_proj; sparse: 4 experts' two maps
+    sparse = next(k for k in g.kinds if len(k.targets) == 8)
+    assert {share for *_, share in sparse.targets} == {2 / 4}  # each expert sees the tokens routed to it
