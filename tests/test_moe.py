@@ -360,3 +360,23 @@ def test_planner_counts_qwen3_moe_dense_layers_as_dense(tmp_path, dense):
     assert kinds == [(1, 96, 2), (1, 2 * 64, 2 * 4)]  # dense: gate_proj, down_proj; sparse: 4 experts' two maps
     sparse = next(k for k in g.kinds if len(k.targets) == 8)
     assert {share for *_, share in sparse.targets} == {2 / 4}  # each expert sees the tokens routed to it
+
+
+@pytest.mark.parametrize("layout", ["per-expert", "shared"])
+def test_planner_predicts_what_expert_adapters_save_for_backward(moe_dirs, layout):
+    """Each routed expert's adapter keeps its own tokens' input: k tokens' worth per token in all, whichever layout
+    (a shared adapter is one set of weights, not one input). The MoE block's own tensors (router, expert loop) are
+    left out of both sides: the adapters' increment is compared."""
+    from test_plan import saved_bytes
+
+    from qmor.plan import geometry, layer_activation
+
+    def per_token(targets):
+        cfg = AdapterConfig(r=4, targets=targets, expert_adapters=layout)
+        model = load_4bit(str(moe_dirs["qwen3_moe"]), device="cpu")
+        attach(model, cfg)
+        measured = (saved_bytes(model.train(), 256, False) - saved_bytes(model, 64, False)) / 192
+        return measured, layer_activation(geometry(model.config, targets, layout), cfg, 4, 1, 1, "sdpa", False)
+
+    (without, predicted_without), (with_experts, predicted) = per_token(["q_proj"]), per_token(["experts", "q_proj"])
+    assert with_experts - without == pytest.approx(predicted - predicted_without, rel=0.02)

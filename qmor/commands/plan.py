@@ -19,7 +19,7 @@ from qmor.errors import QmorError
 from qmor.flags import by_key, family_flags
 
 # the training options that change the memory of a step
-SHARED = ("model", "family", "rank", "targets", "batch_size", "max_len", "gradient_checkpointing",
+SHARED = ("model", "family", "rank", "targets", "expert_adapters", "batch_size", "max_len", "gradient_checkpointing",
           "offload_activations", "loss_chunk", "attn_implementation")
 DEFAULTS = {"family": "lora", "rank": 16, "batch_size": 1, "max_len": 4096}  # shown in --help
 UNDER = {"adapter": {"family": "lora", "r": 16}, "batch_size": 1, "data": {"max_len": 4096}}  # the same, nested
