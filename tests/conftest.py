@@ -24,6 +24,17 @@ def tiny_dir(tmp_path_factory):
     return make_tiny(tmp_path_factory.mktemp("models") / "tiny", seed=0, hidden=64, layers=2)
 
 
+@pytest.fixture(scope="session")
+def smollm2(tmp_path_factory):
+    """SmolLM2-135M-Instruct converted from the registry package, in a cache of this session's own (QMOR_CACHE), so
+    every run of the session finds it (tests marked real_model)."""
+    from qmor.model.files import expand_builtin
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("QMOR_CACHE", str(tmp_path_factory.mktemp("qmor-cache")))
+        yield expand_builtin("smollm2")
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

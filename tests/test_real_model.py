@@ -45,14 +45,6 @@ def ask(question: str) -> list[dict]:
 
 
 @pytest.fixture(scope="session")
-def smollm2(tmp_path_factory):
-    """The converted model folder, in a cache of this session's own (QMOR_CACHE), so every run below finds it."""
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("QMOR_CACHE", str(tmp_path_factory.mktemp("qmor-cache")))
-        yield expand_builtin("smollm2")
-
-
-@pytest.fixture(scope="session")
 def facts(tmp_path_factory):
     path = tmp_path_factory.mktemp("data") / "facts.jsonl"
     path.write_text("".join(json.dumps({"instruction": q, "output": a}) + "\n" for q, a, _ in FACTS))

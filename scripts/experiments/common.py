@@ -47,16 +47,38 @@ def tiny_base(folder: Path, seed: int, hidden: int, layers: int) -> Path:
     return make_tiny(folder / f"tiny-h{hidden}-l{layers}-s{seed}", seed, hidden=hidden, layers=layers)
 
 
-def target_shapes(model_path: str | Path) -> list[tuple[int, int]]:
-    """(d_in, d_out) of every linear an "all-linear" adapter wraps, read without loading any weights."""
+def base_model(setup, out: Path) -> Path:
+    """The comparison's frozen base: the seeded tiny random model, or `setup.model` (a built-in such as smollm2, a
+    local folder or a Hub id from the cache), whose own weights the seed does not touch."""
+    from qmor.model.files import expand_builtin
+
+    if setup.model == "tiny":
+        return tiny_base(out / "models", setup.seed, setup.hidden, setup.layers)
+    return Path(expand_builtin(setup.model))
+
+
+def target_shapes(model_path: str | Path, targets: str = "all-linear") -> list[tuple[int, int]]:
+    """(d_in, d_out) of every linear the adapter wraps for `targets`, read without loading any weights."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from qmor.adapters.attach import find_targets
 
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_path))
-    return [(m.in_features, m.out_features) for m in (model.get_submodule(n) for n in
-                                                      find_targets(model, "all-linear"))]
+    return [(m.in_features, m.out_features) for m in (model.get_submodule(n) for n in find_targets(model, targets))]
+
+
+def with_system(records: list[dict], system: str) -> list[dict]:
+    """The records with a system prompt: a short one replaces a chat template's default (SmolLM2's costs 20 tokens
+    of every sequence)."""
+    return [{**r, "system": system} for r in records] if system else records
+
+
+def records_file(path: Path, records: list[dict]) -> str:
+    """`records` as a JSONL training file (what a task's records become once they carry a system prompt)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return str(path)
 
 
 # ---------------------------------------------------------------------------------------------------- matching
@@ -114,8 +136,8 @@ class Scorer:
     """Greedy-decodes the answers to `records` and scores them with `qmor.data.tasks.score`; called from train's
     on_step hook every `every` steps (and at `last`), keeping the curve."""
 
-    def __init__(self, tokenizer, records: list[dict], every: int, last: int, task: str):
-        from qmor.data.pipeline import prompt_text
+    def __init__(self, tokenizer, records: list[dict], every: int, last: int, task: str, loss_file: str | None = None):
+        from qmor.data.pipeline import DataConfig, build_datasets, prompt_text
         from qmor.data.template import encode
 
         self.tokenizer, self.records, self.every, self.last, self.task = tokenizer, records, every, last, task
@@ -124,6 +146,8 @@ class Scorer:
         self.max_new = max(len(encode(tokenizer, r)) for r in self.refs) + 4
         self.curve: list[dict] = []
         self.seconds = 0.0  # time spent scoring, left out of the training time
+        self.loss_examples = (build_datasets(tokenizer, DataConfig(source=loss_file, max_len=128))[0]
+                              if loss_file else None)  # held-out records whose loss is measured too
 
     def score(self, model) -> dict:
         from qmor.data import tasks
@@ -131,8 +155,14 @@ class Scorer:
 
         start = time.time()
         preds = generate(model, self.tokenizer, self.prompts, self.max_new, batch_size=64)
-        self.seconds += time.time() - start
         result = tasks.score(self.task, preds, self.refs, [r["task"] for r in self.records])
+        if self.loss_examples:
+            from qmor.training.evaluate import eval_loss
+            from qmor.training.loss import ChunkedLoss
+
+            result["eval_loss"] = eval_loss(ChunkedLoss(model), self.loss_examples, 32, self.tokenizer.pad_token_id,
+                                            "cpu")
+        self.seconds += time.time() - start
         result["sample"] = {"prompt": self.records[0]["prompt"], "reference": self.refs[0], "prediction": preds[0]}
         return result
 
@@ -144,20 +174,21 @@ class Scorer:
 
 
 def scored_run(job: tuple) -> dict:
-    """Train job = (cfg, scorer_records, every, task) through qmor.training.loop, scoring greedy answers on
-    `scorer_records` every `every` steps (one picklable argument, for the process pool)."""
+    """Train job = (cfg, scorer_records, every, task[, loss_file]) through qmor.training.loop, scoring greedy answers
+    on `scorer_records` (and the loss of the records in `loss_file`) every `every` steps (one picklable argument,
+    for the process pool)."""
     from qmor.model.load import load_tokenizer
     from qmor.training.loop import train
 
-    cfg, scorer_records, every, task = job
+    cfg, scorer_records, every, task, *loss_file = job
     single_thread()
     tokenizer = load_tokenizer(cfg.model, False)
-    scorer = Scorer(tokenizer, scorer_records, every, cfg.max_steps, task)
+    scorer = Scorer(tokenizer, scorer_records, every, cfg.max_steps, task, *loss_file)
     start = time.time()
     result = train(cfg, on_step=scorer)
     wall = time.time() - start
     losses = [e for e in RunDir(cfg.output).read_events() if e.get("event") == "train"]
-    return {"family": cfg.adapter.family, "lr": cfg.lr, "curve": scorer.curve, "final": scorer.curve[-1],
+    return {"family": cfg.adapter.family, "lr": cfg.lr, "task": task, "curve": scorer.curve, "final": scorer.curve[-1],
             "losses": [{"step": e["step"], "loss": e["loss"]} for e in losses], "train_loss": result["loss"],
             "wall_s": wall, "score_s": scorer.seconds}
 
@@ -235,18 +266,39 @@ def experiment_parser(doc: str, setup, out: str, plot: str, quick: str, workers:
 
 
 def matched_base(setup, out: Path) -> tuple[Path, list[tuple[int, int]], dict[str, tuple]]:
-    """The tiny base of a comparison, its adapted shapes, and every family sized to the reference LoRA's count."""
-    base = tiny_base(out / "models", setup.seed, setup.hidden, setup.layers)
-    shapes = target_shapes(base)
-    configs = matched_configs(shapes, setup.lora_rank, setup.mor_experts, setup.sira_experts, setup.sira_top_k)
-    return base, shapes, configs
+    """The base of a comparison, its adapted shapes, and each of `setup.families` sized to the reference LoRA's
+    parameter count on `setup.targets`."""
+    base = base_model(setup, out)
+    shapes = target_shapes(base, setup.targets)
+    configs = matched_configs(shapes, setup.lora_rank, setup.mor_experts, setup.sira_experts, setup.sira_top_k,
+                              targets=setup.targets)
+    return base, shapes, {f: c for f, c in configs.items() if f in setup.families}
 
 
-def setup_from(args, default, quick):
-    """The Setup to run: the --quick (or full) defaults, with every field given on the command line on top."""
+def setup_from(args, presets: dict[tuple[bool, bool], object]):
+    """The Setup to run: the preset for (--quick, a real model given by --model), with every field given on the
+    command line on top. A real base needs other defaults (a short system prompt, fewer target layers and steps)
+    for the runs to fit a laptop CPU."""
+    default = presets[(False, False)]
     given = {k: tuple(v) if isinstance(getattr(default, k), tuple) else v
              for k, v in vars(args).items() if k in vars(default)}
-    return type(default)(**{**vars(quick if args.quick else default), **given})
+    preset = presets[(bool(args.quick), given.get("model", "tiny") != "tiny")]
+    setup = type(default)(**{**vars(preset), **given})
+    unknown = sorted(set(setup.families) - set(FAMILIES))
+    if unknown or not setup.families:
+        raise QmorError(f"unknown --families {' '.join(unknown) or '(none)'}; choose from {' '.join(FAMILIES)}")
+    return setup
+
+
+def task_data(setup, out: Path, task: str, records: list[dict], max_len: int):
+    """The DataConfig that trains on `records` (made by `qmor.data.tasks.records(task, "train", n, setup.seed)`):
+    the built-in task itself, or a JSONL of the records once they carry `setup.system`."""
+    from qmor.data.pipeline import DataConfig
+
+    if not setup.system:
+        return DataConfig(source=task, num_examples=len(records), max_len=max_len, seed=setup.seed)
+    path = records_file(out / "data" / f"{task}-train.jsonl", with_system(records, setup.system))
+    return DataConfig(source=path, max_len=max_len, seed=setup.seed)
 
 
 def family_runs(setup, out: Path, task: str, records: list[dict], data, **train) -> tuple[list, list[dict], dict]:
@@ -258,7 +310,7 @@ def family_runs(setup, out: Path, task: str, records: list[dict], data, **train)
     todo = [(TrainConfig(model=str(base), output=str(out / "runs" / f"{family}-lr{lr:g}"), adapter=adapter,
                          data=data, lr=lr, max_steps=setup.steps, warmup_ratio=0.05, save_steps=0,
                          eval_generate=0, seed=setup.seed, gradient_checkpointing=False, device="cpu", **train),
-             records, setup.eval_every, task)
+             with_system(records, setup.system), setup.eval_every, task)
             for lr in setup.lrs for family, (adapter, _) in configs.items()]
     params = param_rows(configs, shapes)
     print(markdown_table(params, {"family": "family", "config": "config", "params": "trainable params",

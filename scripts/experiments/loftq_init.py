@@ -5,9 +5,15 @@ Two settings, both on weights with structure:
   plus a few outlier input columns (as in LLM activations / weights). Relative error ||W - deq(Q) - ΔW|| / ||W||.
 - model: a tiny Llama briefly trained in full precision on the `mix` task, then loaded in 4-bit with each init.
   Per-layer weight error (mean) and the initial loss on held-out `mix` data, against the fp32 model's loss.
+- with --model (e.g. smollm2): that pretrained model instead, every family at T = 0 (plain NF4), 1 and 5. Per-layer
+  weight error, the loss on held-out English prose (Python's own documentation, `pydoc_data.topics`, which ships
+  with every Python) at init against the unquantised model's, and again after the same short fine-tune on other
+  documentation topics.
 
     python scripts/experiments/loftq_init.py --out runs/experiments/loftq --plot docs/experiments_loftq.png
     python scripts/experiments/loftq_init.py --quick --out runs/quick/loftq      # smoke run
+    python scripts/experiments/loftq_init.py --model smollm2 --out runs/experiments/loftq-smollm2 \
+        --plot docs/experiments_loftq_smollm2.png
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import common
+import loftq_real
 import plots
 import torch
 from tqdm import tqdm
@@ -41,22 +48,31 @@ class Setup:
     pretrain_lr: float = 3e-3  # its AdamW learning rate
     test_examples: int = 400  # held-out `mix` examples for the loss
     seed: int = 0  # seed of the matrices, the base, its training and the data
+    model: str = "tiny"  # tiny: the fp32-trained tiny base above; else a pretrained model (smollm2, a folder, a Hub id)
+    targets: str = "all-linear"  # the linears that get adapters, on a pretrained model
+    train_texts: int = 256  # documentation paragraphs the pretrained model is fine-tuned on
+    eval_texts: int = 64  # held-out paragraphs (other topics) the loss is measured on
+    finetune_steps: int = 12  # optimizer steps of the short fine-tune after each init
+    finetune_lr: float = 1e-3  # its peak learning rate
+    batch_size: int = 8  # its sequences per step
+    families: tuple[str, ...] = common.FAMILIES  # the families to compare
 
 
 QUICK = Setup(iters=(1, 2), lora_rank=8, matrix=(128, 256), matrix_rank=8, hidden=64, layers=1, pretrain_steps=20,
               test_examples=32)
+# SmolLM2-135M: every linear of the model adapted (the whole NF4 error is what LoftQ works on), 15 short
+# fine-tunes (5 families x 3 inits) over two worker processes within 20 minutes
+REAL = Setup(lora_rank=8, model="smollm2")
+REAL_QUICK = Setup(iters=(1,), lora_rank=4, matrix=(128, 256), matrix_rank=8, model="smollm2",
+                   targets=r"layers\.29\.self_attn\.(q|v)_proj", train_texts=8, eval_texts=4, finetune_steps=2,
+                   batch_size=4, families=("lora",))
+PRESETS = {(False, False): Setup(), (True, False): QUICK, (False, True): REAL, (True, True): REAL_QUICK}
 KINDS = ("gaussian", "power-law spectrum", "power-law + outlier columns")
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", default="runs/experiments/loftq", help="folder for models, JSON and table (must be empty)")
-    p.add_argument("--plot", help="where to write the plot (default: OUT/loftq_init.png)")
-    p.add_argument("--quick", action="store_true", help="smoke run: small matrices, a barely trained small base")
-    p.add_argument("--iters", type=int, nargs="+", default=argparse.SUPPRESS, help="LoftQ T values (default 1 5)")
-    p.add_argument("--pretrain-steps", type=int, default=argparse.SUPPRESS, help="default 400")
-    p.add_argument("--seed", type=int, default=argparse.SUPPRESS, help="default 0")
-    return p
+    return common.experiment_parser(__doc__, Setup(), "runs/experiments/loftq", "loftq_init.png",
+                                    "small matrices, a barely trained small base (with --model: one layer of it)")
 
 
 # ---------------------------------------------------------------------------------------------------- matrices
@@ -239,12 +255,21 @@ def plot(setup: Setup, mats: list[dict], rows: list[dict], path: Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    setup = common.setup_from(args, Setup(), QUICK)
+    setup = common.setup_from(args, PRESETS)
     if not setup.iters or min(setup.iters) < 1:
         raise QmorError("--iters takes LoftQ alternation counts of at least 1, e.g. --iters 1 5")
     common.single_thread()
     out = common.new_output(args.out)
     start = time.time()
+    path = Path(args.plot) if args.plot else out / "loftq_init.png"
+    if setup.model != "tiny":  # the synthetic matrices do not depend on the model: the tiny run has them
+        rows, info = loftq_real.rows(setup, out, args.workers)
+        results = {"setup": vars(setup), "model": rows, **info, "hardware": common.hardware(),
+                   "workers": args.workers, "wall_s": time.time() - start}
+        loftq_real.plot(setup, rows, info, path)
+        common.save_outputs(out, "loftq_init", results, loftq_real.table(setup, rows, info))
+        print(f"wrote {path}; total {results['wall_s']:.0f} s")
+        return 0
     mats = matrix_rows(setup)
     rows, info = model_rows(setup, out)
     for r in rows:
@@ -252,7 +277,6 @@ def main(argv: list[str] | None = None) -> int:
     text = tables(setup, mats, rows, info)
     results = {"setup": vars(setup), "matrices": mats, "model": rows, **info, "hardware": common.hardware(),
                "wall_s": time.time() - start}
-    path = Path(args.plot) if args.plot else out / "loftq_init.png"
     plot(setup, mats, rows, path)
     common.save_outputs(out, "loftq_init", results, text)
     print(f"wrote {path}; total {results['wall_s']:.0f} s")

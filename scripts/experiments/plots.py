@@ -12,7 +12,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 COLOURS = {"lora": "tab:blue", "moslora": "tab:orange", "mora": "tab:green", "mor": "tab:red", "sira": "tab:purple"}
 
 
-def curves(runs: list[dict], key: str, ylabel: str, path: Path, title: str) -> None:
+def curves(runs: list[dict], key: str, ylabel: str, path: Path, title: str,
+           ylim: tuple[float, float] | None = (0, 1.02)) -> None:
     """`key` of each run's curve against step; one panel per learning rate, one line per family."""
     lrs = sorted({r["lr"] for r in runs})
     fig, axes = plt.subplots(1, len(lrs), figsize=(5 * len(lrs), 3.8), sharey=True, squeeze=False)
@@ -23,7 +24,8 @@ def curves(runs: list[dict], key: str, ylabel: str, path: Path, title: str) -> N
                     color=COLOURS.get(r["family"]))
         ax.set_title(f"lr {lr:g}")
         ax.set_xlabel("step")
-        ax.set_ylim(0, 1.02)
+        if ylim:
+            ax.set_ylim(*ylim)
         ax.grid(alpha=0.3)
     axes[0][0].set_ylabel(ylabel)
     axes[0][-1].legend(loc="lower right")

@@ -4,6 +4,8 @@ values is plotted against training steps, for each learning rate.
 
     python scripts/experiments/uuid_memorization.py --out runs/experiments/uuid --plot docs/experiments_uuid.png
     python scripts/experiments/uuid_memorization.py --quick --out runs/quick/uuid     # smoke run, well under a minute
+    python scripts/experiments/uuid_memorization.py --model smollm2 --out runs/experiments/uuid-smollm2 \
+        --plot docs/experiments_uuid_smollm2.png                                        # a real pretrained base
 """
 
 from __future__ import annotations
@@ -31,22 +33,32 @@ class Setup:
     hidden: int = 128  # tiny base width
     layers: int = 2  # tiny base depth
     seed: int = 0  # seed of the base, the pairs, the data order and the adapters' init
+    model: str = "tiny"  # the base: tiny (random, built from hidden/layers/seed), smollm2, a folder or a Hub id
+    targets: str = "all-linear"  # the linears that get adapters (qmor's --targets)
+    system: str = ""  # system prompt of every record ("": the chat template's own)
+    families: tuple[str, ...] = common.FAMILIES  # the families to compare
 
 
 QUICK = Setup(pairs=4, steps=3, batch_size=4, eval_every=3, lrs=(5e-3,), lora_rank=8, hidden=64, layers=1)
+# SmolLM2-135M on 2 CPU cores: adapters on the last 8 of 30 decoder layers (backward stops there: 1.8x faster per
+# step than all layers) and a short system prompt, so that ten runs fit 20 minutes
+REAL = Setup(pairs=16, steps=40, batch_size=8, eval_every=10, lrs=(2e-3, 5e-3), lora_rank=8, model="smollm2",
+             targets=r"layers\.(2[2-9])\.", system="Recall the value.")
+REAL_QUICK = Setup(pairs=2, steps=2, batch_size=2, eval_every=2, lrs=(5e-3,), lora_rank=4, model="smollm2",
+                   targets=r"layers\.29\.self_attn\.(q|v)_proj", system="Recall the value.")
+PRESETS = {(False, False): Setup(), (True, False): QUICK, (False, True): REAL, (True, True): REAL_QUICK}
 
 
 def parser():
     return common.experiment_parser(__doc__, Setup(), "runs/experiments/uuid", "uuid_memorization.png",
-                                    "4 pairs, 4 steps, a smaller base")
+                                    "a few pairs and steps (with --model: on one layer of it)")
 
 
 def jobs(setup: Setup, out: Path) -> tuple[list, list[dict], dict]:
     from qmor.data import tasks
-    from qmor.data.pipeline import DataConfig
 
     records = tasks.records("uuid", "train", setup.pairs, setup.seed)
-    data = DataConfig(source="uuid", num_examples=setup.pairs, max_len=96, seed=setup.seed)
+    data = common.task_data(setup, out, "uuid", records, max_len=96 if setup.model == "tiny" else 128)
     return common.family_runs(setup, out, "uuid", records, data, batch_size=min(setup.batch_size, setup.pairs),
                               log_steps=max(1, setup.eval_every // 2))
 
@@ -72,13 +84,13 @@ def table(runs: list[dict], params: list[dict]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    setup = common.setup_from(args, Setup(), QUICK)
+    setup = common.setup_from(args, PRESETS)
     if setup.pairs < 1 or setup.steps < 1 or setup.eval_every < 1 or not setup.lrs:
         raise QmorError("pairs, steps and eval-every must be at least 1 and at least one --lrs value given")
     out, runs, results = common.compare(args, setup, jobs)
     plot = Path(args.plot) if args.plot else out / "uuid_memorization.png"
     plots.curves(runs, "char_accuracy", "character accuracy (greedy)", plot,
-                 f"UUID memorisation, {setup.pairs} pairs, tiny 4-bit base (seed {setup.seed})")
+                 f"UUID memorisation, {setup.pairs} pairs, {setup.model} 4-bit base (seed {setup.seed})")
     common.save_outputs(out, "uuid_memorization", results, table(runs, results["params"]))
     print(f"wrote {plot}; total {results['wall_s']:.0f} s")
     return 0

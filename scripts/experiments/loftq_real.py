@@ -1,0 +1,158 @@
+"""LoftQ on a pretrained model (`loftq_init.py --model ...`): for every family and T in (0, *iters), the mean
+per-layer NF4 weight error, the loss on held-out prose at init, and the loss after the same short fine-tune.
+
+The prose is Python's own documentation (`pydoc_data.topics`, shipped with every Python): a quarter of its topics
+are held out for the loss, the others feed the fine-tune, so the two never share a paragraph.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from pathlib import Path
+
+import common
+import plots
+import torch
+
+
+def paragraphs(topics: list[str]) -> list[str]:
+    """Prose paragraphs of 100-300 characters (about 25-75 tokens) from the given documentation topics."""
+    from pydoc_data.topics import topics as docs
+
+    out = []
+    for name in topics:
+        for block in re.split(r"\n\s*\n", docs[name]):
+            text = " ".join(block.split())
+            if 100 <= len(text) <= 300 and text[0].isalpha():
+                out.append(text)
+    return out
+
+
+def prose(setup, out: Path) -> tuple[str, str]:
+    """JSONL files (text format) of training and held-out paragraphs, from disjoint topics."""
+    from pydoc_data.topics import topics as docs
+
+    names = sorted(docs)
+    held_out = paragraphs(names[::4])[: setup.eval_texts]
+    train = paragraphs([n for i, n in enumerate(names) if i % 4])[: setup.train_texts]
+    return (common.records_file(out / "data" / "docs-train.jsonl", [{"text": t} for t in train]),
+            common.records_file(out / "data" / "docs-heldout.jsonl", [{"text": t} for t in held_out]))
+
+
+def held_out_loss(model, path: str, setup) -> float:
+    from qmor.data.pipeline import DataConfig, build_datasets
+    from qmor.model.load import load_tokenizer
+    from qmor.training.evaluate import eval_loss
+    from qmor.training.loss import ChunkedLoss
+
+    tokenizer = load_tokenizer(str(common.base_model(setup, Path("."))), False)
+    examples, _, _ = build_datasets(tokenizer, DataConfig(source=path, format="text", max_len=64, seed=setup.seed))
+    return eval_loss(ChunkedLoss(model), examples, 16, tokenizer.pad_token_id, "cpu")
+
+
+def run(job: tuple) -> dict:
+    """One (family, T) cell: load with the init, measure; fine-tune through qmor.training.loop; measure again. The
+    LoftQ result is cached, so the fine-tune's own load reuses the first one's."""
+    from qmor.model.load import load_for_training
+    from qmor.training.loop import train
+
+    cfg, T, held_out, setup = job
+    common.single_thread()
+    start = time.time()
+    model, _, report = load_for_training(cfg.model, cfg.adapter, device="cpu")
+    row = {"family": cfg.adapter.family, "T": T, "loss_init": held_out_loss(model, held_out, setup),
+           "err_nf4": report["mean_nf4"] if report else None, "err": report["mean_loftq"] if report else None}
+    del model
+    after = {}
+
+    def measure(step: int, model) -> None:
+        if step == cfg.max_steps:
+            after["loss"] = held_out_loss(model, held_out, setup)
+
+    result = train(cfg, on_step=measure)
+    return {**row, "loss_after": after["loss"], "train_loss": result["loss"], "wall_s": time.time() - start}
+
+
+def rows(setup, out: Path, workers: int) -> tuple[list[dict], dict]:
+    from dataclasses import replace
+
+    from transformers import AutoModelForCausalLM
+
+    from qmor.data.pipeline import DataConfig
+    from qmor.training.config import TrainConfig
+
+    base = common.base_model(setup, out)
+    train_path, held_out = prose(setup, out)
+    full = held_out_loss(AutoModelForCausalLM.from_pretrained(str(base), dtype=torch.float32), held_out, setup)
+    shapes = common.target_shapes(base, setup.targets)
+    configs = common.matched_configs(shapes, setup.lora_rank, setup.mor_experts, setup.sira_experts,
+                                     setup.sira_top_k, targets=setup.targets)
+    jobs = []
+    for family, (adapter, _) in configs.items():
+        if family not in setup.families:
+            continue
+        for T in (0, *setup.iters):
+            init = replace(adapter, init="loftq", loftq_iters=T) if T else adapter
+            cfg = TrainConfig(model=str(base), output=str(out / "runs" / f"{family}-T{T}"), adapter=init,
+                              data=DataConfig(source=train_path, format="text", max_len=64, seed=setup.seed),
+                              lr=setup.finetune_lr, max_steps=setup.finetune_steps, batch_size=setup.batch_size,
+                              warmup_ratio=0.05, save_steps=0, eval_generate=0, log_steps=1, seed=setup.seed,
+                              gradient_checkpointing=False, device="cpu")
+            jobs.append((cfg, T, held_out, setup))
+    cells = common.run_all(run, jobs, workers)
+    out_rows = []
+    for family, (adapter, n) in configs.items():
+        mine = {c["T"]: c for c in cells if c["family"] == family}
+        if not mine:
+            continue
+        row = {"family": family, "config": common.describe(adapter, shapes), "params": n,
+               "err_nf4": next(c["err_nf4"] for c in mine.values() if c["err_nf4"] is not None)}
+        for T, c in mine.items():
+            row[f"err_T{T}"] = row["err_nf4"] if T == 0 else c["err"]
+            row[f"loss_T{T}"], row[f"after_T{T}"] = c["loss_init"], c["loss_after"]
+            row[f"wall_T{T}"] = c["wall_s"]
+        out_rows.append(row)
+    return out_rows, {"full_loss": full, "shapes": shapes, "cells": cells, "train_file": train_path,
+                      "held_out_file": held_out}
+
+
+def table(setup, rows: list[dict], info: dict) -> str:
+    Ts = (0, *setup.iters)
+    for r in rows:
+        gap = r["loss_T0"] - info["full_loss"]
+        for t in setup.iters:
+            r[f"closed_T{t}"] = (r["loss_T0"] - r[f"loss_T{t}"]) / gap if abs(gap) > 1e-12 else 0.0
+    columns = {"family": "family", "config": "config", "params": "params",
+               **{f"err_T{t}": f"weight err T={t}" for t in Ts}, **{f"loss_T{t}": f"loss at init T={t}" for t in Ts},
+               **{f"closed_T{t}": f"NF4 gap closed T={t}" for t in setup.iters},
+               **{f"after_T{t}": f"loss after fine-tune T={t}" for t in Ts}}
+    return (f"{setup.model}: held-out loss of the unquantised model {info['full_loss']:.4f}; T=0 is plain NF4. "
+            f"Fine-tune: {setup.finetune_steps} steps of {setup.batch_size} at lr {setup.finetune_lr:g}.\n\n"
+            + common.markdown_table(rows, columns, signed=tuple(f"closed_T{t}" for t in setup.iters)))
+
+
+def plot(setup, rows: list[dict], info: dict, path: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    Ts = (0, *setup.iters)
+    fig, axes = plt.subplots(1, 3, figsize=(15, 3.8))
+    families = [r["family"] for r in rows]
+    width = 0.8 / len(Ts)
+    for ax, (title, key) in zip(axes, [("mean per-layer weight error", "err_T"), ("held-out loss at init", "loss_T"),
+                                       ("held-out loss after the fine-tune", "after_T")], strict=True):
+        for i, t in enumerate(Ts):
+            xs = [f + (i - len(Ts) / 2 + 0.5) * width for f in range(len(families))]
+            ax.bar(xs, [r[f"{key}{t}"] for r in rows], width, label="plain NF4" if t == 0 else f"LoftQ T={t}")
+        values = [r[f"{key}{t}"] for r in rows for t in Ts]
+        if key != "err_T":
+            ax.axhline(info["full_loss"], color="black", linestyle="--", label="unquantised model")
+            values.append(info["full_loss"])
+        spread = max(values) - min(values)
+        ax.set_ylim(min(values) - spread * 0.3, max(values) + spread * 0.3)
+        ax.set_xticks(range(len(families)), families)
+        ax.set_title(title, fontsize="medium")
+        ax.grid(axis="y", alpha=0.3)
+    axes[1].legend(fontsize="small")
+    fig.suptitle(f"LoftQ on {setup.model}, {len(info['shapes'])} adapted linears")
+    plots.save(fig, path)
