@@ -40,7 +40,7 @@ def bars(groups: list[str], series: dict[str, list[float]], ylabel: str, path: P
     width = 0.8 / max(1, len(series))
     for i, (name, values) in enumerate(series.items()):
         xs = [g + (i - (len(series) - 1) / 2) * width for g in range(len(groups))]
-        ax.bar(xs, values, width, label=name, color=COLOURS.get(name))
+        ax.bar(xs, values, width, label=name, color=COLOURS.get(name, "tab:gray"))  # a reference series
     ax.set_xticks(range(len(groups)), groups)
     ax.set_ylabel(ylabel)
     if ylim:
