@@ -52,7 +52,6 @@ def pair(module):
     return (module.base, module.adapter) if hasattr(module, "adapter") else (module, None)
 
 
-@pytest.mark.parametrize("arch", list(ARCHS))
 def stored_4bit_bytes(model) -> int:
     """Bytes the model's 4-bit linears hold: packed weights plus their (double-quantised) block scales."""
     packed = sum(p.numel() * p.element_size() for n, p in model.named_parameters()
@@ -62,6 +61,7 @@ def stored_4bit_bytes(model) -> int:
     return packed + absmax
 
 
+@pytest.mark.parametrize("arch", list(ARCHS))
 def test_experts_are_nf4_and_equal_a_dense_block_of_their_dequantised_weights(moe_dirs, arch):
     model = load_4bit(str(moe_dirs[arch]), device="cpu")
     mlp = block(model)
