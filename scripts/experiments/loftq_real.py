@@ -34,21 +34,27 @@ def prose(setup, out: Path) -> tuple[str, str]:
     from pydoc_data.topics import topics as docs
 
     names = sorted(docs)
-    held_out = paragraphs(names[::4])[: setup.eval_texts]
+    kept = paragraphs(names[::4])[: setup.eval_texts]
     train = paragraphs([n for i, n in enumerate(names) if i % 4])[: setup.train_texts]
     return (common.records_file(out / "data" / "docs-train.jsonl", [{"text": t} for t in train]),
-            common.records_file(out / "data" / "docs-heldout.jsonl", [{"text": t} for t in held_out]))
+            common.records_file(out / "data" / "docs-heldout.jsonl", [{"text": t} for t in kept]))
 
 
-def held_out_loss(model, path: str, setup) -> float:
+def held_out(model_path: str, path: str, setup) -> tuple[list[dict], int]:
+    """The held-out paragraphs tokenised once (text format) and the pad id."""
     from qmor.data.pipeline import DataConfig, build_datasets
     from qmor.model.load import load_tokenizer
+
+    tokenizer = load_tokenizer(model_path, False)
+    examples, _, _ = build_datasets(tokenizer, DataConfig(source=path, format="text", max_len=64, seed=setup.seed))
+    return examples, tokenizer.pad_token_id
+
+
+def loss_on(model, examples: list[dict], pad_id: int) -> float:
     from qmor.training.evaluate import eval_loss
     from qmor.training.loss import ChunkedLoss
 
-    tokenizer = load_tokenizer(str(common.base_model(setup, Path("."))), False)
-    examples, _, _ = build_datasets(tokenizer, DataConfig(source=path, format="text", max_len=64, seed=setup.seed))
-    return eval_loss(ChunkedLoss(model), examples, 16, tokenizer.pad_token_id, "cpu")
+    return eval_loss(ChunkedLoss(model), examples, 16, pad_id, "cpu")
 
 
 def run(job: tuple) -> dict:
@@ -57,18 +63,19 @@ def run(job: tuple) -> dict:
     from qmor.model.load import load_for_training
     from qmor.training.loop import train
 
-    cfg, T, held_out, setup = job
+    cfg, T, held_out_file, setup = job
     common.single_thread()
     start = time.time()
+    examples, pad = held_out(cfg.model, held_out_file, setup)
     model, _, report = load_for_training(cfg.model, cfg.adapter, device="cpu")
-    row = {"family": cfg.adapter.family, "T": T, "loss_init": held_out_loss(model, held_out, setup),
+    row = {"family": cfg.adapter.family, "T": T, "loss_init": loss_on(model, examples, pad),
            "err_nf4": report["mean_nf4"] if report else None, "err": report["mean_loftq"] if report else None}
     del model
     after = {}
 
     def measure(step: int, model) -> None:
         if step == cfg.max_steps:
-            after["loss"] = held_out_loss(model, held_out, setup)
+            after["loss"] = loss_on(model, examples, pad)
 
     result = train(cfg, on_step=measure)
     return {**row, "loss_after": after["loss"], "train_loss": result["loss"], "wall_s": time.time() - start}
@@ -83,8 +90,9 @@ def rows(setup, out: Path, workers: int) -> tuple[list[dict], dict]:
     from qmor.training.config import TrainConfig
 
     base = common.base_model(setup, out)
-    train_path, held_out = prose(setup, out)
-    full = held_out_loss(AutoModelForCausalLM.from_pretrained(str(base), dtype=torch.float32), held_out, setup)
+    train_path, held_out_file = prose(setup, out)
+    full = loss_on(AutoModelForCausalLM.from_pretrained(str(base), dtype=torch.float32),
+                   *held_out(str(base), held_out_file, setup))
     shapes = common.target_shapes(base, setup.targets)
     configs = common.matched_configs(shapes, setup.lora_rank, setup.mor_experts, setup.sira_experts,
                                      setup.sira_top_k, targets=setup.targets)
@@ -99,7 +107,7 @@ def rows(setup, out: Path, workers: int) -> tuple[list[dict], dict]:
                               lr=setup.finetune_lr, max_steps=setup.finetune_steps, batch_size=setup.batch_size,
                               warmup_ratio=0.05, save_steps=0, eval_generate=0, log_steps=1, seed=setup.seed,
                               gradient_checkpointing=False, device="cpu")
-            jobs.append((cfg, T, held_out, setup))
+            jobs.append((cfg, T, held_out_file, setup))
     cells = common.run_all(run, jobs, workers)
     out_rows = []
     for family, (adapter, n) in configs.items():
@@ -114,7 +122,7 @@ def rows(setup, out: Path, workers: int) -> tuple[list[dict], dict]:
             row[f"wall_T{T}"] = c["wall_s"]
         out_rows.append(row)
     return out_rows, {"full_loss": full, "shapes": shapes, "cells": cells, "train_file": train_path,
-                      "held_out_file": held_out}
+                      "held_out_file": held_out_file}
 
 
 def table(setup, rows: list[dict], info: dict) -> str:
