@@ -49,9 +49,10 @@ class Setup:
 QUICK = Setup(train_examples=64, test_examples=16, steps=3, batch_size=8, eval_every=3, lora_rank=8, hidden=64,
               layers=1, lrs=(5e-3,))
 # SmolLM2-135M on 2 CPU cores: adapters on the last 8 of 30 decoder layers and a short system prompt (see
-# uuid_memorization.py), 30 steps of 16, so that ten mixed and four single-task runs fit 20 minutes
-REAL = Setup(train_examples=480, test_examples=100, steps=30, batch_size=16, eval_every=15, lora_rank=8,
-             lrs=(2e-3, 5e-3), model="smollm2", targets=r"layers\.(2[2-9])\.", system="Do the task.",
+# uuid_memorization.py), one pass of 30 steps of 12 and one scoring at the end, so that ten mixed and four
+# single-task runs fit 20 minutes
+REAL = Setup(train_examples=360, test_examples=80, steps=30, batch_size=12, eval_every=30, lora_rank=8,
+             lrs=(5e-3, 1e-2), model="smollm2", targets=r"layers\.(2[2-9])\.", system="Do the task.",
              alone_lr=5e-3)
 REAL_QUICK = Setup(train_examples=8, test_examples=4, steps=2, batch_size=4, eval_every=2, lora_rank=4,
                    lrs=(5e-3,), model="smollm2", targets=r"layers\.29\.self_attn\.(q|v)_proj",

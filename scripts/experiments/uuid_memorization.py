@@ -41,8 +41,9 @@ class Setup:
 
 QUICK = Setup(pairs=4, steps=3, batch_size=4, eval_every=3, lrs=(5e-3,), lora_rank=8, hidden=64, layers=1)
 # SmolLM2-135M on 2 CPU cores: adapters on the last 8 of 30 decoder layers (backward stops there: 1.8x faster per
-# step than all layers) and a short system prompt, so that ten runs fit 20 minutes
-REAL = Setup(pairs=16, steps=40, batch_size=8, eval_every=10, lrs=(2e-3, 5e-3), lora_rank=8, model="smollm2",
+# step than all layers), a short system prompt, and 8 pairs seen 16 times, so that ten runs fit 20 minutes; below
+# 5e-3 no family memorises in this budget
+REAL = Setup(pairs=8, steps=32, batch_size=4, eval_every=8, lrs=(5e-3, 1e-2), lora_rank=8, model="smollm2",
              targets=r"layers\.(2[2-9])\.", system="Recall the value.")
 REAL_QUICK = Setup(pairs=2, steps=2, batch_size=2, eval_every=2, lrs=(5e-3,), lora_rank=4, model="smollm2",
                    targets=r"layers\.29\.self_attn\.(q|v)_proj", system="Recall the value.")
