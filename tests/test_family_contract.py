@@ -67,7 +67,8 @@ class ScaledLoRA(nn.Module):
 
 
 TOY = Family(module=ScaledLoRA, options=ScaledOptions, scaled=False, merges=True, peft=ScaledLoRA.peft_factors,
-             why_not="", keeps_input=True, saved_per_token=lambda d_in, d_out, cfg: cfg.r, check_shape=check_rank)
+             why_not="", keeps_input=True, saved_per_token=lambda d_in, d_out, cfg: cfg.r, check_shape=check_rank,
+             fitted=("U", "V"))
 
 
 @pytest.fixture(autouse=True)

@@ -10,8 +10,8 @@ from safetensors import safe_open
 from transformers import AutoModelForCausalLM
 
 from qmor import AdapterConfig, QmorError, QuantConfig, save_adapter
-from qmor.adapters import build_adapter, mergeable
-from qmor.adapters.attach import adapted_layers, attach
+from qmor.adapters import ADAPTERS, build_adapter, mergeable
+from qmor.adapters.attach import adapted_layers, adapter_state, attach
 from qmor.adapters.layer import AdaptedLinear
 from qmor.model.files import local_folder, weight_files
 from qmor.model.load import load_4bit, load_for_training, load_trained
@@ -118,6 +118,21 @@ def test_routed_families_start_independent_of_routing(family):
     assert before.abs().max() > 0
 
 
+@pytest.mark.parametrize("family", list(ADAPTERS))
+def test_fit_sets_only_the_parameters_its_family_declares(family):
+    """LoftQ's cache holds the declared `fitted` tensors only: a parameter fit set undeclared would be lost on a
+    cache hit, one declared but never set would carry the computing run's random init into every later run."""
+    W = realistic(64, 96, seed=4)
+    adapter = fresh_adapter(AdapterConfig.from_dict({"family": family, **KW}), W)
+    fitted = ADAPTERS[family].fitted
+    before = {k: v.detach().clone() for k, v in adapter.named_parameters()}
+    adapter.fit(W - dequantize(quantize(W, QuantConfig())))
+    after = dict(adapter.named_parameters())
+    assert set(fitted) <= set(after)
+    assert all(torch.equal(before[k], after[k]) for k in after if k not in fitted)
+    assert any(not torch.equal(before[k], after[k]) for k in fitted)
+
+
 def test_iters_must_be_positive():
     W = weights("random")
     with pytest.raises(QmorError, match="loftq_iters"):
@@ -186,6 +201,24 @@ def test_cache_is_reused_only_for_the_same_key(tiny_dir, tmp_path, monkeypatch):
                   AdapterConfig(family="lora", r=4)):
         with pytest.raises(AssertionError, match="recomputed"):
             loftq_init(str(tiny_dir), other, cache_dir=tmp_path)
+
+
+@pytest.mark.parametrize("family", ["mor", "sira"])
+def test_a_cached_init_gives_the_model_a_computed_one_does(tiny_dir, tmp_path, family):
+    """A router is no part of LoftQ's result: a run with seed 1 whose init another run (seed 0) cached gets the
+    router of seed 1, the same adapters as when it computes the init itself."""
+    cfg = AdapterConfig(family=family, r=4, options={"experts": 3}, loftq_iters=1)
+
+    def adapters(seed, cache_dir):
+        torch.manual_seed(seed)
+        return adapter_state(loftq_init(str(tiny_dir), cfg, cache_dir=cache_dir)[0])
+
+    first = adapters(0, tmp_path / "shared")
+    cached, computed = adapters(1, tmp_path / "shared"), adapters(1, tmp_path / "own")
+    assert cached.keys() == computed.keys() and all(torch.equal(cached[k], computed[k]) for k in cached)
+    routers = [k for k in cached if k.endswith(".router")]
+    assert routers and all(not torch.equal(cached[k], first[k]) for k in routers)
+    assert all(torch.equal(cached[k], first[k]) for k in cached if k.endswith((".A", ".B")))
 
 
 def test_sharded_checkpoint_gives_the_same_init(tiny_dir, tmp_path):

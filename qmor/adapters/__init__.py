@@ -7,8 +7,8 @@ Every family is a plain `nn.Module` built as `Module(d_in, d_out, cfg)` that pro
   (what LoftQ calls); routed families fit so that the output does not depend on routing;
 - `num_params(d_in, d_out, cfg)` (static): the trainable parameter count.
 A family's default init adds zero. Its file declares the rest in one `Family(...)` (qmor.adapters.family): options,
-whether it merges or goes to PEFT, what its backward keeps, which shapes it takes. Adding a family is its file and
-one line in ADAPTERS.
+whether it merges or goes to PEFT, what its backward keeps, which shapes it takes, which parameters `fit` sets.
+Adding a family is its file and one line in ADAPTERS.
 """
 
 from __future__ import annotations

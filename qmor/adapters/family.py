@@ -119,6 +119,8 @@ class Family:
     # input, for the planner
     check_shape: Callable[[int, int, AdapterConfig, str], None]  # refuse (QmorError) a d_in -> d_out layer it cannot
     # adapt, in one line naming the layer
+    fitted: tuple[str, ...]  # the parameters `fit` sets: LoftQ caches these, so the others (a router) keep the
+    # run's own seeded init whether the LoftQ init was computed or loaded
 
     def __post_init__(self) -> None:
         name = getattr(self.module, "__name__", repr(self.module))
@@ -139,3 +141,5 @@ class Family:
         for part in ("saved_per_token", "check_shape"):
             if not callable(getattr(self, part)):
                 raise TypeError(f"family {name}: {part} must be a function")
+        if not self.fitted or not all(isinstance(k, str) for k in self.fitted):
+            raise TypeError(f"family {name}: fitted must name the parameters its fit sets, e.g. ('A', 'B')")

@@ -160,4 +160,5 @@ def check_shape(d_in: int, d_out: int, cfg: AdapterConfig, name: str) -> None:
 FAMILY = Family(module=MoRA, options=MoRAOptions, scaled=False, merges=True, peft=None,
                 why_not="is not a low-rank adapter (its ΔW is a full-rank compress-M-decompress product), so PEFT's "
                 "LoRA format cannot hold it exactly",
-                keeps_input=False, saved_per_token=MoRA.saved_per_token, check_shape=check_shape)
+                keeps_input=False, saved_per_token=MoRA.saved_per_token, check_shape=check_shape,
+                fitted=("M",))

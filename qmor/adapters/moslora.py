@@ -54,4 +54,5 @@ class MoSLoRA(nn.Module):
 
 
 FAMILY = Family(module=MoSLoRA, options=NoOptions, scaled=True, merges=True, peft=MoSLoRA.peft_factors, why_not="",
-                keeps_input=True, saved_per_token=MoSLoRA.saved_per_token, check_shape=check_rank)
+                keeps_input=True, saved_per_token=MoSLoRA.saved_per_token,
+                check_shape=check_rank, fitted=("A", "M", "B"))

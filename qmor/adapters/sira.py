@@ -110,4 +110,5 @@ class SiRA(nn.Module):
 
 
 FAMILY = Family(module=SiRA, options=SiRAOptions, scaled=True, merges=False, peft=None, why_not=WHY_NOT,
-                keeps_input=True, saved_per_token=SiRA.saved_per_token, check_shape=check_rank)
+                keeps_input=True, saved_per_token=SiRA.saved_per_token,
+                check_shape=check_rank, fitted=("A", "B"))

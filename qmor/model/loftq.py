@@ -30,7 +30,8 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm import tqdm
 
-from qmor.adapters.attach import WEIGHTS, AdapterMeta, adapted_layers, adapter_state, load_adapter_weights
+from qmor.adapters import check_family
+from qmor.adapters.attach import WEIGHTS, AdapterMeta, adapted_layers
 from qmor.adapters.layer import AdaptedLinear
 from qmor.config import AdapterConfig, QuantConfig
 from qmor.errors import NotMergeable, QmorError
@@ -43,7 +44,8 @@ from qmor.model.quant import set_packed as put_packed
 BASE = "base.safetensors"  # Q_T of every target, keys "<module name>|<packed_state key>"
 REPORT = "loftq_report.json"
 KEY = "key.json"
-ALGORITHM = 1  # bump when the loop changes, so old caches are not mistaken for new results
+ALGORITHM = 2  # bump when the loop or what the cache holds changes, so old caches are not mistaken for new results
+# (2: the cache holds only the tensors `fit` sets; 1 also held the seeded router of the run that computed it)
 
 
 # ---------------------------------------------------------------------------------------------------- one layer
@@ -161,14 +163,43 @@ def fitted_layers(model: nn.Module) -> dict[str, AdaptedLinear]:
     return {n: layer for n, layer in adapted_layers(model).items() if not isinstance(layer.adapter, SharedAdapter)}
 
 
-def save_cache(model: nn.Module, folder: Path, key: dict, report: dict) -> None:
+def fitted_tensors(model: nn.Module, family: str) -> dict[str, nn.Parameter]:
+    """`<layer>.<parameter>` -> each parameter LoftQ sets (its family's `fitted`), over the layers it fits."""
+    fitted = check_family(family).fitted
+    out = {}
+    for name, layer in fitted_layers(model).items():
+        params = dict(layer.adapter.named_parameters())
+        for k in fitted:
+            if k not in params:
+                raise TypeError(f"family {family} declares fitted parameter {k!r}, which its module lacks")
+            out[f"{name}.{k}"] = params[k]
+    return out
+
+
+def save_cache(model: nn.Module, folder: Path, key: dict, report: dict, family: str) -> None:
+    """Q_T and the adapter tensors LoftQ set. Nothing else: a router stays the loading run's own seeded init, so a
+    run gives the same result whether its LoftQ init is computed or comes from a run with another seed."""
     state = {f"{name}|{k}": v.detach().contiguous().cpu()
              for name, layer in fitted_layers(model).items() for k, v in packed_state(layer.base.weight).items()}
+    fitted = {k: v.detach().contiguous().cpu() for k, v in fitted_tensors(model, family).items()}
     with atomic_dir(folder) as tmp:
         save_file(state, str(tmp / BASE), metadata={"format": "qmor-loftq"})
-        save_file(adapter_state(model), str(tmp / WEIGHTS), metadata={"format": "qmor"})
+        save_file(fitted, str(tmp / WEIGHTS), metadata={"format": "qmor-loftq-fit"})
         save_json(key, tmp / KEY)
         save_json(report, tmp / REPORT)
+
+
+@torch.no_grad()
+def load_fitted(model: nn.Module, folder: Path, family: str) -> None:
+    """Copy the cached LoftQ adapter tensors into an attached model, every name and shape checked first."""
+    state = load_file(str(folder / WEIGHTS))
+    params = fitted_tensors(model, family)
+    wrong = sorted(set(state) ^ set(params)) or [k for k, p in params.items() if state[k].shape != p.shape]
+    if wrong:
+        raise QmorError(f"the LoftQ cache {folder} does not fit these adapters (e.g. {wrong[0]}); delete that folder "
+                        "and the next run recomputes it")
+    for k, p in params.items():
+        p.copy_(state[k])
 
 
 # ---------------------------------------------------------------------------------------------------- whole model
@@ -236,12 +267,12 @@ def initialise_cached(model: nn.Module, source: str, names: dict[str, Path], tar
     cache = cache_folder(Path(cache_dir) if cache_dir else cache_root(), key, cfg)
     if (cache / BASE).is_file() and (cache / REPORT).is_file():
         apply_base_weights(model, cache)
-        load_adapter_weights(model, cache)
+        load_fitted(model, cache, cfg.family)
         report = load_json(cache / REPORT)
         print(f"LoftQ: loaded cached init from {cache}", file=sys.stderr)
     else:
         report = make_report(initialise(model, names, quant, cfg.loftq_iters), cfg, cache)
-        save_cache(model, cache, key, report)
+        save_cache(model, cache, key, report, cfg.family)
     print(summary(report), file=sys.stderr)
     return cache, report
 
@@ -259,7 +290,8 @@ def restore_base(model: nn.Module, meta: AdapterMeta, base: str) -> None:
     errors = initialise(model, names, meta.quant, meta.adapter.loftq_iters)
     if folder is not None:
         try:
-            save_cache(model, folder, {"model": base, "recomputed": True}, make_report(errors, meta.adapter, folder))
+            save_cache(model, folder, {"model": base, "recomputed": True}, make_report(errors, meta.adapter, folder),
+                       meta.adapter.family)
         except OSError as e:
             print(f"could not write the LoftQ cache {folder} ({e}); it will be recomputed next time", file=sys.stderr)
 
