@@ -3,10 +3,12 @@
 
 import shutil
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 import torch
 from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
 from qmor import AdapterConfig, QmorError, QuantConfig, save_adapter
@@ -253,3 +255,9 @@ def test_bad_sources_and_mismatched_bases(tiny_dir, tmp_path):
     with pytest.raises(QmorError, match="does not exist"):
         apply_base_weights(other, tmp_path / "nowhere")
     assert all(isinstance(m, AdaptedLinear) for m in adapted_layers(other).values())
+
+    # a cache folder whose adapter tensors do not match (edited by hand, or written by another version) is refused
+    fitted = Path(meta.base_weights) / "adapter.safetensors"
+    save_file({k: v for k, v in load_file(fitted).items() if not k.endswith(".B")}, fitted)
+    with pytest.raises(QmorError, match=r"LoftQ cache .* does not fit these adapters \(e\.g\. .*\.B\); delete"):
+        loftq_init(str(tiny_dir), AdapterConfig(r=4), cache_dir=tmp_path / "cache")
