@@ -61,8 +61,9 @@ def resume_command(run: Path) -> list[str]:
     return [sys.executable, str(TRAIN_SCRIPT), "--resume", "--output", short_path(str(run))]
 
 
-def export_command(run: Path, out: Path, dtype: str, overwrite: bool) -> list[str]:
-    cmd = [sys.executable, str(EXPORT_SCRIPT), short_path(str(run)), "--output", short_path(str(out)), "--dtype", dtype]
+def export_command(run: Path, out: Path, flags: list[str], overwrite: bool) -> list[str]:
+    """The export script for a run; `flags` choose the format and its weights (`--format gguf --gguf-type q8_0`)."""
+    cmd = [sys.executable, str(EXPORT_SCRIPT), short_path(str(run)), "--output", short_path(str(out)), *flags]
     return cmd + (["--overwrite"] if overwrite else [])
 
 

@@ -1,4 +1,5 @@
-"""The app end to end through its API (gradio_client): train a tiny model, chat with the run, export it."""
+"""The app end to end through its API (gradio_client): train a tiny model, chat with the run, export it (merged,
+GGUF and PEFT)."""
 
 import json
 import re
@@ -9,6 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
+from spm_model import CHATML, make_spm_llama
 
 pytest.importorskip("gradio_client")
 
@@ -113,11 +115,59 @@ def test_train_chat_export_through_the_api(app, tiny_dir):
     assert len(updates) >= 2, "the reply should arrive in pieces"
     assert "reply complete" in status, status
 
-    # export: merged fp16 with the verification figures
+    # export: merged fp16 with the verification figures (the format left out: merged, as before it was a choice)
     status, result, log = client.predict("api", "api-fp16", "fp16", False, api_name="/export")
     assert "exported" in status, log
     assert "max abs logit difference" in result and "top-1 agreement" in result
     assert (ws / "exports" / "api-fp16" / "config.json").is_file()
+
+
+def saved_run(ws: Path, name: str, base: Path, family: str) -> None:
+    """runs/NAME/adapter as training leaves it, with B moved off zero so the export has something to merge."""
+    import torch
+
+    from qmor import AdapterConfig, save_adapter
+    from qmor.adapters.attach import AdapterMeta, attach
+    from qmor.model.load import load_4bit
+
+    model = load_4bit(str(base))
+    cfg = AdapterConfig(family=family, r=4, alpha=8.0)
+    attach(model, cfg)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p) * 0.02)
+    save_adapter(model, ws / "runs" / name / "adapter", AdapterMeta(adapter=cfg, base_model=str(base),
+                                                                   chat_template=CHATML))
+
+
+def test_gguf_and_peft_exports_through_the_api(app, tmp_path):
+    """The Export tab's other formats: the same export command as the CLI, each output read back and checked.
+    A SentencePiece base, because llama.cpp's converter only takes tokenizers it knows."""
+    from gradio_client import Client
+
+    server, ws = app
+    client = Client(server.url, verbose=False)
+    base = make_spm_llama(tmp_path / "spm-llama")
+    saved_run(ws, "spm", base, "lora")
+    saved_run(ws, "spm-mora", base, "mora")
+
+    # GGUF with its Modelfile, named after its type when no name is given
+    status, result, log = client.predict("spm", "", "fp16", False, "gguf", "q8_0", api_name="/export")
+    assert "exported" in status, log
+    assert "top-1 agreement" in result and "spm-q8_0" in result and "--gguf-type q8_0" in log
+    assert len(list((ws / "exports" / "spm-q8_0").glob("*.gguf"))) == 1
+    assert (ws / "exports" / "spm-q8_0" / "Modelfile").is_file()
+    # PEFT: the adapter in PEFT's layout beside its dequantised base, checked through peft
+    status, result, log = client.predict("spm", "", "bf16", False, "peft", "q8_0", api_name="/export")
+    assert "exported" in status, log
+    assert "top-1 agreement" in result and "--format peft --dtype bf16" in log
+    assert (ws / "exports" / "spm-peft" / "adapter_config.json").is_file()
+    # PEFT cannot hold MoRA: refused before any subprocess, with what to do instead
+    status, _, _ = client.predict("spm-mora", "", "fp16", False, "peft", "q8_0", api_name="/export")
+    assert "cannot hold it exactly; choose the merged model or GGUF format instead" in status
+    assert not (ws / "exports" / "spm-mora-peft").exists()
 
 
 def test_errors_come_back_as_messages(app, tmp_path):

@@ -133,6 +133,14 @@ def test_train_refresh_stop_resume_chat_export(browser, tiny_dir, tmp_path):
         result = page.locator("#export-result").inner_text()
         assert "top-1 agreement" in result and "web-fp16" in result, page.locator("#export-log textarea").input_value()
         shot(page, tmp_path, "app-export")
+        # another format: its own weight choice replaces the dtype, and the proposed name follows
+        name = page.get_by_label("Output name (in the workspace's exports/)")
+        page.get_by_label("GGUF + Ollama Modelfile").check()
+        wait_for(lambda: name.input_value() == "web-q8_0", 30, lambda: f"the GGUF name, not {name.input_value()!r}")
+        assert page.get_by_label("q8_0").is_visible() and not page.get_by_label("fp16").is_visible()
+        page.get_by_label("PEFT adapter + its base").check()
+        wait_for(lambda: name.input_value() == "web-peft", 30, lambda: f"the PEFT name, not {name.input_value()!r}")
+        assert page.get_by_label("fp16").is_visible()
         page.get_by_role("tab", name="Train").click()
         shot(page, tmp_path, "app-train-done")
     finally:
