@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from qmor.data import tasks
+from qmor.data.sources import is_hub_id as is_hub_dataset
 from qmor.errors import QmorError
 from qmor.model.files import is_builtin, is_hub_id
 
@@ -112,14 +113,19 @@ def model_arg(ws: Workspace, text: str) -> str:
 
 
 def dataset_arg(ws: Workspace, text: str) -> str:
-    """The --dataset value: a built-in name or an existing file/folder (checked against the workspace)."""
+    """The --dataset value: a built-in name, a Hub dataset id (org/name, read from the Hugging Face cache as the
+    CLI reads it), or an existing file/folder (checked against the workspace)."""
     text = (text or "").strip()
     if text in BUILTIN_DATASETS:
         return text
+    parts = text.split("/")
+    if is_hub_id(text) and is_hub_dataset(text) and "." not in parts and ".." not in parts \
+            and not (ws.root / text).exists():
+        return text  # a name with a file type (data/x.jsonl) is a mistyped path, not an id
     path = user_path(ws, text, "dataset path")
     if not path.exists():
-        raise QmorError(f"dataset {text!r} does not exist; upload a file, enter a path or pick a built-in "
-                        f"({', '.join(BUILTIN_DATASETS)})")
+        raise QmorError(f"dataset {text!r} does not exist; upload a file, enter a path or a Hub dataset id "
+                        f"(org/name), or pick a built-in ({', '.join(BUILTIN_DATASETS)})")
     return str(path)
 
 

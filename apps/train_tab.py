@@ -200,10 +200,11 @@ def poll(ws: Workspace):
             gr.update(interactive=not is_alive), gr.update(interactive=is_alive))
 
 
-def preview_data(ws: Workspace, dataset, fmt):
-    """The detected format and the first rows of a dataset."""
+def preview_data(ws: Workspace, dataset, fmt, split="train", subset="", columns=""):
+    """The detected format and the first rows of a dataset (its split, and its columns renamed as training will)."""
     try:
-        detected, rows = preview(dataset_arg(ws, dataset), n=5, format=fmt)
+        detected, rows = preview(dataset_arg(ws, dataset), n=5, format=fmt, split=split or "train", subset=subset or "",
+                                 columns=columns or None)
         frame = pd.DataFrame([{k: _cell(v) for k, v in r.items()} for r in rows])
         return ok_md(f"format: {detected} · showing {len(rows)} rows"), frame
     except Exception as e:
@@ -257,8 +258,9 @@ def build(ws: Workspace, env: dict) -> dict:
         c[key].change(_visibility(key), c[key], [c[f.key] for f in flags], api_visibility="private")
     for comp in inputs:
         comp.change(preview_fn, inputs, p["cmd_box"], api_name=False, show_progress="hidden")
-    tools["preview_btn"].click(_endpoint(preview_data, ws), [c["dataset"], c["format"]],
-                               [tools["preview_md"], tools["preview_df"]], api_name="preview_data")
+    data = [c[k] for k in ("dataset", "format", "split", "subset", "columns")]
+    tools["preview_btn"].click(_endpoint(preview_data, ws), data, [tools["preview_md"], tools["preview_df"]],
+                               api_name="preview_data")
     tools["upload"].upload(_endpoint(uploaded, ws), tools["upload"], [c["dataset"], tools["preview_md"]],
                            api_name="upload_dataset")
     p["start"].click(_endpoint(start, ws, env, names=list(FIELDS)), inputs, [p["status"], p["cmd_box"]],

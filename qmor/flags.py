@@ -157,13 +157,14 @@ def _table() -> list[Flag]:
              choices=ATTENTION),
         Flag("--dataset", "data.source", str, f"built-in task ({', '.join(TASKS)}), a {'/'.join(FILE_TYPES)} "
              "file, a datasets folder or a Hub dataset id", "data",
-             "Dataset (built-in name, or a file path in the workspace)", widget="combo", choices=TASKS, scale=3),
+             "Dataset (built-in name, file path in the workspace, or Hub id)", widget="combo", choices=TASKS, scale=3),
         Flag("--format", "data.format", str, "record format", "data", "Format", choices=("auto", *FORMATS)),
         Flag("--split", "data.split", str, "split to train on; files and Hub ids take slices too (train[:1000])",
-             "data"),
-        Flag("--subset", "data.subset", str, "a Hub dataset's configuration (load_dataset's name)", "data"),
+             "data", "Split (or a slice: train[:1000])"),
+        Flag("--subset", "data.subset", str, "a Hub dataset's configuration (load_dataset's name)", "data",
+             "Hub subset (e.g. main)"),
         Flag("--columns", "data.columns", str, "the dataset's columns mapped onto qmor's fields: "
-             "prompt=question,completion=answer", "data"),
+             "prompt=question,completion=answer", "data", "Columns (prompt=question,completion=answer)", scale=2),
         Flag("--num-examples", "data.num_examples", int, "built-in tasks: number of records (0: task default)",
              "data", "Examples (built-in tasks; 0 = task default)"),
         Flag("--skip-bad", "data.skip_bad", bool, "skip malformed records (counted) instead of stopping", "data",

@@ -192,6 +192,16 @@ def test_errors_come_back_as_messages(app, tmp_path):
     bad.write_text('{"instruction": "x", "output": "y"}\nnot json\n')
     md, _ = client.predict(str(bad), "auto", api_name="/preview_data")
     assert "bad.jsonl" in md and "qmor-error" in md
+    # a dataset with its own column names: previewed under qmor's names, one slice of its split
+    qa = tmp_path / "qa.jsonl"
+    qa.write_text("".join(json.dumps({"question": f"q{i}", "answer": f"a{i}"}) + "\n" for i in range(8)))
+    md, frame = client.predict(str(qa), "auto", "train[:3]", "", "prompt=question,completion=answer",
+                               api_name="/preview_data")
+    assert "format: prompt_completion · showing 3 rows" in md, md
+    prompt = frame["headers"].index("prompt")
+    assert "completion" in frame["headers"] and [r[prompt] for r in frame["data"]] == ["q0", "q1", "q2"]
+    md, _ = client.predict(str(qa), "auto", api_name="/preview_data")  # unmapped: no format fits its columns
+    assert "qmor-error" in md
     status, _, _ = client.predict("", "", "fp16", False, api_name="/export")
     assert "pick a trained run" in status
     assert "unloaded" in client.predict(api_name="/chat_unload")

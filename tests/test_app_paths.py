@@ -39,6 +39,15 @@ def test_path_outside_workspace_is_refused(ws, tmp_path):
     assert dataset_arg(ws, "data/ok.jsonl") == str(inside)
 
 
+def test_hub_dataset_ids_pass_and_mistyped_paths_do_not(ws):
+    assert dataset_arg(ws, "openai/gsm8k") == "openai/gsm8k"  # read from the Hugging Face cache, as the CLI does
+    with pytest.raises(QmorError, match="does not exist; upload a file, enter a path or a Hub dataset id"):
+        dataset_arg(ws, "data/missing.jsonl")  # shaped like org/name, but a file name
+    assert dataset_arg(ws, "org/..") == str(ws.root.resolve())  # a path (the workspace), never passed on as an id
+    (ws.root / "org" / "name").mkdir(parents=True)
+    assert dataset_arg(ws, "org/name") == str(ws.root / "org" / "name")  # a folder in the workspace comes first
+
+
 def test_unrestricted_workspace_allows_outside_paths(tmp_path):
     ws = make_workspace(tmp_path / "ws", restrict=False)
     f = tmp_path / "d.jsonl"
@@ -120,6 +129,12 @@ def test_command_has_only_the_family_own_flags(ws):
     assert mora[mora.index("--output") + 1] == str(ws.runs / "r1")
     sira = command.train_args(ws, {**base, "family": "sira", "init": "loftq"})
     assert "--top-k" in sira and "--experts" in sira and "--mora-kind" not in sira and "--loftq-iters" in sira
+    hub = command.train_args(ws, {**base, "family": "lora", "dataset": "openai/gsm8k", "split": "train[:100]",
+                                  "subset": "main", "columns": "prompt=question,completion=answer"})
+    assert hub[hub.index("--dataset") + 1] == "openai/gsm8k" and hub[hub.index("--subset") + 1] == "main"
+    assert hub[hub.index("--split") + 1] == "train[:100]"
+    assert hub[hub.index("--columns") + 1] == "prompt=question,completion=answer"
+    assert "--subset" not in command.train_args(ws, {**base, "family": "lora", "subset": ""})
     line = command.shown(command.train_command(mora))
     assert line.startswith("python scripts/finetune_4bit.py --model tiny --dataset uuid")
 

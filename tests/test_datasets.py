@@ -11,6 +11,7 @@ from test_data import spans, write_jsonl
 
 import qmor.data.pipeline
 from qmor.data.pipeline import DataConfig, build_datasets, preview
+from qmor.data.sources import open_source
 from qmor.errors import QmorError
 from qmor.model.tiny import tiny_tokenizer
 
@@ -123,7 +124,7 @@ def test_missing_column_unknown_split_and_bad_mapping_are_one_line(tok, tmp_path
          r"d.parquet has no column 'quest' \(columns prompt=quest\); its columns: question, answer; fix --columns"),
         (dict(source=src, split="test"), r"d.parquet has no split 'test'; its splits: train; pass one with --split"),
         (dict(source=write_jsonl(tmp_path / "d.jsonl", [{"text": "x"}]), split="test"),
-         r"d.jsonl is a single file, which holds one split \(train\), not 'test'"),
+         r"d.jsonl is a single file, which holds one split \(train\), not 'test'; pass --split train or a slice"),
         (dict(source="uuid", split="dev"), r"built-in task uuid has the splits train and test, not 'dev'"),
         (dict(source=write_jsonl(tmp_path / "e.jsonl", [{"q": "x", "a": "y"}]), columns="prompt=q,completion=b"),
          r"e.jsonl has no column 'b' \(columns completion=b\); its columns: q, a; fix --columns"),
@@ -132,6 +133,10 @@ def test_missing_column_unknown_split_and_bad_mapping_are_one_line(tok, tmp_path
         with pytest.raises(QmorError, match=pattern) as e:
             build_datasets(tok, DataConfig(**kw))
         assert "\n" not in str(e.value)
+    # a JSON file takes slices as CSV and Parquet do, with file-and-line names for what it keeps
+    rows = write_jsonl(tmp_path / "f.jsonl", [{"text": f"t{i}"} for i in range(10)])
+    assert [r["text"] for r, _ in open_source(rows, "train[:2]+train[-1:]").head(9)] == ["t0", "t1", "t9"]
+    assert [loc for _, loc in open_source(rows, "train[50%:60%]").head(9)] == [f"{rows} line 6"]
     with pytest.raises(QmorError, match=r"columns names unknown field\(s\) \['answer'\]"):
         DataConfig(columns="answer=a")
     with pytest.raises(QmorError, match="must be field=column pairs"):

@@ -67,11 +67,9 @@ def open_source(source: str, split: str = "train", subset: str = "", skip_bad: b
         return _folder(path, source, split, subset)
     if path.is_file():
         if path.suffix in JSON_FILES:
-            if split != "train":
-                raise QmorError(f"{source} is a single file, which holds one split (train), not {split!r}; drop "
-                                "--split, or split the file")
             records, locs, skipped = read_json(path, source, skip_bad)
-            return _own(records, locs, source, split, skipped)
+            keep = file_slice(len(records), source, split)
+            return _own([records[i] for i in keep], [locs[i] for i in keep], source, split, skipped)
         if path.suffix in LOADERS:
             return _loaded(source, split, lambda s: _load(LOADERS[path.suffix], s, data_files=str(path)))
         raise QmorError(f"{source}: unsupported file type {path.suffix!r}; use .jsonl, .json, .parquet, .csv, a "
@@ -88,6 +86,19 @@ def is_hub_id(source: str) -> bool:
 
 
 # ---- sources read by qmor: built-in tasks and JSON files --------------------------------------------------------
+
+def file_slice(n: int, source: str, split: str) -> list[int]:
+    """The rows of a one-split file that `split` names: train, or a slice in datasets' syntax (train[:100],
+    train[10%:], train[:50]+train[-50:]), so a JSON file takes --split as CSV and Parquet files do."""
+    import datasets
+
+    try:
+        parts = datasets.ReadInstruction.from_spec(split).to_absolute({"train": n})
+    except ValueError:
+        raise QmorError(f"{source} is a single file, which holds one split (train), not {split!r}; pass --split "
+                        "train or a slice of it such as train[:100]") from None
+    return [i for part in parts for i in range(part.from_, part.to)]
+
 
 def _own(records: list[dict], locs: list[str], name: str, split: str, skipped: int) -> Source:
     import datasets
