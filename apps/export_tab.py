@@ -13,9 +13,9 @@ from apps.command import short_path
 from apps.paths import Workspace, check_name, check_run_sources, confined, run_dir
 from apps.ui import adapter_config, error_md, ok_md, trained_runs
 from qmor.adapters import ADAPTERS, check_family, merge_refusal
-from qmor.adapters.family import either
 from qmor.errors import QmorError
 from qmor.export.gguf import TYPES as GGUF_TYPES
+from qmor.export.peft import check_peft_family
 
 FORMATS = [("merged model", "merged"), ("PEFT adapter + its base", "peft"), ("GGUF + Ollama Modelfile", "gguf")]
 DTYPES = ("fp16", "bf16")  # of a merged model or a PEFT adapter's base
@@ -37,20 +37,16 @@ def check_exportable(family: str | None, fmt: str) -> None:
     """Refuse, before a subprocess starts, a family the chosen format cannot hold (the export would refuse it too)."""
     if family not in ADAPTERS:
         return  # an unknown family: the export itself names the problem
-    spec = check_family(family)
-    if not spec.merges:
+    if fmt == "peft":
+        check_peft_family(family, merged_instead="choose the merged model or GGUF format instead")
+    elif not check_family(family).merges:
         raise QmorError(merge_refusal(family, "chat with the run"))
-    if fmt == "peft" and spec.peft is None:
-        raise QmorError(f"{family} {spec.why_not}; choose the merged model or GGUF format instead")
 
 
 def export_args(fmt: str, dtype: str, gguf_type: str) -> list[str]:
     """The export script's format flags for the form's choices (GGUF reads its type, the others their dtype)."""
-    if fmt == "gguf":
-        return ["--format", "gguf", "--gguf-type", gguf_type]
-    if fmt in ("merged", "peft"):
-        return ["--format", fmt, "--dtype", dtype]
-    raise QmorError(f"export format {fmt!r} is unknown; choose {either(f for _, f in FORMATS)}")
+    # gradio refuses a value outside the Radio's choices, so fmt is one of FORMATS
+    return ["--format", "gguf", "--gguf-type", gguf_type] if fmt == "gguf" else ["--format", fmt, "--dtype", dtype]
 
 
 def default_name(run_name: str, fmt: str, dtype: str, gguf_type: str) -> str:

@@ -21,10 +21,11 @@ from qmor.model.moe import is_expert_map
 PEFT_WEIGHTS = "adapter_model.safetensors"
 
 
-def check_peft_family(family: str) -> None:
+def check_peft_family(family: str, merged_instead: str = "export a merged model instead (drop --peft)") -> None:
+    """Refuse a family PEFT's LoRA format cannot hold; `merged_instead` is the fix offered when it merges."""
     spec = check_family(family)
     if spec.peft is None:
-        instead = ("export a merged model instead (drop --peft)" if spec.merges else
+        instead = (merged_instead if spec.merges else
                    f"keep the qmor adapter, or train {either(peft_families())} to export for PEFT")
         raise QmorError(f"{family} {spec.why_not}; {instead}")
 
