@@ -33,6 +33,7 @@ def test_every_family_trains_and_writes_the_run_folder(family, tiny_dir, tmp_pat
     events = RunDir(out).read_events()
     assert [e["event"] for e in events] == ["start", "train", "train", "train", "done"]
     assert events[0]["total_steps"] == 3 and events[0]["family"] == family
+    assert (events[0]["optimizer"], events[0]["mixed_precision"]) == ("AdamW", "no")  # what runs on a CPU
     assert all({"time", "step", "loss", "lr", "tokens_per_s", "eta_s", "epoch"} <= set(e) for e in events[1:4])
     assert 0 <= events[-1]["char_accuracy"] <= 1
     meta = read_meta(out / "adapter")

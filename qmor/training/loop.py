@@ -278,7 +278,8 @@ class Training:
         self.say(f"{family} r={self.meta.adapter.r} on {cfg.model}: {trainable:,} trainable of {total:,} parameters; "
                  f"{stats.n_train} training sequences, {stats.n_val} validation, {self.total_steps} steps")
         self.emit("start", total_steps=self.total_steps, step=self.step, run_dir=str(self.run_dir), model=cfg.model,
-                  family=family, trainable_params=trainable, n_train=stats.n_train, n_val=stats.n_val,
+                  family=family, trainable_params=trainable, optimizer=type(optimizer).__name__,
+                  mixed_precision=accelerator.mixed_precision, n_train=stats.n_train, n_val=stats.n_val,
                   resumed=checkpoint is not None, n_truncated=stats.n_truncated, n_dropped=stats.n_dropped,
                   n_skipped=stats.n_skipped, n_empty=stats.n_empty, template=stats.template, packed=stats.packed)
         self.window = Window()
