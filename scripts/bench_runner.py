@@ -1,10 +1,17 @@
-"""One runner of the training benchmark, in its own process: build the random NF4 model once, then time each
-sequence length and search for the longest one that trains under the memory cap.
+"""The training benchmarks' runners: one 4-bit model trained step by step by peft LoRA (the baseline) or by a qmor
+family, with each step's peak memory and speed.
 
-A runner is `peft-lora` (the baseline: `prepare_model_for_kbit_training` + `get_peft_model`, the model's own
-loss), a qmor family (`lora`, `moslora`, `mora`, `mor`, `sira`: chunked loss through the head), or a family with
-`+offload` (checkpointed layer inputs kept in CPU RAM). On CUDA both sides run under bf16 autocast, as the
-Trainer's `bf16=True` and qmor's own training do; on the CPU in fp32.
+A runner is `peft-lora` (`prepare_model_for_kbit_training` + `get_peft_model`, the model's own loss), a qmor family
+(`lora`, `moslora`, `mora`, `mor`, `sira`: chunked loss through the head) or a family with `+offload` (checkpointed
+layer inputs kept in CPU RAM). The model is a random NF4 Llama of a given geometry, built layer by layer straight
+into NF4 so that a whole 16-bit copy never exists, or a real model (a built-in name or a folder) loaded in NF4 by
+qmor. Both sides get the same rank, targets (every linear), batch, non-reentrant activation checkpointing and
+optimizer. On CUDA both run under bf16 autocast, as the Trainer's `bf16=True` and qmor's own training do; on the
+CPU in fp32.
+
+Peak memory needs the runner alone (a process of its own on the CPU, where the peak is the resident set size).
+Speed ratios need the opposite: runners resident together whose steps are taken in turn, so that whatever else
+the machine does hits every runner alike.
 
     python scripts/bench_runner.py '<json spec>'    # prints one JSON line; scripts/bench_train.py drives it
 """
@@ -24,15 +31,24 @@ from pathlib import Path
 import torch
 from torch import nn
 
+if __package__ in (None, ""):  # run from a checkout: its own qmor comes first
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
 BASELINE = "peft-lora"
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+GEOMETRIES = {  # (layers, hidden, intermediate, heads, kv heads, vocab)
+    "llama31-8b": (32, 4096, 14336, 32, 8, 128256),
+    "llama2-7b": (32, 4096, 11008, 32, 32, 32000),
+    "small": (2, 256, 688, 4, 4, 32000),
+    "tiny": (2, 128, 344, 4, 4, 2048),
+}
 
 
-def llama_config(layers: int, hidden: int, intermediate: int, heads: int, vocab: int):
+def llama_config(layers: int, hidden: int, intermediate: int, heads: int, kv_heads: int, vocab: int):
     from transformers import LlamaConfig
 
     return LlamaConfig(hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
-                       num_attention_heads=heads, num_key_value_heads=heads, vocab_size=vocab,
+                       num_attention_heads=heads, num_key_value_heads=kv_heads, vocab_size=vocab,
                        max_position_embeddings=1 << 20, use_cache=False, tie_word_embeddings=False)
 
 
@@ -67,16 +83,43 @@ def build_random_4bit(config, device: str, dtype: torch.dtype) -> nn.Module:
     return model
 
 
-def qmor_step(model: nn.Module, runner: str, rank: int, checkpointing: bool, loss_chunk: int):
-    from qmor.adapters.attach import attach
+def build_model(spec: dict) -> nn.Module:
+    """The spec's 4-bit model: random of `geometry`, or the real `model` loaded by qmor."""
+    torch.manual_seed(0)
+    if spec.get("geometry"):
+        dtype = torch.bfloat16 if spec["device"] == "cuda" else torch.float32
+        return build_random_4bit(llama_config(*spec["geometry"]), spec["device"], dtype)
+    from qmor.model.files import expand_builtin
+    from qmor.model.load import load_4bit
+
+    return load_4bit(expand_builtin(spec["model"]), device=spec["device"])
+
+
+def model_config(spec: dict):
+    """The config the planner reads for the spec's model."""
+    if spec.get("geometry"):
+        return llama_config(*spec["geometry"])
+    from qmor.plan import load_config
+
+    return load_config(spec["model"])
+
+
+def adapter_config(runner: str, rank: int):
+    """qmor's adapter for a runner; the baseline is compared with LoRA of the same rank and targets."""
     from qmor.config import AdapterConfig
+
+    family = "lora" if runner == BASELINE else runner.partition("+")[0]
+    return AdapterConfig(family=family, r=rank, alpha=2 * rank, targets=TARGETS)
+
+
+def qmor_side(model: nn.Module, runner: str, rank: int, checkpointing: bool, loss_chunk: int):
+    from qmor.adapters.attach import attach
     from qmor.training.loss import ChunkedLoss, enable_checkpointing
 
-    family, _, extra = runner.partition("+")
-    attach(model, AdapterConfig(family=family, r=rank, alpha=2 * rank, targets=TARGETS))
+    attach(model, adapter_config(runner, rank))
     if checkpointing:
         enable_checkpointing(model)
-    loss_fn = ChunkedLoss(model, loss_chunk, offload=extra == "offload")
+    loss_fn = ChunkedLoss(model, loss_chunk, offload=runner.endswith("+offload"))
 
     def step(ids: torch.Tensor) -> torch.Tensor:
         total, n = loss_fn(ids, ids)
@@ -85,7 +128,7 @@ def qmor_step(model: nn.Module, runner: str, rank: int, checkpointing: bool, los
     return model, step
 
 
-def peft_step(model: nn.Module, rank: int, checkpointing: bool):
+def peft_side(model: nn.Module, rank: int, checkpointing: bool):
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
     model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=checkpointing,
@@ -95,6 +138,15 @@ def peft_step(model: nn.Module, rank: int, checkpointing: bool):
     return model, lambda ids: model(input_ids=ids, labels=ids).loss
 
 
+def make_optimizer(name: str, params: list[nn.Parameter]) -> torch.optim.Optimizer:
+    """The same optimizer for both sides: AdamW, or the paged 8-bit AdamW qmor trains with on CUDA."""
+    if name == "paged-adamw-8bit":
+        from qmor.model.quant import paged_adamw_8bit
+
+        return paged_adamw_8bit(params, lr=1e-4)
+    return torch.optim.AdamW(params, lr=1e-4)
+
+
 def rss_bytes(field: str = "VmRSS") -> int:
     for line in Path("/proc/self/status").read_text().splitlines():
         if line.startswith(field + ":"):
@@ -102,22 +154,122 @@ def rss_bytes(field: str = "VmRSS") -> int:
     raise RuntimeError(f"{field} not in /proc/self/status")
 
 
-def reset_rss_peak() -> None:
-    """Give freed heap pages back (glibc) and restart the VmHWM high-water mark from the current RSS."""
-    with contextlib.suppress(OSError):
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    Path("/proc/self/clear_refs").write_text("5")
-
-
 def preload() -> None:
     """Import everything a run uses before the baseline size is read, so the peak counts no module code."""
+    import qmor.model.quant  # noqa: F401, I001  (first: it quiets a notice bitsandbytes logs when imported)
     import peft.tuners.lora  # noqa: F401
     import transformers.integrations.bitsandbytes  # noqa: F401
     from transformers import LlamaForCausalLM  # noqa: F401
 
     import qmor.adapters.attach  # noqa: F401
-    import qmor.model.quant  # noqa: F401
     import qmor.training.loss  # noqa: F401
+
+
+class Memory:
+    """Peak memory of one device since the last reset: on CUDA the allocator's allocated and reserved peaks, on the
+    CPU the resident set's high-water mark above the size when this object was made (before the model)."""
+
+    def __init__(self, device: str):
+        self.cuda = device == "cuda"
+        self.baseline = 0 if self.cuda else rss_bytes()
+
+    def reset(self) -> None:
+        gc.collect()
+        if self.cuda:
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+            return
+        with contextlib.suppress(OSError):  # give freed heap pages back (glibc) before the mark restarts
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+        Path("/proc/self/clear_refs").write_text("5")  # VmHWM restarts from the current RSS
+
+    def now(self) -> int:
+        return torch.cuda.memory_allocated() if self.cuda else rss_bytes() - self.baseline
+
+    def peak(self) -> dict:
+        if not self.cuda:
+            return {"peak": rss_bytes("VmHWM") - self.baseline}
+        reserved = torch.cuda.max_memory_reserved()
+        return {"peak": reserved, "peak_reserved": reserved, "peak_allocated": torch.cuda.max_memory_allocated()}
+
+
+class Runner:
+    """One side of the comparison on a built model: trains steps of any length and reports their memory and speed.
+    `close` gives the model back without adapters (qmor's side), so the next qmor runner can use it."""
+
+    def __init__(self, spec: dict, model: nn.Module, memory: Memory):
+        self.spec, self.name, self.memory = spec, spec["runner"], memory
+        self.device = spec["device"]
+        self.cuda = self.device == "cuda"
+        self.vocab = model.config.vocab_size
+        if self.name == BASELINE:
+            model, self.step_fn = peft_side(model, spec["rank"], spec["checkpointing"])
+        else:
+            model, self.step_fn = qmor_side(model, self.name, spec["rank"], spec["checkpointing"], spec["loss_chunk"])
+        model.train()
+        self.model = model
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.opt = make_optimizer(spec.get("optimizer", "adamw"), self.params)
+        self.train(64)  # AdamW makes its states on the first step: the settled size includes them
+        self.settled = memory.now()
+
+    def train(self, seq: int) -> None:
+        ids = torch.randint(0, self.vocab, (self.spec["batch"], seq), device=self.device)
+        with torch.autocast(self.device, dtype=torch.bfloat16, enabled=self.cuda):
+            loss = self.step_fn(ids)
+        loss.backward()
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        if self.cuda:
+            torch.cuda.synchronize()
+
+    def measure(self, seq: int, warmup: int, steps: int) -> dict:
+        """Peak memory over `warmup + steps` steps and the median tokens/s of the last `steps`."""
+        self.memory.reset()
+        times = []
+        try:
+            for i in range(warmup + steps):
+                start = time.perf_counter()
+                self.train(seq)
+                if i >= warmup:
+                    times.append(time.perf_counter() - start)
+        except torch.OutOfMemoryError:
+            self.opt.zero_grad(set_to_none=True)  # the failed step's partial gradients
+            return {"runner": self.name, "seq": seq, "oom": True}
+        speed = {"tokens_per_s": self.spec["batch"] * seq / statistics.median(times)} if times else {}
+        return {"runner": self.name, "seq": seq, "oom": False, **self.memory.peak(), **speed}
+
+    def fits(self, seq: int, cap_bytes: int) -> bool:
+        result = self.measure(seq, 0, 1)
+        return not result["oom"] and result["peak"] <= cap_bytes
+
+    def close(self) -> None:
+        from qmor.adapters.attach import detach
+
+        self.opt = self.params = None
+        if self.name != BASELINE:
+            detach(self.model)
+        self.memory.reset()
+
+
+def interleaved(runners: list[Runner], seq: int, warmup: int, steps: int) -> dict[str, dict]:
+    """Speed of runners resident together, their steps taken in turn (who goes first rotates each round): median
+    tokens/s of each, and the median over rounds of its step time over the first runner's in the same round."""
+    for runner in runners:
+        for _ in range(warmup):
+            runner.train(seq)
+    times: dict[str, list[float]] = {r.name: [] for r in runners}
+    for i in range(steps):
+        for runner in runners[i % len(runners):] + runners[:i % len(runners)]:
+            start = time.perf_counter()
+            runner.train(seq)
+            times[runner.name].append(time.perf_counter() - start)
+    first = times[runners[0].name]
+    tokens = runners[0].spec["batch"] * seq
+    return {name: {"tokens_per_s": tokens / statistics.median(t),
+                   "time_ratio": statistics.median(a / b for a, b in zip(t, first, strict=True)),
+                   "step_seconds": t}
+            for name, t in times.items()}
 
 
 def search(fits, guess: int, step: int, limit: int) -> int:
@@ -142,103 +294,53 @@ def search(fits, guess: int, step: int, limit: int) -> int:
     return lo * step
 
 
-class Runner:
-    """A built model and optimizer that trains steps of any length and reports their peak memory and speed."""
+def planned(spec: dict, seq: int):
+    """The planner's prediction for this runner at `seq` tokens (the baseline as LoRA with whole-sequence logits:
+    its fp32 embeddings and head, which `prepare_model_for_kbit_training` adds, are not modelled)."""
+    from qmor.plan import estimate
 
-    def __init__(self, spec: dict):
-        self.spec = spec
-        self.device = spec["device"]
-        self.cuda = self.device == "cuda"
-        dtype = torch.bfloat16 if self.cuda else torch.float32
-        torch.manual_seed(0)
-        preload()
-        if spec["runner"] != BASELINE:  # what scripts/finetune_4bit.py sets; read when CUDA starts, just below
-            os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
-        if self.cuda:
-            total = torch.cuda.get_device_properties(0).total_memory
-            torch.cuda.set_per_process_memory_fraction(min(1.0, spec["cap_gb"] * 1024**3 / total))
-        self.base_rss = rss_bytes()
-        model = build_random_4bit(llama_config(*spec["geometry"]), self.device, dtype)
-        if spec["runner"] == BASELINE:
-            model, self.step_fn = peft_step(model, spec["rank"], spec["checkpointing"])
-        else:
-            model, self.step_fn = qmor_step(model, spec["runner"], spec["rank"], spec["checkpointing"],
-                                            spec["loss_chunk"])
-        model.train()
-        self.params = [p for p in model.parameters() if p.requires_grad]
-        self.opt = torch.optim.AdamW(self.params, lr=1e-4)
-        self.train(64)  # AdamW makes its states on the first step: the settled size includes them
-        self.settled = torch.cuda.memory_allocated() if self.cuda else rss_bytes() - self.base_rss
-
-    def train(self, seq: int) -> None:
-        ids = torch.randint(0, self.spec["geometry"][4], (self.spec["batch"], seq), device=self.device)
-        with torch.autocast(self.device, dtype=torch.bfloat16, enabled=self.cuda):
-            loss = self.step_fn(ids)
-        loss.backward()
-        self.opt.step()
-        self.opt.zero_grad(set_to_none=True)
-        if self.cuda:
-            torch.cuda.synchronize()
-
-    def _reset_peak(self) -> None:
-        gc.collect()
-        if self.cuda:
-            torch.cuda.empty_cache()
-            torch.cuda.reset_peak_memory_stats()
-        else:
-            reset_rss_peak()
-
-    def _peak(self) -> dict:
-        if not self.cuda:
-            return {"peak": rss_bytes("VmHWM") - self.base_rss}
-        reserved = torch.cuda.max_memory_reserved()
-        return {"peak": reserved, "peak_reserved": reserved, "peak_allocated": torch.cuda.max_memory_allocated()}
-
-    def measure(self, seq: int, warmup: int, steps: int) -> dict:
-        """Peak memory over `warmup + steps` steps and the median tokens/s of the last `steps`."""
-        self._reset_peak()
-        times = []
-        try:
-            for i in range(warmup + steps):
-                start = time.perf_counter()
-                self.train(seq)
-                if i >= warmup:
-                    times.append(time.perf_counter() - start)
-        except torch.OutOfMemoryError:
-            self.opt.zero_grad(set_to_none=True)  # the failed step's partial gradients
-            return {"seq": seq, "oom": True}
-        return {"seq": seq, "oom": False, **self._peak(),
-                "tokens_per_s": self.spec["batch"] * seq / statistics.median(times)}
-
-    def fits(self, seq: int, cap_bytes: int) -> bool:
-        result = self.measure(seq, 0, 1)
-        return not result["oom"] and result["peak"] <= cap_bytes
+    return estimate(model_config(spec).to_dict(), seq, spec["batch"], adapter_config(spec["runner"], spec["rank"]),
+                    **plan_options(spec))
 
 
-def planned_longest(spec: dict, step: int, limit: int) -> int:
-    """The planner's longest sequence for this runner: where the search starts probing."""
-    from qmor.config import AdapterConfig
+def plan_options(spec: dict) -> dict:
+    cuda, runner = spec["device"] == "cuda", spec["runner"]
+    return {"checkpointing": spec["checkpointing"], "offload": runner.endswith("+offload"),
+            "loss_chunk": 0 if runner == BASELINE else spec["loss_chunk"],
+            "optimizer": spec.get("optimizer", "adamw"), "param_dtype_bytes": 2 if cuda else 4,
+            "device": spec["device"]}
+
+
+def planned_longest(spec: dict, gib: float, step: int, limit: int) -> int:
+    """The planner's longest sequence for this runner under `gib`: where the search starts probing."""
     from qmor.plan import longest_sequence
 
-    family, _, extra = spec["runner"].partition("+")
-    baseline = spec["runner"] == BASELINE  # not modelled; plain LoRA with whole-sequence logits is near it
-    cfg = AdapterConfig(family="lora" if baseline else family, r=spec["rank"], alpha=2 * spec["rank"],
-                        targets=TARGETS)
-    return longest_sequence(llama_config(*spec["geometry"]).to_dict(), spec["cap_gb"], spec["batch"], cfg,
-                            step=step, limit=limit, offload=extra == "offload",
-                            loss_chunk=0 if baseline else spec["loss_chunk"],
-                            param_dtype_bytes=2 if spec["device"] == "cuda" else 4, device=spec["device"])
+    return longest_sequence(model_config(spec).to_dict(), gib, spec["batch"],
+                            adapter_config(spec["runner"], spec["rank"]), step=step, limit=limit, **plan_options(spec))
+
+
+def prepare(spec: dict) -> tuple[Memory, nn.Module]:
+    """Libraries imported and the memory cap set before the baseline is read, then the model built."""
+    preload()
+    if spec["device"] == "cuda":
+        total = torch.cuda.get_device_properties(0).total_memory
+        torch.cuda.set_per_process_memory_fraction(min(1.0, spec["cap_gb"] * 1024**3 / total))
+    memory = Memory(spec["device"])
+    return memory, build_model(spec)
 
 
 def run(spec: dict) -> dict:
-    runner = Runner(spec)
-    results = [{**runner.measure(seq, spec["warmup"], spec["steps"]), "runner": spec["runner"]}
-               for seq in spec["seqs"]]
+    """One runner alone: each length's peak memory (and speed), then the longest length under the cap."""
+    if spec["runner"] != BASELINE:  # what scripts/finetune_4bit.py sets; read when CUDA starts, in prepare
+        os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
+    memory, model = prepare(spec)
+    runner = Runner(spec, model, memory)
     out = {"runner": spec["runner"], "trainable": sum(p.numel() for p in runner.params), "settled": runner.settled,
-           "allocator": os.environ.get("PYTORCH_CUDA_ALLOC_CONF", "default"), "results": results}
+           "allocator": os.environ.get("PYTORCH_CUDA_ALLOC_CONF", "default"),
+           "results": [runner.measure(seq, spec["warmup"], spec["steps"]) for seq in spec["seqs"]]}
     if spec.get("longest"):
         step, limit = spec["longest"]["step"], spec["longest"]["limit"]
-        guess = planned_longest(spec, step, limit)
+        guess = planned_longest(spec, spec["cap_gb"], step, limit)
         probes = {}
 
         def fits(seq: int) -> bool:
@@ -250,5 +352,14 @@ def run(spec: dict) -> dict:
     return out
 
 
+def run_interleaved(spec: dict) -> dict:
+    """Every runner of `runners` on a model of its own in this process, their steps interleaved per length."""
+    memory = Memory(spec["device"])
+    preload()
+    runners = [Runner({**spec, "runner": name}, build_model(spec), memory) for name in spec["runners"]]
+    return {"speed": {seq: interleaved(runners, seq, spec["warmup"], spec["steps"]) for seq in spec["seqs"]}}
+
+
 if __name__ == "__main__":
-    print(json.dumps(run(json.loads(sys.argv[1]))))
+    spec = json.loads(sys.argv[1])
+    print(json.dumps(run_interleaved(spec) if "runners" in spec else run(spec)))

@@ -1,16 +1,23 @@
-"""Training memory and speed, qmor against peft LoRA on the same bitsandbytes 4-bit model, side by side.
+"""Training memory and speed, qmor against peft LoRA on the same bitsandbytes 4-bit model.
 
-Every runner (scripts/bench_runner.py) works in its own process, so one runner's peak cannot leak into the next:
-the same random NF4 model, rank, targets (every linear), batch and non-reentrant activation checkpointing, AdamW.
-qmor computes the loss in chunks through the head (qmor.training.loss.ChunkedLoss); the baseline is
-`prepare_model_for_kbit_training` + `get_peft_model` with the model's own loss. On CUDA: Llama-2-7B geometry built
-layer by layer straight into NF4, bf16 autocast, peak `max_memory_allocated` / `max_memory_reserved` under a
-24 GiB cap, and the longest sequence found by probing from the planner's prediction. On the CPU: a small geometry
-and the peak resident set size above the process's size before the model was built.
+The runners (scripts/bench_runner.py) get the same model, rank, targets (every linear), batch, non-reentrant
+activation checkpointing and optimizer; qmor computes the loss in chunks through the head
+(qmor.training.loss.ChunkedLoss), the baseline is `prepare_model_for_kbit_training` + `get_peft_model` with the
+model's own loss. The model is a random NF4 Llama of a named geometry (`--model llama31-8b`, built layer by layer
+straight into NF4) or a real model (`--model smollm2`, a folder).
 
-    python scripts/bench_train.py                 # CUDA: 7B geometry, 512/2048/8192 + longest under 24 GiB
-    python scripts/bench_train.py --device cpu    # CPU: small geometry, peak RSS
-    python scripts/bench_train.py --quick         # CPU smoke test, a few seconds per runner
+Memory: every runner in a process of its own, so one runner's peak cannot leak into the next (CUDA: peak
+`max_memory_allocated` / `max_memory_reserved` under a 24 GiB cap, and the longest sequence found by probing from
+the planner's prediction; CPU: the peak resident set size above the process's size before the model was built).
+Speed on the CPU: every runner resident in one process, their steps taken in turn, the median over `--steps`
+steps after `--warmup`; ratios are medians of the step-time ratios of the same round, so machine load hits every
+runner alike. On CUDA, where a step's time does not depend on the neighbours, each runner is timed in its own
+process.
+
+    python scripts/bench_train.py                                   # CUDA: 8B geometry, 512/2048/8192 + longest
+    python scripts/bench_train.py --device cpu                      # CPU: small geometry
+    python scripts/bench_train.py --device cpu --model smollm2 --runners peft-lora lora --seqs 256 --batch 2
+    python scripts/bench_train.py --quick                           # CPU smoke test, a few seconds per runner
 
 On a GPU with little time, split the runners over calls and collect them with --merge:
 
@@ -25,6 +32,7 @@ import argparse
 import json
 import os
 import platform
+import statistics
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
@@ -34,34 +42,27 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_runner import BASELINE  # noqa: E402
+from bench_runner import BASELINE, GEOMETRIES  # noqa: E402
 
 RUNNER = Path(__file__).resolve().parent / "bench_runner.py"
 
 RUNNERS = [BASELINE, "lora", "moslora", "mora", "mor", "sira", "lora+offload"]
-GEOMETRIES = {  # (layers, hidden, intermediate, heads, vocab)
-    "llama2-7b": (32, 4096, 11008, 32, 32000),
-    "small": (2, 256, 688, 4, 32000),
-    "tiny": (2, 128, 344, 4, 2048),
-}
 
 
 def spawn(spec: dict) -> dict:
-    """bench_runner.run in a fresh Python process; its last stdout line is the JSON result."""
+    """bench_runner in a fresh Python process; its last stdout line is the JSON result."""
     # glibc keeps freed blocks below its (self-raising, up to 32 MiB) mmap threshold in the heap, so peak RSS
     # would count dead activations; a fixed 64 KiB threshold returns every tensor's pages when it is freed
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "MALLOC_MMAP_THRESHOLD_": "65536"}
     proc = subprocess.run([sys.executable, str(RUNNER), json.dumps(spec)], capture_output=True, text=True, env=env)
     if proc.returncode != 0:
         tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
-        raise RuntimeError(f"{spec['runner']} failed: {tail}")
+        raise RuntimeError(f"{spec.get('runner') or ', '.join(spec['runners'])} failed: {tail}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 def environment(device: str) -> dict:
-    import bitsandbytes
-    import peft
-    import transformers
+    from importlib.metadata import version
 
     if device == "cuda":
         name = torch.cuda.get_device_name(0)
@@ -70,8 +71,8 @@ def environment(device: str) -> dict:
         models = [line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines()
                   if line.startswith("model name")] if cpuinfo.exists() else []
         name = f"{models[0] if models else platform.machine()}, {os.cpu_count()} cores"
-    return {"device": name, "torch": torch.__version__, "transformers": transformers.__version__,
-            "bitsandbytes": bitsandbytes.__version__, "peft": peft.__version__,
+    return {"device": name, "torch": torch.__version__, "transformers": version("transformers"),
+            "bitsandbytes": version("bitsandbytes"), "peft": version("peft"),
             "command": "python scripts/bench_train.py " + " ".join(sys.argv[1:])}
 
 
@@ -85,6 +86,14 @@ def merge(old: dict, new: dict) -> dict:
             "commands": list(dict.fromkeys([*old.get("commands", []), new["environment"]["command"]]))}
 
 
+def speed_ratio(r: dict, other: dict) -> float:
+    """r's tokens/s over other's: the median of their step-time ratios round by round when both were timed in one
+    interleaved run, else the ratio of their medians."""
+    if r.get("interleaved") and other.get("interleaved"):
+        return statistics.median(b / a for a, b in zip(r["step_seconds"], other["step_seconds"], strict=True))
+    return r["tokens_per_s"] / other["tokens_per_s"]
+
+
 def table(results: list[dict], runners: list[str]) -> str:
     """Memory and speed against the baseline, and speed against qmor's LoRA, for every length measured. On CUDA
     the peak is the reserved memory (what runs out), with the allocated peak beside it."""
@@ -95,7 +104,9 @@ def table(results: list[dict], runners: list[str]) -> str:
             "|---" * (7 + 2 * cuda) + "|"]
 
     def ratio(r: dict, other: dict | None, key: str) -> str:
-        return f"{r[key] / other[key]:.2f}" if other is not None and not other["oom"] else "-"
+        if other is None or other["oom"] or key not in r or key not in other:
+            return "-"
+        return f"{speed_ratio(r, other) if key == 'tokens_per_s' else r[key] / other[key]:.2f}"
 
     for seq in sorted({r["seq"] for r in results}):
         base, lora = by.get((BASELINE, seq)), by.get(("lora", seq))
@@ -108,9 +119,9 @@ def table(results: list[dict], runners: list[str]) -> str:
                 continue
             allocated = (f" {r['peak_allocated'] / 2**20:,.0f} | {ratio(r, base, 'peak_allocated')} |"
                          if cuda else "")
+            speed = f"{r['tokens_per_s']:,.0f}" if "tokens_per_s" in r else "-"
             rows.append(f"| {runner} | {seq} | {r['peak'] / 2**20:,.0f} | {ratio(r, base, 'peak')} |{allocated} "
-                        f"{r['tokens_per_s']:,.0f} | {ratio(r, base, 'tokens_per_s')} "
-                        f"| {ratio(r, lora, 'tokens_per_s')} |")
+                        f"{speed} | {ratio(r, base, 'tokens_per_s')} | {ratio(r, lora, 'tokens_per_s')} |")
     return "\n".join(rows)
 
 
@@ -151,22 +162,45 @@ def plot(results: list[dict], runners: list[str], path: Path, title: str) -> Non
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--model", default=None,
+                   help=f"a random geometry ({', '.join(GEOMETRIES)}) or a real model (smollm2, a folder); default "
+                   "llama31-8b on CUDA, small on the CPU")
     p.add_argument("--quick", action="store_true", help="CPU smoke test: tiny model, baseline and lora, 64 tokens")
     p.add_argument("--runners", nargs="+", default=RUNNERS,
                    help=f"{BASELINE}, qmor families, or a family with +offload")
     p.add_argument("--seqs", type=int, nargs="*", default=None, help="sequence lengths (none: longest only)")
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--rank", type=int, default=16)
+    p.add_argument("--optimizer", default=None, choices=["adamw", "paged-adamw-8bit"],
+                   help="both sides' optimizer (default: paged-adamw-8bit on CUDA, as qmor trains there; adamw on "
+                   "the CPU)")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--loss-chunk", type=int, default=1024)
     p.add_argument("--cap-gb", type=float, default=None, help="memory cap in GiB (CUDA default 24, CPU 1)")
     p.add_argument("--no-longest", action="store_true", help="skip the search for the longest sequence")
     p.add_argument("--longest-step", type=int, default=None, help="granularity of that search (CUDA 1024, CPU 256)")
-    p.add_argument("--workers", type=int, default=1, help="runners at once (CPU; memory stays exact)")
+    p.add_argument("--workers", type=int, default=1,
+                   help="memory runners at once (CPU; memory stays exact; speed is always measured alone)")
     p.add_argument("--merge", action="store_true", help="add to the results already in --out instead of replacing")
     p.add_argument("--out", default="docs", help="folder for bench_train_<device>.json / .md / .png")
     return p.parse_args(argv)
+
+
+def measure(base: dict, runners: list[str], workers: int) -> list[dict]:
+    """Every runner's memory in a process of its own; on the CPU the speed of all of them from one interleaved
+    process afterwards, alone on the machine."""
+    interleave = base["device"] == "cpu" and bool(base["seqs"])
+    alone = {"warmup": 2, "steps": 0} if interleave else {}  # speed comes from the interleaved run
+    with ThreadPoolExecutor(workers) as pool:
+        done = list(pool.map(spawn, [{**base, **alone, "runner": r} for r in runners]))
+    if interleave:
+        speed = spawn({**base, "runners": runners})["speed"]
+        for d in done:
+            for row in d["results"]:
+                s = speed[str(row["seq"])][d["runner"]]
+                row.update(tokens_per_s=s["tokens_per_s"], step_seconds=s["step_seconds"], interleaved=True)
+    return done
 
 
 def main(argv=None) -> int:
@@ -179,14 +213,14 @@ def main(argv=None) -> int:
         seqs = [64] if seqs is None else seqs
     seqs = ([512, 2048, 8192] if cuda else [64, 128, 256, 512]) if seqs is None else seqs
     cap_gb = args.cap_gb or (24.0 if cuda else 1.0)
-    geometry = "llama2-7b" if cuda else "tiny" if args.quick else "small"
+    model = args.model or ("llama31-8b" if cuda else "tiny" if args.quick else "small")
     step = args.longest_step or (1024 if cuda else 256)
-    base = {"device": device, "geometry": GEOMETRIES[geometry], "batch": args.batch, "rank": args.rank,
-            "checkpointing": True, "loss_chunk": args.loss_chunk, "warmup": warmup, "steps": steps,
-            "cap_gb": cap_gb, "seqs": seqs,
+    base = {"device": device, "batch": args.batch, "rank": args.rank, "checkpointing": True,
+            "loss_chunk": args.loss_chunk, "optimizer": args.optimizer or ("paged-adamw-8bit" if cuda else "adamw"),
+            "warmup": warmup, "steps": steps, "cap_gb": cap_gb, "seqs": seqs,
+            **({"geometry": GEOMETRIES[model]} if model in GEOMETRIES else {"model": model}),
             "longest": None if args.quick or args.no_longest else {"step": step, "limit": 1 << 17 if cuda else 1 << 14}}
-    with ThreadPoolExecutor(1 if cuda else 2 if args.quick else args.workers) as pool:
-        done = list(pool.map(spawn, [{**base, "runner": r} for r in runners]))
+    done = measure(base, runners, 1 if cuda else 2 if args.quick else args.workers)
     new = {"results": [{**row, "trainable": d["trainable"]} for d in done for row in d["results"]],
            "longest": {d["runner"]: {"tokens": d["longest"], "guess": d["longest_guess"], "probes": d["probes"],
                                  "limit": base["longest"]["limit"]}
@@ -202,7 +236,9 @@ def main(argv=None) -> int:
         {**new, "commands": [new["environment"]["command"]]}
     shown = list(dict.fromkeys(r for r in RUNNERS + sorted(data["runners"]) if r in data["runners"]))
     env = data["environment"]
-    report = [f"{env['device']}; geometry (layers, hidden, mlp, heads, vocab) {base['geometry']}; "
+    what = f"geometry (layers, hidden, mlp, heads, kv heads, vocab) {tuple(base['geometry'])}" \
+        if "geometry" in base else f"model {model}"
+    report = [f"{env['device']}; {what}; batch {args.batch}, rank {args.rank}, {base['optimizer']}; "
               f"torch {env['torch']}, transformers {env['transformers']}, bitsandbytes {env['bitsandbytes']}, "
               f"peft {env['peft']}", "",
               *(f"    {c}" for c in data["commands"]), "", table(data["results"], shown)]

@@ -45,7 +45,7 @@ def main(argv=None) -> int:
     print("| family | layers | seq | checkpointing | predicted MiB | measured MiB | measured / predicted |")
     print("|---|---|---|---|---|---|---|")
     for family, layers, seq, ckpt in CASES:
-        geometry = (layers, 4096, 11008, 32, args.vocab)
+        geometry = (layers, 4096, 11008, 32, 32, args.vocab)
         spec = {"device": args.device, "geometry": geometry, "batch": 1, "rank": args.rank, "checkpointing": ckpt,
                 "loss_chunk": args.loss_chunk, "warmup": 1, "steps": 1, "cap_gb": 80.0, "runner": family,
                 "seqs": [seq]}

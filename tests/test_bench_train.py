@@ -86,3 +86,26 @@ def test_cuda_table_shows_reserved_and_allocated_ratios_and_oom():
     assert all(line.count("|") == 10 for line in lines)  # nine columns in every row, the OOM row too
     assert lines[3] == "| lora | 512 | 3,072 | 0.75 | 1,024 | 0.50 | 110 | 1.10 | 1.00 |"
     assert lines[4].startswith("| mora | 512 | OOM |")
+
+
+def test_interleaved_runners_share_one_process_and_pair_their_steps():
+    """Speed ratios on a shared machine come from steps taken in turn: every runner gets the same number of timed
+    steps, and its ratio is the median of its step times over the first runner's in the same round."""
+    from bench_train import GEOMETRIES, spawn, speed_ratio
+
+    spec = {"device": "cpu", "geometry": GEOMETRIES["tiny"], "batch": 1, "rank": 8, "checkpointing": True,
+            "loss_chunk": 1024, "warmup": 1, "steps": 3, "seqs": [32], "runners": ["peft-lora", "lora"]}
+    speed = spawn(spec)["speed"]["32"]
+    assert set(speed) == {"peft-lora", "lora"}
+    for r in speed.values():
+        assert len(r["step_seconds"]) == 3 and r["tokens_per_s"] > 0
+    assert speed["peft-lora"]["time_ratio"] == 1.0
+    rows = {name: {"interleaved": True, **r} for name, r in speed.items()}
+    paired = speed_ratio(rows["lora"], rows["peft-lora"])
+    expected = sorted(b / a for a, b in zip(rows["lora"]["step_seconds"], rows["peft-lora"]["step_seconds"],
+                                            strict=True))[1]
+    assert paired == expected
+    # timed apart (a GPU's runners, each in its own process), the ratio is that of the medians
+    apart = {k: {**v, "interleaved": False} for k, v in rows.items()}
+    assert speed_ratio(apart["lora"], apart["peft-lora"]) == rows["lora"]["tokens_per_s"] / rows["peft-lora"][
+        "tokens_per_s"]
