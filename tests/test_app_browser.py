@@ -33,11 +33,23 @@ def wait_for(check, timeout: float = 240, what: str = "condition"):
     raise AssertionError(f"timed out waiting for {what() if callable(what) else what}")
 
 
+# .ci/run exports QMOR_REQUIRE_BROWSER=1 (CI services set CI=true): there a missing browser fails the run, so CI
+# cannot go green without these tests; elsewhere they skip with the reason, as the README's test command promises
+REQUIRE_BROWSER = os.environ.get("QMOR_REQUIRE_BROWSER") == "1" or os.environ.get("CI") == "true"
+
+
+def missing(what: str) -> None:
+    (pytest.fail if REQUIRE_BROWSER else pytest.skip)(what)
+
+
 @pytest.fixture(scope="module")
 def browser():
-    playwright = pytest.importorskip("playwright.sync_api")
+    try:
+        from playwright import sync_api as playwright
+    except ImportError:
+        missing('Playwright is missing; install it with the dev extra: pip install -e ".[app,dev]"')
     if not Path(CHROMIUM).is_file():
-        pytest.fail(f"Chromium is missing ({CHROMIUM}); install it: apt-get install -y chromium")
+        missing(f"Chromium is missing ({CHROMIUM}); install it: apt-get install -y chromium")
     with playwright.sync_playwright() as p:
         b = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
         yield b

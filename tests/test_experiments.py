@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from test_quiet import offline_env
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPTS = ROOT / "scripts" / "experiments"
@@ -16,8 +17,8 @@ FAMILIES = ("lora", "moslora", "mora", "mor", "sira")
 PNG = b"\x89PNG\r\n\x1a\n"
 
 
-def run(script: str, *args: str, cache: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "QMOR_CACHE": str(cache)}  # the LoftQ cache stays inside the test's folder
+def run(script: str, *args: str, cache: Path, env: dict | None = None) -> subprocess.CompletedProcess:
+    env = {**(env or os.environ), "QMOR_CACHE": str(cache)}  # the LoftQ cache stays inside the test's folder
     return subprocess.run([sys.executable, str(SCRIPTS / script), *args], capture_output=True, text=True, env=env,
                           timeout=600)
 
@@ -146,12 +147,17 @@ class TestOnSmolLM2:
     ("instruct.py", ["--families", "lora", "dora"]),
     ("multitask.py", ["--families", "mora", "--alone-lr", "1e-3"]),
 ])
-def test_bad_input_is_one_error_line(tmp_path, script, args):
-    proc = run(script, "--out", str(tmp_path / "out"), *args, cache=tmp_path / "cache")
+def test_bad_input_is_one_error_line(tmp_path, script, args, env=None):
+    proc = run(script, "--out", str(tmp_path / "out"), *args, cache=tmp_path / "cache", env=env)
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr[-2000:]
     assert not (tmp_path / "out").exists()  # refused before any output
+
+
+def test_bad_input_offline_is_one_error_line(tmp_path):
+    # offline on a CPU with AVX512-BF16, bitsandbytes' hub kernel lookup used to print a notice before the error
+    test_bad_input_is_one_error_line(tmp_path, "loftq_init.py", ["--iters", "0"], env=offline_env())
 
 
 def test_refuses_a_non_empty_output_folder(tmp_path):

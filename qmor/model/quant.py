@@ -6,7 +6,9 @@ optimises is bit for bit the Q that training uses (same block size, same double 
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import sys
 
 import torch
 from torch import nn
@@ -14,16 +16,39 @@ from torch import nn
 from qmor.config import QuantConfig
 from qmor.errors import QmorError
 
+_ABSENT = object()
+
+
+@contextlib.contextmanager
+def _without_hub_kernels():
+    """Hide the `kernels` package while bitsandbytes imports.
+
+    On CPUs with AVX512-BF16, importing bitsandbytes asks `kernels` for a hub kernel (quantization-bitsandbytes)
+    that serves only the repacked CPU layout, which qmor never uses (see keep_plain_layout). The ask costs a Hub
+    request, or a download and a load of remote code, on every start, and offline or unverified it prints notices
+    users read as errors. bitsandbytes supports running without `kernels`, so it is shown that environment; the
+    package is back in place afterwards for anyone who imports it.
+    """
+    saved = sys.modules.get("kernels", _ABSENT)
+    sys.modules["kernels"] = None  # makes `from kernels import ...` raise ImportError
+    try:
+        yield
+    finally:
+        if saved is _ABSENT:
+            del sys.modules["kernels"]
+        else:
+            sys.modules["kernels"] = saved
+
 
 def _drop_fast_path_notice(record: logging.LogRecord) -> bool:
-    # On CPUs with AVX512-BF16, importing bitsandbytes looks for a hub kernel that serves only the repacked CPU
-    # layout, which qmor never uses (see keep_plain_layout), and logs a failure that users read as an error.
+    # bitsandbytes logs that the hub kernel could not be had (_without_hub_kernels made sure of it); nothing is lost
     return "kernels-community" not in record.getMessage()
 
 
 logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(_drop_fast_path_notice)
 
-import bitsandbytes as bnb  # noqa: E402  (after the filter, which must see the import-time message)
+with _without_hub_kernels():
+    import bitsandbytes as bnb  # after the filter, which must see the import-time message
 
 Packed = bnb.nn.Params4bit  # NF4 storage: packed uint8 codes plus their quant_state (absmax, nested absmax)
 
