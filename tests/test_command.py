@@ -44,7 +44,9 @@ def test_qmor_app_without_gradio_says_how_to_install(monkeypatch, capsys):
     real = app_command.importlib.util.find_spec
     monkeypatch.setattr(app_command.importlib.util, "find_spec", lambda name: None if name == "gradio" else real(name))
     assert cli.main(["app"]) == 2
-    assert capsys.readouterr().err == 'error: the app needs gradio; install it with pip install "qmor[app]"\n'
+    checkout = app_command.ROOT
+    assert capsys.readouterr().err == (f'error: the app needs gradio; install it in the checkout: cd {checkout} && '
+                                       'pip install -e ".[app]"\n')
 
 
 ALIASED = [(f, alias) for f in FLAGS for alias in f.aliases]

@@ -21,7 +21,8 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
               'clone the repository and install it with pip install -e ".[app]"', file=sys.stderr)
         return 2
     if importlib.util.find_spec("gradio") is None:
-        print('error: the app needs gradio; install it with pip install "qmor[app]"', file=sys.stderr)
+        print(f'error: the app needs gradio; install it in the checkout: cd {ROOT} && pip install -e ".[app]"',
+              file=sys.stderr)
         return 2
     if str(ROOT) not in sys.path:
         sys.path.insert(0, str(ROOT))
