@@ -183,7 +183,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--workers", type=int, default=1,
                    help="memory runners at once (CPU; memory stays exact; speed is always measured alone)")
     p.add_argument("--merge", action="store_true", help="add to the results already in --out instead of replacing")
-    p.add_argument("--out", default="docs", help="folder for bench_train_<device>.json / .md / .png")
+    p.add_argument("--out", default="docs", help="folder for bench_train_<device>[_<model>].json / .md / .png")
     return p.parse_args(argv)
 
 
@@ -230,7 +230,8 @@ def main(argv=None) -> int:
            "environment": environment(device)}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    name = f"bench_train_{device}{'_quick' if args.quick else ''}"
+    named = f"_{Path(args.model).name}" if args.model else ""  # a model chosen by name keeps its own results file
+    name = f"bench_train_{device}{named}{'_quick' if args.quick else ''}"
     path = out / f"{name}.json"
     data = merge(json.loads(path.read_text()), new) if args.merge and path.exists() else \
         {**new, "commands": [new["environment"]["command"]]}

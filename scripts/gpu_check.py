@@ -206,7 +206,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
     p.add_argument("--tiny", action="store_true", help="toy sizes: every stage's code path in about a minute")
     p.add_argument("--out", type=Path, default=Path("gpu_check.jsonl"), help="JSON lines, appended as results come")
-    p.add_argument("--budget", type=float, default=480.0, help="seconds for the whole check; the longest-context "
+    p.add_argument("--budget", type=float, default=450.0, help="seconds for the whole check; the longest-context "
                    "searches share what the earlier stages leave")
     p.add_argument("--stages", nargs="+", default=list(STAGES), choices=list(STAGES))
     p.add_argument("--report", type=Path, help="print the Markdown tables of a results file and stop")
