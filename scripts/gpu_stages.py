@@ -298,6 +298,13 @@ def longest(check: Check) -> None:
         memory.reset()
 
 
+def bracket(probes: dict[int, bool]) -> tuple[int, int | None]:
+    """From the probes made so far: the longest length that fitted (0 if none) and the shortest length above it
+    that did not (None if none did)."""
+    found = max((n for n, ok in probes.items() if ok), default=0)
+    return found, min((n for n, ok in probes.items() if not ok and n > found), default=None)
+
+
 def search_one(check: Check, model, memory: Memory, name: str, cap: int, gib: float, step: int, limit: int,
                deadline: float) -> None:
     s = spec(check, name)
@@ -312,12 +319,13 @@ def search_one(check: Check, model, memory: Memory, name: str, cap: int, gib: fl
         return probes[seq]
 
     try:
-        found, complete = search(fits, guess, step, limit), True
+        search(fits, guess, step, limit)
+        complete = True
     except OutOfTime:
-        found, complete = max((n for n, ok in probes.items() if ok), default=0), False
+        complete = False
     finally:
         runner.close()
-    above = min((n for n, ok in probes.items() if not ok and n > found), default=None)
+    found, above = bracket(probes)
     shown = f"{found:,}" if complete else f"at least {found:,}" + (f", below {above:,}" if above else "") + \
         " (time ran out)"
     check.emit("longest", f"{name}: {shown} tokens fit {gib:g} GiB; planner {guess:,} (measured / planned "

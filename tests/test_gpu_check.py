@@ -15,14 +15,16 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))
 
 import gpu_check  # noqa: E402
+import gpu_stages  # noqa: E402
 import gpu_wheels  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def toy_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("gpu-check") / "check.jsonl"
+    # time enough for every search on a loaded machine: the budget's cut is tested on its own below
     proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "gpu_check.py"), "--device", "cpu", "--tiny",
-                           "--out", str(out)], capture_output=True, text=True, timeout=900)
+                           "--budget", "3600", "--out", str(out)], capture_output=True, text=True, timeout=1800)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return out, [json.loads(line) for line in out.read_text().splitlines()], proc.stdout
 
@@ -71,6 +73,13 @@ def test_the_run_ends_with_targets_and_a_report(toy_run):
     report = out.with_suffix(".md").read_text()
     assert "| lora | 64 |" in report and "| train lora |" in report and "| longest context, lora |" in report
     assert "[paths] train lora: loss" in stdout  # each result is printed as it comes
+
+
+def test_a_search_cut_short_reports_what_it_bracketed():
+    assert gpu_stages.bracket({}) == (0, None)  # no time for a single probe: nothing is claimed
+    assert gpu_stages.bracket({4096: True, 8192: False, 6144: True, 7168: False}) == (6144, 7168)
+    assert gpu_stages.bracket({4096: True, 5120: True}) == (5120, None)
+    assert gpu_stages.bracket({4096: False}) == (0, 4096)
 
 
 def test_a_stage_that_dies_leaves_a_record_and_the_next_stage_runs(tmp_path, monkeypatch):
