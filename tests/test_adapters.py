@@ -138,6 +138,16 @@ def test_sira_aux_loss_carries_its_weight():
     torch.testing.assert_close(losses[1], 0.25 * losses[0])
 
 
+def test_sira_aux_loss_is_that_of_the_last_forward_in_training_only():
+    """A Trainer's eval loss reads `aux_loss` after its own eval forward: the last training step's must be gone."""
+    adapter, _ = make("sira", experts=4, top_k=2, aux_loss_weight=1.0)
+    x = torch.randn(40, D_IN)
+    adapter.train()(x)
+    assert adapter.aux_loss is not None
+    adapter.eval()(x)
+    assert adapter.aux_loss is None
+
+
 @pytest.mark.parametrize("r,kind", [(8, "rope"), (16, "rope"), (127, "rope"), (128, "sharing"), (256, "sharing")])
 def test_mora_auto_picks_rope_below_rank_128(r, kind):
     """The MoRA paper's code: rope (type 6) for small ranks (r = 8), sharing (type 1, its default) for large ones

@@ -8,8 +8,8 @@ The paper's hyperparameters and several details are not public; these are our ch
   depend on the other tokens in the batch, or generation with a KV cache would disagree with a full forward;
 - expert dropout is ordinary dropout on the kept gate weights, in training only;
 - the load-balancing loss is the Switch Transformer one, E · Σ_e f_e · p_e (f_e: share of routed token slots,
-  p_e: mean gate probability), times aux_loss_weight, stored in `aux_loss` by each training forward for the
-  loop to add.
+  p_e: mean gate probability), times aux_loss_weight, stored in `aux_loss` by each forward for the loop to add:
+  a training forward's, None after an eval forward (an eval loss never carries it).
 The experts are computed densely as one rank E·r LoRA with per-token masked gates: the output is the sparse
 mixture's, and at matched parameters the cost is a LoRA's.
 """
@@ -80,6 +80,8 @@ class SiRA(nn.Module):
         top, idx = probs.topk(self.top_k, dim=-1)  # (T, k)
         mask = torch.zeros_like(probs).scatter_(-1, idx, 1.0)
         gates = probs * mask / top.sum(-1, keepdim=True)
+        # every forward replaces the loss: one left by the last training step would be added to a Trainer's eval loss
+        self.aux_loss = None
         if self.training:
             capacity = math.ceil(self.capacity_factor * self.top_k * x.shape[0] / self.experts)
             keep = (mask.cumsum(0) <= capacity).to(mask.dtype)  # first come, first served per expert
