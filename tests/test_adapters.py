@@ -138,6 +138,43 @@ def test_sira_aux_loss_carries_its_weight():
     torch.testing.assert_close(losses[1], 0.25 * losses[0])
 
 
+def test_sira_aux_loss_is_that_of_the_last_forward_in_training_only():
+    """A Trainer's eval loss reads `aux_loss` after its own eval forward: the last training step's must be gone."""
+    adapter, _ = make("sira", experts=4, top_k=2, aux_loss_weight=1.0)
+    x = torch.randn(40, D_IN)
+    adapter.train()(x)
+    assert adapter.aux_loss is not None
+    adapter.eval()(x)
+    assert adapter.aux_loss is None
+
+
+@pytest.mark.parametrize("top_k", [2, 3])
+def test_sira_router_learns_from_the_task_loss(top_k):
+    """The router's gradient from the task loss alone, without the load-balancing loss, is of the order of the
+    experts' own (top_k 1, whose renormalised gate is always 1, got 6e-8 of it: it is refused for training,
+    below)."""
+    adapter, _ = make("sira", experts=4, top_k=top_k, expert_dropout=0.0)
+    randomise(adapter)
+    x, target = torch.randn(64, D_IN), torch.randn(64, D_OUT)
+    ((adapter.train()(x) - target) ** 2).mean().backward()
+    assert adapter.router.grad.norm() > 0.05 * adapter.A.grad.norm()
+
+
+def test_sira_top_k_1_loads_but_does_not_train(tmp_path):
+    """An adapter saved with top_k 1 still loads and serves; training with it is refused before anything loads."""
+    from qmor.model.load import load_for_training
+    from qmor.training.config import TrainConfig
+
+    cfg = AdapterConfig.from_dict({"family": "sira", "r": 4, "experts": 3, "top_k": 1})
+    adapter = build_adapter(cfg, D_IN, D_OUT).eval()
+    assert ((adapter.gates(torch.randn(20, D_IN)) > 0).sum(-1) == 1).all()
+    with pytest.raises(QmorError, match="top_k 1 cannot train SiRA") as run:
+        TrainConfig(adapter=cfg)
+    with pytest.raises(QmorError, match="top_k 1 cannot train SiRA") as loaded:
+        load_for_training(str(tmp_path / "no-model-here"), cfg)  # refused before the path is even looked at
+    assert str(run.value) == str(loaded.value) and str(run.value).endswith("pass e.g. --top-k 2")
+
+
 @pytest.mark.parametrize("r,kind", [(8, "rope"), (16, "rope"), (127, "rope"), (128, "sharing"), (256, "sharing")])
 def test_mora_auto_picks_rope_below_rank_128(r, kind):
     """The MoRA paper's code: rope (type 6) for small ranks (r = 8), sharing (type 1, its default) for large ones

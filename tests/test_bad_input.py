@@ -81,6 +81,7 @@ def strict_events(run_dir: Path) -> list[dict]:
 IMPOSSIBLE = [
     (["--family", "sira", "--top-k", "0"], "top_k must be between 1 and experts"),
     (["--family", "sira", "--experts", "2", "--top-k", "3"], "top_k must be between 1 and experts (2)"),
+    (["--family", "sira", "--top-k", "1"], "top_k 1 cannot train SiRA"),
     (["--experts", "0"], "experts must be >= 1"),
     (["--lr", "nan"], "lr must be positive and finite"),
     (["--lr", "inf"], "lr must be positive and finite"),

@@ -64,10 +64,10 @@ def test_family_options_from_flags_and_config_files(tmp_path):
     def config(*argv):
         return finetune_4bit.build_config(finetune_4bit.parser().parse_args(list(argv))).adapter
 
-    sira = config("--family", "sira", "--experts", "3", "--top-k", "1", "--mora-kind", "rope")
-    assert (sira.options.experts, sira.options.top_k) == (3, 1)  # --mora-kind is MoRA's: checked, not kept
+    sira = config("--family", "sira", "--experts", "3", "--top-k", "3", "--mora-kind", "rope")
+    assert (sira.options.experts, sira.options.top_k) == (3, 3)  # --mora-kind is MoRA's: checked, not kept
     written = tmp_path / "sira.json"
-    written.write_text(json.dumps({"adapter": {"family": "sira", "options": {"experts": 3, "top_k": 1}}}))
+    written.write_text(json.dumps({"adapter": {"family": "sira", "options": {"experts": 3, "top_k": 3}}}))
     assert config("--config", str(written)).options == sira.options
     # another family picked over the file's: the file's options were its family's
     assert config("--config", str(written), "--family", "mora").options.kind == "auto"

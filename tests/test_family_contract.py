@@ -192,7 +192,7 @@ def test_files_of_older_versions_still_load():
     with pytest.raises(QmorError, match="experts must be >= 1"):
         from_dict(AdapterConfig, {**old, "family": "lora", "experts": 0})
     # a run's config for one family, another family picked: the default's options do not carry over
-    assert from_json({"adapter": {"family": "sira", "top_k": 1}}).adapter.options.top_k == 1
+    assert from_json({"adapter": {"family": "sira", "top_k": 3}}).adapter.options.top_k == 3
 
 
 def test_every_family_declares_the_checks_build_adapter_runs():

@@ -83,6 +83,28 @@ def test_trainer_with_the_chunked_loss(tiny_dir, tok, tmp_path):
     assert assert_reloads(model, tmp_path / "final").chat_template == tok.chat_template
 
 
+def test_trainer_eval_loss_carries_no_auxiliary_loss(tiny_dir, tok, tmp_path):
+    """SiRA's load-balancing loss belongs to training steps; Trainer's eval loss is the plain cross-entropy, the
+    same as qmor's own eval loss (at aux weight 1 every SiRA layer would add about 1 nat)."""
+    from transformers import Trainer, TrainingArguments
+
+    from qmor.training.evaluate import eval_loss
+    from qmor.training.loss import ChunkedLoss
+
+    cfg = AdapterConfig(family="sira", r=4, alpha=8.0, options={"aux_loss_weight": 1.0})
+    model, meta = load_for_training(str(tiny_dir), cfg, device="cpu")[:2]
+    train, val, _ = build_datasets(tok, DataConfig(source="uuid", num_examples=16, max_len=96, val_size=0.25))
+    prepare_model(model, meta, tok)
+    args = TrainingArguments(**{**common_args(tmp_path / "out"), "max_steps": 2, "save_steps": 100},
+                             per_device_eval_batch_size=len(val))  # one eval batch: one token-mean, like ours
+    trainer = Trainer(model=model, args=args, train_dataset=train, eval_dataset=val,
+                      data_collator=collator(tok.pad_token_id), compute_loss_func=chunked_loss(model))
+    trainer.train()
+    theirs = trainer.evaluate()["eval_loss"]
+    ours = eval_loss(ChunkedLoss(model), val, len(val), tok.pad_token_id, "cpu")
+    assert theirs == pytest.approx(ours, rel=1e-5)
+
+
 def test_sft_trainer_on_conversations(tiny_dir, tok, tmp_path):
     import datasets
     from trl import SFTConfig, SFTTrainer

@@ -8,7 +8,8 @@ Every family is a plain `nn.Module` built as `Module(d_in, d_out, cfg)` that pro
 - `num_params(d_in, d_out, cfg)` (static): the trainable parameter count.
 A family's default init adds zero. Its file declares the rest in one `Family(...)` (qmor.adapters.family): options,
 whether it merges or goes to PEFT, what its backward keeps, which shapes it takes, which parameters `fit` sets.
-Adding a family is its file and one line in ADAPTERS.
+Its options may define `check_trainable()`: refuse, in one line, settings that an adapter saved with them still
+loads and serves with but that cannot train (SiRA's top_k 1). Adding a family is its file and one line in ADAPTERS.
 """
 
 from __future__ import annotations
@@ -27,8 +28,8 @@ from qmor.errors import NotMergeable, QmorError
 if TYPE_CHECKING:
     from qmor.config import AdapterConfig
 
-__all__ = ["ADAPTERS", "Family", "NotMergeable", "build_adapter", "check_family", "mergeable", "option_defaults",
-           "option_fields", "peft_families"]
+__all__ = ["ADAPTERS", "Family", "NotMergeable", "build_adapter", "check_family", "check_trainable", "mergeable",
+           "option_defaults", "option_fields", "peft_families"]
 
 ADAPTERS: dict[str, Family] = {"lora": lora.FAMILY, "moslora": moslora.FAMILY, "mora": mora.FAMILY,
                                "mor": mor.FAMILY, "sira": sira.FAMILY}
@@ -43,6 +44,13 @@ def check_family(name: str) -> Family:
         raise TypeError(f"ADAPTERS[{name!r}] is {spec!r}, not a Family declaration; register the family file's "
                         "FAMILY")
     return spec
+
+
+def check_trainable(cfg: AdapterConfig) -> None:
+    """Refuse, before anything loads, adapter settings that load but cannot train (the options' own check)."""
+    check = getattr(cfg.options, "check_trainable", None)
+    if check is not None:
+        check()
 
 
 def mergeable() -> tuple[str, ...]:

@@ -127,7 +127,8 @@ def set_enabled(model: nn.Module, enabled: bool) -> None:
 
 
 def aux_loss(model: nn.Module) -> torch.Tensor | None:
-    """Sum of the adapters' weighted auxiliary losses from the last training forward (SiRA's load balancing)."""
+    """Sum of the adapters' weighted auxiliary losses from the last forward (SiRA's load balancing); None when that
+    forward ran in eval mode."""
     losses = [layer.adapter.aux_loss for layer in adapted_layers(model).values()
               if getattr(layer.adapter, "aux_loss", None) is not None]
     return torch.stack(losses).sum() if losses else None

@@ -2,14 +2,16 @@
 
 The paper's hyperparameters and several details are not public; these are our choices:
 - the k kept gate probabilities are renormalised to sum to 1, so identical experts give exactly one LoRA's output
-  (this is what makes `fit`, and with it LoftQ, exact);
+  (this is what makes `fit`, and with it LoftQ, exact). For k = 1 that gate is always 1 and the task loss gives
+  the router no gradient, so training refuses k = 1 (`check_trainable`) rather than keep the raw probability as
+  the Switch Transformer does, which would make the output after `fit` depend on routing;
 - the capacity limit (at most ceil(cf · k · T / E) of a batch's T tokens per expert, first come first served in
   token order, overflow tokens skip that expert) applies in training only: at inference a token's output must not
   depend on the other tokens in the batch, or generation with a KV cache would disagree with a full forward;
 - expert dropout is ordinary dropout on the kept gate weights, in training only;
 - the load-balancing loss is the Switch Transformer one, E · Σ_e f_e · p_e (f_e: share of routed token slots,
-  p_e: mean gate probability), times aux_loss_weight, stored in `aux_loss` by each training forward for the
-  loop to add.
+  p_e: mean gate probability), times aux_loss_weight, stored in `aux_loss` by each forward for the loop to add:
+  a training forward's, None after an eval forward (an eval loss never carries it).
 The experts are computed densely as one rank E·r LoRA with per-token masked gates: the output is the sparse
 mixture's, and at matched parameters the cost is a LoRA's.
 """
@@ -25,7 +27,7 @@ from torch import nn
 
 from qmor.adapters.factor import low_rank
 from qmor.adapters.family import Family, check_options, check_rank, option
-from qmor.errors import NotMergeable, check_range
+from qmor.errors import NotMergeable, QmorError, check_range
 
 if TYPE_CHECKING:
     from qmor.config import AdapterConfig
@@ -37,8 +39,8 @@ WHY_NOT = "routes each token to its own top-k experts, so it has no single dense
 class SiRAOptions:
     experts: int = option(4, "number of LoRA experts", 4, low=1, label="Experts")
     # top_k is left out of LoftQ's key: `fit` makes every expert the same, so its result does not depend on k
-    top_k: int = option(2, "experts per token", 2, low=1, label="Top-k", rule="between 1 and experts",
-                        training_only=True)
+    top_k: int = option(2, "experts per token (2 or more to train)", 2, low=1, label="Top-k",
+                        rule="between 1 and experts", training_only=True)
     capacity_factor: float = option(1.25, "expert capacity factor (each expert takes at most ceil(cf * k * T / E) "
                                     "of a batch's T tokens)", 1.25, label="Capacity factor", low=0.0,
                                     open_low=True, training_only=True)
@@ -53,6 +55,15 @@ class SiRAOptions:
         # do not exist
         check_range("top_k", self.top_k, f"between 1 and experts ({self.experts})", 1, self.experts, "--top-k 2",
                     integer=True)
+
+    def check_trainable(self) -> None:
+        """Refuse top_k 1 for training; an adapter saved with it still loads and serves as it was trained."""
+        # one kept gate renormalises to 1, so the task loss gives the router no gradient; the Switch Transformer's
+        # raw gate probability would instead make the output after `fit` depend on routing (LoftQ's init inexact)
+        if self.top_k == 1:
+            hint = "--top-k 2" if self.experts > 1 else "--experts 4 --top-k 2"
+            raise QmorError("top_k 1 cannot train SiRA: its one kept gate is renormalised to 1, so the router would "
+                            f"learn from the load-balancing loss alone; pass e.g. {hint}")
 
 
 class SiRA(nn.Module):
@@ -80,6 +91,8 @@ class SiRA(nn.Module):
         top, idx = probs.topk(self.top_k, dim=-1)  # (T, k)
         mask = torch.zeros_like(probs).scatter_(-1, idx, 1.0)
         gates = probs * mask / top.sum(-1, keepdim=True)
+        # every forward replaces the loss: one left by the last training step would be added to a Trainer's eval loss
+        self.aux_loss = None
         if self.training:
             capacity = math.ceil(self.capacity_factor * self.top_k * x.shape[0] / self.experts)
             keep = (mask.cumsum(0) <= capacity).to(mask.dtype)  # first come, first served per expert

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
+from qmor.adapters import check_trainable
 from qmor.adapters.attach import AdapterMeta, attach, load_adapter_weights, read_meta
 from qmor.config import AdapterConfig, QuantConfig
 from qmor.errors import QmorError
@@ -96,6 +97,7 @@ def load_for_training(
 ) -> tuple[nn.Module, AdapterMeta, dict | None]:
     """4-bit base with the adapter attached: LoftQ-initialised when adapter_cfg.init == "loftq" (then the third
     value is the per-layer error report), else the family's default init that adds zero (report None)."""
+    check_trainable(adapter_cfg)
     if adapter_cfg.init == "loftq":
         return _load_loftq(model_path, adapter_cfg, quant, device, cache_dir, trust_remote_code)
     model = load_4bit(model_path, quant, device, trust_remote_code)

@@ -12,6 +12,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from qmor.adapters import check_trainable
 from qmor.config import AdapterConfig, QuantConfig, check_range, from_dict, to_dict
 from qmor.data.pipeline import DataConfig
 from qmor.errors import QmorError
@@ -91,6 +92,7 @@ class TrainConfig:
             check_choice("report_to", name.strip(), TRACKERS)
         if "/" not in self.attn_implementation:  # "org/kernel" names a hub kernel, which transformers checks
             check_choice("attn_implementation", self.attn_implementation, ATTENTION)
+        check_trainable(self.adapter)  # a run trains, resumed or not
 
 
 def to_json(cfg: TrainConfig) -> dict:
