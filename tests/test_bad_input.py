@@ -456,3 +456,60 @@ def test_dataset_problems_name_the_fix(tmp_path, capsys, monkeypatch):
         code = finetune_4bit.main(["--output", str(tmp_path / "r"), *FAST, *flags])
         error_line(capsys, code, *words)
         assert not (tmp_path / "r").exists()
+
+
+# ---- damaged and non-finite files ------------------------------------------------------------------------------------
+
+def cut_short(file: Path) -> None:
+    file.write_bytes(file.read_bytes()[: file.stat().st_size // 2])
+
+
+def no_input(monkeypatch):
+    monkeypatch.setattr("builtins.input", lambda prompt="": (_ for _ in ()).throw(EOFError))
+
+
+def test_a_cut_short_model_file_is_one_line_in_every_command(run, tiny_dir, tmp_path, capsys, monkeypatch):
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_dir, broken)
+    cut_short(broken / "model.safetensors")
+    words = (f"{broken / 'model.safetensors'} is damaged", "file not fully covered", "a download cut short",
+             "download or save the model again")
+    for init in ("default", "loftq"):  # transformers reads the file first, LoftQ's stream second
+        out = tmp_path / f"run-{init}"
+        code = finetune_4bit.main(["--model", str(broken), "--output", str(out), *FAST, "--init", init])
+        error_line(capsys, code, *words)
+        assert not out.exists()
+    code = export_fp16.main([str(run), "--output", str(tmp_path / "m"), "--base-model", str(broken),
+                             "--device", "cpu"])
+    error_line(capsys, code, *words)
+    no_input(monkeypatch)
+    code = chat_cli.main(["--model", str(broken), "--adapter", str(run), "--device", "cpu"])
+    error_line(capsys, code, *words)
+    assert not (tmp_path / "m").exists()
+
+
+def test_a_damaged_shard_names_itself_and_the_download_that_replaces_it(tiny_dir, tmp_path, capsys):
+    from safetensors.torch import load_file, save_file
+
+    # where hf download puts a model: the fix names its hub id
+    broken = tmp_path / "hub" / "models--org--name" / "snapshots" / "abc123"
+    broken.mkdir(parents=True)
+    for file in tiny_dir.iterdir():
+        if file.name != "model.safetensors":
+            shutil.copy2(file, broken / file.name)
+    state = load_file(str(tiny_dir / "model.safetensors"))
+    keys = sorted(state)
+    halves = {"model-00001-of-00002.safetensors": keys[::2], "model-00002-of-00002.safetensors": keys[1::2]}
+    for name, part in halves.items():
+        save_file({k: state[k] for k in part}, str(broken / name), metadata={"format": "pt"})
+    (broken / "model.safetensors.index.json").write_text(json.dumps(
+        {"metadata": {}, "weight_map": {k: name for name, part in halves.items() for k in part}}))
+    shard = broken / "model-00002-of-00002.safetensors"
+    shard.write_bytes(b"\xff" * 8 + shard.read_bytes()[8:])  # a garbled header
+    code = finetune_4bit.main(["--model", str(broken), "--output", str(tmp_path / "r"), *FAST])
+    error_line(capsys, code, f"{shard} is damaged", "hf download org/name --force-download")
+    shard.unlink()
+    code = finetune_4bit.main(["--model", str(broken), "--output", str(tmp_path / "r"), *FAST, "--init", "loftq"])
+    error_line(capsys, code, f"{shard} is missing, though model.safetensors.index.json lists it",
+               "hf download org/name --force-download")
+    assert not (tmp_path / "r").exists()
