@@ -513,3 +513,66 @@ def test_a_damaged_shard_names_itself_and_the_download_that_replaces_it(tiny_dir
     error_line(capsys, code, f"{shard} is missing, though model.safetensors.index.json lists it",
                "hf download org/name --force-download")
     assert not (tmp_path / "r").exists()
+
+
+def poison(adapter_dir: Path, value: float = math.nan) -> str:
+    """Write `value` into one tensor of an adapter folder's file (what a damaged copy or another tool may hold)."""
+    from safetensors.torch import load_file, save_file
+
+    file = adapter_dir / "adapter.safetensors"
+    state = load_file(str(file))
+    key = sorted(state)[1]
+    state[key][0, 0] = value
+    save_file(state, str(file), metadata={"format": "qmor"})
+    return key
+
+
+def test_an_adapter_holding_nan_is_refused_by_chat_export_and_the_app(run, tiny_dir, tmp_path, capsys, monkeypatch):
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    key = poison(copy / "adapter")
+    named = f"{copy / 'adapter' / 'adapter.safetensors'} holds nan values in {key}"
+    monkeypatch.setattr("builtins.input", lambda prompt="": "hello")  # chat used to fail while sampling the reply
+    code = chat_cli.main(["--model", str(tiny_dir), "--adapter", str(copy), "--device", "cpu"])
+    error_line(capsys, code, named, "a checkpoint of its run")
+    out = tmp_path / "merged"
+    code = export_fp16.main([str(copy), "--output", str(out), "--device", "cpu"])
+    line = error_line(capsys, code, named)
+    assert "base checkpoint" not in line and not out.exists()
+    pytest.importorskip("gradio")
+    from apps import chat_tab
+
+    monkeypatch.setattr(chat_tab, "_STATE", {"session": None, "base": None, "adapter": None})
+    with pytest.raises(QmorError, match=f"holds nan values in {key}"):
+        chat_tab._load(str(tiny_dir), str(copy), False)  # what the Chat tab's Load runs
+    key = poison(copy / "adapter", math.inf)
+    with pytest.raises(QmorError, match=f"holds inf values in {key}"):
+        chat_tab._load(str(tiny_dir), str(copy), False)
+
+
+def test_resume_passes_over_a_checkpoint_holding_inf(run, tmp_path, capsys):
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    key = poison(copy / "checkpoints" / "step-000002" / "adapter", math.inf)
+    assert finetune_4bit.main(["--resume", "--output", str(copy)]) == 0
+    err = capsys.readouterr().err
+    assert f"step-000002 is damaged (adapter/adapter.safetensors holds inf values in {key}); trying the one" in err
+    starts = [e for e in strict_events(copy) if e["event"] == "start"]
+    assert starts[-1]["step"] == 1 and starts[-1]["resumed"]
+    for ckpt in RunDir(copy).checkpoint_dirs():
+        poison(ckpt / "adapter")
+    code = finetune_4bit.main(["--resume", "--output", str(copy)])
+    error_line(capsys, code, "every checkpoint of", "adapter/adapter.safetensors holds nan values in")
+
+
+def test_a_cut_short_adapter_file_is_one_line(run, tiny_dir, tmp_path, capsys, monkeypatch):
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    cut_short(copy / "adapter" / "adapter.safetensors")
+    no_input(monkeypatch)
+    named = f"{copy / 'adapter' / 'adapter.safetensors'} cannot be read"
+    code = chat_cli.main(["--model", str(tiny_dir), "--adapter", str(copy), "--device", "cpu"])
+    error_line(capsys, code, named, "cut short or garbled", "use an intact copy")
+    code = export_fp16.main([str(copy), "--output", str(tmp_path / "merged"), "--device", "cpu"])
+    error_line(capsys, code, named)
+    assert not (tmp_path / "merged").exists()
