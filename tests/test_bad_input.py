@@ -392,16 +392,34 @@ def test_help_and_refusal_agree_on_over_long_examples(tiny_dir, tmp_path, capsys
     error_line(capsys, code, "every example of", "raise max_len")
 
 
-def test_empty_outputs_are_counted(tiny_dir, tmp_path, capsys):
+def test_records_without_a_reply_are_named_in_one_warning(tiny_dir, tmp_path, capsys):
     data = tmp_path / "d.jsonl"
     rows = [{"instruction": "a", "output": "b"}, {"instruction": "c", "output": ""},
             {"instruction": "d", "output": None}, {"instruction": "e", "output": "f"}]
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     out = tmp_path / "run"
     assert finetune_4bit.main(["--model", str(tiny_dir), "--dataset", str(data), "--output", str(out), *FAST]) == 0
-    text = capsys.readouterr().out
-    assert f"2 example(s) have an empty or null response (first: {data} line 2)" in text
+    err = capsys.readouterr().err
+    (line,) = [ln for ln in err.splitlines() if ln.startswith("warning: ")]
+    assert f"2 of 4 examples have an empty or null output ({data} lines 2, 3)" in line
+    assert "teach the model to answer nothing" in line
     assert strict_events(out)[0]["n_empty"] == 2
+
+
+@pytest.mark.parametrize("flags", [[], ["--train-on-prompt"]], ids=["replies", "train-on-prompt"])
+def test_a_dataset_without_any_reply_is_refused(flags, tiny_dir, tmp_path, capsys):
+    """The wrong column: the replies are in `response`, the empty `output` is what training reads."""
+    data = tmp_path / "d.jsonl"
+    rows = [{"instruction": f"q{i}", "output": "", "response": f"a{i}"} for i in range(4)]
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "run"
+    code = finetune_4bit.main(["--model", str(tiny_dir), "--dataset", str(data), "--output", str(out), *FAST, *flags])
+    error_line(capsys, code, f"all 4 examples of {data} have an empty or null output",
+               "--columns output=COLUMN (its columns: instruction, output, response)")
+    assert not out.exists()
+    argv = ["--model", str(tiny_dir), "--dataset", str(data), "--output", str(out), *FAST, *flags]
+    assert finetune_4bit.main([*argv, "--columns", "output=response"]) == 0
+    assert "warning: " not in capsys.readouterr().err
 
 
 def test_uncached_hub_id_names_the_fix(tmp_path, capsys, monkeypatch):

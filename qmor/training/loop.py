@@ -27,7 +27,7 @@ from tqdm import tqdm
 from qmor.adapters import check_family
 from qmor.adapters.attach import aux_loss, count_parameters, save_adapter
 from qmor.data.packing import check_documents_apart
-from qmor.data.pipeline import build_datasets, collate, data_notes
+from qmor.data.pipeline import build_datasets, collate, data_notes, empty_warning
 from qmor.data.template import template_text
 from qmor.errors import QmorError
 from qmor.files import save_json
@@ -229,6 +229,9 @@ class Training:
             report_memory(cfg, self.model, accelerator)
             for note in data_notes(self.stats, cfg.data.source):
                 self.say(f"note: {note}")
+            warning = empty_warning(self.stats, cfg.data.source)
+            if warning:
+                tqdm.write(f"warning: {warning}", file=sys.stderr)
 
     def create_folder(self, restart: bool, fresh: bool) -> None:
         """Loading worked: only now does the run folder appear (a resumed run keeps its config and report)."""
