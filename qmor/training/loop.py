@@ -33,6 +33,7 @@ from qmor.errors import QmorError
 from qmor.files import save_json
 from qmor.model.files import expand_builtin
 from qmor.model.load import load_for_training, load_tokenizer, load_trained
+from qmor.model.moe import unadapted_experts
 from qmor.model.quant import paged_adamw_8bit
 from qmor.plan import GIB, Plan, estimate
 from qmor.training import fsdp, measure, trackers
@@ -280,6 +281,9 @@ class Training:
         family, stats = self.meta.adapter.family, self.stats
         self.say(f"{family} r={self.meta.adapter.r} on {cfg.model}: {trainable:,} trainable of {total:,} parameters; "
                  f"{stats.n_train} training sequences, {stats.n_val} validation, {self.total_steps} steps")
+        experts = unadapted_experts(self.model, cfg.adapter.targets, total - trainable)
+        if experts:
+            self.say(f"note: {experts}")
         self.emit("start", total_steps=self.total_steps, step=self.step, run_dir=str(self.run_dir), model=cfg.model,
                   family=family, trainable_params=trainable, optimizer=type(optimizer).__name__,
                   mixed_precision=accelerator.mixed_precision, n_train=stats.n_train, n_val=stats.n_val,
