@@ -393,16 +393,34 @@ def test_help_and_refusal_agree_on_over_long_examples(tiny_dir, tmp_path, capsys
     error_line(capsys, code, "every example of", "raise max_len")
 
 
-def test_empty_outputs_are_counted(tiny_dir, tmp_path, capsys):
+def test_records_without_a_reply_are_named_in_one_warning(tiny_dir, tmp_path, capsys):
     data = tmp_path / "d.jsonl"
     rows = [{"instruction": "a", "output": "b"}, {"instruction": "c", "output": ""},
             {"instruction": "d", "output": None}, {"instruction": "e", "output": "f"}]
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     out = tmp_path / "run"
     assert finetune_4bit.main(["--model", str(tiny_dir), "--dataset", str(data), "--output", str(out), *FAST]) == 0
-    text = capsys.readouterr().out
-    assert f"2 example(s) have an empty or null response (first: {data} line 2)" in text
+    err = capsys.readouterr().err
+    (line,) = [ln for ln in err.splitlines() if ln.startswith("warning: ")]
+    assert f"2 of 4 examples have an empty or null output ({data} lines 2, 3)" in line
+    assert "teach the model to answer nothing" in line
     assert strict_events(out)[0]["n_empty"] == 2
+
+
+@pytest.mark.parametrize("flags", [[], ["--train-on-prompt"]], ids=["replies", "train-on-prompt"])
+def test_a_dataset_without_any_reply_is_refused(flags, tiny_dir, tmp_path, capsys):
+    """The wrong column: the replies are in `response`, the empty `output` is what training reads."""
+    data = tmp_path / "d.jsonl"
+    rows = [{"instruction": f"q{i}", "output": "", "response": f"a{i}"} for i in range(4)]
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "run"
+    code = finetune_4bit.main(["--model", str(tiny_dir), "--dataset", str(data), "--output", str(out), *FAST, *flags])
+    error_line(capsys, code, f"all 4 examples of {data} have an empty or null output",
+               "--columns output=COLUMN (its columns: instruction, output, response)")
+    assert not out.exists()
+    argv = ["--model", str(tiny_dir), "--dataset", str(data), "--output", str(out), *FAST, *flags]
+    assert finetune_4bit.main([*argv, "--columns", "output=response"]) == 0
+    assert "warning: " not in capsys.readouterr().err
 
 
 def test_uncached_hub_id_names_the_fix(tmp_path, capsys, monkeypatch):
@@ -457,3 +475,123 @@ def test_dataset_problems_name_the_fix(tmp_path, capsys, monkeypatch):
         code = finetune_4bit.main(["--output", str(tmp_path / "r"), *FAST, *flags])
         error_line(capsys, code, *words)
         assert not (tmp_path / "r").exists()
+
+
+# ---- damaged and non-finite files ------------------------------------------------------------------------------------
+
+def cut_short(file: Path) -> None:
+    file.write_bytes(file.read_bytes()[: file.stat().st_size // 2])
+
+
+def no_input(monkeypatch):
+    monkeypatch.setattr("builtins.input", lambda prompt="": (_ for _ in ()).throw(EOFError))
+
+
+def test_a_cut_short_model_file_is_one_line_in_every_command(run, tiny_dir, tmp_path, capsys, monkeypatch):
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_dir, broken)
+    cut_short(broken / "model.safetensors")
+    words = (f"{broken / 'model.safetensors'} is damaged", "file not fully covered", "a download cut short",
+             "download or save the model again")
+    for init in ("default", "loftq"):  # transformers reads the file first, LoftQ's stream second
+        out = tmp_path / f"run-{init}"
+        code = finetune_4bit.main(["--model", str(broken), "--output", str(out), *FAST, "--init", init])
+        error_line(capsys, code, *words)
+        assert not out.exists()
+    code = export_fp16.main([str(run), "--output", str(tmp_path / "m"), "--base-model", str(broken),
+                             "--device", "cpu"])
+    error_line(capsys, code, *words)
+    no_input(monkeypatch)
+    code = chat_cli.main(["--model", str(broken), "--adapter", str(run), "--device", "cpu"])
+    error_line(capsys, code, *words)
+    assert not (tmp_path / "m").exists()
+
+
+def test_a_damaged_shard_names_itself_and_the_download_that_replaces_it(tiny_dir, tmp_path, capsys):
+    from safetensors.torch import load_file, save_file
+
+    # where hf download puts a model: the fix names its hub id
+    broken = tmp_path / "hub" / "models--org--name" / "snapshots" / "abc123"
+    broken.mkdir(parents=True)
+    for file in tiny_dir.iterdir():
+        if file.name != "model.safetensors":
+            shutil.copy2(file, broken / file.name)
+    state = load_file(str(tiny_dir / "model.safetensors"))
+    keys = sorted(state)
+    halves = {"model-00001-of-00002.safetensors": keys[::2], "model-00002-of-00002.safetensors": keys[1::2]}
+    for name, part in halves.items():
+        save_file({k: state[k] for k in part}, str(broken / name), metadata={"format": "pt"})
+    (broken / "model.safetensors.index.json").write_text(json.dumps(
+        {"metadata": {}, "weight_map": {k: name for name, part in halves.items() for k in part}}))
+    shard = broken / "model-00002-of-00002.safetensors"
+    shard.write_bytes(b"\xff" * 8 + shard.read_bytes()[8:])  # a garbled header
+    code = finetune_4bit.main(["--model", str(broken), "--output", str(tmp_path / "r"), *FAST])
+    error_line(capsys, code, f"{shard} is damaged", "hf download org/name --force-download")
+    shard.unlink()
+    code = finetune_4bit.main(["--model", str(broken), "--output", str(tmp_path / "r"), *FAST, "--init", "loftq"])
+    error_line(capsys, code, f"{shard} is missing, though model.safetensors.index.json lists it",
+               "hf download org/name --force-download")
+    assert not (tmp_path / "r").exists()
+
+
+def poison(adapter_dir: Path, value: float = math.nan) -> str:
+    """Write `value` into one tensor of an adapter folder's file (what a damaged copy or another tool may hold)."""
+    from safetensors.torch import load_file, save_file
+
+    file = adapter_dir / "adapter.safetensors"
+    state = load_file(str(file))
+    key = sorted(state)[1]
+    state[key][0, 0] = value
+    save_file(state, str(file), metadata={"format": "qmor"})
+    return key
+
+
+def test_an_adapter_holding_nan_is_refused_by_chat_export_and_the_app(run, tiny_dir, tmp_path, capsys, monkeypatch):
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    key = poison(copy / "adapter")
+    named = f"{copy / 'adapter' / 'adapter.safetensors'} holds nan values in {key}"
+    monkeypatch.setattr("builtins.input", lambda prompt="": "hello")  # chat used to fail while sampling the reply
+    code = chat_cli.main(["--model", str(tiny_dir), "--adapter", str(copy), "--device", "cpu"])
+    error_line(capsys, code, named, "a checkpoint of its run")
+    out = tmp_path / "merged"
+    code = export_fp16.main([str(copy), "--output", str(out), "--device", "cpu"])
+    line = error_line(capsys, code, named)
+    assert "base checkpoint" not in line and not out.exists()
+    pytest.importorskip("gradio")
+    from apps import chat_tab
+
+    monkeypatch.setattr(chat_tab, "_STATE", {"session": None, "base": None, "adapter": None})
+    with pytest.raises(QmorError, match=f"holds nan values in {key}"):
+        chat_tab._load(str(tiny_dir), str(copy), False)  # what the Chat tab's Load runs
+    key = poison(copy / "adapter", math.inf)
+    with pytest.raises(QmorError, match=f"holds inf values in {key}"):
+        chat_tab._load(str(tiny_dir), str(copy), False)
+
+
+def test_resume_passes_over_a_checkpoint_holding_inf(run, tmp_path, capsys):
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    key = poison(copy / "checkpoints" / "step-000002" / "adapter", math.inf)
+    assert finetune_4bit.main(["--resume", "--output", str(copy)]) == 0
+    err = capsys.readouterr().err
+    assert f"step-000002 is damaged (adapter/adapter.safetensors holds inf values in {key}); trying the one" in err
+    starts = [e for e in strict_events(copy) if e["event"] == "start"]
+    assert starts[-1]["step"] == 1 and starts[-1]["resumed"]
+    for ckpt in RunDir(copy).checkpoint_dirs():
+        poison(ckpt / "adapter")
+    code = finetune_4bit.main(["--resume", "--output", str(copy)])
+    error_line(capsys, code, "every checkpoint of", "adapter/adapter.safetensors holds nan values in")
+
+
+def test_a_cut_short_adapter_file_is_one_line(run, tiny_dir, tmp_path, capsys, monkeypatch):
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    cut_short(copy / "adapter" / "adapter.safetensors")
+    no_input(monkeypatch)
+    named = f"{copy / 'adapter' / 'adapter.safetensors'} cannot be read"
+    code = chat_cli.main(["--model", str(tiny_dir), "--adapter", str(copy), "--device", "cpu"])
+    error_line(capsys, code, named, "cut short or garbled", "use an intact copy")
+    code = export_fp16.main([str(copy), "--output", str(tmp_path / "merged"), "--device", "cpu"])
+    error_line(capsys, code, named)
+    assert not (tmp_path / "merged").exists()

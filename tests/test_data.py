@@ -1,11 +1,21 @@
 import json
+import re
 from collections import Counter
 
 import pytest
 import torch
 
 from qmor.data import template
-from qmor.data.pipeline import DataConfig, build_datasets, collate, detect_format, load_records, preview, prompt_text
+from qmor.data.pipeline import (
+    DataConfig,
+    build_datasets,
+    collate,
+    detect_format,
+    empty_warning,
+    load_records,
+    preview,
+    prompt_text,
+)
 from qmor.errors import QmorError
 from qmor.model.tiny import tiny_tokenizer
 
@@ -199,6 +209,44 @@ def test_empty_and_all_too_long_and_missing(tok, tmp_path):
         build_datasets(tok, DataConfig(source=str(tmp_path / "d.txt")))
     with pytest.raises(QmorError, match="unknown data format"):
         DataConfig(format="csv")
+
+
+NO_REPLY = [
+    ("alpaca", lambda i, reply: {"instruction": f"q{i}", "output": reply}, "an empty or null output",
+     "--columns output=COLUMN (its columns: instruction, output)"),
+    ("prompt_completion", lambda i, reply: {"prompt": f"q{i}", "completion": reply}, "an empty or null completion",
+     "--columns completion=COLUMN"),
+    ("messages", lambda i, reply: {"messages": [{"role": "user", "content": f"q{i}"},
+                                                {"role": "assistant", "content": reply}]},
+     "only empty assistant turns", "check that the assistant turns hold the replies"),
+    ("text", lambda i, reply: {"text": reply}, "an empty or null text", "--columns text=COLUMN"),
+]
+
+
+@pytest.mark.parametrize("train_on_prompt", [False, True])
+@pytest.mark.parametrize("fmt,record,what,fix", NO_REPLY, ids=[c[0] for c in NO_REPLY])
+def test_examples_without_a_reply_are_counted_and_all_of_them_refused(tok, tmp_path, fmt, record, what, fix,
+                                                                     train_on_prompt):
+    """Their labels are the template's end-of-turn tokens alone; with train_on_prompt the prompt's too, which does
+    not make a data set without a single reply any less of a mistake."""
+    some = write_jsonl(tmp_path / "some.jsonl", [record(i, "" if i in (1, 3, 4) else "yes") for i in range(8)])
+    _, _, stats = build_datasets(tok, DataConfig(source=some, train_on_prompt=train_on_prompt))
+    assert (stats.n_empty, stats.empty_at) == (3, [f"{some} line {n}" for n in (2, 4, 5)])
+    assert f"3 of 8 examples have {what} ({some} lines 2, 4, 5)" in empty_warning(stats, some)
+    none = write_jsonl(tmp_path / "none.jsonl", [record(i, " ") for i in range(6)])
+    with pytest.raises(QmorError, match=f"all 6 examples of {none} have {what}, so the model would learn nothing "
+                                        f"but .*; .*{re.escape(fix)}"):
+        build_datasets(tok, DataConfig(source=none, train_on_prompt=train_on_prompt))
+
+
+def test_a_warning_names_the_first_examples_without_a_reply(tok, tmp_path):
+    src = write_jsonl(tmp_path / "d.jsonl", [{"prompt": f"q{i}", "completion": "" if i % 2 else "a"}
+                                             for i in range(20)])
+    _, _, stats = build_datasets(tok, DataConfig(source=src))
+    assert f"10 of 20 examples have an empty or null completion ({src} lines 2, 4, 6, 8, 10, ...)" in \
+        empty_warning(stats, src)
+    full = write_jsonl(tmp_path / "full.jsonl", [{"prompt": "q", "completion": "a"}])
+    assert empty_warning(build_datasets(tok, DataConfig(source=full))[2], full) is None
 
 
 def test_json_list_and_datasets_folder_load(tok, tmp_path):

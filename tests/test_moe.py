@@ -17,6 +17,7 @@ from qmor.model.load import load_4bit
 from qmor.model.quant import dequantize, is_4bit, quantize
 
 sys.path.insert(0, str(Path(__file__).parent))
+sys.path.insert(0, str(Path(__file__).parents[1] / "scripts"))
 
 ARCHS = {"qwen3_moe": QWEN3_MOE, "mixtral": MIXTRAL}
 
@@ -113,6 +114,33 @@ def test_all_linear_leaves_experts_out(moe_dirs):
     assert len(find_targets(model, r"experts\.down_proj")) == 2 * 4
     attach(model, AdapterConfig(r=4, targets=["experts"]))
     assert len(adapted_layers(model)) == 2 * 2 * 4
+
+
+def checkpoint_share(folder: Path) -> float:
+    """The experts' share of the parameters in a model's checkpoint."""
+    with safe_open(str(folder / "model.safetensors"), "pt") as f:
+        sizes = {k: f.get_slice(k).get_shape() for k in f.keys()}
+    numel = {k: torch.Size(shape).numel() for k, shape in sizes.items()}
+    return sum(n for k, n in numel.items() if ".experts." in k) / sum(numel.values())
+
+
+@pytest.mark.parametrize("arch", list(ARCHS))
+def test_training_says_when_the_targets_leave_the_experts_out(moe_dirs, arch, tmp_path, capsys, monkeypatch):
+    import finetune_4bit
+
+    monkeypatch.setenv("QMOR_CACHE", str(tmp_path / "cache"))
+    fast = ["--dataset", "add", "--num-examples", "4", "--max-len", "48", "--max-steps", "1", "--batch-size", "2",
+            "--eval-generate", "0", "--init", "default", "--device", "cpu", "--rank", "4"]
+    model = ["--model", str(moe_dirs[arch])]
+    assert finetune_4bit.main([*model, "--output", str(tmp_path / "a"), *fast]) == 0  # all-linear, the default
+    notes = [ln for ln in capsys.readouterr().out.splitlines() if "MoE experts" in ln]
+    share = checkpoint_share(moe_dirs[arch])
+    assert notes == [f"note: the MoE experts of {ARCHS[arch][0].replace('Config', 'ForCausalLM')}, {share:.0%} of "
+                     "its parameters, get no adapter with --targets all-linear; to adapt them too, pass --targets "
+                     "experts,q_proj,k_proj,v_proj,o_proj"]
+    assert share > 0.5
+    assert finetune_4bit.main([*model, "--output", str(tmp_path / "b"), *fast, "--targets", "experts,q_proj"]) == 0
+    assert "MoE experts" not in capsys.readouterr().out
 
 
 def experts_only(model, tensors=False):

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -200,10 +201,42 @@ def read_meta(path: str | Path) -> AdapterMeta:
     return AdapterMeta.from_json(load_json(file))
 
 
+class BadAdapterFile(QmorError):
+    """An adapter.safetensors that cannot be used; `problem` says why, without the file's name or the fix."""
+
+    def __init__(self, file: Path, problem: str):
+        super().__init__(f"{file} {problem}; use an intact copy or a checkpoint of its run "
+                         "(runs/NAME/checkpoints/step-N/adapter), or train it again")
+        self.problem = problem
+
+
+def _nonfinite(value: torch.Tensor) -> str:
+    nan, inf = bool(value.isnan().any()), bool(value.isinf().any())
+    return "nan and inf" if nan and inf else "nan" if nan else "inf"
+
+
+def read_adapter_state(path: str | Path) -> dict[str, torch.Tensor]:
+    """The tensors of adapter folder `path`. Every load of an adapter (chat, export, resume, the app) reads it here,
+    so a file cut short or garbled, or one holding nan or inf (training never saves such values: a damaged or
+    foreign file), is refused in one line here instead of ending chat in a sampling error or failing an export's
+    logit check."""
+    file = Path(path) / WEIGHTS
+    if not file.is_file():
+        raise BadAdapterFile(file, "is missing")
+    try:
+        state = load_file(str(file))
+    except SafetensorError as e:
+        raise BadAdapterFile(file, f"cannot be read ({str(e).strip()}): it is cut short or garbled") from None
+    for key, value in state.items():
+        if value.is_floating_point() and not bool(value.isfinite().all()):
+            raise BadAdapterFile(file, f"holds {_nonfinite(value)} values in {key}")
+    return state
+
+
 def load_adapter_weights(model: nn.Module, path: str | Path) -> None:
     """Copy saved adapter weights into an already attached model, checking every name and shape first."""
     path = Path(path)
-    state = load_file(str(path / WEIGHTS))
+    state = read_adapter_state(path)
     expected = adapter_state(model)
     got, want = expert_layout(state), expert_layout(expected)
     if got and want and got != want:

@@ -42,10 +42,12 @@ from qmor.model.files import cache_root
 from qmor.version import __version__
 
 __all__ = ["FILE_TYPES", "FORMATS", "DataConfig", "DataStats", "build_datasets", "collate", "data_notes",
-           "detect_format", "load_records", "pack", "preview", "prompt_text", "to_messages"]
+           "detect_format", "empty_warning", "load_records", "pack", "preview", "prompt_text", "to_messages"]
 
 TOKENISER_VERSION = 1  # part of the cache key: raise it when a change here would change the tokens of a record
 QUIET_BELOW = 5000  # records; smaller sets are tokenised without a progress bar
+NAMED = 5  # examples named where a warning points at some of them
+REPLY_FIELDS = {"alpaca": "output", "prompt_completion": "completion", "text": "text"}  # conversations: their turns
 
 
 @dataclass
@@ -97,8 +99,9 @@ class DataStats:
     n_tokens: int  # training tokens (no padding)
     n_label_tokens: int  # training tokens that carry a label
     packed: bool  # whether training examples were packed
-    n_empty: int = 0  # examples kept whose response (output, completion, assistant turns, text) is empty
-    first_empty: str = ""  # where the first of them came from ("FILE line N")
+    n_empty: int = 0  # examples kept whose trained replies (output, completion, assistant turns, text) are all empty:
+    # their labels are the template's end-of-turn tokens alone (with train_on_prompt, those and the prompt)
+    empty_at: list[str] = dataclasses.field(default_factory=list)  # where the first NAMED of them came from
     cache_file: str = ""  # the tokenised records, cached (Dataset.map's file)
     from_cache: bool = False  # whether they were read back from it instead of tokenised
 
@@ -218,10 +221,46 @@ def data_notes(stats: DataStats, source: str) -> list[str]:
     if stats.n_dropped:
         notes.append(f"{source}: {stats.n_dropped} example(s) had no response token left after truncation and were "
                      "left out; raise --max-len")
-    if stats.n_empty:
-        notes.append(f"{source}: {stats.n_empty} example(s) have an empty or null response (first: "
-                     f"{stats.first_empty}); they teach the model to say nothing, so fill them in or remove them")
     return notes
+
+
+def empty_reply(fmt: str) -> str:
+    """What an example without a reply lacks, in the words of its format."""
+    field = REPLY_FIELDS.get(fmt)
+    return f"an empty or null {field}" if field else "only empty assistant turns"
+
+
+def places(locs: list[str]) -> str:
+    """"data.jsonl lines 2, 5" for locations that differ in their number alone, else the locations as they are."""
+    heads = {loc.rpartition(" ")[0] for loc in locs}
+    if len(locs) < 2 or len(heads) > 1:
+        return ", ".join(locs)
+    return f"{heads.pop()}s " + ", ".join(loc.rpartition(" ")[2] for loc in locs)
+
+
+def empty_warning(stats: DataStats, source: str) -> str | None:
+    """One line for the examples that have no reply to learn, when others do (all of them are refused)."""
+    if not stats.n_empty:
+        return None
+    more = ", ..." if stats.n_empty > len(stats.empty_at) else ""
+    return (f"{source}: {stats.n_empty} of {stats.n_train_examples + stats.n_val} examples have "
+            f"{empty_reply(stats.format)} ({places(stats.empty_at)}{more}), so they teach the model to answer "
+            "nothing; fill them in or remove them")
+
+
+def no_replies(source: str, fmt: str, n: int, columns) -> QmorError:
+    """Every example without a reply: a column mapped wrong, most likely. With train_on_prompt the prompts are
+    learnt too, but a data set without a single reply is no less a mistake, so it is refused the same."""
+    field = REPLY_FIELDS.get(fmt)
+    lesson = "the end-of-text token" if fmt == "text" else "to end every reply at once"
+    if field is None:
+        fix = "check that the assistant turns hold the replies (their content, or ShareGPT's value)"
+    else:
+        listed = f" (its columns: {', '.join(columns)})" if columns else ""
+        noun = "text" if fmt == "text" else "replies"
+        fix = f"map the column that holds the {noun} with --columns {field}=COLUMN{listed}, or fill the {noun} in"
+    return QmorError(f"all {n} examples of {source} have {empty_reply(fmt)}, so the model would learn nothing but "
+                     f"{lesson}; {fix}")
 
 
 # ---- tokenise, truncate, split, pack -----------------------------------------------------------------------------
@@ -292,7 +331,6 @@ def build_datasets(tokenizer, cfg: DataConfig) -> tuple[list[dict], list[dict], 
     ids, labels, empty_flags = (table.column(c).to_pylist() for c in ("input_ids", "labels", "empty"))
     examples = [{"input_ids": ids[i], "labels": labels[i]} for i in keep]
     kept_locs = [locs[i] for i in keep]
-    empty = [locs[i] for i in keep if empty_flags[i]]  # kept (they teach an empty reply) but counted
     if not examples:
         raise QmorError(f"every record of {cfg.source} was bad ({skipped} skipped); check the format ({fmt})")
     lengths = [len(e["input_ids"]) for e in examples]
@@ -302,10 +340,14 @@ def build_datasets(tokenizer, cfg: DataConfig) -> tuple[list[dict], list[dict], 
                         f"{lengths[i]} tokens, {kept_locs[i]}); raise max_len to at least {lengths[i]}")
     n_truncated = sum(n > cfg.max_len for n in lengths)
     cut = [{"input_ids": e["input_ids"][: cfg.max_len], "labels": e["labels"][: cfg.max_len]} for e in examples]
-    kept = [e for e in cut if any(t != -100 for t in e["labels"])]
-    if not kept:
+    trained = [j for j, e in enumerate(cut) if any(t != -100 for t in e["labels"])]
+    if not trained:
         raise QmorError(f"{cfg.source}: no example keeps a response token within max_len={cfg.max_len}; raise "
                         f"max_len or shorten the prompts")
+    kept = [cut[j] for j in trained]
+    empty = [kept_locs[j] for j in trained if empty_flags[keep[j]]]  # kept when others have replies, but counted
+    if len(empty) == len(kept):
+        raise no_replies(cfg.source, fmt, len(kept), src.columns)
     idx = list(range(len(kept)))
     random.Random(cfg.seed).shuffle(idx)
     n_val = _val_count(cfg.val_size, len(kept), cfg.source)
@@ -318,7 +360,7 @@ def build_datasets(tokenizer, cfg: DataConfig) -> tuple[list[dict], list[dict], 
         n_skipped=skipped, n_truncated=n_truncated, n_dropped=len(cut) - len(kept), n_train=len(rows),
         n_train_examples=len(train), n_val=len(val), n_tokens=sum(len(e["input_ids"]) for e in train),
         n_label_tokens=sum(t != -100 for e in train for t in e["labels"]), packed=cfg.packing,
-        n_empty=len(empty), first_empty=empty[0] if empty else "", cache_file=cache_file, from_cache=from_cache)
+        n_empty=len(empty), empty_at=empty[:NAMED], cache_file=cache_file, from_cache=from_cache)
     return rows, val, stats
 
 

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 from huggingface_hub import errors as hf_errors
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 
 from qmor.errors import QmorError
 from qmor.files import load_json
@@ -163,14 +163,41 @@ def local_folder(model_path: str) -> Path:
                         "model's folder") from None
 
 
+class DamagedWeights(QmorError):
+    """A model's weight file that is missing, cut short or garbled: what an interrupted download leaves."""
+
+
+def damaged_weights(file: Path, what: str) -> DamagedWeights:
+    repo = hub_id(str(file.parent))
+    fix = f"download it again: hf download {repo} --force-download" if repo else "download or save the model again"
+    return DamagedWeights(f"{file} {what}: a download cut short or a broken copy; {fix}")
+
+
+def open_weights(file: Path):
+    """safe_open of a model's weight file; one that is missing, cut short or garbled is one line naming it."""
+    if not file.is_file():
+        raise damaged_weights(file, f"is missing, though {INDEX} lists it")
+    try:
+        return safe_open(str(file), framework="pt")
+    except SafetensorError as e:  # safetensors checks that the header is whole and the data covers it
+        raise damaged_weights(file, f"is damaged ({str(e).strip()})") from None
+
+
 def weight_files(folder: Path) -> dict[str, Path]:
-    """Map of tensor name -> safetensors file, from model.safetensors.index.json or a single model.safetensors."""
+    """Map of tensor name -> safetensors file, from model.safetensors.index.json or a single model.safetensors.
+
+    Every file's header is read here, where each of qmor's own reads of a model's weights starts, so a damaged file
+    is named in one line before LoftQ, the fingerprint, MoE experts or an export read a tensor from it."""
     index = folder / INDEX
     if index.is_file():
-        return {name: folder / file for name, file in load_json(index)["weight_map"].items()}
+        names = {name: folder / file for name, file in load_json(index)["weight_map"].items()}
+        for file in sorted(set(names.values())):
+            with open_weights(file):
+                pass
+        return names
     single = folder / SINGLE
     if single.is_file():
-        with safe_open(str(single), framework="pt") as f:
+        with open_weights(single) as f:
             return {name: single for name in f.keys()}
     raise QmorError(f"{folder} has no safetensors weights (model.safetensors or an index); qmor never unpickles "
                     ".bin files, so convert the checkpoint to safetensors first")

@@ -20,7 +20,7 @@ from safetensors import safe_open
 
 from qmor.errors import QmorError
 from qmor.files import load_json
-from qmor.model.files import local_folder, missing_folder, weight_files
+from qmor.model.files import DamagedWeights, local_folder, missing_folder, weight_files
 
 ROWS = 4  # rows sampled per matrix, evenly spaced from the first to the last
 COLS = 64  # leading columns of each sampled row
@@ -85,6 +85,8 @@ def check_base(recorded: dict | None, trained_on: str, base: str, allow_other_ba
         return  # nothing to compare with, or a folder that is not there (loading it says so in its own words)
     try:
         found = base_fingerprint(base)
+    except DamagedWeights:
+        raise  # loading that base would fail on the same file, only later
     except QmorError as e:
         print(f"warning: cannot check that {base} is the base this adapter was trained on ({e})", file=sys.stderr)
         return

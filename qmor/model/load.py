@@ -10,6 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
@@ -68,6 +69,9 @@ def load_4bit(
             )
     except LOAD_ERRORS as e:
         raise load_failed(name_or_path, e) from None
+    except SafetensorError:  # transformers' own read of a damaged file, which its error does not name
+        weight_files(local_folder(source))  # names it in one line
+        raise
     moe.quantise_experts(model, source, cfg, device, dtype)
     support.check_quantised(model)
     model.config.use_cache = False

@@ -32,6 +32,7 @@ from torch import nn
 
 from qmor.adapters import check_family, mergeable
 from qmor.adapters.family import either
+from qmor.adapters.layer import AdaptedLinear
 from qmor.config import AdapterConfig, QuantConfig
 from qmor.errors import QmorError
 from qmor.model.files import local_folder, read_tensor, weight_files
@@ -259,6 +260,21 @@ def expert_keys(model: nn.Module, names: dict[str, Path], prefix: str) -> dict[s
             cut = slice(i * d_out // half, (i + 1) * d_out // half)
             keys.setdefault(key, []).append((name, index, cut))
     return keys
+
+
+def unadapted_experts(model: nn.Module, targets: str | list[str], base_params: int) -> str | None:
+    """One line for an attached MoE model whose targets leave every expert without an adapter (all-linear does, by
+    design): the experts' share of the base model's parameters, and the --targets that adapts them as well.
+    Without it a run on an MoE model trains attention alone, and nothing says so."""
+    maps = [linear for m in model.modules() if isinstance(m, QuantExperts) for which in MAPS for linear in
+            getattr(m, which)]
+    if not maps or any(isinstance(linear, AdaptedLinear) for linear in maps):
+        return None
+    share = sum(linear.in_features * linear.out_features for linear in maps) / base_params
+    adapted = [n.rpartition(".")[2] for n, m in model.named_modules() if isinstance(m, AdaptedLinear)]
+    given = targets if isinstance(targets, str) else ",".join(targets)
+    return (f"the MoE experts of {type(model).__name__}, {share:.0%} of its parameters, get no adapter with --targets "
+            f"{given}; to adapt them too, pass --targets {','.join([TARGET, *dict.fromkeys(adapted)])}")
 
 
 def check_expert_family(cfg: AdapterConfig, targets: list[str]) -> None:

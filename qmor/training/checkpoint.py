@@ -14,9 +14,8 @@ import zipfile
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
 
-from qmor.adapters.attach import CONFIG, WEIGHTS, AdapterMeta, save_adapter
+from qmor.adapters.attach import CONFIG, WEIGHTS, AdapterMeta, BadAdapterFile, read_adapter_state, save_adapter
 from qmor.errors import QmorError
 from qmor.files import atomic_dir, load_json, save_json
 
@@ -68,9 +67,9 @@ def check_checkpoint(path: Path) -> None:
         except QmorError:
             raise Damaged(f"{name} is missing or not valid JSON") from None
     try:
-        load_file(str(path / ADAPTER / WEIGHTS))
-    except Exception as e:  # safetensors raises its own error type for a cut or garbled file
-        raise Damaged(f"{ADAPTER}/{WEIGHTS} cannot be read ({reason(e)})") from None
+        read_adapter_state(path / ADAPTER)
+    except BadAdapterFile as e:  # nan or inf included: resuming from it would diverge at once
+        raise Damaged(f"{ADAPTER}/{WEIGHTS} {e.problem}") from None
     for name in ("optimizer.pt", "scheduler.pt", "rng.pt"):
         read_torch(path / name)
 

@@ -27,12 +27,13 @@ from tqdm import tqdm
 from qmor.adapters import check_family
 from qmor.adapters.attach import aux_loss, count_parameters, save_adapter
 from qmor.data.packing import check_documents_apart
-from qmor.data.pipeline import build_datasets, collate, data_notes
+from qmor.data.pipeline import build_datasets, collate, data_notes, empty_warning
 from qmor.data.template import template_text
 from qmor.errors import QmorError
 from qmor.files import save_json
 from qmor.model.files import expand_builtin
 from qmor.model.load import load_for_training, load_tokenizer, load_trained
+from qmor.model.moe import unadapted_experts
 from qmor.model.quant import paged_adamw_8bit
 from qmor.plan import GIB, Plan, estimate
 from qmor.training import fsdp, measure, trackers
@@ -229,6 +230,9 @@ class Training:
             report_memory(cfg, self.model, accelerator)
             for note in data_notes(self.stats, cfg.data.source):
                 self.say(f"note: {note}")
+            warning = empty_warning(self.stats, cfg.data.source)
+            if warning:
+                tqdm.write(f"warning: {warning}", file=sys.stderr)
 
     def create_folder(self, restart: bool, fresh: bool) -> None:
         """Loading worked: only now does the run folder appear (a resumed run keeps its config and report)."""
@@ -277,6 +281,9 @@ class Training:
         family, stats = self.meta.adapter.family, self.stats
         self.say(f"{family} r={self.meta.adapter.r} on {cfg.model}: {trainable:,} trainable of {total:,} parameters; "
                  f"{stats.n_train} training sequences, {stats.n_val} validation, {self.total_steps} steps")
+        experts = unadapted_experts(self.model, cfg.adapter.targets, total - trainable)
+        if experts:
+            self.say(f"note: {experts}")
         self.emit("start", total_steps=self.total_steps, step=self.step, run_dir=str(self.run_dir), model=cfg.model,
                   family=family, trainable_params=trainable, optimizer=type(optimizer).__name__,
                   mixed_precision=accelerator.mixed_precision, n_train=stats.n_train, n_val=stats.n_val,
