@@ -33,7 +33,9 @@ def enable_checkpointing(lm: nn.Module) -> None:
 
 def _chunk_ce(head: nn.Module, scale: float, softcap: float | None, hidden: torch.Tensor, labels: torch.Tensor
               ) -> torch.Tensor:
-    logits = head(hidden).float() * scale  # (n, V): only this chunk's logits
+    logits = head(hidden).float()  # (n, V): only this chunk's logits
+    if scale != 1.0:  # skipped when 1: a multiply over (n, V) in forward and again in backward
+        logits = logits * scale
     if softcap:  # Gemma-2 style final logit soft-capping, which the model's own forward would apply
         logits = torch.tanh(logits / softcap) * softcap
     return F.cross_entropy(logits, labels, reduction="sum")
