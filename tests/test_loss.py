@@ -69,6 +69,82 @@ def test_chunk_size_does_not_change_result():
         torch.testing.assert_close(g, out[0][1])
 
 
+def plain_cross_entropy(hidden, labels, head, softcap=None, scale=1.0):
+    """The whole-sequence computation that the chunked loss must equal: every logit at once."""
+    logits = head(hidden[:, :-1]).float() * scale
+    if softcap:
+        logits = torch.tanh(logits / softcap) * softcap
+    return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1),
+                                             reduction="sum")
+
+
+class ShapeLog(torch.nn.Module):
+    """The head, recording how many rows each call gets (the logits it makes)."""
+
+    def __init__(self, head):
+        super().__init__()
+        self.head, self.rows = head, []
+
+    def forward(self, x):
+        self.rows.append(x.shape[0])
+        return self.head(x)
+
+
+def loss_and_grads(fn, leaves):
+    for p in leaves:
+        p.grad = None
+    total, n = fn()
+    (total / max(n, 1) * 3.0).backward()  # a downstream scale: the kept gradients must follow the incoming one
+    return total.detach(), n, [p.grad.clone() for p in leaves]
+
+
+@pytest.mark.parametrize(("softcap", "scale", "case"), [
+    (None, 1.0, "ignored"), (30.0, 1.0, "ignored"), (None, 0.25, "ignored"), (5.0, 4.0, "all"), (None, 1.0, "none"),
+])
+def test_chunked_loss_equals_whole_logits(softcap, scale, case):
+    torch.manual_seed(0)
+    up = torch.nn.Linear(8, 16)  # stands for the decoder: the gradient must flow on through the hidden states
+    head = torch.nn.Linear(16, 50)
+    x = torch.randn(3, 11, 8)
+    labels = torch.randint(0, 50, (3, 11))
+    if case == "ignored":
+        labels[0, :4] = -100  # a prompt
+        labels[2, 7:] = -100  # padding
+    elif case == "none":
+        labels[:] = -100
+    labelled = int((labels[:, 1:] != -100).sum())
+    leaves = [*up.parameters(), *head.parameters()]  # a trainable head too: its gradient is kept in forward as well
+
+    def plain():
+        return plain_cross_entropy(up(x), labels, head, softcap, scale), labelled
+
+    logged = ShapeLog(head)
+
+    def chunked():
+        return chunked_cross_entropy(up(x), labels, logged, 4, softcap, scale)
+
+    ref, ref_n, ref_grads = loss_and_grads(plain, leaves)
+    got, n, got_grads = loss_and_grads(chunked, leaves)
+    assert n == ref_n == labelled
+    torch.testing.assert_close(got, ref, rtol=1e-6, atol=1e-6)
+    for g, r in zip(got_grads, ref_grads, strict=True):
+        torch.testing.assert_close(g, r, rtol=1e-5, atol=1e-7)
+    assert all(rows <= 4 for rows in logged.rows)  # never more than one chunk of logits at once
+    assert sum(logged.rows) == labelled  # each labelled token went through the head once: no recompute in backward
+
+
+def test_chunked_loss_without_gradients_gives_the_same_value():
+    torch.manual_seed(0)
+    head = ShapeLog(torch.nn.Linear(16, 50, bias=False).requires_grad_(False))
+    hidden = torch.randn(2, 9, 16)
+    labels = torch.randint(0, 50, (2, 9))
+    labels[1, :5] = -100
+    with torch.no_grad():
+        total, n = chunked_cross_entropy(hidden, labels, head, 3, 30.0, 0.5)
+    torch.testing.assert_close(total, plain_cross_entropy(hidden, labels, head.head, 30.0, 0.5))
+    assert n == 12 and head.rows == [3, 3, 3, 3]
+
+
 def test_checkpointing_falls_back_to_the_name_before_transformers_5_23():
     calls = []
 

@@ -1,8 +1,9 @@
 """Causal LM loss computed in chunks, so the full (tokens, vocab) fp32 logits never exist at once.
 
-The decoder body gives hidden states; the output head and cross-entropy run per chunk of labelled tokens under
-non-reentrant checkpointing, so each chunk's logits are freed after its forward and recomputed in backward. At
-32k tokens and a 32k vocabulary the full fp32 logits alone would be 4 GB, plus as much again for their gradient.
+The decoder body gives hidden states; the output head and cross-entropy run per chunk of labelled tokens, and each
+chunk is differentiated as soon as its loss is known, in the forward pass: only the gradient of its hidden states
+(chunk x hidden, small beside chunk x vocab) is kept for the backward pass, and its logits are freed at once. At 32k
+tokens and a 32k vocabulary the full fp32 logits alone would be 4 GB, plus as much again for their gradient.
 """
 
 from __future__ import annotations
@@ -13,7 +14,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.autograd.graph import save_on_cpu
-from torch.utils.checkpoint import checkpoint
 
 IGNORE = -100  # label of tokens that carry no loss (prompt, padding)
 
@@ -33,10 +33,43 @@ def enable_checkpointing(lm: nn.Module) -> None:
 
 def _chunk_ce(head: nn.Module, scale: float, softcap: float | None, hidden: torch.Tensor, labels: torch.Tensor
               ) -> torch.Tensor:
-    logits = head(hidden).float() * scale  # (n, V): only this chunk's logits
+    logits = head(hidden).float()  # (n, V): only this chunk's logits
+    if scale != 1.0:  # skipped when 1: a multiply over (n, V) in forward and again in backward
+        logits = logits * scale
     if softcap:  # Gemma-2 style final logit soft-capping, which the model's own forward would apply
         logits = torch.tanh(logits / softcap) * softcap
     return F.cross_entropy(logits, labels, reduction="sum")
+
+
+class _HeadLoss(torch.autograd.Function):
+    """Summed cross-entropy of hidden states (n, d) through the head, differentiated chunk by chunk in forward.
+
+    Recomputing each chunk in backward (checkpointing) would run the head's matmul twice, and in small models it is
+    the largest one (576 x 49152 in SmolLM2, a fifth of the forward FLOPs); keeping each chunk's gradient instead
+    costs n x d, the size of the gradient that backward makes anyway. The loss is a plain sum of the chunks' losses,
+    so backward only scales the kept gradients by the incoming one.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, labels, head, scale, softcap, chunk, *params):
+        grads = [torch.zeros_like(hidden), *(torch.zeros_like(p) for p in params)]
+        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        for start in range(0, labels.numel(), chunk):
+            part = hidden.detach()[start : start + chunk].requires_grad_()
+            with torch.enable_grad():
+                loss = _chunk_ce(head, scale, softcap, part, labels[start : start + chunk])
+            found = torch.autograd.grad(loss, [part, *params])
+            grads[0][start : start + chunk] = found[0]
+            for grad, more in zip(grads[1:], found[1:], strict=True):
+                grad += more
+            total += loss.detach()
+        ctx.save_for_backward(*grads)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_total):
+        grad_hidden, *grad_params = ctx.saved_tensors
+        return grad_hidden * grad_total, None, None, None, None, None, *(g * grad_total for g in grad_params)
 
 
 def chunked_cross_entropy(
@@ -52,9 +85,12 @@ def chunked_cross_entropy(
     keep = y != IGNORE
     h, y = h[keep], y[keep]  # (n, d), (n,): unlabelled positions need no logits at all
     total = hidden.sum() * 0.0  # zero that stays in the graph, so a batch with no labels still backpropagates
-    for start in range(0, y.numel(), chunk):
-        part = (h[start : start + chunk], y[start : start + chunk])
-        total = total + checkpoint(_chunk_ce, head, scale, softcap, *part, use_reentrant=False)
+    trainable = [p for p in head.parameters() if p.requires_grad]
+    if torch.is_grad_enabled() and (h.requires_grad or trainable):
+        total = total + _HeadLoss.apply(h, y, head, scale, softcap, chunk, *trainable)
+    else:  # evaluation: no gradient to keep
+        for start in range(0, y.numel(), chunk):
+            total = total + _chunk_ce(head, scale, softcap, h[start : start + chunk], y[start : start + chunk])
     return total.float(), int(y.numel())
 
 
