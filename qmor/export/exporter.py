@@ -25,7 +25,7 @@ from qmor.export.merge import check_dtype, parse_size, write_merged
 from qmor.export.peft import PEFT_WEIGHTS, check_peft_family, write_peft
 from qmor.export.verify import Check, compare, logits, prompt_ids, require
 from qmor.files import atomic_dir, load_json, save_json
-from qmor.model.files import INDEX, expand_builtin, hub_id, local_folder, missing_folder, weight_files
+from qmor.model.files import INDEX, expand_builtin, hub_id, local_folder, missing_folder, recorded_base, weight_files
 from qmor.model.load import load_trained
 from qmor.training.run_dir import find_adapter
 from qmor.version import __version__
@@ -180,7 +180,7 @@ def export_merged(
     check_merge(meta, merge_base)
     torch_dtype, shard_bytes = check_dtype(dtype), parse_size(shard_size)
     check_output(output, overwrite)
-    folder, names = base_checkpoint(base_model or meta.base_model, given=bool(base_model))
+    folder, names = base_checkpoint(base_model or recorded_base(meta.base_model), given=bool(base_model))
     model, meta = load_source(source, device, base_model, trust_remote_code, allow_other_base)
     with atomic_dir(output, overwrite) as tmp:
         index, check = write_checked_merge(model, meta, folder, names, tmp, torch_dtype, shard_bytes, merge_base,
@@ -234,7 +234,7 @@ def export_peft(
                         "model; export it with its dequantised base (drop --no-base)")
     torch_dtype, shard_bytes = check_dtype(dtype), parse_size(shard_size)
     check_output(output, overwrite)
-    folder, names = base_checkpoint(base_model or meta.base_model, given=bool(base_model))
+    folder, names = base_checkpoint(base_model or recorded_base(meta.base_model), given=bool(base_model))
     model, meta = load_source(source, device, base_model, trust_remote_code, allow_other_base)
     with atomic_dir(output, overwrite) as tmp:
         if with_base:
