@@ -106,6 +106,9 @@ def chat(monkeypatch, capsys, *argv, typed: str = "") -> tuple[int, str, str]:
 def test_chat_command_takes_the_base_the_adapter_records(tiny_dir, lora_dir, monkeypatch, capsys):
     code, out, _ = chat(monkeypatch, capsys, "--adapter", str(lora_dir), typed="/quit\n")
     assert code == 0 and f"from {lora_dir} on base {tiny_dir}" in out
+    # leaving with a mergeable adapter says how to export it
+    assert out.strip().splitlines()[-1].endswith(f"merge it into an fp16 model: qmor export {lora_dir} --output "
+                                                 f"{lora_dir}-fp16")  # after the "> " prompt of the /quit line
     # --base-model names the base; --model, the name chat took before, still works
     for flag in ("--base-model", "--model"):
         code, out, _ = chat(monkeypatch, capsys, flag, str(tiny_dir))

@@ -168,7 +168,7 @@ def test_peft_export_parity(tiny_dir, tmp_path, family):
 @pytest.mark.parametrize("family", ["mor", "sira"])
 def test_routed_families_are_refused(tiny_dir, tmp_path, family):
     adapter = make_adapter(tiny_dir, tmp_path / "adapter", family)
-    with pytest.raises(NotMergeable, match="routes each token"):
+    with pytest.raises(NotMergeable, match=f"routes each token.*; serve it with qmor chat --adapter {adapter}, or"):
         export_merged(adapter, tmp_path / "merged")
     with pytest.raises(QmorError, match="routes each token"):
         export_peft(adapter, tmp_path / "peft")
@@ -180,7 +180,10 @@ def test_base_model_is_optional_and_model_is_its_other_name(tiny_dir, tmp_path, 
     adapter = make_adapter(tiny_dir, tmp_path / "adapter", "lora")
     copy = shutil.copytree(tiny_dir, tmp_path / "my base")
     assert cli.main(["export", str(adapter), "--output", str(tmp_path / "recorded")]) == 0
+    assert capsys.readouterr().err.splitlines()[-1] == f"chat with it: qmor chat --base-model {tmp_path / 'recorded'}"
     assert cli.main(["export", str(adapter), "--output", str(tmp_path / "other"), "--model", str(copy)]) == 0
+    err = capsys.readouterr().err
+    assert err.splitlines()[-1] == f"chat with it: qmor chat --base-model {tmp_path / 'other'}"
     assert (tmp_path / "other" / "model.safetensors.index.json").is_file()
 
 

@@ -4,6 +4,7 @@ finished run is left as it is, or given more steps or epochs on a schedule recom
 import json
 import math
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -92,13 +93,14 @@ def test_sigterm_leaves_a_resumable_checkpoint(tiny_dir, tmp_path):
             assert proc.poll() is None and time.time() < deadline, proc.communicate()[1][-2000:]
             time.sleep(0.2)
         proc.send_signal(signal.SIGTERM)
-        _, err = proc.communicate(timeout=120)
+        said, err = proc.communicate(timeout=120)
     finally:
         if proc.poll() is None:
             proc.kill()
     assert proc.returncode == 128 + signal.SIGTERM, err[-2000:]
     last = RunDir(out).read_events()[-1]
     assert last["event"] == "stopped" and Path(last["checkpoint"]).is_dir()
+    assert f"continue with: qmor train --resume --output {shlex.quote(str(out))}" in said
     assert RunDir(out).checkpoint_dirs()[-1].name == f"step-{last['step']:06d}"
     assert {"adapter", "optimizer.pt", "scheduler.pt", "rng.pt", "state.json"} <= {
         p.name for p in RunDir(out).checkpoint_dirs()[-1].iterdir()}

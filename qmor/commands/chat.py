@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from qmor import hints
 from qmor.commands import USER_ERRORS, fail
 from qmor.errors import QmorError
 
@@ -60,9 +61,11 @@ def command(session, line: str, state: dict) -> bool:
     if name == "/adapter" and arg.strip():
         session.use_adapter(arg.strip())
         state["history"].clear()
+        state["adapter"] = arg.strip()
     elif name == "/base":
         session.use_adapter(None)
         state["history"].clear()
+        state["adapter"] = None
     elif name == "/system":
         state["system"] = arg.strip() or None
     elif name == "/clear":
@@ -88,18 +91,18 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
             session.use_adapter(args.adapter)
     except USER_ERRORS as e:
         return fail(e)
-    state = {"system": args.system, "history": []}
+    state = {"system": args.system, "history": [], "adapter": args.adapter}  # adapter: as the user named it
     print(f"[{session.describe()}] {HELP}")
     while True:
         try:
             line = input("> ").strip()
         except (EOFError, KeyboardInterrupt):
             print()
-            return 0
+            return goodbye(session, state)
         try:
             if line.startswith("/"):
                 if not command(session, line, state):
-                    return 0
+                    return goodbye(session, state)
                 continue
             if not line:
                 continue
@@ -112,3 +115,12 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
             state["history"].append({"role": "assistant", "content": "".join(reply)})
         except QmorError as e:  # a bad path or setting: say so and keep the session
             print(f"error: {e}", file=sys.stderr)
+
+
+def goodbye(session, state: dict) -> int:
+    """The next step for the adapter in use, if it merges: its export."""
+    from qmor.adapters import check_family  # loaded when the command runs, so --help answers at once
+
+    if session.meta is not None and check_family(session.meta.adapter.family).merges:
+        print(hints.export(state["adapter"]))
+    return 0

@@ -189,7 +189,7 @@ def export_gguf(
     base_model = expand_builtin(base_model) if base_model else None
     output = Path(output)
     meta = read_meta(find_adapter(source))
-    check_merge(meta, merge_base)
+    check_merge(meta, merge_base, source)
     check_output(output, overwrite)
     folder, names = base_checkpoint(base_model or recorded_base(meta.base_model), given=bool(base_model))
     check_model(folder)

@@ -24,6 +24,7 @@ from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list, gather_object
 from tqdm import tqdm
 
+from qmor import hints
 from qmor.adapters import check_family
 from qmor.adapters.attach import aux_loss, count_parameters, save_adapter
 from qmor.data.packing import check_documents_apart
@@ -448,7 +449,7 @@ class Training:
         """Asked to stop: checkpoint this step and say how to continue."""
         self.bar.close()
         path = self.checkpoint()
-        self.say(f"stopped at step {self.step}; continue with --resume --output {self.run_dir}")
+        self.say(f"stopped at step {self.step}; {hints.resume(self.run_dir)}")
         self.emit("stopped", step=self.step, checkpoint=str(path), signal=signum)
         trackers.finish(self.accelerator)
         return {"run_dir": str(self.run_dir), "step": self.step, "stopped": True, "signal": signum,
@@ -471,8 +472,7 @@ class Training:
         if self.main:
             save_adapter(model, run_dir.adapter, self.meta, whole)
             if self.sharded and cfg.eval_generate:  # generation would run on one process, with part of the weights
-                tqdm.write("note: no generation score under FSDP; chat with the adapter: scripts/chat.py --adapter "
-                           f"{run_dir}")
+                tqdm.write("note: no generation score under FSDP; try the adapter in the chat below")
             scores = None if self.sharded else score_task(model, self.tokenizer, cfg.data, cfg.eval_generate)
             if scores is not None:
                 result.update(char_accuracy=scores["char_accuracy"], exact_match=scores["exact_match"],
@@ -486,9 +486,9 @@ class Training:
             tqdm.write(f"memory: peak {result['peak_memory_bytes'] / GIB:.2f} GiB measured, "
                        f"{result['predicted_peak_bytes'] / GIB:.2f} GiB planned")
             tqdm.write(f"wrote {run_dir}: {RunDir.ADAPTER}/, {RunDir.CONFIG}, {RunDir.METRICS}, {RunDir.PLOT}")
+            tqdm.write(hints.chat(run_dir))
             if check_family(self.meta.adapter.family).merges:
-                tqdm.write(f"merge it into an fp16 model: python scripts/export_fp16.py {run_dir} --output "
-                           f"{run_dir}-fp16")
+                tqdm.write(hints.export(run_dir))
         self.accelerator.wait_for_everyone()
         return result
 
@@ -534,8 +534,10 @@ def report_memory(cfg: TrainConfig, model: torch.nn.Module, accelerator) -> None
     device = accelerator.device
     cuda = device.type == "cuda"
     plan = memory_plan(cfg, model, accelerator)
+    # the planner's command reads the run's config.json (written before the first step); it plans for a GPU
+    breakdown = hints.command("plan", "--config", RunDir(cfg.output).config, "--optimizer", "paged-adamw-8bit")
     tqdm.write(f"memory plan: predicted peak {plan.total_bytes / GIB:.2f} GiB at {cfg.batch_size} x "
-               f"{cfg.data.max_len} tokens (see scripts/plan.py for the breakdown)")
+               f"{cfg.data.max_len} tokens; the breakdown on a GPU: {breakdown}")
     if cuda:
         capacity = torch.cuda.get_device_properties(device).total_memory / GIB
         if not plan.fits(capacity):
