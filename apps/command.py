@@ -1,5 +1,5 @@
-"""Form values -> the exact `scripts/finetune_4bit.py` command line, so the app trains through the CLI's code; the
-flags come from the table in qmor/flags.py."""
+"""Form values -> the exact `qmor train` command line (run as its script, scripts/finetune_4bit.py), so the app trains
+through the CLI's code; the flags come from the table in qmor/flags.py."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from apps.paths import Workspace, dataset_arg, model_arg, run_dir
+from qmor import hints
 from qmor.errors import QmorError
 from qmor.flags import FLAGS, by_key
 
@@ -16,6 +17,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # runs, whatever the working folder or the installed qmor
 TRAIN_SCRIPT = ROOT / "scripts" / "finetune_4bit.py"
 EXPORT_SCRIPT = ROOT / "scripts" / "export_fp16.py"
+SUBCOMMAND = {TRAIN_SCRIPT: "train", EXPORT_SCRIPT: "export"}  # the `qmor` command each script is
 
 # model and dataset come first, checked against the workspace; the run name becomes --output
 HEAD = {"model": model_arg, "dataset": dataset_arg}
@@ -76,7 +78,9 @@ def short_path(text: str) -> str:
 
 
 def shown(cmd: list[str]) -> str:
-    """The command as a user would type it from the project folder."""
-    rest = [str(Path(c).relative_to(ROOT)) if c.startswith(str(ROOT) + "/") and c.endswith(".py") else short_path(c)
-            for c in cmd[1:]]
-    return shlex.join(["python", *rest])
+    """The command as a user would type it in the folder the app runs in: the `qmor` command its script is (any
+    other script as it is run)."""
+    script, *args = cmd[1:]
+    if Path(script) not in SUBCOMMAND:
+        return shlex.join(["python", *map(short_path, cmd[1:])])
+    return hints.command(SUBCOMMAND[Path(script)], *map(short_path, args))

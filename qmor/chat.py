@@ -217,7 +217,8 @@ class ChatSession:
     def describe(self) -> str:
         if self.meta is None:
             return f"base {self.base_model} (no adapter)"
-        return f"{self.meta.adapter.family} r={self.meta.adapter.r} ({self.meta.init} init) from {self.adapter}"
+        return (f"{self.meta.adapter.family} r={self.meta.adapter.r} ({self.meta.init} init) from {self.adapter} on "
+                f"base {self.base_model}")
 
 
 __all__ = ["ChatSession", "Sampling"]

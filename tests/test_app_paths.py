@@ -136,7 +136,7 @@ def test_command_has_only_the_family_own_flags(ws):
     assert hub[hub.index("--columns") + 1] == "prompt=question,completion=answer"
     assert "--subset" not in command.train_args(ws, {**base, "family": "lora", "subset": ""})
     line = command.shown(command.train_command(mora))
-    assert line.startswith("python scripts/finetune_4bit.py --model tiny --dataset uuid")
+    assert line.startswith("qmor train --model tiny --dataset uuid")  # the command as a user types it
 
 
 def test_progress_summary_follows_events():

@@ -47,13 +47,14 @@ def other_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def run(tiny_dir, tmp_path_factory):
-    """A finished LoftQ run (the default init, whose export used to pass on any base) with two checkpoints."""
+    """A finished LoftQ run (the default init, whose export used to pass on any base) with two checkpoints, the last
+    step's among them."""
     out = tmp_path_factory.mktemp("runs") / "run"
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("QMOR_CACHE", str(tmp_path_factory.getbasetemp() / "qmor-cache"))
         argv = ["--model", str(tiny_dir), "--output", str(out), *FAST, "--init", "loftq", "--save-steps", "1"]
         assert finetune_4bit.main(argv) == 0
-    assert [p.name for p in RunDir(out).checkpoint_dirs()] == ["step-000001", "step-000002"]
+    assert [p.name for p in RunDir(out).checkpoint_dirs()] == ["step-000002", "step-000003"]
     return out
 
 
@@ -124,7 +125,7 @@ def test_diverged_run_stops_with_valid_metrics_and_can_be_run_again(tiny_dir, tm
     assert finetune_4bit.main(["--model", str(tiny_dir), "--output", str(out), *FAST, "--lr", "1e-3"]) == 0
     assert "starting it afresh" in capsys.readouterr().out
     assert (out / "adapter").is_dir()
-    assert [e["event"] for e in strict_events(out)] == ["start", "train", "train", "train", "done"]
+    assert [e["event"] for e in strict_events(out)] == ["start", "train", "train", "train", "checkpoint", "done"]
 
 
 @pytest.mark.parametrize("clip", [1.0, 0.0])
@@ -260,14 +261,14 @@ def test_run_that_failed_before_its_first_checkpoint_is_restartable(tiny_dir, tm
 def test_resume_passes_over_a_damaged_checkpoint(run, tmp_path, capsys):
     copy = tmp_path / "run"
     shutil.copytree(run, copy)
-    latest = copy / "checkpoints" / "step-000002" / "optimizer.pt"
+    latest = copy / "checkpoints" / "step-000003" / "optimizer.pt"
     latest.write_bytes(latest.read_bytes()[:200])  # a write cut short
-    assert finetune_4bit.main(["--resume", "--output", str(copy)]) == 0
+    assert finetune_4bit.main(["--resume", "--output", str(copy), "--max-steps", "4"]) == 0  # trained further
     err = capsys.readouterr().err
-    assert "checkpoint" in err and "step-000002 is damaged (optimizer.pt cannot be read" in err
+    assert "checkpoint" in err and "step-000003 is damaged (optimizer.pt cannot be read" in err
     starts = [e for e in strict_events(copy) if e["event"] == "start"]
-    assert starts[-1]["step"] == 1 and starts[-1]["resumed"]
-    check_checkpoint(copy / "checkpoints" / "step-000002")  # written again, whole
+    assert starts[-1]["step"] == 2 and starts[-1]["resumed"]
+    check_checkpoint(copy / "checkpoints" / "step-000003")  # written again, whole
 
 
 def test_resume_with_every_checkpoint_damaged(run, tmp_path, capsys):
@@ -275,7 +276,7 @@ def test_resume_with_every_checkpoint_damaged(run, tmp_path, capsys):
     shutil.copytree(run, copy)
     for ckpt in RunDir(copy).checkpoint_dirs():
         (ckpt / "adapter" / "adapter.safetensors").write_bytes(b"\0" * 10)
-    code = finetune_4bit.main(["--resume", "--output", str(copy)])
+    code = finetune_4bit.main(["--resume", "--output", str(copy), "--max-steps", "4"])
     error_line(capsys, code, "every checkpoint of", "is damaged", "start a new run")
     assert len(RunDir(copy).checkpoint_dirs()) == 2  # nothing deleted
 
@@ -289,9 +290,9 @@ def test_planted_pickle_is_not_a_qmor_checkpoint(run, tmp_path, capsys):
         def __reduce__(self):
             return (open, (str(marker), "w"))
 
-    planted = copy / "checkpoints" / "step-000002" / "optimizer.pt"
+    planted = copy / "checkpoints" / "step-000003" / "optimizer.pt"
     torch.save({"state": Planted()}, planted)
-    code = finetune_4bit.main(["--resume", "--output", str(copy)])
+    code = finetune_4bit.main(["--resume", "--output", str(copy), "--max-steps", "4"])
     line = error_line(capsys, code, "optimizer.pt is not a checkpoint qmor wrote", "never loads")
     assert "weights_only" not in line
     assert not marker.exists() and planted.is_file()
@@ -572,15 +573,15 @@ def test_an_adapter_holding_nan_is_refused_by_chat_export_and_the_app(run, tiny_
 def test_resume_passes_over_a_checkpoint_holding_inf(run, tmp_path, capsys):
     copy = tmp_path / "run"
     shutil.copytree(run, copy)
-    key = poison(copy / "checkpoints" / "step-000002" / "adapter", math.inf)
-    assert finetune_4bit.main(["--resume", "--output", str(copy)]) == 0
+    key = poison(copy / "checkpoints" / "step-000003" / "adapter", math.inf)
+    assert finetune_4bit.main(["--resume", "--output", str(copy), "--max-steps", "4"]) == 0  # trained further
     err = capsys.readouterr().err
-    assert f"step-000002 is damaged (adapter/adapter.safetensors holds inf values in {key}); trying the one" in err
+    assert f"step-000003 is damaged (adapter/adapter.safetensors holds inf values in {key}); trying the one" in err
     starts = [e for e in strict_events(copy) if e["event"] == "start"]
-    assert starts[-1]["step"] == 1 and starts[-1]["resumed"]
+    assert starts[-1]["step"] == 2 and starts[-1]["resumed"]
     for ckpt in RunDir(copy).checkpoint_dirs():
         poison(ckpt / "adapter")
-    code = finetune_4bit.main(["--resume", "--output", str(copy)])
+    code = finetune_4bit.main(["--resume", "--output", str(copy), "--max-steps", "5"])
     error_line(capsys, code, "every checkpoint of", "adapter/adapter.safetensors holds nan values in")
 
 

@@ -1,12 +1,18 @@
-"""Streaming chat on a tiny 4-bit Llama: incremental pieces, adapter switching on one loaded base."""
+"""Streaming chat on a tiny 4-bit Llama: incremental pieces, adapter switching on one loaded base; `qmor chat` on the
+base the adapter records."""
+
+import io
+import json
+import shutil
 
 import pytest
 import torch
 from conftest import perturb
 
-from qmor import AdapterConfig, QmorError, attach, save_adapter
+from qmor import AdapterConfig, QmorError, attach, cli, save_adapter
 from qmor.adapters.attach import AdapterMeta, adapted_layers
 from qmor.chat import ChatSession
+from qmor.model.files import expand_builtin
 from qmor.model.load import load_4bit, load_for_training
 
 MESSAGES = [{"role": "user", "content": "Hello there, how are you?"}]
@@ -87,3 +93,48 @@ def test_bad_settings_and_paths(session, tmp_path):
     with pytest.raises(QmorError, match="qmor_adapter.json"):
         session.use_adapter(tmp_path)
     assert session.adapter is None and not adapted_layers(session.model)
+
+
+def chat(monkeypatch, capsys, *argv, typed: str = "") -> tuple[int, str, str]:
+    """`qmor chat ARGV` with `typed` as the terminal's input, then its end."""
+    monkeypatch.setattr("sys.stdin", io.StringIO(typed))
+    code = cli.main(["chat", *argv])
+    said = capsys.readouterr()
+    return code, said.out, said.err
+
+
+def test_chat_command_takes_the_base_the_adapter_records(tiny_dir, lora_dir, monkeypatch, capsys):
+    code, out, _ = chat(monkeypatch, capsys, "--adapter", str(lora_dir), typed="/quit\n")
+    assert code == 0 and f"from {lora_dir} on base {tiny_dir}" in out
+    # leaving with a mergeable adapter says how to export it
+    assert out.strip().splitlines()[-1].endswith(f"merge it into an fp16 model: qmor export {lora_dir} --output "
+                                                 f"{lora_dir}-fp16")  # after the "> " prompt of the /quit line
+    # --base-model names the base; --model, the name chat took before, still works
+    for flag in ("--base-model", "--model"):
+        code, out, _ = chat(monkeypatch, capsys, flag, str(tiny_dir))
+        assert code == 0 and f"[base {tiny_dir} (no adapter)]" in out
+    code, _, err = chat(monkeypatch, capsys)
+    assert code == 2 and err == ("error: pass --adapter (a run folder: its base is the one it records) or --base-model "
+                                 "(a model folder, hub id, tiny or smollm2)\n")
+
+
+def test_chat_command_on_a_recorded_base_that_moved(lora_dir, tmp_path, monkeypatch, capsys):
+    moved = shutil.copytree(lora_dir, tmp_path / "adapter")
+    meta = json.loads((moved / "qmor_adapter.json").read_text())
+    (moved / "qmor_adapter.json").write_text(json.dumps({**meta, "base_model": str(tmp_path / "gone")}))
+    code, _, err = chat(monkeypatch, capsys, "--adapter", str(moved))
+    assert code == 2 and err == (f"error: the base model folder {tmp_path / 'gone'} (recorded in the adapter) does not "
+                                 "exist; pass the folder where it is now with --base-model (it is checked to be the "
+                                 "same model)\n")
+
+
+def test_a_recorded_builtin_base_is_built_again_when_its_folder_is_gone(tmp_path, monkeypatch, capsys):
+    """Built-in models are recorded as their cache folder: chat builds it again rather than refusing the adapter."""
+    monkeypatch.setenv("QMOR_CACHE", str(tmp_path / "cache"))
+    folder = expand_builtin("tiny")
+    model, meta, _ = load_for_training(folder, AdapterConfig(family="lora", r=4, alpha=8.0))
+    adapter = save_adapter(model, tmp_path / "adapter", meta)  # records the folder and its fingerprint
+    shutil.rmtree(folder)
+    code, out, err = chat(monkeypatch, capsys, "--adapter", str(adapter))
+    assert code == 0, err
+    assert f"on base {folder}" in out

@@ -31,7 +31,7 @@ def test_every_family_trains_and_writes_the_run_folder(family, tiny_dir, tmp_pat
                                *FAST]) == 0
     assert {"adapter", "config.json", "metrics.jsonl", "loss.png"} <= {p.name for p in out.iterdir()}
     events = RunDir(out).read_events()
-    assert [e["event"] for e in events] == ["start", "train", "train", "train", "done"]
+    assert [e["event"] for e in events] == ["start", "train", "train", "train", "checkpoint", "done"]
     assert events[0]["total_steps"] == 3 and events[0]["family"] == family
     assert (events[0]["optimizer"], events[0]["mixed_precision"]) == ("AdamW", "no")  # what runs on a CPU
     assert all({"time", "step", "loss", "lr", "tokens_per_s", "eta_s", "epoch"} <= set(e) for e in events[1:4])

@@ -1,6 +1,7 @@
 """Merged fp16 and PEFT export on a tiny 4-bit Llama: parity with the 4-bit + adapter model, layout, refusals."""
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -10,7 +11,7 @@ import torch
 from conftest import perturb
 from safetensors import safe_open
 
-from qmor import AdapterConfig, NotMergeable, QmorError, attach, save_adapter
+from qmor import AdapterConfig, NotMergeable, QmorError, attach, cli, save_adapter
 from qmor.adapters.attach import AdapterMeta
 from qmor.export.exporter import base_checkpoint, copy_support, export_merged, export_peft
 from qmor.export.merge import write_merged
@@ -167,11 +168,23 @@ def test_peft_export_parity(tiny_dir, tmp_path, family):
 @pytest.mark.parametrize("family", ["mor", "sira"])
 def test_routed_families_are_refused(tiny_dir, tmp_path, family):
     adapter = make_adapter(tiny_dir, tmp_path / "adapter", family)
-    with pytest.raises(NotMergeable, match="routes each token"):
+    with pytest.raises(NotMergeable, match=f"routes each token.*; serve it with qmor chat --adapter {adapter}, or"):
         export_merged(adapter, tmp_path / "merged")
     with pytest.raises(QmorError, match="routes each token"):
         export_peft(adapter, tmp_path / "peft")
     assert not (tmp_path / "merged").exists() and not (tmp_path / "peft").exists()
+
+
+def test_base_model_is_optional_and_model_is_its_other_name(tiny_dir, tmp_path, capsys):
+    """The base is the one the adapter records; --base-model (or --model, the name chat used) names another copy."""
+    adapter = make_adapter(tiny_dir, tmp_path / "adapter", "lora")
+    copy = shutil.copytree(tiny_dir, tmp_path / "my base")
+    assert cli.main(["export", str(adapter), "--output", str(tmp_path / "recorded")]) == 0
+    assert capsys.readouterr().err.splitlines()[-1] == f"chat with it: qmor chat --base-model {tmp_path / 'recorded'}"
+    assert cli.main(["export", str(adapter), "--output", str(tmp_path / "other"), "--model", str(copy)]) == 0
+    err = capsys.readouterr().err
+    assert err.splitlines()[-1] == f"chat with it: qmor chat --base-model {tmp_path / 'other'}"
+    assert (tmp_path / "other" / "model.safetensors.index.json").is_file()
 
 
 def test_mora_refused_for_peft(tiny_dir, tmp_path):

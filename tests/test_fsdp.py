@@ -68,6 +68,9 @@ def test_fsdp_matches_single_process_training_and_saves_the_whole_adapter(tmp_pa
 
     resumed = tmp_path / "resumed"
     shutil.copytree(sharded, resumed)
+    # as if it had stopped after step 2 (a finished run keeps its last step's checkpoint, and is not trained again)
+    shutil.rmtree(resumed / "adapter")
+    shutil.rmtree(RunDir(resumed).checkpoint(3))
     launch(tmp_path, "--resume", "--output", str(resumed))
     events = RunDir(resumed).read_events()  # appended to: the resumed part starts at the last start
     again = [e for e in events[max(i for i, e in enumerate(events) if e["event"] == "start"):] if e["event"] == "train"]

@@ -1,6 +1,7 @@
 """Chat in the terminal with a 4-bit base model and, optionally, a trained adapter; replies stream as they come.
 
-    qmor chat --model meta-llama/Llama-2-7b-chat-hf --adapter runs/NAME --temperature 0.7
+    qmor chat --adapter runs/NAME --temperature 0.7          # on the base the adapter records
+    qmor chat --base-model meta-llama/Llama-3.1-8B-Instruct  # the base alone
 
 Commands: /adapter DIR (switch adapter, base stays loaded), /base (no adapter), /system TEXT, /clear, /quit.
 """
@@ -10,6 +11,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from qmor import hints
 from qmor.commands import USER_ERRORS, fail
 from qmor.errors import QmorError
 
@@ -18,8 +20,9 @@ HELP = "commands: /adapter DIR, /base, /system TEXT, /clear, /quit"
 
 def parse_args(argv: list[str] | None = None, prog: str | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", required=True,
-                   help="base model folder, hub id, or built-in tiny / smollm2 (loaded once, in 4-bit)")
+    p.add_argument("--base-model", "--model", dest="base_model", default=None,
+                   help="base model folder, hub id, or built-in tiny / smollm2, loaded once in 4-bit (default: the "
+                   "base the --adapter records)")
     p.add_argument("--adapter", default=None, help="run folder or adapter folder to start with")
     p.add_argument("--system", default=None, help="system prompt")
     p.add_argument("--temperature", type=float, default=0.7, help="0 is greedy")
@@ -30,8 +33,24 @@ def parse_args(argv: list[str] | None = None, prog: str | None = None) -> argpar
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     p.add_argument("--trust-remote-code", action="store_true", help="run the model repository's own code")
     p.add_argument("--allow-other-base", action="store_true",
-                   help="use adapters whose recorded base fingerprint differs from --model")
+                   help="use adapters whose recorded base fingerprint differs from --base-model")
     return p.parse_args(argv)
+
+
+def pick_base(args: argparse.Namespace) -> str:
+    """--base-model when given, else the base the adapter records."""
+    # loaded when the command runs, so --help and bad options answer at once
+    from qmor.adapters.attach import read_meta
+    from qmor.model.load import base_of
+    from qmor.training.run_dir import find_adapter
+
+    if args.base_model:
+        return args.base_model
+    if not args.adapter:
+        raise QmorError("pass --adapter (a run folder: its base is the one it records) or --base-model (a model "
+                        "folder, hub id, tiny or smollm2)")
+    folder = find_adapter(args.adapter)
+    return base_of(read_meta(folder), folder)
 
 
 def command(session, line: str, state: dict) -> bool:
@@ -42,9 +61,11 @@ def command(session, line: str, state: dict) -> bool:
     if name == "/adapter" and arg.strip():
         session.use_adapter(arg.strip())
         state["history"].clear()
+        state["adapter"] = arg.strip()
     elif name == "/base":
         session.use_adapter(None)
         state["history"].clear()
+        state["adapter"] = None
     elif name == "/system":
         state["system"] = arg.strip() or None
     elif name == "/clear":
@@ -64,24 +85,24 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     try:
         sampling = Sampling(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                             top_k=args.top_k, repetition_penalty=args.repetition_penalty)
-        session = ChatSession(args.model, device=args.device, trust_remote_code=args.trust_remote_code,
+        session = ChatSession(pick_base(args), device=args.device, trust_remote_code=args.trust_remote_code,
                               allow_other_base=args.allow_other_base)
         if args.adapter:
             session.use_adapter(args.adapter)
     except USER_ERRORS as e:
         return fail(e)
-    state = {"system": args.system, "history": []}
+    state = {"system": args.system, "history": [], "adapter": args.adapter}  # adapter: as the user named it
     print(f"[{session.describe()}] {HELP}")
     while True:
         try:
             line = input("> ").strip()
         except (EOFError, KeyboardInterrupt):
             print()
-            return 0
+            return goodbye(session, state)
         try:
             if line.startswith("/"):
                 if not command(session, line, state):
-                    return 0
+                    return goodbye(session, state)
                 continue
             if not line:
                 continue
@@ -95,3 +116,11 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
         except QmorError as e:  # a bad path or setting: say so and keep the session
             print(f"error: {e}", file=sys.stderr)
 
+
+def goodbye(session, state: dict) -> int:
+    """The next step for the adapter in use, if it merges: its export."""
+    from qmor.adapters import check_family  # loaded when the command runs, so --help answers at once
+
+    if session.meta is not None and check_family(session.meta.adapter.family).merges:
+        print(hints.export(state["adapter"]))
+    return 0

@@ -29,8 +29,9 @@ def parse_args(argv: list[str] | None = None, prog: str | None = None) -> argpar
     p.add_argument("--shard-size", default="2GB", help="largest safetensors shard, e.g. 2GB, 500MB")
     p.add_argument("--no-base", action="store_true",
                    help="PEFT only: write the adapter alone, naming the original base (not for LoftQ adapters)")
-    p.add_argument("--base-model", default=None, help="base model folder, hub id or built-in name, if not the "
-                   "recorded one (it must be the same model: its fingerprint is checked)")
+    p.add_argument("--base-model", "--model", dest="base_model", default=None,
+                   help="base model folder, hub id or built-in name (default: the base the adapter records; another "
+                   "copy must be the same model: its fingerprint is checked)")
     p.add_argument("--allow-other-base", action="store_true",
                    help="merge onto a base whose fingerprint differs from the one the adapter was trained on")
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")

@@ -9,6 +9,7 @@ MoRA paper's task) with a MoRA adapter on a LoftQ-initialised 4-bit base; offlin
     qmor train --config run.yaml --lr 1e-4        # flags override the config file
     qmor train --learning_rate 1e-4 --lora_r 16    # transformers' / LLaMA-Factory's names are aliases
     qmor train --resume --output runs/NAME         # continue from the latest checkpoint
+    qmor train --resume --output runs/NAME --max-steps 500   # train a finished or stopped run further
     accelerate launch -m qmor train ...            # data parallel on several GPUs
 """
 
@@ -36,7 +37,8 @@ def parser(prog: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--config", help="YAML or JSON file with TrainConfig keys (a run's config.json works too) or flat "
                    "keys named like the flags (learning_rate, lora_r, cutoff_len, ...)")
     p.add_argument("--resume", action="store_true", help="continue the run in --output from its latest intact "
-                   "checkpoint, with its saved config (other flags are ignored, with a warning naming them)")
+                   "checkpoint, with its saved config; --max-steps or --epochs give it a new length (a finished run "
+                   "too), other flags are ignored, with a warning naming them")
     add_flags(p, FLAGS)
     return p
 
@@ -65,11 +67,15 @@ def build_config(args: argparse.Namespace, under: dict | None = None):
     return from_json(data)
 
 
+# what --resume takes beside --output: a new length for the run
+LENGTH = ("max_steps", "epochs")
+
+
 def ignored_by_resume(args: argparse.Namespace) -> list[str]:
     """The flags given beside --resume (only flags given on the command line are in args: defaults are suppressed)."""
     flags = by_key()
     named = [f"--no-{flags[key].name[2:]}" if value is False else flags[key].name
-             for key, value in vars(args).items() if key in flags and key != "output"]
+             for key, value in vars(args).items() if key in flags and key not in ("output", *LENGTH)]
     return named + (["--config"] if args.config else [])
 
 
@@ -86,7 +92,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
             if ignored:
                 print(f"warning: --resume continues {args.output} with its saved config.json, so {', '.join(ignored)} "
                       "will not apply; start a new run (another --output) to change settings", file=sys.stderr)
-            result = resume(args.output)
+            result = resume(args.output, **{key: vars(args)[key] for key in LENGTH if key in vars(args)})
         else:
             result = train(build_config(args))
     except USER_ERRORS as e:

@@ -17,6 +17,7 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
+from qmor import hints
 from qmor.adapters import check_family, merge_refusal
 from qmor.adapters.attach import AdapterMeta, adapted_layers, read_meta
 from qmor.errors import NotMergeable, QmorError
@@ -25,7 +26,7 @@ from qmor.export.merge import check_dtype, parse_size, write_merged
 from qmor.export.peft import PEFT_WEIGHTS, check_peft_family, write_peft
 from qmor.export.verify import Check, compare, logits, prompt_ids, require
 from qmor.files import atomic_dir, load_json, save_json
-from qmor.model.files import INDEX, expand_builtin, hub_id, local_folder, missing_folder, weight_files
+from qmor.model.files import INDEX, expand_builtin, hub_id, local_folder, missing_folder, recorded_base, weight_files
 from qmor.model.load import load_trained
 from qmor.training.run_dir import find_adapter
 from qmor.version import __version__
@@ -37,11 +38,11 @@ SUPPORT = ["tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
            "chat_template.json", "generation_config.json"]
 
 
-def check_merge(meta: AdapterMeta, merge_base: str) -> None:
+def check_merge(meta: AdapterMeta, merge_base: str, source: str | Path) -> None:
     """Refuse what cannot be merged before anything is loaded or written."""
     family = meta.adapter.family
     if not check_family(family).merges:
-        raise NotMergeable(merge_refusal(family, "serve it with qmor (scripts/chat.py --adapter)"))
+        raise NotMergeable(merge_refusal(family, f"serve it with {hints.command('chat', '--adapter', source)}"))
     if merge_base not in MERGE_BASES:
         raise QmorError(f"merge base {merge_base!r} is unknown; choose one of {', '.join(MERGE_BASES)}")
     if merge_base == "original" and meta.init == "loftq":
@@ -177,10 +178,10 @@ def export_merged(
     base_model = expand_builtin(base_model) if base_model else None  # built-in names work here too
     output = Path(output)
     meta = read_meta(find_adapter(source))
-    check_merge(meta, merge_base)
+    check_merge(meta, merge_base, source)
     torch_dtype, shard_bytes = check_dtype(dtype), parse_size(shard_size)
     check_output(output, overwrite)
-    folder, names = base_checkpoint(base_model or meta.base_model, given=bool(base_model))
+    folder, names = base_checkpoint(base_model or recorded_base(meta.base_model), given=bool(base_model))
     model, meta = load_source(source, device, base_model, trust_remote_code, allow_other_base)
     with atomic_dir(output, overwrite) as tmp:
         index, check = write_checked_merge(model, meta, folder, names, tmp, torch_dtype, shard_bytes, merge_base,
@@ -189,6 +190,7 @@ def export_merged(
                                                   f"{meta.adapter.family} model"))
     shards = sorted(set(index["weight_map"].values()))
     print(f"wrote {output} ({len(shards)} shard(s), {index['metadata']['total_size'] / 1e6:.1f} MB)", file=sys.stderr)
+    print(hints.chat_model(output), file=sys.stderr)
     return {"output": str(output), "shards": shards, "max_abs": check.max_abs, "top1": check.top1,
             "tolerance": check.tolerance}
 
@@ -234,7 +236,7 @@ def export_peft(
                         "model; export it with its dequantised base (drop --no-base)")
     torch_dtype, shard_bytes = check_dtype(dtype), parse_size(shard_size)
     check_output(output, overwrite)
-    folder, names = base_checkpoint(base_model or meta.base_model, given=bool(base_model))
+    folder, names = base_checkpoint(base_model or recorded_base(meta.base_model), given=bool(base_model))
     model, meta = load_source(source, device, base_model, trust_remote_code, allow_other_base)
     with atomic_dir(output, overwrite) as tmp:
         if with_base:

@@ -39,7 +39,7 @@ from qmor.export.merge import check_dtype, parse_size
 from qmor.export.ollama import modelfile
 from qmor.export.verify import PROMPTS, Check, compare, logits, prompt_ids, require
 from qmor.files import atomic_dir, load_json
-from qmor.model.files import expand_builtin
+from qmor.model.files import expand_builtin, recorded_base
 
 TYPES = ("f16", "bf16", "q8_0")  # what the converter writes in pure Python (tq1_0/tq2_0 are for ternary models)
 MERGE_DTYPE = {"f16": "fp16", "bf16": "bf16", "q8_0": "fp16"}  # the merged folder each type is converted from
@@ -189,9 +189,9 @@ def export_gguf(
     base_model = expand_builtin(base_model) if base_model else None
     output = Path(output)
     meta = read_meta(find_adapter(source))
-    check_merge(meta, merge_base)
+    check_merge(meta, merge_base, source)
     check_output(output, overwrite)
-    folder, names = base_checkpoint(base_model or meta.base_model, given=bool(base_model))
+    folder, names = base_checkpoint(base_model or recorded_base(meta.base_model), given=bool(base_model))
     check_model(folder)
     torch_dtype = check_dtype(MERGE_DTYPE[gguf_type])
     model, meta = load_source(source, device, base_model, trust_remote_code, allow_other_base)

@@ -95,6 +95,11 @@ def builtin_name(path: str) -> str | None:
         return None
 
 
+def recorded_base(recorded: str) -> str:
+    """The base an adapter records, to load: a built-in's cache folder is built again when it is gone."""
+    return expand_builtin(builtin_name(recorded) or recorded)
+
+
 def model_source(model_path: str) -> str:
     """What an adapter records as its base: an absolute folder for local models, the hub id otherwise."""
     return str(Path(model_path).expanduser().resolve()) if is_local(model_path) else model_path

@@ -26,7 +26,9 @@ from qmor.model.files import (
     load_failed,
     load_path,
     local_folder,
+    missing_folder,
     model_source,
+    recorded_base,
     weight_files,
 )
 from qmor.model.fingerprint import check_base, record
@@ -138,13 +140,25 @@ def load_trained(
     """The 4-bit base an adapter was trained on (Q_T for LoftQ adapters) with the adapter attached and loaded;
     a base whose fingerprint differs from the recorded one is refused unless `allow_other_base`."""
     meta = read_meta(adapter_dir)
-    base = expand_builtin(base_model or meta.base_model)  # a built-in name (tiny, smollm2) becomes its folder
-    if not base:
-        raise QmorError(f"adapter {adapter_dir} does not record its base model; pass the base with --base-model")
+    base = base_of(meta, adapter_dir, base_model)
     check_base(meta.base_fingerprint, meta.base_model, base, allow_other_base)  # before minutes of loading
     model = load_4bit(base, meta.quant, device, trust_remote_code)
     _fill(model, adapter_dir, meta, base)
     return model, meta
+
+
+def base_of(meta: AdapterMeta, adapter_dir: str | Path, base_model: str | None = None) -> str:
+    """The base to load under an adapter: `base_model` when given (a built-in name becomes its folder), else the one
+    the adapter records."""
+    if base_model:
+        return expand_builtin(base_model)
+    base = recorded_base(meta.base_model)
+    if not base:
+        raise QmorError(f"adapter {adapter_dir} does not record its base model; pass the base with --base-model")
+    if missing_folder(base):
+        raise QmorError(f"the base model folder {base} (recorded in the adapter) does not exist; pass the folder where "
+                        "it is now with --base-model (it is checked to be the same model)")
+    return base
 
 
 def attach_trained(model: nn.Module, adapter_dir: str | Path, base: str, allow_other_base: bool = False) -> AdapterMeta:

@@ -16,7 +16,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -24,6 +24,7 @@ from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list, gather_object
 from tqdm import tqdm
 
+from qmor import hints
 from qmor.adapters import check_family
 from qmor.adapters.attach import aux_loss, count_parameters, save_adapter
 from qmor.data.packing import check_documents_apart
@@ -76,6 +77,13 @@ def make_schedule(optimizer, cfg: TrainConfig, total_steps: int):
 
     return get_scheduler(cfg.lr_scheduler_type, optimizer, num_warmup_steps=round(cfg.warmup_ratio * total_steps),
                          num_training_steps=total_steps)
+
+
+def follow_schedule(scheduler) -> None:
+    """After loading a schedule's state, which keeps its step but not its curve: the learning rate of that step from
+    the curve built now (the same value for an unchanged length; on the new curve for a run given a new length)."""
+    scheduler.last_epoch -= 1
+    scheduler.step()
 
 
 def example_order(n: int, seed: int, position: int, count: int, cache: dict) -> list[int]:
@@ -143,16 +151,37 @@ def train(cfg: TrainConfig, on_step: OnStep | None = None) -> dict:
     return Training(cfg, run_dir, accelerator, on_step).run(checkpoint=None, restart=restart)
 
 
-def resume(run_dir: str | Path | RunDir, on_step: OnStep | None = None) -> dict:
+def resume(run_dir: str | Path | RunDir, on_step: OnStep | None = None, max_steps: int | None = None,
+           epochs: float | None = None) -> dict:
     """Continue the run in `run_dir` from its newest intact checkpoint. The run's own config.json rules: the same
-    data order, optimizer, schedule and RNG, so the steps after the checkpoint are those a straight run takes."""
+    data order, optimizer, schedule and RNG, so the steps after the checkpoint are those a straight run takes.
+
+    `max_steps` or `epochs` give the run a new length (a finished run too, from the checkpoint of its last step):
+    config.json records it, and the schedule is built for the new total and followed from the checkpoint's step on,
+    warmup included, as if the run had been planned that long. A finished run given neither is left as it is."""
     run_dir = RunDir(run_dir)
     cfg = run_dir.read_config()
     cfg.output = str(run_dir)  # the folder may have been moved since
+    new_length = max_steps is not None or epochs is not None
+    if new_length:
+        cfg = with_length(cfg, max_steps, epochs)
     accelerator = make_accelerator(cfg.device, cfg)
     main = accelerator.is_main_process
+    finished = run_dir.finished_step()
+    if finished is not None and not new_length:
+        if main:
+            tqdm.write(f"{run_dir} is finished at step {finished} of {finished}; to train it further pass --max-steps "
+                       f"M (more than {finished}) or --epochs E with --resume")
+        return {"run_dir": str(run_dir), "step": finished, "stopped": False, "finished": True}
     checkpoint = run_dir.resumable_checkpoint(lambda line: tqdm.write(line, file=sys.stderr) if main else None)
-    return Training(cfg, run_dir, accelerator, on_step).run(checkpoint=checkpoint)
+    return Training(cfg, run_dir, accelerator, on_step).run(checkpoint=checkpoint, new_length=new_length)
+
+
+def with_length(cfg: TrainConfig, max_steps: int | None, epochs: float | None) -> TrainConfig:
+    """The config with a new length (checked like any config): epochs alone lift the step count, so they decide."""
+    if epochs is None:
+        return replace(cfg, max_steps=max_steps)
+    return replace(cfg, epochs=epochs, max_steps=max_steps or 0)
 
 
 @dataclass
@@ -186,9 +215,11 @@ class Training:
         self.sharded = False  # whether FSDP shards the model over the processes
         self.memory_baseline = measure.start(accelerator.device)
 
-    def run(self, checkpoint: Path | None, restart: bool = False) -> dict:
+    def run(self, checkpoint: Path | None, restart: bool = False, new_length: bool = False) -> dict:
         self.load(checkpoint)
-        self.create_folder(restart, fresh=checkpoint is None)
+        if new_length:
+            self.check_length(checkpoint)
+        self.create_folder(restart, write_config=checkpoint is None or new_length)
         try:
             self.setup(checkpoint)
             return self.loop()
@@ -222,6 +253,7 @@ class Training:
             self.tokenizer = load_tokenizer(model_path, cfg.trust_remote_code)
             self.train_set, self.val_set, self.stats = build_datasets(self.tokenizer, cfg.data)
             self.model, self.meta, self.loftq_report = load_model(cfg, model_path, checkpoint, str(accelerator.device))
+        self.total_steps = planned_steps(cfg, len(self.train_set), self.world)
         # chat and export render conversations with exactly the template training used (None: plain text, no template)
         self.meta.chat_template = None if self.stats.format == "text" else template_text(self.tokenizer)
         if cfg.data.packing:
@@ -234,15 +266,23 @@ class Training:
             if warning:
                 tqdm.write(f"warning: {warning}", file=sys.stderr)
 
-    def create_folder(self, restart: bool, fresh: bool) -> None:
-        """Loading worked: only now does the run folder appear (a resumed run keeps its config and report)."""
+    def check_length(self, checkpoint: Path) -> None:
+        """A new length has to lie beyond the step the run continues from: steps already taken cannot be undone."""
+        step = RunDir.step_of(checkpoint)
+        if self.total_steps <= step:
+            raise QmorError(f"{self.run_dir} is at step {step} and the new length is {self.total_steps} steps; pass "
+                            f"--max-steps above {step} (or more --epochs) with --resume to train it further")
+
+    def create_folder(self, restart: bool, write_config: bool) -> None:
+        """Loading worked: only now does the run folder appear (a resumed run keeps its config, unless given a new
+        length, and its report)."""
         run_dir = self.run_dir
         if self.main:
             if restart:
                 self.say(f"note: {run_dir} holds a run that failed before its first checkpoint; starting it afresh")
                 run_dir.clear_failed()
             run_dir.path.mkdir(parents=True, exist_ok=True)
-            if fresh:
+            if write_config:
                 save_json(to_json(self.cfg), run_dir.config)
                 if self.loftq_report is not None:
                     save_json(self.loftq_report, run_dir.loftq_report)
@@ -252,7 +292,6 @@ class Training:
     def setup(self, checkpoint: Path | None) -> None:
         """Optimizer, schedule and loss; on resume their state, the RNG and the data position from the checkpoint."""
         cfg, accelerator = self.cfg, self.accelerator
-        self.total_steps = planned_steps(cfg, len(self.train_set), self.world)
         self.per_step = cfg.batch_size * cfg.grad_accum * self.world  # examples one optimizer step consumes
         self.pad_id = self.tokenizer.pad_token_id
         loss_fn = ChunkedLoss(self.model, cfg.loss_chunk, cfg.offload_activations)
@@ -269,6 +308,7 @@ class Training:
             self.loss_fn, self.optimizer = accelerator.prepare(loss_fn, optimizer)
         if checkpoint is not None:
             state = load_checkpoint(checkpoint, self.optimizer, self.scheduler, self.rank)
+            follow_schedule(self.scheduler)
             if self.sharded:
                 fsdp.shard_optimizer_state(self.optimizer)
             self.step, self.position = state["step"], state["position"]
@@ -305,7 +345,8 @@ class Training:
                     self.log()
                 if self.val_set and cfg.eval_steps and self.step % cfg.eval_steps == 0 and self.step < total:
                     self.say(f"step {self.step:>5}/{total}  eval loss {self.evaluate():.4f}")
-                if cfg.save_steps and self.step % cfg.save_steps == 0 and self.step < total:
+                # the last step is kept too, so a finished run can be given more steps
+                if cfg.save_steps and (self.step % cfg.save_steps == 0 or self.step == total):
                     self.checkpoint()
                 signum = self.stop_signal(stop)
                 if signum and self.step < total:
@@ -408,7 +449,7 @@ class Training:
         """Asked to stop: checkpoint this step and say how to continue."""
         self.bar.close()
         path = self.checkpoint()
-        self.say(f"stopped at step {self.step}; continue with --resume --output {self.run_dir}")
+        self.say(f"stopped at step {self.step}; {hints.resume(self.run_dir)}")
         self.emit("stopped", step=self.step, checkpoint=str(path), signal=signum)
         trackers.finish(self.accelerator)
         return {"run_dir": str(self.run_dir), "step": self.step, "stopped": True, "signal": signum,
@@ -431,8 +472,7 @@ class Training:
         if self.main:
             save_adapter(model, run_dir.adapter, self.meta, whole)
             if self.sharded and cfg.eval_generate:  # generation would run on one process, with part of the weights
-                tqdm.write("note: no generation score under FSDP; chat with the adapter: scripts/chat.py --adapter "
-                           f"{run_dir}")
+                tqdm.write("note: no generation score under FSDP; try the adapter in the chat below")
             scores = None if self.sharded else score_task(model, self.tokenizer, cfg.data, cfg.eval_generate)
             if scores is not None:
                 result.update(char_accuracy=scores["char_accuracy"], exact_match=scores["exact_match"],
@@ -446,9 +486,9 @@ class Training:
             tqdm.write(f"memory: peak {result['peak_memory_bytes'] / GIB:.2f} GiB measured, "
                        f"{result['predicted_peak_bytes'] / GIB:.2f} GiB planned")
             tqdm.write(f"wrote {run_dir}: {RunDir.ADAPTER}/, {RunDir.CONFIG}, {RunDir.METRICS}, {RunDir.PLOT}")
+            tqdm.write(hints.chat(run_dir))
             if check_family(self.meta.adapter.family).merges:
-                tqdm.write(f"merge it into an fp16 model: python scripts/export_fp16.py {run_dir} --output "
-                           f"{run_dir}-fp16")
+                tqdm.write(hints.export(run_dir))
         self.accelerator.wait_for_everyone()
         return result
 
@@ -494,8 +534,10 @@ def report_memory(cfg: TrainConfig, model: torch.nn.Module, accelerator) -> None
     device = accelerator.device
     cuda = device.type == "cuda"
     plan = memory_plan(cfg, model, accelerator)
+    # the planner's command reads the run's config.json (written before the first step); it plans for a GPU
+    breakdown = hints.command("plan", "--config", RunDir(cfg.output).config, "--optimizer", "paged-adamw-8bit")
     tqdm.write(f"memory plan: predicted peak {plan.total_bytes / GIB:.2f} GiB at {cfg.batch_size} x "
-               f"{cfg.data.max_len} tokens (see scripts/plan.py for the breakdown)")
+               f"{cfg.data.max_len} tokens; the breakdown on a GPU: {breakdown}")
     if cuda:
         capacity = torch.cuda.get_device_properties(device).total_memory / GIB
         if not plan.fits(capacity):

@@ -119,6 +119,14 @@ class RunDir:
         """adapter/ once training has written it (a folder holding a qmor adapter's metadata), else None."""
         return self.adapter if self.adapter.is_dir() and meta_file(self.adapter) is not None else None
 
+    def finished_step(self) -> int | None:
+        """The step a finished run ended at: adapter/ is written and its last `done` event is the last word (a run
+        given more steps that was stopped, or failed, is not finished); else None."""
+        if self.final_adapter() is None:
+            return None
+        ends = [e for e in self.read_events() if e.get("event") in ("start", "done", "stopped", "error")]
+        return ends[-1].get("step") if ends and ends[-1]["event"] == "done" else None
+
     # ------------------------------------------------------------------------------------------------ checkpoints
 
     def checkpoint_dirs(self) -> list[Path]:
@@ -137,8 +145,9 @@ class RunDir:
         """The newest checkpoint that reads back whole; damaged newer ones are named (through `say`) and passed over."""
         found = self.checkpoint_dirs()
         if not found and self.adapter.is_dir():
-            raise QmorError(f"{self} has finished (adapter/ is written) and keeps no checkpoint to resume from; start "
-                            "a new run with another --output")
+            raise QmorError(f"{self} has finished (adapter/ is written) and keeps no checkpoint to train further from; "
+                            "start a new run with another --output (a run keeps its last step when --save-steps is "
+                            "above 0)")
         if not found:
             raise QmorError(f"{self} has no checkpoint to resume from (it stopped before its first one); run the same "
                             "command again without --resume, which starts it afresh in the same folder")
