@@ -319,8 +319,15 @@ def planned_longest(spec: dict, gib: float, step: int, limit: int) -> int:
                             adapter_config(spec["runner"], spec["rank"]), step=step, limit=limit, **plan_options(spec))
 
 
+def set_threads(spec: dict) -> None:
+    """CPU threads for every runner of this process: one is steadier than two when other work shares the cores."""
+    if spec.get("threads"):
+        torch.set_num_threads(spec["threads"])
+
+
 def prepare(spec: dict) -> tuple[Memory, nn.Module]:
     """Libraries imported and the memory cap set before the baseline is read, then the model built."""
+    set_threads(spec)
     preload()
     if spec["device"] == "cuda":
         total = torch.cuda.get_device_properties(0).total_memory
@@ -354,6 +361,7 @@ def run(spec: dict) -> dict:
 
 def run_interleaved(spec: dict) -> dict:
     """Every runner of `runners` on a model of its own in this process, their steps interleaved per length."""
+    set_threads(spec)
     memory = Memory(spec["device"])
     preload()
     runners = [Runner({**spec, "runner": name}, build_model(spec), memory) for name in spec["runners"]]

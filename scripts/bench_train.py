@@ -138,22 +138,38 @@ def longest_table(longest: dict, runners: list[str]) -> str:
 
 
 def plot(results: list[dict], runners: list[str], path: Path, title: str) -> None:
+    """Peak memory against sequence length, and beside it each runner's tokens/s over the baseline's per length."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for runner in runners:
-        pts = sorted((r["seq"], r["peak"] / 2**20) for r in results if r["runner"] == runner and not r["oom"])
+    fig, (mem, speed) = plt.subplots(1, 2, figsize=(12, 4.5))
+    by = {(r["runner"], r["seq"]): r for r in results if not r["oom"]}
+    seqs = sorted({seq for _, seq in by})
+    width = 0.8 / max(len(runners), 1)
+    for i, runner in enumerate(runners):
+        pts = sorted((seq, r["peak"] / 2**20) for (name, seq), r in by.items() if name == runner)
         if pts:
-            ax.plot(*zip(*pts, strict=True), marker="o", linestyle="--" if runner == BASELINE else "-", label=runner)
-    ax.set_xscale("log", base=2)
-    ax.set_xlabel("sequence length (tokens)")
-    ax.set_ylabel("peak memory (MiB)")
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    ax.legend()
+            mem.plot(*zip(*pts, strict=True), marker="o", linestyle="--" if runner == BASELINE else "-", label=runner)
+        bars = [(j, speed_ratio(by[runner, seq], by[BASELINE, seq])) for j, seq in enumerate(seqs)
+                if (runner, seq) in by and (BASELINE, seq) in by and "tokens_per_s" in by[runner, seq]]
+        if bars:
+            speed.bar([j + (i - len(runners) / 2 + 0.5) * width for j, _ in bars], [v for _, v in bars], width,
+                      label=runner)
+    mem.set_xscale("log", base=2)
+    mem.set_xlabel("sequence length (tokens)")
+    mem.set_ylabel("peak memory (MiB)")
+    mem.set_title(title)
+    mem.grid(alpha=0.3)
+    mem.legend()
+    speed.axhline(1.0, color="grey", linewidth=0.8)
+    speed.set_xticks(range(len(seqs)), [str(s) for s in seqs])
+    speed.set_xlabel("sequence length (tokens)")
+    speed.set_ylabel(f"tokens/s / {BASELINE}")
+    speed.set_title("speed against the baseline (above 1: faster)")
+    speed.grid(alpha=0.3, axis="y")
+    speed.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -177,6 +193,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--loss-chunk", type=int, default=1024)
+    p.add_argument("--threads", type=int, default=0, help="CPU threads per runner process (0: torch's default)")
     p.add_argument("--cap-gb", type=float, default=None, help="memory cap in GiB (CUDA default 24, CPU 1)")
     p.add_argument("--no-longest", action="store_true", help="skip the search for the longest sequence")
     p.add_argument("--longest-step", type=int, default=None, help="granularity of that search (CUDA 1024, CPU 256)")
@@ -217,6 +234,7 @@ def main(argv=None) -> int:
     step = args.longest_step or (1024 if cuda else 256)
     base = {"device": device, "batch": args.batch, "rank": args.rank, "checkpointing": True,
             "loss_chunk": args.loss_chunk, "optimizer": args.optimizer or ("paged-adamw-8bit" if cuda else "adamw"),
+            "threads": args.threads,
             "warmup": warmup, "steps": steps, "cap_gb": cap_gb, "seqs": seqs,
             **({"geometry": GEOMETRIES[model]} if model in GEOMETRIES else {"model": model}),
             "longest": None if args.quick or args.no_longest else {"step": step, "limit": 1 << 17 if cuda else 1 << 14}}
@@ -239,7 +257,8 @@ def main(argv=None) -> int:
     env = data["environment"]
     what = f"geometry (layers, hidden, mlp, heads, kv heads, vocab) {tuple(base['geometry'])}" \
         if "geometry" in base else f"model {model}"
-    report = [f"{env['device']}; {what}; batch {args.batch}, rank {args.rank}, {base['optimizer']}; "
+    threads = f", {args.threads} thread(s) per process" if args.threads else ""
+    report = [f"{env['device']}{threads}; {what}; batch {args.batch}, rank {args.rank}, {base['optimizer']}; "
               f"torch {env['torch']}, transformers {env['transformers']}, bitsandbytes {env['bitsandbytes']}, "
               f"peft {env['peft']}", "",
               *(f"    {c}" for c in data["commands"]), "", table(data["results"], shown)]
