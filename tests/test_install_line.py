@@ -39,5 +39,5 @@ def test_no_other_copy_of_the_install_line():
     copies = [f"{page.relative_to(ROOT)}:{n}: {line}"
               for page in [README, *sorted((ROOT / "docs").glob("*.md"))]
               for n, line in enumerate(page.read_text().splitlines(), 1)
-              if COPY.search(line) and line != ref]
+              if COPY.search(line) and line != ref and "`error:" not in line]  # a quoted message's own fix
     assert copies == [], "point to the README's first command instead"
