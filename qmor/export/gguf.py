@@ -33,6 +33,7 @@ from qmor.export.exporter import (
     find_adapter,
     load_source,
     model_card,
+    remember,
     write_checked_merge,
 )
 from qmor.export.merge import check_dtype, parse_size
@@ -215,6 +216,7 @@ def export_gguf(
         card = card.replace("(chat_template.jinja)", "(in the GGUF file: tokenizer.chat_template)")
         (tmp / "README.md").write_text(card + gguf_usage(filename, gguf_type, check))
         shutil.rmtree(merged)
+    remember(source, output, "gguf")
     size = (output / filename).stat().st_size
     print(f"wrote {output / filename} ({size / 1e6:.1f} MB) and {output / 'Modelfile'}", file=sys.stderr)
     return {"output": str(output), "file": str(output / filename), "bytes": size, "max_abs": check.max_abs,
