@@ -193,3 +193,15 @@ def test_general_questions_ship_with_the_package_and_score_whole_words():
 def test_modelfile_stop_lines_are_read():
     text = 'FROM x.gguf\nPARAMETER stop "<|im_end|>"\nPARAMETER temperature 0.2\nPARAMETER stop "<|endoftext|>"\n'
     assert modelfile_stops(text) == ["<|im_end|>", "<|endoftext|>"]
+
+
+def test_exports_sharing_a_folder_name_are_told_apart(tmp_path):
+    from qmor.eval.exports import find
+    from qmor.training.run_dir import RunDir
+
+    for kind in ("merged", "gguf"):
+        (tmp_path / kind / "NAME").mkdir(parents=True)
+    (tmp_path / "merged" / "NAME" / "config.json").write_text("{}")
+    (tmp_path / "gguf" / "NAME" / "NAME-q8_0.gguf").write_bytes(b"GGUF")
+    found, _ = find(RunDir(tmp_path / "run"), [tmp_path / "merged" / "NAME", tmp_path / "gguf" / "NAME"])
+    assert [(e.name, e.kind) for e in found] == [("merged/NAME", "merged"), ("gguf/NAME", "gguf")]

@@ -48,6 +48,17 @@ def parse_args(argv: list[str] | None = None, prog: str | None = None) -> argpar
     return p.parse_args(argv)
 
 
+def written(run, r: dict) -> None:
+    """Write a run's report as soon as it is ready, and show its figures."""
+    from qmor.eval import report  # loaded when the command runs, so --help answers at once
+
+    files = report.write_run(run, r)
+    print(f"{run.name}:")
+    for line in report.summary(r):
+        print(f"  {line}")
+    print(f"  report: {', '.join(str(f) for f in files)}", flush=True)
+
+
 def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     args = parse_args(argv, prog)
     # loaded when the command runs, so --help and bad options answer at once
@@ -65,20 +76,16 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
         opts = EvalOptions(data=data, exports=[Path(e) for e in args.export], prompts=args.prompts,
                            max_new_tokens=args.max_new_tokens, general=not args.no_general, device=args.device,
                            base_model=args.base_model, allow_other_base=args.allow_other_base)
-        runs = [RunDir(r) for r in args.runs]
-        reports = evaluate(runs, opts)
-        for run, r in zip(runs, reports, strict=True):
-            files = report.write_run(run, r)
-            print(f"{run.name}:")
-            for line in report.summary(r):
-                print(f"  {line}")
-            print(f"  report: {', '.join(str(f) for f in files)}")
+        reports = evaluate([RunDir(r) for r in args.runs], opts, done=written)
         if len(reports) > 1:
             folder = report.write_comparison(Path(args.output or COMPARISON), reports)
             print(report.comparison(reports))
             print(f"comparison: {folder}/{report.MARKDOWN}, {folder}/{report.PLOT}")
     except USER_ERRORS as e:
         return fail(e)
+    except KeyboardInterrupt:  # Ctrl-C, or the app's Stop: every report is written whole or not at all
+        print("stopped; the runs evaluated so far keep their reports, the others have none", file=sys.stderr)
+        return 130
     flagged = [e["name"] for r in reports for e in r["exports"] if not e["ok"]]
     if flagged:
         print(f"flagged: {', '.join(flagged)} (see the problems above)", file=sys.stderr)

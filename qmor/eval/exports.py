@@ -24,10 +24,10 @@ KINDS = ("merged", "peft", "gguf")
 class Export:
     path: Path
     kind: str  # merged | peft | gguf
+    name: str = ""  # how the report names it: the folder's name, with its parent's when two share one
 
-    @property
-    def name(self) -> str:
-        return self.path.name
+    def __post_init__(self) -> None:
+        self.name = self.name or self.path.name
 
 
 @dataclass
@@ -70,6 +70,10 @@ def find(run: RunDir, given: list[Path]) -> tuple[list[Export], list[str]]:
         if key not in seen:
             seen.add(key)
             found.append(Export(path, kind_of(path)))
+    names = [e.name for e in found]
+    for e in found:
+        if names.count(e.name) > 1:  # merged/NAME and gguf/NAME
+            e.name = f"{e.path.parent.name}/{e.path.name}"
     return found, notes
 
 

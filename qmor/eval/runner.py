@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -102,7 +103,8 @@ class Stages:
 STAGES_PER_RUN = 10  # data, then four for the base and four for the adapter, then the agreement set-up
 
 
-def evaluate(runs: list[RunDir], opts: EvalOptions) -> list[dict]:
+def evaluate(runs: list[RunDir], opts: EvalOptions, done: Callable[[RunDir, dict], None] | None = None) -> list[dict]:
+    """Each run's report, in order; `done(run, report)` is called as each one is ready (to write it at once)."""
     targets = resolve(runs, opts)
     stages = Stages(sum(STAGES_PER_RUN + len(t.exports) for t in targets))
     session, base_cache, reports = None, {}, []
@@ -112,6 +114,8 @@ def evaluate(runs: list[RunDir], opts: EvalOptions) -> list[dict]:
                 session = None  # the previous base leaves memory before the next one loads
                 session = ChatSession(target.base, opts.device, allow_other_base=opts.allow_other_base)
             reports.append(Evaluation(session, target, opts, stages, base_cache).run())
+            if done is not None:
+                done(target.run, reports[-1])
     finally:
         stages.close()
     return reports
