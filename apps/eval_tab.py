@@ -57,7 +57,9 @@ def results(runs: list[Path], comparison: Path | None) -> tuple[str, str | None,
     for r in reports:
         text = report.markdown(r)
         head, _, replies = text.partition("## Side by side (greedy)")
-        figures += [head.replace("# Evaluation of", "### Evaluation of", 1).strip(), ""]
+        # one level down: the page's own headings stay the largest
+        head = re.sub(r"^(#+) ", lambda m: "#" * (len(m.group(1)) + 2) + " ", head, flags=re.M)
+        figures += [head.strip(), ""]
         side += [f"### {Path(r['run']).name}", replies.strip(), ""]
     plot = (comparison or runs[0]) / report.PLOT
     return "\n".join(figures), str(plot) if plot.is_file() else None, "\n".join(side)

@@ -75,7 +75,7 @@ def markdown(r: dict) -> str:
                 "reply).", ""]
     if r["loss"]:
         out += ["## Loss", "", "| model | loss | perplexity |", "|---|---|---|"]
-        out += [f"| {k} | {v['loss']:.4f} | {v['perplexity']:.4g} |" for k, v in r["loss"].items()]
+        out += [f"| {k} | {r['loss'][k]['loss']:.4f} | {r['loss'][k]['perplexity']:.4g} |" for k in ("base", "adapter")]
         out.append("")
     if r["answers"]:
         ans = r["answers"]
@@ -96,9 +96,10 @@ def markdown(r: dict) -> str:
         if g["lost"] or g["gained"]:
             out.append("")
     if r["exports"]:
-        out += ["## Exports against the adapter", "",
-                "| export | kind | top-1 agreement | KL (nats/token) | stops on " + f"`{r['end_of_turn']}` | same chat "
-                "template | stopped with the adapter | verdict |", "|---|---|---|---|---|---|---|---|"]
+        # the token is named above the table: its pipes would split a cell
+        out += ["## Exports against the adapter", "", f"The adapter's replies end with `{r['end_of_turn']}`.", "",
+                "| export | kind | top-1 agreement | KL (nats/token) | stops on it | same chat template | stopped with "
+                "the adapter | verdict |", "|---|---|---|---|---|---|---|---|"]
         for e in r["exports"]:
             out.append(f"| {e['name']} | {e['kind']} | {e['top1']:.1%} | {e['kl_mean']:.3g} | "
                        f"{'yes' if e['stops_on_end_of_turn'] else '**no**'} | "

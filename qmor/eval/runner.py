@@ -16,6 +16,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from qmor import hints
 from qmor.adapters.attach import read_meta
 from qmor.chat import ChatSession
 from qmor.data.tasks import char_accuracy
@@ -72,8 +73,7 @@ def resolve(runs: list[RunDir], opts: EvalOptions) -> list[Target]:
         if not run.path.is_dir():
             raise QmorError(f"{run} does not exist; pass a run folder (runs/NAME)")
         if run.config.is_file() and run.final_adapter() is None:
-            raise QmorError(f"{run} has no adapter yet: its training has not finished (continue it with qmor train "
-                            f"--resume --output {run})")
+            raise QmorError(f"{run} has no adapter yet: its training has not finished; {hints.resume(run)}")
         adapter = find_adapter(run.path)
         base = base_of(read_meta(adapter), adapter, opts.base_model)
         found, notes = exports.find(run, opts.exports)
