@@ -15,7 +15,7 @@ from qmor.data.pipeline import DataConfig
 from qmor.data.template import CHATML_TEMPLATE
 from qmor.eval import general, items
 from qmor.eval.stops import end_of_turn, modelfile_stops
-from qmor.export.exporter import export_merged
+from qmor.export.exporter import export_merged, export_peft
 from qmor.model.load import load_tokenizer
 from qmor.training.config import TrainConfig
 from qmor.training.loop import train
@@ -38,6 +38,7 @@ def trained(tiny_dir, tmp_path_factory):
     folder = tmp_path_factory.mktemp("eval")
     learnt = run(folder / "learnt", tiny_dir, 80)
     export_merged(learnt, folder / "learnt-fp16")  # recorded in the run's exports.json
+    export_peft(learnt, folder / "learnt-peft")
     return folder, learnt, run(folder / "short", tiny_dir, 4)
 
 
@@ -62,18 +63,18 @@ def test_a_memorising_run_scores_what_it_learnt_and_its_export_agrees(trained, c
     assert r["answers"]["base"]["exact_match"] == 0 and r["answers"]["adapter"]["exact_match"] >= 0.75
     assert r["answers"]["adapter"]["char_accuracy"] > r["answers"]["base"]["char_accuracy"] + 0.5
     assert r["end_of_turn"] == "<|end|>"
-    (export,) = r["exports"]
-    assert export["name"] == "learnt-fp16" and export["kind"] == "merged" and export["ok"], export
-    assert export["top1"] >= 0.95 and export["kl_mean"] < 0.01
-    assert export["template_same"] and export["stops_on_end_of_turn"]
-    # the memorised replies end on <|end|>, and the export ends each of them there too
-    assert export["adapter_stopped"] >= 2 and export["stopped_with_adapter"] == export["adapter_stopped"]
+    assert [(e["name"], e["kind"]) for e in r["exports"]] == [("learnt-fp16", "merged"), ("learnt-peft", "peft")]
+    for export in r["exports"]:
+        assert export["ok"] and export["top1"] >= 0.95 and export["kl_mean"] < 0.01, export
+        assert export["template_same"] and export["stops_on_end_of_turn"]
+        # the memorised replies end on <|end|>, and the export ends each of them there too
+        assert export["adapter_stopped"] >= 2 and export["stopped_with_adapter"] == export["adapter_stopped"]
     side = r["side_by_side"]
     assert len(side) == 4 and side[0]["prompt"] == r["answers"]["items"][0]["prompt"]
-    assert side[0]["exports"]["learnt-fp16"] == side[0]["adapter"]
+    assert side[0]["exports"]["learnt-fp16"] == side[0]["exports"]["learnt-peft"] == side[0]["adapter"]
     assert side[-1]["prompt"] == general.questions()[1].question  # the last half: general questions
     md = (learnt / "eval.md").read_text()
-    assert "| learnt-fp16 | merged |" in md and "## Side by side" in md
+    assert "| learnt-fp16 | merged |" in md and "| learnt-peft | peft |" in md and "## Side by side" in md
     assert (learnt / "eval.png").stat().st_size > 10_000
     assert not list(learnt.glob(".*tmp*"))  # written under temporary names, renamed
 
