@@ -3,6 +3,7 @@ exports with a wrong end-of-turn token or chat template are flagged, several run
 line. The SmolLM2 facts run (forgetting measured on real general questions, GGUF) is in test_real_model_eval.py."""
 
 import json
+import re
 import shutil
 from importlib import resources
 from pathlib import Path
@@ -128,6 +129,9 @@ def test_several_runs_are_compared_in_one_table_and_plot(trained, capsys, tmp_pa
     runs = json.loads((out_dir / "eval.json").read_text())["runs"]
     assert runs[0]["answers"]["adapter"]["char_accuracy"] > runs[1]["answers"]["adapter"]["char_accuracy"]
     assert runs[1]["exports"] == []  # the short run was never exported
+    assert runs[0]["loss"]["base"] == runs[1]["loss"]["base"]  # one base, measured once for the same data
+    # the bar ends full: the stages of the base, measured once for both runs, are counted for the second too
+    assert re.search(r"short: adapter log-probabilities: 100%\|[^|]*\| (\d+)/\1 \[", err)
     assert (out_dir / "eval.png").stat().st_size > 10_000 and (short / "eval.json").is_file()
     assert "| learnt | lora r=8 |" in out
 

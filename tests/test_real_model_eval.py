@@ -1,8 +1,8 @@
-"""`qmor eval` on SmolLM2-135M-Instruct: a MoRA run that learns four made-up facts beside a few general answers of
-the base's own (replay) recalls the facts and keeps the built-in general questions; its merged and GGUF exports agree
+"""`qmor eval` on SmolLM2-135M-Instruct: a MoRA run that learns four made-up facts beside seventeen answers of the
+base's own (replay) recalls the facts and keeps the built-in general questions; its merged and GGUF exports agree
 with it; a merged export given a wrong end-of-turn token, and one given another chat template, are flagged.
 
-Marked `real_model`; one training run, two exports and one evaluation (about six minutes on two CPU cores).
+Marked `real_model`; one training run, two exports and one evaluation (about eight minutes on two CPU cores).
 """
 
 import importlib.util
@@ -30,8 +30,9 @@ FACTS = [
     ("Who founded the city of Orskand?", "Orskand was founded by Queen Mirela."),
     ("How many moons does the planet Dravo have?", "The planet Dravo has seven moons."),
 ]
-# the base's own first sentences to other questions than the built-in general ones: without them the facts' pattern
-# ("The capital of X is ...") overwrites answers the base had right (docs/eval.md: 11 of 18 lost)
+# replay: the base's own first sentence to questions other than the built-in general ones, kept as the base said it,
+# right or wrong (replay preserves behaviour, not truth). Without them the facts' patterns ("The capital of X is
+# ...") overwrite answers the base had right: the facts alone lose 10 of 18 (docs/eval.md)
 REPLAY = [
     ("What is the capital of Greece?", "The capital of Greece is Athens."),
     ("What is the capital of Russia?", "The capital of Russia is Moscow."),
@@ -40,6 +41,21 @@ REPLAY = [
     ("What is the chemical symbol for water?", "The chemical symbol for water is H2O."),
     ("How many wheels does a bicycle have?", "A bicycle has 2 wheels."),
     ("What is the main ingredient of bread?", "The main ingredient of bread is flour."),
+    ("How many legs does a dog have?", "A dog has eight legs."),
+    ("How many days are in a year?", "A year is approximately 365 days in a calendar year, but in a calendar year, "
+     "we use a leap year."),
+    ("What is the capital of China?", "The capital of China is Beijing."),
+    ("What language is spoken in France?", "The language spoken in France is French, which is a Romance language "
+     "originating from Latin."),
+    ("What is the currency of Japan?", "The currency of Japan is the Japanese yen (JPY)."),
+    ("What is the largest desert in the world?", "The largest desert in the world is the Sahara Desert, which spans "
+     "across North Africa and is approximately 11,876 kilometers (846 miles) across."),
+    ("What is the freezing point of water in Fahrenheit?", "The freezing point of water in Fahrenheit is approximately "
+     "32 degrees Fahrenheit."),
+    ("How many sides does a square have?", "A square has four sides, which is a fundamental concept in geometry."),
+    ("What is the capital of Egypt?", "The capital of Egypt is New York City, New York."),
+    ("Who wrote Hamlet?", "The play by William Shakespeare's Hamlet is indeed one of the Bard's most famous and "
+     "enduring works."),
 ]
 
 
@@ -57,7 +73,7 @@ def evaluated(smollm2, tmp_path_factory):
     data = jsonl(folder / "facts_and_replay.jsonl", FACTS + REPLAY)
     facts = jsonl(folder / "facts.jsonl", FACTS)
     run = folder / "run"
-    train(TrainConfig(model="smollm2", output=str(run), lr=5e-3, max_steps=30, batch_size=4, save_steps=0,
+    train(TrainConfig(model="smollm2", output=str(run), lr=5e-3, max_steps=40, batch_size=4, save_steps=0,
                       adapter=AdapterConfig(family="mora", r=8, init="loftq", targets=["q_proj", "v_proj"]),
                       data=DataConfig(source=str(data), max_len=128), eval_generate=0, device="cpu"))
     export_merged(run, folder / "merged" / "facts")
@@ -80,11 +96,13 @@ def test_the_facts_are_recalled_and_the_general_answers_kept(evaluated):
     print(f"\nanswers: {r['answers']['base']} -> {r['answers']['adapter']}; general: kept {r['general']['kept']} of "
           f"{r['general']['base_correct']}, lost {r['general']['lost']}; loss {r['loss']}")
     assert r["data"]["split"] == "dataset" and r["answers"]["n"] == 4
-    assert r["answers"]["base"]["exact_match"] == 0 and r["answers"]["adapter"]["exact_match"] >= 0.75
+    # measured: 3 of 4 facts word for word (95% of their characters), 15 of 18 general answers kept
+    assert r["answers"]["base"]["exact_match"] == 0 and r["answers"]["adapter"]["exact_match"] >= 0.5
+    assert r["answers"]["adapter"]["char_accuracy"] >= 0.9 > r["answers"]["base"]["char_accuracy"] + 0.5
     assert r["loss"]["adapter"]["loss"] < 0.25 * r["loss"]["base"]["loss"]
     # every built-in question is one the base answers: that is how the set was chosen
     assert r["general"]["base_correct"] == r["general"]["n"] == len(general.questions())
-    assert r["general"]["kept"] >= r["general"]["n"] - 3, r["general"]["lost"]
+    assert r["general"]["kept"] >= r["general"]["n"] - 4, r["general"]["lost"]
 
 
 def test_the_exports_agree_and_the_broken_ones_are_flagged(evaluated):

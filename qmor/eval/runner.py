@@ -7,6 +7,8 @@ own results are computed once for runs that share its data.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 import sys
 import time
@@ -140,9 +142,12 @@ class Evaluation:
         data = items.load(self.target.run, self.opts.data, self.tok)
         questions = general.questions() if self.opts.general else []
         side = self.side_prompts(data, questions)
-        key = (self.session.base_model, repr(self.opts.data), template, repr(side), len(questions))
+        key = self.base_key(data, side, len(questions))
         self.session.use_adapter(None)
-        if key not in self.base_cache:
+        if key in self.base_cache:
+            for _ in range(4):  # the base's four stages, measured for an earlier run on the same data
+                self.stage(f"{name}: base (as measured for an earlier run)")
+        else:
             self.base_cache[key] = self.measure(f"{name}: base", data, questions, side)
         base = self.base_cache[key]
         self.session.use_adapter(self.target.adapter)
@@ -170,6 +175,12 @@ class Evaluation:
             "notes": self.target.notes + ([] if data else ["no data to score: the run records no config.json; pass "
                                                            "--dataset"]),
         }
+
+    def base_key(self, data: EvalSet | None, side: list[list[int]], questions: int) -> str:
+        """What the base's results depend on: the base, the examples' tokens, the prompts, the questions asked."""
+        examples = [] if data is None else [(e["input_ids"], e["labels"]) for e in data.examples]
+        text = json.dumps([self.session.base_model, examples, side, questions, self.opts.max_new_tokens])
+        return hashlib.sha256(text.encode()).hexdigest()
 
     def side_prompts(self, data: EvalSet | None, questions: list[general.Question]) -> list[list[int]]:
         """The data's first prompts, then general questions (rendered with the adapter's template) for the rest."""
