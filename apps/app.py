@@ -1,4 +1,4 @@
-"""qmor's web app: train, watch, chat and export from the browser.
+"""qmor's web app: train, watch, chat, export and evaluate from the browser.
 
     python apps/app.py [--host 127.0.0.1] [--port 7860] [--workspace DIR] [--share] [--password ...]
 

@@ -15,7 +15,7 @@ COMMANDS = {  # name -> (module, one line for the overview)
     "chat": ("qmor.commands.chat", "chat in the terminal with a 4-bit base and an adapter"),
     "eval": ("qmor.commands.eval", "evaluate runs: loss, answers, forgetting, exports against the adapter"),
     "plan": ("qmor.commands.plan", "predict a training step's peak GPU memory: will it fit?"),
-    "app": ("qmor.commands.app", "the web app: train, watch, chat and export from the browser"),
+    "app": ("qmor.commands.app", "the web app: train, watch, chat, export and evaluate from the browser"),
 }
 
 
