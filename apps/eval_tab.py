@@ -16,6 +16,7 @@ from apps.paths import Workspace, check_name, check_run_sources, confined, datas
 from apps.ui import error_md, ok_md, trained_runs
 from qmor.errors import QmorError
 from qmor.eval import report
+from qmor.training.run_dir import RunDir
 
 # tqdm's line: "RUN: adapter: answers:  45%|████▌     | 5/11 [...]"; the description is what runs now
 PROGRESS_RE = re.compile(r"(.*):\s+(\d+)%\|[^|]*\|\s*(\d+)/(\d+)")
@@ -65,6 +66,14 @@ def results(runs: list[Path], comparison: Path | None) -> tuple[str, str | None,
     return "\n".join(figures), str(plot) if plot.is_file() else None, "\n".join(side)
 
 
+def check_sources(ws: Workspace, run: Path) -> None:
+    """What the evaluation reads beside the run stays in the workspace when paths are restricted: its base, its
+    LoftQ base weights, and the exports its exports.json names (a link or an edited file could lead anywhere)."""
+    check_run_sources(ws, run)
+    for record in RunDir(run).recorded_exports():
+        confined(ws, Path(record["path"]), f"export of run {run.name}")
+
+
 def exit_code(ws: Workspace, job: dict) -> int | None:
     """The job's exit status; a Stop pressed meanwhile reaped it in another request, which recorded it in the
     registry only."""
@@ -104,7 +113,7 @@ def build(ws: Workspace) -> dict:
                 raise QmorError("pick one or more trained runs to evaluate (Refresh runs if one just finished)")
             folders = [run_dir(ws, n) for n in names]
             for folder in folders:
-                check_run_sources(ws, folder)
+                check_sources(ws, folder)
             out = confined(ws, ws.root / "evals" / check_name("-vs-".join(names)[:100], "comparison name"),
                            "comparison") if len(folders) > 1 else None
             cmd = eval_command(folders, out, dataset_arg(ws, data) if (data or "").strip() else None,

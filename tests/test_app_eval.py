@@ -70,3 +70,19 @@ def test_refusals_come_back_as_messages(app):
     assert "does not exist" in status
     status, *_ = client.predict(["../learnt"], "", 2, 100, 24, False, api_name="/evaluate")
     assert "is not valid" in status
+
+
+def test_a_recorded_export_outside_a_restricted_workspace_is_refused(tmp_path):
+    from apps.eval_tab import check_sources
+    from apps.paths import make_workspace
+    from qmor.errors import QmorError
+    from qmor.training.run_dir import RunDir
+
+    ws = make_workspace(tmp_path / "ws", restrict=True)
+    run = RunDir(ws.runs / "r")
+    run.path.mkdir()
+    run.record_export(ws.exports / "r-fp16", "merged")
+    check_sources(ws, run.path)  # inside: fine
+    run.record_export(tmp_path / "elsewhere", "merged")
+    with pytest.raises(QmorError, match="export of run r .*leads outside the workspace"):
+        check_sources(ws, run.path)
