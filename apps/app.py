@@ -59,6 +59,7 @@ def build(ws: Workspace, env: dict | None = None):
         chat_tab_block.select(chat["refresh"], None, chat["runs"], api_name=False)
         export_tab_block.select(lambda: gr.update(choices=_runs(ws)), None, export["runs"], api_name=False)
         eval_tab_block.select(lambda: gr.update(choices=_runs(ws)), None, evaluation["runs"], api_name=False)
+        eval_tab_block.select(evaluation["latest"], None, evaluation["shown"], api_name=False)
     return demo, CSS
 
 

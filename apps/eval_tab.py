@@ -82,6 +82,30 @@ def exit_code(ws: Workspace, job: dict) -> int | None:
     return next((j.get("exit_code") for j in jobs.load_jobs(ws.root) if j["pid"] == job["pid"]), None)
 
 
+def job_outputs(job: dict) -> tuple[list[Path], Path | None]:
+    """The run folders and the comparison folder of an evaluation job, read back from its command."""
+    args = job["command"][2:]
+    runs = [Path(a) for a in args[:next((i for i, a in enumerate(args) if a.startswith("--")), len(args))]]
+    out = Path(args[args.index("--output") + 1]) if "--output" in args else None
+    return runs, out
+
+
+def latest(ws: Workspace) -> tuple:
+    """What the tab shows when it opens (or the page is refreshed): the running evaluation, or the last results."""
+    job = jobs.latest(ws.root, "eval")
+    if job is None:
+        return "", "", "", None, "", ""
+    text = jobs.tail(job["log"])
+    if jobs.alive(ws.root, job):
+        return (ok_md("an evaluation is running; Stop ends it, its results show here when you open the tab again"),
+                progress_html(text, "running"), "", None, "", text)
+    runs, out = job_outputs(job)
+    if exit_code(ws, job) not in (0, 1) or not all((r / report.JSON).is_file() for r in runs):
+        return "", progress_html(text, "stopped" if exit_code(ws, job) == STOPPED else "error"), "", None, "", text
+    figures, image, replies = results(runs, out)
+    return ok_md("the last evaluation"), progress_html(text, "done"), figures, image, replies, text
+
+
 def build(ws: Workspace) -> dict:
     with gr.Row():
         runs = trained_runs(ws)
@@ -162,4 +186,4 @@ def build(ws: Workspace) -> dict:
     start_btn.click(evaluate, [picked, dataset, prompts, limit, max_new, general],
                     [status, bar, figures, plot, side, log], api_name="evaluate")
     stop_btn.click(stop, None, status, api_name="stop_eval")
-    return {"runs": picked}
+    return {"runs": picked, "latest": lambda: latest(ws), "shown": [status, bar, figures, plot, side, log]}

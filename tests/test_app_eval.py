@@ -41,6 +41,15 @@ def test_one_run_then_two_compared(app):
     assert (ws / "evals" / "learnt-vs-short" / "eval.png").is_file()
     assert "### learnt" in side and "### short" in side
 
+    # a refreshed page finds the last evaluation again, from the job registry and the reports on disk
+    from apps.eval_tab import latest
+    from apps.paths import Workspace
+
+    status, bar, again, plot, side_again, _ = latest(Workspace(ws.resolve(), restrict=False))
+    assert "the last evaluation" in status and "data-state='done'" in bar
+    assert again.strip() == figures.strip() and side_again.strip() == side.strip()
+    assert plot.endswith("learnt-vs-short/eval.png")
+
 
 def test_stop_ends_the_job(app):
     from gradio_client import Client
