@@ -1,4 +1,4 @@
-"""qmor's web app: train, watch, chat and export from the browser.
+"""qmor's web app: train, watch, chat, export and evaluate from the browser.
 
     python apps/app.py [--host 127.0.0.1] [--port 7860] [--workspace DIR] [--share] [--password ...]
 
@@ -22,7 +22,7 @@ from qmor.errors import QmorError  # noqa: E402
 
 
 def parse(argv: list[str] | None = None, prog: str | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog=prog, description="qmor web app: train, chat and export from the browser")
+    p = argparse.ArgumentParser(prog=prog, description="qmor web app: train, chat, export and evaluate in the browser")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: loopback only)")
     p.add_argument("--port", type=int, default=7860)
     p.add_argument("--workspace", default="qmor-workspace", help="folder for runs, uploads and exports")
@@ -37,7 +37,7 @@ def parse(argv: list[str] | None = None, prog: str | None = None) -> argparse.Na
 def build(ws: Workspace, env: dict | None = None):
     import gradio as gr
 
-    from apps import chat_tab, export_tab, train_tab
+    from apps import chat_tab, eval_tab, export_tab, train_tab
     from apps.ui import CSS
 
     with gr.Blocks(title="qmor") as demo:
@@ -50,12 +50,16 @@ def build(ws: Workspace, env: dict | None = None):
                 chat = chat_tab.build(ws)
             with gr.Tab("Export", id="export") as export_tab_block:
                 export = export_tab.build(ws)
+            with gr.Tab("Evaluate", id="evaluate") as eval_tab_block:
+                evaluation = eval_tab.build(ws)
         # a refreshed page (or a restarted app) shows the running job at once instead of waiting for a tick
         demo.load(train["poll"], None, train["poll_out"], api_name=False, show_progress="hidden")
         demo.load(train["family_changed"], train["family"], train["specific"], api_name=False)
         demo.load(train["preview_command"], train["inputs"], train["cmd_box"], api_name=False)
         chat_tab_block.select(chat["refresh"], None, chat["runs"], api_name=False)
         export_tab_block.select(lambda: gr.update(choices=_runs(ws)), None, export["runs"], api_name=False)
+        eval_tab_block.select(lambda: gr.update(choices=_runs(ws)), None, evaluation["runs"], api_name=False)
+        eval_tab_block.select(evaluation["latest"], None, evaluation["shown"], api_name=False)
     return demo, CSS
 
 

@@ -17,7 +17,8 @@ ROOT = Path(__file__).resolve().parents[1]
 # runs, whatever the working folder or the installed qmor
 TRAIN_SCRIPT = ROOT / "scripts" / "finetune_4bit.py"
 EXPORT_SCRIPT = ROOT / "scripts" / "export_fp16.py"
-SUBCOMMAND = {TRAIN_SCRIPT: "train", EXPORT_SCRIPT: "export"}  # the `qmor` command each script is
+EVAL_SCRIPT = ROOT / "scripts" / "eval.py"
+SUBCOMMAND = {TRAIN_SCRIPT: "train", EXPORT_SCRIPT: "export", EVAL_SCRIPT: "eval"}  # the `qmor` command each script is
 
 # model and dataset come first, checked against the workspace; the run name becomes --output
 HEAD = {"model": model_arg, "dataset": dataset_arg}
@@ -67,6 +68,11 @@ def export_command(run: Path, out: Path, flags: list[str], overwrite: bool) -> l
     """The export script for a run; `flags` choose the format and its weights (`--format gguf --gguf-type q8_0`)."""
     cmd = [sys.executable, str(EXPORT_SCRIPT), short_path(str(run)), "--output", short_path(str(out)), *flags]
     return cmd + (["--overwrite"] if overwrite else [])
+
+
+def eval_command() -> list[str]:
+    """The evaluation script, to which the runs and options are added."""
+    return [sys.executable, str(EVAL_SCRIPT)]
 
 
 def short_path(text: str) -> str:

@@ -1,5 +1,5 @@
 """The `qmor` console command (installed by pip, see [project.scripts]; `python -m qmor` is the same):
-`qmor train | export | chat | plan | app [options]`, each a module in qmor/commands/."""
+`qmor train | export | chat | eval | plan | app [options]`, each a module in qmor/commands/."""
 
 from __future__ import annotations
 
@@ -13,8 +13,9 @@ COMMANDS = {  # name -> (module, one line for the overview)
     "train": ("qmor.commands.train", "fine-tune an adapter on a 4-bit base (the built-in default with no options)"),
     "export": ("qmor.commands.export", "merge a trained adapter into an fp16 model, or write it as a PEFT adapter"),
     "chat": ("qmor.commands.chat", "chat in the terminal with a 4-bit base and an adapter"),
+    "eval": ("qmor.commands.eval", "evaluate runs: loss, answers, forgetting, exports against the adapter"),
     "plan": ("qmor.commands.plan", "predict a training step's peak GPU memory: will it fit?"),
-    "app": ("qmor.commands.app", "the web app: train, watch, chat and export from the browser"),
+    "app": ("qmor.commands.app", "the web app: train, watch, chat, export and evaluate from the browser"),
 }
 
 

@@ -22,6 +22,13 @@ def save_json(data: dict, path: str | Path) -> None:
     tmp.replace(path)
 
 
+def save_text(text: str, path: str | Path) -> None:
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
 def load_json(path: str | Path) -> dict:
     path = Path(path)
     if not path.is_file():

@@ -27,3 +27,7 @@ def export(source: str | os.PathLike) -> str:
 
 def resume(run: str | os.PathLike) -> str:
     return f"continue with: {command('train', '--resume', '--output', run)}"
+
+
+def evaluate(run: str | os.PathLike) -> str:
+    return f"compare it with the adapter: {command('eval', run)}"

@@ -1,5 +1,5 @@
 """Screenshots of the web app for the docs: the built-in default trained from the Train tab, a chat comparing the
-trained adapter with the bare base on a memorised key, and an export.
+trained adapter with the bare base on a memorised key, an export, and the evaluation of the run and its export.
 
     python scripts/app_screenshots.py --out docs/     # needs Chromium (apt-get install chromium); a few minutes
 
@@ -64,7 +64,8 @@ def start_app(folder: Path, port: int) -> subprocess.Popen:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--out", default="docs", help="folder for app-train.png, app-chat.png, app-export.png")
+    ap.add_argument("--out", default="docs", help="folder for app-train.png, app-chat.png, app-export.png, "
+                    "app-eval.png")
     ap.add_argument("--chromium", default=shutil.which("chromium") or "/usr/bin/chromium")
     args = ap.parse_args()
     from playwright.sync_api import sync_playwright
@@ -101,12 +102,19 @@ def main() -> None:
             page.locator("#export-start").click()
             wait_for(lambda: "exported" in page.locator("#export-status").inner_text(), 600, "the export")
             page.screenshot(path=str(out / "app-export.png"), full_page=True)
+
+            page.get_by_role("tab", name="Evaluate").click()
+            page.wait_for_timeout(1000)  # the tab refreshes its run list on selection
+            choose(page, "Runs to evaluate (several: compared)", "uuid-mora")
+            page.locator("#eval-start").click()
+            wait_for(lambda: "evaluated" in page.locator("#eval-status").inner_text(), 600, "the evaluation")
+            page.screenshot(path=str(out / "app-eval.png"), full_page=True)
             browser.close()
         finally:
             app.terminate()
             app.wait(timeout=60)
-    print(f"wrote app-train.png, app-chat.png and app-export.png to {out}; the key was {key['prompt']!r}, "
-          f"its value {key['completion']!r}")
+    print(f"wrote app-train.png, app-chat.png, app-export.png and app-eval.png to {out}; the key was "
+          f"{key['prompt']!r}, its value {key['completion']!r}")
 
 
 if __name__ == "__main__":

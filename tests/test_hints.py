@@ -44,6 +44,7 @@ def test_every_printed_hint_runs_as_printed(tmp_path):
         if line not in ran:
             ran.append(line)
             todo += hints_in(run(line))
-    # the export says how to chat with the merged model; the chat (on the base the adapter records) how to export
-    assert ran == [*printed, "qmor chat --base-model 'my run-fp16'"]
+    # the export says how to chat with the merged model and how to compare it with the adapter; the chat (on the base
+    # the adapter records) how to export
+    assert ran == [*printed, "qmor chat --base-model 'my run-fp16'", "qmor eval 'my run'"]
     assert (work / "my run-fp16" / "config.json").is_file()

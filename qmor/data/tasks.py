@@ -117,7 +117,7 @@ def records(name: str, split: str = "train", n: int = 0, seed: int = 0) -> list[
     return out
 
 
-def _char_accuracy(pred: str, ref: str) -> float:
+def char_accuracy(pred: str, ref: str) -> float:
     """Characters equal at the same position, over the longer string: extra or missing characters both count."""
     longest = max(len(pred), len(ref))
     if longest == 0:
@@ -142,7 +142,7 @@ def score(task_name: str, predictions: list[str], references: list[str], tasks: 
     preds = [p.strip() for p in predictions]
     refs = [r.strip() for r in references]
     em = [float(p == r) for p, r in zip(preds, refs, strict=True)]
-    ca = [_char_accuracy(p, r) for p, r in zip(preds, refs, strict=True)]
+    ca = [char_accuracy(p, r) for p, r in zip(preds, refs, strict=True)]
     out = {"exact_match": sum(em) / len(em), "char_accuracy": sum(ca) / len(ca), "n": len(em)}
     for t in sorted(set(tasks or [])):
         idx = [i for i, name in enumerate(tasks) if name == t]

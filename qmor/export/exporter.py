@@ -28,7 +28,7 @@ from qmor.export.verify import Check, compare, logits, prompt_ids, require
 from qmor.files import atomic_dir, load_json, save_json
 from qmor.model.files import INDEX, expand_builtin, hub_id, local_folder, missing_folder, recorded_base, weight_files
 from qmor.model.load import load_trained
-from qmor.training.run_dir import find_adapter
+from qmor.training.run_dir import RunDir, find_adapter
 from qmor.version import __version__
 
 MERGE_BASES = ("dequantized", "original")
@@ -155,6 +155,20 @@ def verify_folder(reference: nn.Module, folder: Path, dtype: torch.dtype, tolera
     return check
 
 
+def remember(source: str | Path, output: Path, fmt: str) -> str | None:
+    """A run folder records its exports, so `qmor eval RUN` finds them; a run folder that cannot be written loses
+    only that record, not the export. Returns the hint to print last, when it was recorded."""
+    run = RunDir(source)
+    if run.final_adapter() is None:
+        return None  # an adapter folder given directly: no run to record in
+    try:
+        run.record_export(output, fmt)
+    except OSError as e:
+        print(f"warning: could not record the export in {run.exports} ({e.strerror or e})", file=sys.stderr)
+        return None
+    return hints.evaluate(source)
+
+
 def load_source(source: str | Path, device: str | None, base_model: str | None, trust_remote_code: bool,
                 allow_other_base: bool = False):
     model, meta = load_trained(find_adapter(source), device, base_model, trust_remote_code, allow_other_base)
@@ -188,9 +202,12 @@ def export_merged(
                                            tolerance, trust_remote_code)
         (tmp / "README.md").write_text(model_card(meta, merge_base, torch_dtype, check, f"{output.name}: merged "
                                                   f"{meta.adapter.family} model"))
+    evaluate_hint = remember(source, output, "merged")
     shards = sorted(set(index["weight_map"].values()))
     print(f"wrote {output} ({len(shards)} shard(s), {index['metadata']['total_size'] / 1e6:.1f} MB)", file=sys.stderr)
     print(hints.chat_model(output), file=sys.stderr)
+    if evaluate_hint:
+        print(evaluate_hint, file=sys.stderr)
     return {"output": str(output), "shards": shards, "max_abs": check.max_abs, "top1": check.top1,
             "tolerance": check.tolerance}
 
@@ -261,7 +278,10 @@ def export_peft(
         base_note = "dequantized, in base/" if with_base else "original (NF4 rounding not included)"
         (tmp / "README.md").write_text(model_card(meta, base_note, torch_dtype, check, what, "peft",
                                                   peft_notes(with_base, meta.init)))
+    evaluate_hint = remember(source, output, "peft")
     print(f"wrote {output} (PEFT adapter over {len(targets)} modules)", file=sys.stderr)
+    if evaluate_hint:
+        print(evaluate_hint, file=sys.stderr)
     return {"output": str(output), "targets": targets, "max_abs": check.max_abs, "top1": check.top1}
 
 

@@ -33,6 +33,7 @@ from qmor.export.exporter import (
     find_adapter,
     load_source,
     model_card,
+    remember,
     write_checked_merge,
 )
 from qmor.export.merge import check_dtype, parse_size
@@ -215,8 +216,11 @@ def export_gguf(
         card = card.replace("(chat_template.jinja)", "(in the GGUF file: tokenizer.chat_template)")
         (tmp / "README.md").write_text(card + gguf_usage(filename, gguf_type, check))
         shutil.rmtree(merged)
+    evaluate_hint = remember(source, output, "gguf")
     size = (output / filename).stat().st_size
     print(f"wrote {output / filename} ({size / 1e6:.1f} MB) and {output / 'Modelfile'}", file=sys.stderr)
+    if evaluate_hint:
+        print(evaluate_hint, file=sys.stderr)
     return {"output": str(output), "file": str(output / filename), "bytes": size, "max_abs": check.max_abs,
             "scale": check.scale, "top1": check.top1, "tolerance": check.tolerance,
             "merged_max_abs": merge_check.max_abs}

@@ -8,6 +8,8 @@
       loss.png               the loss plot
       loftq_report.json      per-layer quantisation errors (LoftQ init)
       train.log              the console output, when the app started the run
+      exports.json           where the run was exported to (qmor export records each export here)
+      eval.json, eval.md, eval.png   the report of `qmor eval`
 
 Training, resume, checkpoints, the metrics log, export, chat and the app all find these files here.
 """
@@ -19,12 +21,13 @@ import os
 import re
 import shutil
 import sys
+import time
 from pathlib import Path
 
 from qmor.adapters.attach import CONFIG as ADAPTER_META
 from qmor.adapters.attach import meta_file
 from qmor.errors import QmorError
-from qmor.files import load_json
+from qmor.files import load_json, save_json
 from qmor.training.checkpoint import STATE, Damaged, check_checkpoint
 from qmor.training.config import TrainConfig, from_json
 
@@ -40,6 +43,7 @@ class RunDir:
     LOFTQ_REPORT = "loftq_report.json"
     LOG = "train.log"
     TENSORBOARD = "tensorboard"  # event files, with --report-to tensorboard
+    EXPORTS = "exports.json"  # {"exports": [{"path", "format", "time"}]}: what `qmor eval` compares with the adapter
     # what a run that failed before its first checkpoint leaves behind: such a folder is started afresh, not refused
     LEFTOVERS = frozenset({CONFIG, METRICS, PLOT, LOFTQ_REPORT, LOG, CHECKPOINTS, TENSORBOARD})
 
@@ -89,6 +93,10 @@ class RunDir:
     def log(self) -> Path:
         return self.path / self.LOG
 
+    @property
+    def exports(self) -> Path:
+        return self.path / self.EXPORTS
+
     def checkpoint(self, step: int) -> Path:
         return self.checkpoints / f"step-{step:06d}"
 
@@ -126,6 +134,20 @@ class RunDir:
             return None
         ends = [e for e in self.read_events() if e.get("event") in ("start", "done", "stopped", "error")]
         return ends[-1].get("step") if ends and ends[-1]["event"] == "done" else None
+
+    def recorded_exports(self) -> list[dict]:
+        """The exports recorded in exports.json, newest last (an unreadable file counts as none)."""
+        try:
+            found = json.loads(self.exports.read_text()).get("exports", []) if self.exports.is_file() else []
+        except (OSError, json.JSONDecodeError, AttributeError):
+            return []
+        return [e for e in found if isinstance(e, dict) and isinstance(e.get("path"), str)]
+
+    def record_export(self, output: str | os.PathLike, fmt: str) -> None:
+        """Remember an export of this run (its absolute path), replacing an earlier record of the same folder."""
+        path = str(Path(output).resolve())
+        kept = [e for e in self.recorded_exports() if e["path"] != path]
+        save_json({"exports": [*kept, {"path": path, "format": fmt, "time": time.time()}]}, self.exports)
 
     # ------------------------------------------------------------------------------------------------ checkpoints
 

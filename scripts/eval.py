@@ -1,0 +1,17 @@
+"""Evaluate trained runs and their exports: the same command as `qmor eval` (qmor/commands/eval.py); --help lists
+its options."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+if __package__ in (None, ""):  # run from a checkout: its own qmor comes first
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from qmor.commands.eval import main, parse_args  # noqa: E402
+
+__all__ = ["main", "parse_args"]
+
+if __name__ == "__main__":
+    sys.exit(main())
