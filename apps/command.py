@@ -1,5 +1,5 @@
-"""Form values -> the exact `qmor train` command line (run as its script, scripts/finetune_4bit.py), so the app trains
-through the CLI's code; the flags come from the table in qmor/flags.py."""
+"""Form values -> the exact `qmor train` command line (run as `python -m qmor train`), so the app trains through the
+CLI's code; the flags come from the table in qmor/flags.py."""
 
 from __future__ import annotations
 
@@ -12,13 +12,7 @@ from qmor import hints
 from qmor.errors import QmorError
 from qmor.flags import FLAGS, by_key
 
-ROOT = Path(__file__).resolve().parents[1]
-# the scripts, not `python -m qmor`: a script puts its own tree's qmor first, so the job trains with the code the app
-# runs, whatever the working folder or the installed qmor
-TRAIN_SCRIPT = ROOT / "scripts" / "finetune_4bit.py"
-EXPORT_SCRIPT = ROOT / "scripts" / "export_fp16.py"
-EVAL_SCRIPT = ROOT / "scripts" / "eval.py"
-SUBCOMMAND = {TRAIN_SCRIPT: "train", EXPORT_SCRIPT: "export", EVAL_SCRIPT: "eval"}  # the `qmor` command each script is
+QMOR = [sys.executable, "-m", "qmor"]  # a job's command line up to the subcommand (its tree: jobs.start)
 
 # model and dataset come first, checked against the workspace; the run name becomes --output
 HEAD = {"model": model_arg, "dataset": dataset_arg}
@@ -46,33 +40,43 @@ def train_args(ws: Workspace, values: dict) -> list[str]:
             if bool(v) != flag.default:
                 args.append(flag.name if v else f"--no-{flag.name[2:]}")
             continue
-        args += [flag.name, _fmt(_whole(flag, v) if flag.kind is int else v)]
+        value = _whole(flag, v) if flag.kind is int else _number(flag, v) if flag.kind is float else v
+        args += [flag.name, _fmt(value)]
     return args
 
 
+def _number(flag, v) -> float:
+    """A form value as a number: an option the run decides is typed in a text box, so it may arrive as text."""
+    try:
+        return float(v)
+    except ValueError:
+        raise QmorError(f"{flag.label} must be a number or empty (auto), got {v!r}") from None
+
+
 def _whole(flag, v) -> int:
-    if float(v) != int(float(v)):  # cutting 8.5 to 8 would train something else than asked
+    number = _number(flag, v)
+    if number != int(number):  # cutting 8.5 to 8 would train something else than asked
         raise QmorError(f"{flag.label} must be a whole number, got {v}")
-    return int(float(v))
+    return int(number)
 
 
 def train_command(args: list[str]) -> list[str]:
-    return [sys.executable, str(TRAIN_SCRIPT), *args]
+    return [*QMOR, "train", *args]
 
 
 def resume_command(run: Path) -> list[str]:
-    return [sys.executable, str(TRAIN_SCRIPT), "--resume", "--output", short_path(str(run))]
+    return [*QMOR, "train", "--resume", "--output", short_path(str(run))]
 
 
 def export_command(run: Path, out: Path, flags: list[str], overwrite: bool) -> list[str]:
-    """The export script for a run; `flags` choose the format and its weights (`--format gguf --gguf-type q8_0`)."""
-    cmd = [sys.executable, str(EXPORT_SCRIPT), short_path(str(run)), "--output", short_path(str(out)), *flags]
+    """The export of a run; `flags` choose the format and its weights (`--format gguf --gguf-type q8_0`)."""
+    cmd = [*QMOR, "export", short_path(str(run)), "--output", short_path(str(out)), *flags]
     return cmd + (["--overwrite"] if overwrite else [])
 
 
 def eval_command() -> list[str]:
-    """The evaluation script, to which the runs and options are added."""
-    return [sys.executable, str(EVAL_SCRIPT)]
+    """The evaluation command, to which the runs and options are added."""
+    return [*QMOR, "eval"]
 
 
 def short_path(text: str) -> str:
@@ -84,9 +88,8 @@ def short_path(text: str) -> str:
 
 
 def shown(cmd: list[str]) -> str:
-    """The command as a user would type it in the folder the app runs in: the `qmor` command its script is (any
-    other script as it is run)."""
-    script, *args = cmd[1:]
-    if Path(script) not in SUBCOMMAND:
-        return shlex.join(["python", *map(short_path, cmd[1:])])
-    return hints.command(SUBCOMMAND[Path(script)], *map(short_path, args))
+    """The command as a user would type it in the folder the app runs in: `qmor ...` for qmor's own commands, any
+    other script as it is run."""
+    if cmd[: len(QMOR)] == QMOR:
+        return hints.command(*map(short_path, cmd[len(QMOR):]))
+    return shlex.join(["python", *map(short_path, cmd[1:])])

@@ -84,7 +84,7 @@ def exit_code(ws: Workspace, job: dict) -> int | None:
 
 def job_outputs(job: dict) -> tuple[list[Path], Path | None]:
     """The run folders and the comparison folder of an evaluation job, read back from its command."""
-    args = job["command"][2:]
+    args = job["command"][job["command"].index("eval") + 1:]  # after `python -m qmor eval`
     runs = [Path(a) for a in args[:next((i for i, a in enumerate(args) if a.startswith("--")), len(args))]]
     out = Path(args[args.index("--output") + 1]) if "--output" in args else None
     return runs, out

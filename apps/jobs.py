@@ -16,6 +16,7 @@ import threading
 import time
 from pathlib import Path
 
+import qmor
 from apps.command import shown
 from qmor.files import load_json, save_json
 
@@ -51,6 +52,13 @@ def _update(root: Path, pid: int, **fields) -> None:
         _save_jobs(root, jobs)
 
 
+def own_tree() -> dict:
+    """PYTHONPATH with the folder holding the app's own qmor first, so a job runs the code the app runs: the checkout
+    it was started from, or the installed package, whatever the working folder or another installed qmor."""
+    tree = str(Path(qmor.__file__).resolve().parents[1])
+    return {"PYTHONPATH": os.pathsep.join([tree, *filter(None, [os.environ.get("PYTHONPATH")])])}
+
+
 def start(root: Path, kind: str, cmd: list[str], log: Path, run_dir: Path, env: dict | None = None,
           log_in_run: bool = False) -> dict:
     """Start `cmd` with stdout and stderr appended to `log`; record it in the registry.
@@ -68,7 +76,7 @@ def start(root: Path, kind: str, cmd: list[str], log: Path, run_dir: Path, env: 
         out.flush()
     try:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                start_new_session=True, env={**os.environ, **(env or {})})
+                                start_new_session=True, env={**os.environ, **own_tree(), **(env or {})})
     finally:
         if out is not subprocess.DEVNULL:
             out.close()
@@ -108,11 +116,11 @@ def alive(root: Path, job: dict) -> bool:
         os.kill(pid, 0)
     except (ProcessLookupError, PermissionError):
         return False
-    # the pid may have been reused since a previous app run: check it is still our script
-    script = Path(job["command"][1]).name if len(job["command"]) > 1 else ""
+    # the pid may have been reused since a previous app run: check it still runs our command
+    ours = " ".join(job["command"][1:4])  # "-m qmor train": what the process's command line shows
     stat = Path(f"/proc/{pid}/stat")
     zombie = stat.is_file() and ") Z " in stat.read_text(errors="replace")
-    return not zombie and (not Path("/proc").is_dir() or script in _cmdline(pid))
+    return not zombie and (not Path("/proc").is_dir() or ours in _cmdline(pid))
 
 
 def latest(root: Path, kind: str) -> dict | None:

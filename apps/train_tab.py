@@ -26,7 +26,8 @@ SECTIONS = [(None, ("model",), 4), (None, ("data",), 4), (None, ("adapter",), 5)
             ("Training", ("training",), 6), ("Memory", ("memory",), 6)]
 FORM = [f for _, groups, _ in SECTIONS for g in groups for f in FLAGS if f.group == g and f.in_app]
 # every form field in the order the start/preview endpoints take them (the run name right after the model), with
-# its initial value: the training script's own defaults, so the untouched form runs exactly the CLI default
+# its initial value: the training script's own defaults, so the untouched form runs exactly the CLI default (an
+# option the run decides from the model and the data starts empty, or at "auto", and is left out of the command)
 FIELDS = {"model": None, "run_name": "", **{f.key: f.default for f in FORM}}
 # the options whose value decides which others apply ("family", "init"), each with those others
 DEPENDENTS = {key: [f for f in FORM if f.only_when and f.only_when[0] == key]
@@ -34,10 +35,8 @@ DEPENDENTS = {key: [f for f in FORM if f.only_when and f.only_when[0] == key]
 
 
 def _values(vals) -> dict:
-    v = dict(zip(FIELDS, vals, strict=True))
-    if v.get("device") == "auto":
-        v["device"] = None
-    return v
+    # "auto" leaves the flag out: every option's auto is its default, or what the run decides
+    return {k: None if x == "auto" else x for k, x in zip(FIELDS, vals, strict=True)}
 
 
 def _auto_name(v: dict) -> str:
@@ -52,9 +51,11 @@ def _dataset_choices(ws: Workspace) -> list[str]:
 def _widget(flag: Flag, choices: list[str] | None = None) -> gr.components.Component:
     """One row of the flag table as the widget its `shown_as` names, starting at the option's default."""
     kw = {"label": flag.label, "scale": flag.scale, "visible": flag.applies({})}
-    if flag.info:
-        kw["info"] = flag.info
     kind = flag.shown_as
+    if kind == "number" and flag.auto:  # a browser sends an emptied number as 0, so auto is an empty text box
+        return gr.Textbox("", placeholder=f"auto: {flag.auto}", **kw)
+    if flag.info or flag.auto:
+        kw["info"] = flag.info or f"auto: {flag.auto}"
     if kind == "checkbox":
         return gr.Checkbox(flag.default, **kw)
     if kind == "number":
@@ -63,8 +64,8 @@ def _widget(flag: Flag, choices: list[str] | None = None) -> gr.components.Compo
     if kind == "text":
         return gr.Textbox(flag.default, **kw)
     choices = list(flag.choices) if choices is None else choices
-    if kind == "radio":
-        return gr.Radio(choices, value=flag.default, **kw)
+    if kind == "radio":  # a radio cannot be emptied, so auto is one of its choices
+        return gr.Radio(["auto", *choices] if flag.auto else choices, value=flag.default or "auto", **kw)
     return gr.Dropdown(choices, value=flag.default, allow_custom_value=kind == "combo", **kw)
 
 
@@ -235,16 +236,21 @@ def _visibility(key: str):
     return show
 
 
-def _endpoint(fn, *bound, names: list[str] | None = None):
+def _endpoint(fn, *bound, fields: dict | None = None):
     """fn with its first arguments bound, as gradio reads it: the docstring describes the API endpoint and the
-    signature names its parameters (`names`, where fn takes *vals, which the API would call param_0, param_1, ...)."""
+    signature names its parameters (`fields`, where fn takes *vals, which the API would call param_0, param_1, ...,
+    each defaulting to its initial value: gradio makes a parameter whose widget starts empty, as an option the run
+    decides does, optional only when the signature gives it a default)."""
     def handler(*vals):
         return fn(*bound, *vals)
 
-    params = names if names is not None else list(inspect.signature(fn).parameters)[len(bound):]
+    kind = inspect.Parameter.POSITIONAL_OR_KEYWORD
+    if fields is None:
+        params = [inspect.Parameter(n, kind) for n in list(inspect.signature(fn).parameters)[len(bound):]]
+    else:
+        params = [inspect.Parameter(n, kind, default=value) for n, value in fields.items()]
     handler.__name__, handler.__doc__ = fn.__name__, fn.__doc__
-    handler.__signature__ = inspect.Signature(
-        [inspect.Parameter(n, inspect.Parameter.POSITIONAL_OR_KEYWORD) for n in params])
+    handler.__signature__ = inspect.Signature(params)
     return handler
 
 
@@ -253,7 +259,7 @@ def build(ws: Workspace, env: dict) -> dict:
     c, tools = _form(ws)
     p = _run_panel()
     inputs = [c[k] for k in FIELDS]
-    preview_fn = _endpoint(preview_command, ws, names=list(FIELDS))
+    preview_fn = _endpoint(preview_command, ws, fields=FIELDS)
     for key, flags in DEPENDENTS.items():
         c[key].change(_visibility(key), c[key], [c[f.key] for f in flags], api_visibility="private")
     for comp in inputs:
@@ -263,7 +269,7 @@ def build(ws: Workspace, env: dict) -> dict:
                                api_name="preview_data")
     tools["upload"].upload(_endpoint(uploaded, ws), tools["upload"], [c["dataset"], tools["preview_md"]],
                            api_name="upload_dataset")
-    p["start"].click(_endpoint(start, ws, env, names=list(FIELDS)), inputs, [p["status"], p["cmd_box"]],
+    p["start"].click(_endpoint(start, ws, env, fields=FIELDS), inputs, [p["status"], p["cmd_box"]],
                      api_name="start_training")
     p["stop"].click(_endpoint(stop, ws), None, p["status"], api_name="stop_training")
     p["resume"].click(_endpoint(resume, ws, env), None, [p["status"], p["cmd_box"]], api_name="resume_training")

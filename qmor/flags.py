@@ -3,7 +3,9 @@ builder (apps/) and the README's flag table (scripts/flags_table.py) are all bui
 
 A row names its flag, the TrainConfig field it sets, its type and help; its default is read from TrainConfig and
 its choices from where they are defined (the adapter registry, the data formats, the built-in tasks), so neither
-can drift. A new training option is a field in its config dataclass plus one row here.
+can drift. An option whose default depends on what is trained (None in TrainConfig) shows as `auto`, with how a run
+decides it (qmor/training/resolve.py); the app leaves it out of the command unless it is set. A new training option
+is a field in its config dataclass plus one row here.
 """
 
 from __future__ import annotations
@@ -16,11 +18,21 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from qmor.adapters import ADAPTERS, option_defaults, option_fields
-from qmor.config import EXPERT_ADAPTERS
+from qmor.config import EXPERT_ADAPTERS, AdapterConfig
 from qmor.data.pipeline import FILE_TYPES, FORMATS
 from qmor.data.tasks import NAMES as TASKS
 from qmor.errors import QmorError
-from qmor.training.config import ATTENTION, SCHEDULERS, TRACKERS, TrainConfig
+from qmor.training.config import (
+    ATTENTION,
+    DEMO_ADAPTER,
+    DEMO_RUN,
+    EFFECTIVE_BATCH,
+    EPOCHS,
+    MODEL_ADAPTER,
+    SCHEDULERS,
+    TRACKERS,
+    TrainConfig,
+)
 
 # where the app shows a row, in this order; the README's table follows the same order
 GROUPS = ("model", "data", "adapter", "family", "init", "training", "memory")
@@ -46,6 +58,7 @@ class Flag:
     maximum: float | None = None
     scale: int = 1  # the widget's relative width in its row of the form
     info: str = ""  # a hint under the app's widget
+    auto: str = ""  # how a run decides the value when it is not given ("": a fixed default); the default shows as auto
 
     @property
     def key(self) -> str:
@@ -53,7 +66,13 @@ class Flag:
 
     @property
     def default(self):
-        return default_of(self.field)
+        """The value a run gets when the flag is not given; None where the run decides it (`auto`)."""
+        return None if self.auto else default_of(self.field)
+
+    @property
+    def shown_default(self) -> str:
+        """The default as --help, the README and the app's hints show it."""
+        return f"auto: {self.auto}" if self.auto else str(self.default)
 
     @property
     def switch(self) -> bool:
@@ -95,7 +114,8 @@ class Flag:
 
 @functools.cache
 def _defaults() -> TrainConfig:
-    return TrainConfig()
+    # the adapter fields that are the same for every model (dropout, targets, ...); the others are auto
+    return TrainConfig(adapter=AdapterConfig())
 
 
 def default_of(field: str):
@@ -126,6 +146,12 @@ def family_uses() -> dict[str, tuple[str, ...]]:
     return uses
 
 
+def unscaled() -> str:
+    """Which families alpha does not scale, as the alpha flag's help says it."""
+    names = [name for name, spec in ADAPTERS.items() if not spec.scaled]
+    return f"not used by {', '.join(names)}" if names else "used by every family"
+
+
 def family_flags() -> list[Flag]:
     """The adapter families' own options, read from their declarations and shown with the family chosen; an option
     that several families declare (experts) is one flag."""
@@ -140,6 +166,21 @@ def family_flags() -> list[Flag]:
                           f.spec.label or key, choices=f.spec.choices, only_when=("family", uses[key]),
                           minimum=low if f.type is int else None))
     return flags
+
+
+def demo_or(demo, other) -> str:
+    """How an auto option is decided: the built-in demo's preset value, or what every other model gets."""
+    return f"tiny {f'{demo:g}' if isinstance(demo, float) else demo}; other models {other}"
+
+
+def rate(lr: float) -> str:
+    """2e-4, as learning rates are written."""
+    mantissa, exponent = f"{lr:e}".split("e")
+    return f"{mantissa.rstrip('0').rstrip('.')}e{int(exponent)}"
+
+
+def family_rates() -> str:
+    return ", ".join(f"{name} {rate(spec.lr)}" for name, spec in ADAPTERS.items())
 
 
 def _table() -> list[Flag]:
@@ -170,11 +211,13 @@ def _table() -> list[Flag]:
         Flag("--skip-bad", "data.skip_bad", bool, "skip malformed records (counted) instead of stopping", "data",
              "Skip bad records"),
         Flag("--family", "adapter.family", str, "adapter family", "adapter", "Adapter family", widget="radio",
-             choices=tuple(ADAPTERS), scale=3),
+             choices=tuple(ADAPTERS), scale=3, auto=demo_or(DEMO_ADAPTER["family"], MODEL_ADAPTER["family"])),
         Flag("--rank", "adapter.r", int, "adapter rank (MoRA: the LoRA rank whose parameter count it matches)",
-             "adapter", "Rank r", minimum=1, aliases=("--lora-r", "--lora-rank")),
-        Flag("--alpha", "adapter.alpha", float, "scale alpha / rank (not used by MoRA)", "adapter", "Alpha",
-             only_when=("family", family_uses()["alpha"]), aliases=("--lora-alpha",)),
+             "adapter", "Rank r", minimum=1, aliases=("--lora-r", "--lora-rank"),
+             auto=demo_or(DEMO_ADAPTER["r"], MODEL_ADAPTER["r"])),
+        Flag("--alpha", "adapter.alpha", float, f"scale alpha / rank ({unscaled()})", "adapter", "Alpha",
+             only_when=("family", family_uses()["alpha"]), aliases=("--lora-alpha",),
+             auto=demo_or(DEMO_ADAPTER["alpha"], "twice the rank")),
         Flag("--dropout", "adapter.dropout", float, "dropout on the adapter input", "adapter", "Dropout", minimum=0,
              maximum=0.99, aliases=("--lora-dropout",)),
         Flag("--targets", "adapter.targets", str, "all-linear (or all) | comma list of name suffixes (q_proj,v_proj) "
@@ -185,25 +228,31 @@ def _table() -> list[Flag]:
              choices=EXPERT_ADAPTERS),
         *family_flags(),
         Flag("--init", "adapter.init", str, "adapter initialisation", "init", "Initialisation", widget="radio",
-             choices=("loftq", "default")),
+             choices=("loftq", "default"), auto=demo_or(DEMO_ADAPTER["init"], MODEL_ADAPTER["init"])),
         Flag("--loftq-iters", "adapter.loftq_iters", int, "LoftQ alternations T", "init", "LoftQ iterations",
              only_when=("init", ("loftq",)), minimum=1),
         Flag("--lr", "lr", float, "peak learning rate (after the warmup)", "training", "Learning rate",
-             aliases=("--learning-rate",)),
+             aliases=("--learning-rate",), auto=demo_or(rate(DEMO_RUN["lr"]), f"the family's: {family_rates()}")),
         Flag("--lr-scheduler-type", "lr_scheduler_type", str, "learning rate schedule after the linear warmup "
              "(cosine: to zero at the last step; the others are transformers' get_scheduler)", "training",
              choices=SCHEDULERS),
         Flag("--epochs", "epochs", float, "passes over the data, used when --max-steps is 0", "training", "Epochs",
-             aliases=("--num-train-epochs",)),
-        Flag("--max-steps", "max_steps", int, "optimizer steps (0: from --epochs)", "training",
-             "Max steps (0 = by epochs)", minimum=0),
+             aliases=("--num-train-epochs",), auto=demo_or(DEMO_RUN["epochs"], f"{EPOCHS:g}")),
+        Flag("--max-steps", "max_steps", int, "optimizer steps (0: from --epochs; given with --epochs, it wins)",
+             "training", "Max steps (0 = by epochs)", minimum=0,
+             auto=f"tiny {DEMO_RUN['max_steps']} unless --epochs is given; otherwise 0 (by epochs)"),
         Flag("--batch-size", "batch_size", int, "sequences per micro-batch per process", "training", "Batch size",
-             minimum=1, aliases=("--per-device-train-batch-size",)),
+             minimum=1, aliases=("--per-device-train-batch-size",),
+             auto=demo_or(DEMO_RUN["batch_size"], f"the largest up to {EFFECTIVE_BATCH} that fits in free memory")),
         Flag("--grad-accum", "grad_accum", int, "micro-batches per optimizer step", "training", "Grad accumulation",
-             minimum=1, aliases=("--gradient-accumulation-steps",)),
+             minimum=1, aliases=("--gradient-accumulation-steps",),
+             auto=demo_or(DEMO_RUN["grad_accum"], f"{EFFECTIVE_BATCH} sequences per step / (batch size x processes), "
+                          "or 1 when --batch-size is given")),
         Flag("--max-len", "data.max_len", int, "tokens per sequence; longer examples are truncated (and counted), a "
              "data set with no example that fits is refused", "training", "Max length (tokens)", minimum=8,
-             aliases=("--max-length", "--cutoff-len", "--max-seq-length")),
+             aliases=("--max-length", "--cutoff-len", "--max-seq-length"),
+             auto=demo_or(DEMO_RUN["max_len"], "the longest tokenised example, within the model's context and what "
+                          "fits in free memory")),
         Flag("--warmup-ratio", "warmup_ratio", float, "share of steps with linear warmup", "training", "Warmup ratio"),
         Flag("--weight-decay", "weight_decay", float, "AdamW weight decay", "training", "Weight decay"),
         Flag("--max-grad-norm", "max_grad_norm", float, "gradient clipping norm (0: off)", "training",

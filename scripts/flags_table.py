@@ -34,8 +34,9 @@ def _row(flag: Flag) -> str:
         default = "on" if flag.default else "off"
     else:
         names = [flag.name, *flag.aliases]
-        default = f"`{flag.default}`" if flag.default not in ("", None) else ""
-    return f"| {', '.join(f'`{n}`' for n in names)} | {_cell(default)} | {_cell(flag.help_text())} |"
+        default = "auto" if flag.auto else f"`{flag.default}`" if flag.default not in ("", None) else ""
+    what = flag.help_text() + (f" (auto: {flag.auto})" if flag.auto else "")
+    return f"| {', '.join(f'`{n}`' for n in names)} | {_cell(default)} | {_cell(what)} |"
 
 
 def table() -> str:

@@ -68,7 +68,7 @@ class ScaledLoRA(nn.Module):
 
 TOY = Family(module=ScaledLoRA, options=ScaledOptions, scaled=False, merges=True, peft=ScaledLoRA.peft_factors,
              why_not="", keeps_input=True, saved_per_token=lambda d_in, d_out, cfg: cfg.r, check_shape=check_rank,
-             fitted=("U", "V"))
+             fitted=("U", "V"), lr=3e-4)
 
 
 @pytest.fixture(autouse=True)
@@ -169,6 +169,8 @@ def test_a_family_that_declares_too_little_fails_where_it_is_declared():
         Family(**declaration(options=Bare))
     with pytest.raises(TypeError, match="must say why_not"):
         Family(**declaration(merges=False))
+    with pytest.raises(TypeError, match="lr must be a positive float"):
+        Family(**declaration(lr=0.0))
     assert Family(**declaration(options=NoOptions)).options is NoOptions
 
 

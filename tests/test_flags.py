@@ -3,6 +3,7 @@ builder, and the README's table. Nothing here loads a model."""
 
 import dataclasses
 import sys
+import typing
 from pathlib import Path
 
 import pytest
@@ -27,8 +28,10 @@ TEXT_VALUES = {"model": "smollm2", "dataset": "reverse", "targets": "q_proj,v_pr
 
 
 def other_value(flag: Flag):
-    """A valid value for the flag that is not its default."""
+    """A valid value for the flag that is not its default (for an auto one: any valid value)."""
     d = flag.default
+    if d is None and flag.kind in (int, float):
+        d = flag.kind(8)
     if flag.switch:
         return not d
     if flag.choices and flag.shown_as != "combo":
@@ -50,9 +53,13 @@ def config_value(cfg: TrainConfig, field: str):
 
 
 def leaf_fields(cls=TrainConfig, prefix="") -> set[str]:
+    """Every field of the config, sections included by their type (a section may default to None: decided later)."""
     out = set()
+    hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
         sub = getattr(cls(), f.name)
+        if sub is None:
+            sub = next((t() for t in typing.get_args(hints[f.name]) if dataclasses.is_dataclass(t)), None)
         out |= leaf_fields(type(sub), f"{prefix}{f.name}.") if dataclasses.is_dataclass(sub) else {prefix + f.name}
     return out
 
@@ -77,6 +84,9 @@ def test_every_config_field_has_one_flag_and_rows_are_well_formed():
     assert len(names) == len(set(names)) and len(by_key()) == len(FLAGS)
     for f in FLAGS:
         assert f.group in GROUPS and f.shown_as in WIDGETS and f.help, f
+        if f.auto:  # decided by the run: None in TrainConfig, shown as auto
+            assert f.default is None and f.shown_default == f"auto: {f.auto}", f
+            continue
         assert isinstance(f.default, f.kind) or f.kind is float and isinstance(f.default, int), f
         if f.choices and f.shown_as in ("dropdown", "radio"):
             assert f.default in f.choices, f
@@ -123,6 +133,8 @@ def test_app_command_round_trips_through_the_cli(family, init, tmp_path):
     args = command.train_args(ws, values)
     cfg = finetune_4bit.build_config(finetune_4bit.parser().parse_args(args))
     for f in shown:
+        if f.auto and not f.applies(values):  # left out, so the run decides it (MoRA's alpha)
+            continue
         want = f.to_config(values[f.key]) if f.applies(values) else f.default
         assert all(config_value(cfg, field) == want for field in (f.field, *f.also)), (f.key, args)
     assert cfg.output == str(ws.runs / "r")
@@ -143,10 +155,24 @@ def test_form_fields_are_the_table_rows_shown_in_the_app():
 
     assert list(train_tab.FIELDS)[:2] == ["model", "run_name"]
     assert set(train_tab.FIELDS) == {f.key for f in FLAGS if f.in_app} | {"run_name"}
-    assert all(train_tab.FIELDS[k] == default_of(by_key()[k].field) for k in train_tab.FIELDS if k != "run_name")
+    assert all(train_tab.FIELDS[k] == by_key()[k].default for k in train_tab.FIELDS if k != "run_name")
     assert {f.key for f in train_tab.DEPENDENTS["family"]} == {
         "alpha", "mora_kind", "experts", "top_k", "capacity_factor", "expert_dropout", "aux_loss_weight"}
     assert [f.key for f in train_tab.DEPENDENTS["init"]] == ["loftq_iters"]
+
+
+def test_the_untouched_form_leaves_what_depends_on_the_model_to_the_run(tmp_path):
+    """The form starts every auto option empty (its radios at auto), and such an option stays out of the command, so
+    the run decides it as the CLI's would: the demo's preset on tiny, a model's defaults on any other."""
+    from apps import train_tab
+
+    ws = make_workspace(tmp_path / "ws", restrict=False)
+    radios = {f.key for f in FLAGS if f.auto and f.shown_as == "radio"}
+    assert radios == {"family", "init"}
+    form = train_tab._values(["auto" if k in radios else v for k, v in train_tab.FIELDS.items()])
+    args = command.train_args(ws, {**form, "model": "smollm2", "dataset": "uuid", "run_name": "r"})
+    auto = [f.name for f in FLAGS if f.auto]
+    assert len(auto) == 10 and not set(auto) & set(args), args
 
 
 def test_app_endpoint_names_its_parameters_and_uploads_only_what_training_reads(tmp_path):

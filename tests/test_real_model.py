@@ -53,10 +53,10 @@ def facts(tmp_path_factory):
 
 def run(out, facts, family, lr, init):
     # two target layers, short rows and a dozen steps keep a run near a minute on two CPU cores
-    cfg = TrainConfig(model="smollm2", output=str(out), lr=lr, max_steps=STEPS, batch_size=4, warmup_ratio=0.0,
-                      adapter=AdapterConfig(family=family, r=8, init=init, targets=["q_proj", "v_proj"]),
-                      data=DataConfig(source=str(facts), max_len=64), log_steps=4, save_steps=0, eval_generate=0,
-                      device="cpu")
+    adapter = AdapterConfig(family=family, r=8, init=init, targets=["q_proj", "v_proj"])
+    cfg = TrainConfig(model="smollm2", output=str(out), lr=lr, max_steps=STEPS, batch_size=4, grad_accum=1,
+                      warmup_ratio=0.0, adapter=adapter, data=DataConfig(source=str(facts), max_len=64), log_steps=4,
+                      save_steps=0, eval_generate=0, device="cpu")
     return train(cfg)
 
 

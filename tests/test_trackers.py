@@ -18,8 +18,9 @@ def cache(tmp_path, monkeypatch):
 
 
 def config(tiny_dir, out, **kw) -> TrainConfig:
-    return TrainConfig(model=str(tiny_dir), output=str(out), max_steps=4, batch_size=4, log_steps=1, eval_steps=2,
-                       eval_generate=0, device="cpu", adapter=AdapterConfig(family="lora", r=4, init="default"),
+    return TrainConfig(model=str(tiny_dir), output=str(out), lr=5e-3, max_steps=4, batch_size=4, log_steps=1,
+                       eval_steps=2, eval_generate=0, device="cpu",
+                       adapter=AdapterConfig(family="lora", r=4, init="default"),
                        data=DataConfig(source="uuid", num_examples=8, max_len=80, val_size=2), **kw)
 
 

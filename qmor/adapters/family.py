@@ -121,6 +121,7 @@ class Family:
     # adapt, in one line naming the layer
     fitted: tuple[str, ...]  # the parameters `fit` sets: LoftQ caches these, so the others (a router) keep the
     # run's own seeded init whether the LoftQ init was computed or loaded
+    lr: float  # the peak learning rate of a run that leaves it unset (any model but the built-in tiny demo)
 
     def __post_init__(self) -> None:
         name = getattr(self.module, "__name__", repr(self.module))
@@ -141,5 +142,7 @@ class Family:
         for part in ("saved_per_token", "check_shape"):
             if not callable(getattr(self, part)):
                 raise TypeError(f"family {name}: {part} must be a function")
+        if not (isinstance(self.lr, float) and self.lr > 0):
+            raise TypeError(f"family {name}: lr must be a positive float, the default learning rate, e.g. 2e-4")
         if not self.fitted or not all(isinstance(k, str) for k in self.fitted):
             raise TypeError(f"family {name}: fitted must name the parameters its fit sets, e.g. ('A', 'B')")

@@ -161,4 +161,5 @@ FAMILY = Family(module=MoRA, options=MoRAOptions, scaled=False, merges=True, pef
                 why_not="is not a low-rank adapter (its ΔW is a full-rank compress-M-decompress product), so PEFT's "
                 "LoRA format cannot hold it exactly",
                 keeps_input=False, saved_per_token=MoRA.saved_per_token, check_shape=check_shape,
-                fitted=("M",))
+                fitted=("M",),
+                lr=4e-4)  # twice LoRA's: on SmolLM2 it memorised best at twice LoRA's best rate (docs/experiments.md)

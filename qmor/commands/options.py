@@ -40,8 +40,8 @@ def add_flags(p: argparse.ArgumentParser, flags: Iterable[Flag], defaults: dict 
     result, so they override a config file. The help shows the default, or the command's own from `defaults`."""
     defaults = defaults or {}
     for flag in flags:
-        default = defaults.get(flag.key, flag.default)
-        shown = f" (default: {default})" if default not in ("", None) else ""
+        default = str(defaults[flag.key]) if flag.key in defaults else flag.shown_default
+        shown = f" (default: {default})" if default else ""
         kind = {"action": Switch} if flag.switch else {"action": Store, "type": flag.kind}
         p.add_argument(flag.name, *flag.aliases, dest=flag.key, default=argparse.SUPPRESS,
                        help=flag.help_text() + shown, **kind)

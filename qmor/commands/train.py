@@ -2,10 +2,13 @@
 
 With no arguments: the built-in default. A tiny Llama-style model built in code memorises random UUID pairs (the
 MoRA paper's task) with a MoRA adapter on a LoftQ-initialised 4-bit base; offline, a couple of minutes on a CPU.
-`qmor train` and `python scripts/finetune_4bit.py` are the same command.
+Any other model gets LoRA r16 on every linear at its family's learning rate for 3 epochs, sequences as long as the
+longest example and 8 per step in micro-batches that fit; flags left out show as auto, and the run prints what it
+decided and why. `qmor train` and `python scripts/finetune_4bit.py` are the same command.
 
     qmor train
-    qmor train --model meta-llama/Llama-2-7b-hf --dataset data.jsonl --family lora --rank 16
+    qmor train --model meta-llama/Llama-2-7b-hf --dataset data.jsonl
+    qmor train --model meta-llama/Llama-2-7b-hf --dataset data.jsonl --family mora --epochs 1 --max-len 2048
     qmor train --config run.yaml --lr 1e-4        # flags override the config file
     qmor train --learning_rate 1e-4 --lora_r 16    # transformers' / LLaMA-Factory's names are aliases
     qmor train --resume --output runs/NAME         # continue from the latest checkpoint
@@ -26,8 +29,8 @@ os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
 from qmor.commands import USER_ERRORS, fail  # noqa: E402
 from qmor.commands.options import add_flags, parse  # noqa: E402
 from qmor.errors import QmorError  # noqa: E402
-from qmor.flags import FLAGS, by_key, default_of, nest_config  # noqa: E402
-from qmor.training.config import from_json, read_config_file  # noqa: E402
+from qmor.flags import FLAGS, by_key, nest_config  # noqa: E402
+from qmor.training.config import TrainConfig, adapter_for, from_json, read_config_file  # noqa: E402
 
 
 def parser(prog: str | None = None) -> argparse.ArgumentParser:
@@ -51,7 +54,8 @@ def build_config(args: argparse.Namespace, under: dict | None = None):
         data[key] = {**value, **mine} if isinstance(value, dict) and isinstance(mine, dict) else mine
     given = vars(args)
     adapter = data.get("adapter")
-    written_for = adapter.get("family", default_of("adapter.family")) if isinstance(adapter, dict) else None
+    model = given.get("model", data.get("model", TrainConfig.model))
+    written_for = adapter.get("family", adapter_for(model).family) if isinstance(adapter, dict) else None
     if written_for and given.get("family", written_for) != written_for:
         adapter.pop("options", None)  # the file's options are its own family's, not the one --family picks
     for flag in FLAGS:

@@ -41,8 +41,9 @@ from qmor.errors import QmorError
 from qmor.model.files import cache_root
 from qmor.version import __version__
 
-__all__ = ["FILE_TYPES", "FORMATS", "DataConfig", "DataStats", "build_datasets", "collate", "data_notes",
-           "detect_format", "empty_warning", "load_records", "pack", "preview", "prompt_text", "to_messages"]
+__all__ = ["FILE_TYPES", "FORMATS", "DataConfig", "DataStats", "Examples", "build_datasets", "collate", "data_notes",
+           "detect_format", "empty_warning", "load_records", "pack", "prepare", "preview", "prompt_text",
+           "read_examples", "to_messages"]
 
 TOKENISER_VERSION = 1  # part of the cache key: raise it when a change here would change the tokens of a record
 QUIET_BELOW = 5000  # records; smaller sets are tokenised without a progress bar
@@ -59,8 +60,9 @@ class DataConfig:
     subset: str = ""  # a Hub dataset's configuration (load_dataset's name), e.g. main for openai/gsm8k
     columns: str = ""  # the dataset's columns mapped onto qmor's fields, "prompt=question,completion=answer" (a
     # config file may give a mapping, {prompt: question, completion: answer}, kept in this written form)
-    max_len: int = 128  # tokens per training sequence; longer examples are truncated (and counted), but a data set
-    # whose every example is longer is refused: that max_len is almost certainly a mistake
+    max_len: int | None = 128  # tokens per training sequence; longer examples are truncated (and counted), but a
+    # data set whose every example is longer is refused: that max_len is almost certainly a mistake. None: the
+    # longest example (training caps it: qmor/training/resolve.py)
     train_on_prompt: bool = False  # also train on system/user/prompt tokens (default: responses only)
     packing: bool = False  # concatenate training examples into sequences of up to max_len tokens
     val_size: float = 0.0  # fraction (<1) or count (>=1) of examples held out for eval loss
@@ -76,7 +78,9 @@ class DataConfig:
             raise QmorError(f"split must be a split name such as train, got {self.split!r}; pass e.g. --split train")
         if self.format != "auto" and self.format not in FORMATS:
             raise QmorError(f"unknown data format {self.format!r}; use auto or one of {', '.join(FORMATS)}")
-        check_range("max_len", self.max_len, "an integer of at least 8 tokens", 8, None, "--max-len 512", integer=True)
+        if self.max_len is not None:
+            check_range("max_len", self.max_len, "an integer of at least 8 tokens", 8, None, "--max-len 512",
+                        integer=True)
         check_range("val_size", self.val_size, ">= 0 (a fraction like 0.1 or a count like 200)", 0.0, None,
                     "--val-size 0.1")
         check_range("num_examples", self.num_examples, "an integer >= 0 (0: the task's default)", 0, None,
@@ -301,12 +305,29 @@ def pack(examples: list[dict], max_len: int) -> list[dict]:
     return rows
 
 
-def build_datasets(tokenizer, cfg: DataConfig) -> tuple[list[dict], list[dict], DataStats]:
-    """Train and validation examples `{"input_ids", "labels"}` (labels -100 where no loss), and their stats.
+@dataclass
+class Examples:
+    """A data set tokenised, before any length is chosen: the examples kept, where each came from, whether its
+    replies are empty, and what reading it found."""
 
-    Examples longer than `max_len` are truncated (counted); those left without any label are dropped (counted).
-    The validation split is drawn from the examples with `random.Random(seed)`; only training examples are packed.
-    """
+    examples: list[dict]  # {"input_ids", "labels"}, whole
+    locs: list[str]  # where each came from ("data.jsonl line 3")
+    empty: list[bool]  # whether its trained replies are all empty
+    format: str  # the format the records were read as
+    template: str  # "tokenizer", "chatml-fallback", or "none" (plain text)
+    skipped: int  # bad records skipped
+    columns: list[str]  # the source's columns, for the messages that suggest a mapping
+    cache_file: str  # the tokenised records, cached (Dataset.map's file)
+    from_cache: bool  # whether they were read back from it
+
+    @property
+    def longest(self) -> int:
+        return max(len(e["input_ids"]) for e in self.examples)
+
+
+def read_examples(tokenizer, cfg: DataConfig) -> Examples:
+    """Every usable record of the source tokenised with its loss mask; a bad record stops here (with skip_bad, it is
+    counted instead)."""
     src, renamed = _open(cfg)
     first = _first_records(src, renamed, 1)
     if not first:
@@ -328,40 +349,56 @@ def build_datasets(tokenizer, cfg: DataConfig) -> tuple[list[dict], list[dict], 
                             f"(--skip-bad)")
     skipped = src.skipped + len(bad)
     keep = [i for i, e in enumerate(errors) if not e]
-    ids, labels, empty_flags = (table.column(c).to_pylist() for c in ("input_ids", "labels", "empty"))
-    examples = [{"input_ids": ids[i], "labels": labels[i]} for i in keep]
-    kept_locs = [locs[i] for i in keep]
-    if not examples:
+    if not keep:
         raise QmorError(f"every record of {cfg.source} was bad ({skipped} skipped); check the format ({fmt})")
-    lengths = [len(e["input_ids"]) for e in examples]
-    if min(lengths) > cfg.max_len:
+    ids, labels, empty = (table.column(c).to_pylist() for c in ("input_ids", "labels", "empty"))
+    return Examples(examples=[{"input_ids": ids[i], "labels": labels[i]} for i in keep], locs=[locs[i] for i in keep],
+                    empty=[empty[i] for i in keep], format=fmt,
+                    template="none" if fmt == "text" else template_name(tokenizer), skipped=skipped,
+                    columns=src.columns, cache_file=cache_file, from_cache=from_cache)
+
+
+def prepare(data: Examples, cfg: DataConfig) -> tuple[list[dict], list[dict], DataStats]:
+    """Train and validation examples `{"input_ids", "labels"}` (labels -100 where no loss), and their stats.
+
+    Examples longer than `max_len` (None: the longest) are truncated (counted); those left without any label are
+    dropped (counted). The validation split is drawn with `random.Random(seed)`; only training examples are packed.
+    """
+    max_len = cfg.max_len or data.longest
+    lengths = [len(e["input_ids"]) for e in data.examples]
+    if min(lengths) > max_len:
         i = lengths.index(min(lengths))
-        raise QmorError(f"every example of {cfg.source} is longer than max_len={cfg.max_len} tokens (shortest: "
-                        f"{lengths[i]} tokens, {kept_locs[i]}); raise max_len to at least {lengths[i]}")
-    n_truncated = sum(n > cfg.max_len for n in lengths)
-    cut = [{"input_ids": e["input_ids"][: cfg.max_len], "labels": e["labels"][: cfg.max_len]} for e in examples]
+        raise QmorError(f"every example of {cfg.source} is longer than max_len={max_len} tokens (shortest: "
+                        f"{lengths[i]} tokens, {data.locs[i]}); raise max_len to at least {lengths[i]}")
+    n_truncated = sum(n > max_len for n in lengths)
+    cut = [{"input_ids": e["input_ids"][:max_len], "labels": e["labels"][:max_len]} for e in data.examples]
     trained = [j for j, e in enumerate(cut) if any(t != -100 for t in e["labels"])]
     if not trained:
-        raise QmorError(f"{cfg.source}: no example keeps a response token within max_len={cfg.max_len}; raise "
+        raise QmorError(f"{cfg.source}: no example keeps a response token within max_len={max_len}; raise "
                         f"max_len or shorten the prompts")
     kept = [cut[j] for j in trained]
-    empty = [kept_locs[j] for j in trained if empty_flags[keep[j]]]  # kept when others have replies, but counted
+    empty = [data.locs[j] for j in trained if data.empty[j]]  # kept when others have replies, but counted
     if len(empty) == len(kept):
-        raise no_replies(cfg.source, fmt, len(kept), src.columns)
+        raise no_replies(cfg.source, data.format, len(kept), data.columns)
     idx = list(range(len(kept)))
     random.Random(cfg.seed).shuffle(idx)
     n_val = _val_count(cfg.val_size, len(kept), cfg.source)
     val_idx = set(idx[:n_val])
     train = [e for i, e in enumerate(kept) if i not in val_idx]
     val = [kept[i] for i in sorted(val_idx)]
-    rows = pack(train, cfg.max_len) if cfg.packing else train
+    rows = pack(train, max_len) if cfg.packing else train
     stats = DataStats(
-        format=fmt, template="none" if fmt == "text" else template_name(tokenizer), n_records=len(examples),
-        n_skipped=skipped, n_truncated=n_truncated, n_dropped=len(cut) - len(kept), n_train=len(rows),
-        n_train_examples=len(train), n_val=len(val), n_tokens=sum(len(e["input_ids"]) for e in train),
-        n_label_tokens=sum(t != -100 for e in train for t in e["labels"]), packed=cfg.packing,
-        n_empty=len(empty), empty_at=empty[:NAMED], cache_file=cache_file, from_cache=from_cache)
+        format=data.format, template=data.template, n_records=len(data.examples), n_skipped=data.skipped,
+        n_truncated=n_truncated, n_dropped=len(cut) - len(kept), n_train=len(rows), n_train_examples=len(train),
+        n_val=len(val), n_tokens=sum(len(e["input_ids"]) for e in train),
+        n_label_tokens=sum(t != -100 for e in train for t in e["labels"]), packed=cfg.packing, n_empty=len(empty),
+        empty_at=empty[:NAMED], cache_file=data.cache_file, from_cache=data.from_cache)
     return rows, val, stats
+
+
+def build_datasets(tokenizer, cfg: DataConfig) -> tuple[list[dict], list[dict], DataStats]:
+    """`read_examples`, then `prepare`: the train and validation examples and their stats."""
+    return prepare(read_examples(tokenizer, cfg), cfg)
 
 
 def collate(examples: list[dict], pad_id: int) -> dict[str, torch.Tensor]:

@@ -35,6 +35,17 @@ from qmor.model.fingerprint import check_base, record
 from qmor.model.quant import compute_dtype, keep_plain_layout, storage_dtype
 
 
+def model_config(name_or_path: str, trust_remote_code: bool = False):
+    """The model's config, read as loading reads it; a model qmor cannot train is refused here, before any weight
+    is read."""
+    try:
+        config = AutoConfig.from_pretrained(load_path(name_or_path), trust_remote_code=trust_remote_code)
+    except LOAD_ERRORS as e:
+        raise load_failed(name_or_path, e) from None
+    support.refuse_transposed(config, trust_remote_code)
+    return config
+
+
 def load_4bit(
     name_or_path: str,
     cfg: QuantConfig = QuantConfig(),
@@ -55,11 +66,7 @@ def load_4bit(
     if cfg.blocksize != 64:
         raise QmorError("transformers loads NF4 with block size 64 only; set QuantConfig.blocksize = 64")
     source = load_path(name_or_path)
-    try:
-        config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
-    except LOAD_ERRORS as e:
-        raise load_failed(name_or_path, e) from None
-    support.refuse_transposed(config, trust_remote_code)
+    config = model_config(name_or_path, trust_remote_code)
     try:
         with moe.experts_left_out(config):  # MoE experts are read and quantised expert by expert below
             model = AutoModelForCausalLM.from_pretrained(

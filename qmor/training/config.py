@@ -2,6 +2,10 @@
 
 The run folder's config.json is `to_json(cfg)`; a config file (`--config`, YAML or JSON) has the same layout, so a
 finished run's config.json can start the next run. Only the keys present are changed; the rest keep their defaults.
+
+A field left None depends on what is trained and is decided at the start of the run (qmor/training/resolve.py): the
+built-in tiny demo keeps its preset (`DEMO_ADAPTER`, `DEMO_RUN`), every other model gets `MODEL_ADAPTER`, its
+family's learning rate, `EPOCHS`, a length from its data and a batch that fits. config.json holds the values decided.
 """
 
 from __future__ import annotations
@@ -33,27 +37,49 @@ def check_choice(name: str, value, choices: tuple[str, ...]) -> None:
                         f"pass e.g. --{name.replace('_', '-')} {close[0] if close else choices[0]}")
 
 
-def default_adapter() -> AdapterConfig:
-    # the built-in default: the MoRA paper's UUID memorisation with MoRA on a LoftQ-initialised 4-bit base
-    return AdapterConfig(family="mora", r=8, init="loftq")
+DEMO = "tiny"  # the built-in demo model (the run with no arguments), whose runs keep the preset below
+# the demo's preset: the MoRA paper's UUID memorisation with MoRA on a LoftQ-initialised 4-bit base, a couple of
+# minutes on a CPU
+DEMO_ADAPTER = {"family": "mora", "r": 8, "alpha": 16.0, "init": "loftq"}
+DEMO_RUN = {"lr": 5e-3, "epochs": 1.0, "max_steps": 120, "batch_size": 16, "grad_accum": 1, "max_len": 96}
+# every other model: what a peft, TRL, LLaMA-Factory or unsloth user expects (README "Training" says why each)
+MODEL_ADAPTER = {"family": "lora", "r": 16, "init": "loftq"}  # alpha: twice the rank (adapter_for)
+EPOCHS = 3.0  # passes over the data: transformers' and TRL's default, LLaMA-Factory's recipes
+EFFECTIVE_BATCH = 8  # sequences per optimizer step, as micro-batches times gradient accumulation
+
+
+def is_demo(model: str) -> bool:
+    return model == DEMO
+
+
+def adapter_for(model: str, given: dict | None = None) -> AdapterConfig:
+    """The adapter of a run on `model`: the fields `given` (a config file's section, flags), the others the model's
+    default: the demo's preset, or LoRA r16 with alpha twice the rank."""
+    fields = {**(DEMO_ADAPTER if is_demo(model) else MODEL_ADAPTER), **(given or {})}
+    if isinstance(fields["r"], int):  # a rank that is no integer is refused by AdapterConfig, naming it
+        fields.setdefault("alpha", 2.0 * fields["r"])  # LLaMA-Factory's rule: the scale alpha / r stays 2 at any rank
+    return AdapterConfig.from_dict(fields)
 
 
 def default_data() -> DataConfig:
-    return DataConfig(source="uuid", num_examples=32, max_len=96)
+    return DataConfig(source="uuid", num_examples=32, max_len=None)
 
 
 @dataclass
 class TrainConfig:
     model: str = "tiny"  # built-in "tiny" or "smollm2" (qmor/model/files.py), a local Hugging Face folder, or a hub id
     output: str = ""  # run folder; empty: runs/<timestamp>
-    adapter: AdapterConfig = field(default_factory=default_adapter)  # family, rank, targets, init (qmor.config)
+    adapter: AdapterConfig | None = None  # family, rank, targets, init (qmor.config); None: the model's default
     quant: QuantConfig = field(default_factory=QuantConfig)  # NF4 block size, double quantisation, compute dtype
     data: DataConfig = field(default_factory=default_data)  # source, format, max_len, packing (data.pipeline)
-    lr: float = 5e-3  # peak learning rate (after warmup), cosine decay to zero
-    epochs: float = 1.0  # passes over the training set, used when max_steps is 0
-    max_steps: int = 120  # optimizer steps; 0: derived from epochs
-    batch_size: int = 16  # sequences per micro-batch per process
-    grad_accum: int = 1  # micro-batches per optimizer step
+    lr: float | None = None  # peak learning rate (after warmup), cosine decay to zero; None: the demo's or the family's
+    epochs: float | None = None  # passes over the training set, used when max_steps is 0; None: the demo's 1, or 3
+    max_steps: int | None = None  # optimizer steps; 0: derived from epochs; None: the demo's 120 (unless epochs are
+    # given), else 0
+    batch_size: int | None = None  # sequences per micro-batch per process; None: the demo's 16, else the largest up
+    # to EFFECTIVE_BATCH that fits in free memory
+    grad_accum: int | None = None  # micro-batches per optimizer step; None: the demo's 1, else EFFECTIVE_BATCH over
+    # the sequences a micro-batch of every process holds
     warmup_ratio: float = 0.05  # share of the steps with a linear warmup from zero
     weight_decay: float = 0.0  # AdamW weight decay on the adapter parameters
     max_grad_norm: float = 1.0  # clip the gradient norm to this (0: no clipping)
@@ -76,11 +102,14 @@ class TrainConfig:
         for name in ("max_steps", "grad_accum", "batch_size", "loss_chunk", "save_steps", "eval_steps", "log_steps",
                      "eval_generate", "keep_checkpoints", "seed"):
             low = 1 if name in ("grad_accum", "batch_size", "loss_chunk", "log_steps", "keep_checkpoints") else 0
-            check_range(name, getattr(self, name), f"an integer >= {low}", low, None,
-                        f"--{name.replace('_', '-')} {max(low, 1)}", integer=True)
+            if getattr(self, name) is not None:  # None: decided when the run starts
+                check_range(name, getattr(self, name), f"an integer >= {low}", low, None,
+                            f"--{name.replace('_', '-')} {max(low, 1)}", integer=True)
         # nan and infinity pass every comparison check silently, so each float is checked for being finite too
-        check_range("lr", self.lr, "positive and finite", 0.0, None, "--lr 2e-4", open_low=True)
-        check_range("epochs", self.epochs, "positive and finite", 0.0, None, "--epochs 1", open_low=True)
+        if self.lr is not None:
+            check_range("lr", self.lr, "positive and finite", 0.0, None, "--lr 2e-4", open_low=True)
+        if self.epochs is not None:
+            check_range("epochs", self.epochs, "positive and finite", 0.0, None, "--epochs 1", open_low=True)
         if not (isinstance(self.warmup_ratio, int | float) and 0 <= self.warmup_ratio < 1):
             raise QmorError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio!r}; pass e.g. --warmup-ratio 0.05")
         check_range("weight_decay", self.weight_decay, ">= 0", 0.0, None, "--weight-decay 0")
@@ -92,7 +121,8 @@ class TrainConfig:
             check_choice("report_to", name.strip(), TRACKERS)
         if "/" not in self.attn_implementation:  # "org/kernel" names a hub kernel, which transformers checks
             check_choice("attn_implementation", self.attn_implementation, ATTENTION)
-        check_trainable(self.adapter)  # a run trains, resumed or not
+        if self.adapter is not None:
+            check_trainable(self.adapter)  # a run trains, resumed or not
 
 
 def to_json(cfg: TrainConfig) -> dict:
@@ -113,10 +143,10 @@ def from_json(data: dict) -> TrainConfig:
         section = data.get(name, {})
         if not isinstance(section, dict):
             raise QmorError(f"config key {name!r} must be a mapping of {cls.__name__} fields, got {section!r}")
-        base = to_dict(getattr(defaults, name))
-        if name == "adapter" and section.get("family", base["family"]) != base["family"]:
-            del base["options"]  # the default's options are its own family's
-        data[name] = from_dict(cls, {**base, **section})
+        if name == "adapter":  # the fields not given are the model's default
+            data[name] = adapter_for(data.get("model", defaults.model), section) if section else None
+        else:
+            data[name] = from_dict(cls, {**to_dict(getattr(defaults, name)), **section})
     return TrainConfig(**data)
 
 

@@ -1,10 +1,12 @@
 """The training loop: a 4-bit base with a trainable adapter, on accelerate (one device, or data parallel under
 `accelerate launch` / `torchrun`), with chunked loss, checkpoints, resume and a metrics log the app polls.
 
-Two entry points: `train(cfg)` starts a run, `resume(run_dir)` continues one with its own saved config. Both hand a
-`Training` its folder; read it top to bottom: load data and model (bad data stops here, before any output exists),
-create the run folder, set up optimizer and schedule, then step (micro-batches -> chunked loss -> backward -> clip ->
-optimizer -> schedule), log, evaluate, checkpoint, and finish with the final adapter.
+Two entry points: `train(cfg)` starts a run, deciding what its config leaves unset (qmor/training/resolve.py);
+`resume(run_dir)` continues one with its own saved config. Both hand a `Training` its folder; read it top to bottom:
+load the data, decide the length and batch against the free memory and load the model (bad data, or settings that
+cannot fit, stop here, before any output exists), create the run folder, set up optimizer and schedule, then step
+(micro-batches -> chunked loss -> backward -> clip -> optimizer -> schedule), log, evaluate, checkpoint, and finish
+with the final adapter.
 """
 
 from __future__ import annotations
@@ -28,21 +30,22 @@ from qmor import hints
 from qmor.adapters import check_family
 from qmor.adapters.attach import aux_loss, count_parameters, save_adapter
 from qmor.data.packing import check_documents_apart
-from qmor.data.pipeline import build_datasets, collate, data_notes, empty_warning
+from qmor.data.pipeline import collate, data_notes, empty_warning, prepare, read_examples
 from qmor.data.template import template_text
 from qmor.errors import QmorError
 from qmor.files import save_json
 from qmor.model.files import expand_builtin
-from qmor.model.load import load_for_training, load_tokenizer, load_trained
+from qmor.model.load import load_for_training, load_tokenizer, load_trained, model_config
 from qmor.model.moe import unadapted_experts
 from qmor.model.quant import paged_adamw_8bit
-from qmor.plan import GIB, Plan, estimate
+from qmor.plan import GIB, Plan, estimate, geometry
 from qmor.training import fsdp, measure, trackers
 from qmor.training.checkpoint import ADAPTER, load_checkpoint, rng_state, save_checkpoint
-from qmor.training.config import TrainConfig, planner_attention, to_json
+from qmor.training.config import TrainConfig, to_json
 from qmor.training.evaluate import eval_loss, score_task
 from qmor.training.loss import ChunkedLoss, enable_checkpointing
 from qmor.training.metrics import MetricsLog
+from qmor.training.resolve import Room, Settings, available, context_of, fit, length_note, plan_options, settle
 from qmor.training.run_dir import RunDir
 
 OnStep = Callable[[int, torch.nn.Module], None]
@@ -142,13 +145,15 @@ def default_output(accelerator) -> str:
 
 
 def train(cfg: TrainConfig, on_step: OnStep | None = None) -> dict:
-    """Train a new run into cfg.output (empty: runs/<timestamp>); returns the final figures. `on_step(step, model)`
-    is called on every process after each optimizer step (tests use it to compare data-parallel replicas)."""
+    """Train a new run into cfg.output (empty: runs/<timestamp>); returns the final figures. What `cfg` leaves unset
+    (None) is decided here and in `Training.load`. `on_step(step, model)` is called on every process after each
+    optimizer step (tests use it to compare data-parallel replicas)."""
+    cfg, settings = settle(cfg)  # before anything loads, so a bad setting is one line and nothing else
     accelerator = make_accelerator(cfg.device, cfg)
     run_dir = RunDir(cfg.output or default_output(accelerator))
     cfg.output = str(run_dir)
     restart = run_dir.check_fresh()
-    return Training(cfg, run_dir, accelerator, on_step).run(checkpoint=None, restart=restart)
+    return Training(cfg, run_dir, accelerator, on_step, settings).run(checkpoint=None, restart=restart)
 
 
 def resume(run_dir: str | Path | RunDir, on_step: OnStep | None = None, max_steps: int | None = None,
@@ -173,12 +178,17 @@ def resume(run_dir: str | Path | RunDir, on_step: OnStep | None = None, max_step
             tqdm.write(f"{run_dir} is finished at step {finished} of {finished}; to train it further pass --max-steps "
                        f"M (more than {finished}) or --epochs E with --resume")
         return {"run_dir": str(run_dir), "step": finished, "stopped": False, "finished": True}
+    note = length_note(epochs, max_steps)
+    if note and main:
+        tqdm.write(f"note: {note}")
     checkpoint = run_dir.resumable_checkpoint(lambda line: tqdm.write(line, file=sys.stderr) if main else None)
-    return Training(cfg, run_dir, accelerator, on_step).run(checkpoint=checkpoint, new_length=new_length)
+    settings = Settings(cfg.model)  # config.json holds every value, so nothing is left to decide
+    return Training(cfg, run_dir, accelerator, on_step, settings).run(checkpoint=checkpoint, new_length=new_length)
 
 
 def with_length(cfg: TrainConfig, max_steps: int | None, epochs: float | None) -> TrainConfig:
-    """The config with a new length (checked like any config): epochs alone lift the step count, so they decide."""
+    """The config with a new length (checked like any config): epochs alone lift the step count, so they decide;
+    given both, the steps do."""
     if epochs is None:
         return replace(cfg, max_steps=max_steps)
     return replace(cfg, epochs=epochs, max_steps=max_steps or 0)
@@ -198,8 +208,9 @@ class Training:
     """One run, from loading to the final adapter. The state its phases share lives here: the optimizer step, the
     data position, the loss window and the latest logged and evaluated losses."""
 
-    def __init__(self, cfg: TrainConfig, run_dir: RunDir, accelerator, on_step: OnStep | None = None):
+    def __init__(self, cfg: TrainConfig, run_dir: RunDir, accelerator, on_step: OnStep | None, settings: Settings):
         self.cfg, self.run_dir, self.accelerator, self.on_step = cfg, run_dir, accelerator, on_step
+        self.settings = settings  # what the run's config left unset, as decided so far
         self.main = accelerator.is_main_process
         self.world, self.rank = accelerator.num_processes, accelerator.process_index
         self.metrics: MetricsLog | None = None  # the main process writes the log
@@ -243,15 +254,23 @@ class Training:
     # ------------------------------------------------------------------------------------------------ setup
 
     def load(self, checkpoint: Path | None) -> None:
-        """Tokenizer, data and model; nothing is written yet, so bad data or a bad model leaves no folder behind."""
+        """Tokenizer and data, then the length and batch that fit, then the model; nothing is written yet, so bad
+        data, settings that cannot fit or a bad model leave no folder behind."""
         cfg, accelerator = self.cfg, self.accelerator
         torch.manual_seed(cfg.seed + self.rank)
         if fsdp.requested():
             fsdp.check(cfg.quant.storage, self.world)
+        # the main process's figure for all, so every process decides the same batch; under FSDP the planner's
+        # whole-model plan is not what a process holds, so nothing is refused
+        free = self.shared(None if fsdp.requested() else measure.free_bytes(accelerator.device))
         with accelerator.main_process_first():  # the tiny model and the LoftQ cache are built once, then read
             model_path = expand_builtin(cfg.model, cfg.seed)
             self.tokenizer = load_tokenizer(model_path, cfg.trust_remote_code)
-            self.train_set, self.val_set, self.stats = build_datasets(self.tokenizer, cfg.data)
+            examples = read_examples(self.tokenizer, cfg.data)
+            self.cfg = cfg = self.fit(cfg, examples.longest, model_path, free)
+            if checkpoint is None:
+                self.say(self.settings.block())
+            self.train_set, self.val_set, self.stats = prepare(examples, cfg.data)
             self.model, self.meta, self.loftq_report = load_model(cfg, model_path, checkpoint, str(accelerator.device))
         self.total_steps = planned_steps(cfg, len(self.train_set), self.world)
         # chat and export render conversations with exactly the template training used (None: plain text, no template)
@@ -259,12 +278,25 @@ class Training:
         if cfg.data.packing:
             check_documents_apart(self.model)
         if self.main:
-            report_memory(cfg, self.model, accelerator)
+            report_memory(cfg, self.model, accelerator, self.room.free)
             for note in data_notes(self.stats, cfg.data.source):
                 self.say(f"note: {note}")
             warning = empty_warning(self.stats, cfg.data.source)
             if warning:
                 tqdm.write(f"warning: {warning}", file=sys.stderr)
+
+    def fit(self, cfg: TrainConfig, longest: int, model_path: str, free: int | None) -> TrainConfig:
+        """The sequence length and batch the config leaves unset, decided against the memory free on the device."""
+        config = model_config(model_path, cfg.trust_remote_code)
+        cuda = self.accelerator.device.type == "cuda"
+        shapes = geometry(config, cfg.adapter.targets, cfg.adapter.expert_adapters)
+        self.room = Room(shapes, plan_options(cfg, cuda, self.accelerator.mixed_precision == "bf16"),
+                         available(free, cuda, self.world), f"on {self.accelerator.device}" if cuda else "in RAM")
+        return fit(cfg, self.settings, longest, context_of(config), self.room, self.world)
+
+    def shared(self, value):
+        """The main process's `value` on every process."""
+        return broadcast_object_list([value])[0] if self.world > 1 else value
 
     def check_length(self, checkpoint: Path) -> None:
         """A new length has to lie beyond the step the run continues from: steps already taken cannot be undone."""
@@ -521,28 +553,18 @@ def memory_plan(cfg: TrainConfig, model: torch.nn.Module, accelerator) -> Plan:
     """The planner's prediction for this run on this device."""
     cuda = accelerator.device.type == "cuda"
     return estimate(model.config, cfg.data.max_len, cfg.batch_size, cfg.adapter,
-                    checkpointing=cfg.gradient_checkpointing, offload=cfg.offload_activations,
-                    loss_chunk=cfg.loss_chunk, optimizer="paged-adamw-8bit" if cuda else "adamw",
-                    param_dtype_bytes=2 if cuda else 4, device="cuda" if cuda else "cpu",
-                    attention=planner_attention(cfg.attn_implementation),
-                    autocast=accelerator.mixed_precision == "bf16")
+                    **plan_options(cfg, cuda, accelerator.mixed_precision == "bf16"))
 
 
-def report_memory(cfg: TrainConfig, model: torch.nn.Module, accelerator) -> None:
-    """Print the planner's predicted peak before the first step, and warn when it exceeds the GPU: running out of
-    memory an hour in is the most expensive way to find out."""
-    device = accelerator.device
-    cuda = device.type == "cuda"
+def report_memory(cfg: TrainConfig, model: torch.nn.Module, accelerator, free: int | None) -> None:
+    """Print the planner's predicted peak before the first step beside the memory that was free (a run that could
+    not fit was refused before loading)."""
     plan = memory_plan(cfg, model, accelerator)
     # the planner's command reads the run's config.json (written before the first step); it plans for a GPU
     breakdown = hints.command("plan", "--config", RunDir(cfg.output).config, "--optimizer", "paged-adamw-8bit")
-    tqdm.write(f"memory plan: predicted peak {plan.total_bytes / GIB:.2f} GiB at {cfg.batch_size} x "
+    room = "" if free is None else f" of {free / GIB:.2f} GiB available"
+    tqdm.write(f"memory plan: predicted peak {plan.total_bytes / GIB:.2f} GiB{room} at {cfg.batch_size} x "
                f"{cfg.data.max_len} tokens; the breakdown on a GPU: {breakdown}")
-    if cuda:
-        capacity = torch.cuda.get_device_properties(device).total_memory / GIB
-        if not plan.fits(capacity):
-            tqdm.write(f"warning: {plan.verdict(capacity)} on this GPU; try --offload-activations, a smaller "
-                       "--batch-size or --max-len, or a smaller --loss-chunk\n" + plan.table())
 
 
 def load_model(cfg: TrainConfig, model_path: str, checkpoint: Path | None, device: str):

@@ -1,7 +1,8 @@
 """Measured memory of this process, set beside the planner's prediction at the end of every run: on CUDA the
 allocator's live tensors (`max_memory_allocated`, what the planner's parts add up to without the CUDA context and
 the allocator's slack), elsewhere the resident set size (RSS) the OS reports, above what the process held before
-the run started loading (the interpreter and its libraries are no part of the plan)."""
+the run started loading (the interpreter and its libraries are no part of the plan). Before a run loads, the
+memory free on its device (`free_bytes`), which the planner's prediction is held against (qmor/training/resolve.py)."""
 
 from __future__ import annotations
 
@@ -35,6 +36,19 @@ def rss_now() -> int:
             return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
     except (OSError, ValueError, IndexError):
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
+
+
+def free_bytes(device: torch.device) -> int | None:
+    """Memory free for a run on `device` now: on CUDA what the driver reports free (asking starts the CUDA context,
+    which is then no longer free), on a CPU the kernel's MemAvailable; None where neither can be read."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo") as f:
+            fields = dict(line.split(":", 1) for line in f)
+        return int(fields["MemAvailable"].split()[0]) * 1024  # kB
+    except (OSError, KeyError, ValueError, IndexError):
+        return None
 
 
 def planned_live_bytes(plan) -> int:

@@ -308,7 +308,7 @@ def family_runs(setup, out: Path, task: str, records: list[dict], data, **train)
 
     base, shapes, configs = matched_base(setup, out)
     todo = [(TrainConfig(model=str(base), output=str(out / "runs" / f"{family}-lr{lr:g}"), adapter=adapter,
-                         data=data, lr=lr, max_steps=setup.steps, warmup_ratio=0.05, save_steps=0,
+                         data=data, lr=lr, max_steps=setup.steps, grad_accum=1, warmup_ratio=0.05, save_steps=0,
                          eval_generate=0, seed=setup.seed, gradient_checkpointing=False, device="cpu", **train),
              with_system(records, setup.system), setup.eval_every, task)
             for lr in setup.lrs for family, (adapter, _) in configs.items()]

@@ -105,8 +105,8 @@ def rows(setup, out: Path, workers: int) -> tuple[list[dict], dict]:
             cfg = TrainConfig(model=str(base), output=str(out / "runs" / f"{family}-T{T}"), adapter=init,
                               data=DataConfig(source=train_path, format="text", max_len=64, seed=setup.seed),
                               lr=setup.finetune_lr, max_steps=setup.finetune_steps, batch_size=setup.batch_size,
-                              warmup_ratio=0.05, save_steps=0, eval_generate=0, log_steps=1, seed=setup.seed,
-                              gradient_checkpointing=False, device="cpu")
+                              grad_accum=1, warmup_ratio=0.05, save_steps=0, eval_generate=0, log_steps=1,
+                              seed=setup.seed, gradient_checkpointing=False, device="cpu")
             jobs.append((cfg, T, held_out_file, setup))
     cells = common.run_all(run, jobs, workers)
     out_rows = []
