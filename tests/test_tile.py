@@ -131,16 +131,31 @@ def test_dropout_is_replayed_in_each_tile(models):
     assert relative(loss, plain) > 1e-4  # dropout was on
 
 
-def test_untile_restores_every_module_and_short_batches_run_untiled(models):
+def test_tiling_keeps_names_and_adapters_and_survives_train_eval_switches(models):
+    """A tiled model has the same parameter names and adapted layers (saving, aux losses and switching adapters see
+    every one), computes what it computed before, also after the train/eval switches that make transformers
+    re-kernelize its norms, and `untile` puts every module back."""
+    from qmor.adapters.attach import adapted_layers
+
     model = load_4bit(str(models["dense"]), device="cpu")
     attach(model, adapter("lora", "dense"))
-    ids = torch.randint(8, model.config.vocab_size, (1, 6))
-    before = model(input_ids=ids).logits
+    for p in model.parameters():
+        if p.requires_grad:
+            p.data.normal_(0, 0.05)
+    names, layers = [n for n, _ in model.named_parameters()], adapted_layers(model)
+    modules = dict(model.named_modules())
+    ids = torch.randint(8, model.config.vocab_size, (2, 6))
+    model.eval()
+    with torch.no_grad():
+        before = model(input_ids=ids).logits
     assert tiling.tile(model, 4096) == 2 * 4 and tiling.tiled(model) == 4096
-    torch.testing.assert_close(model(input_ids=ids).logits, before, rtol=0, atol=0)  # 6 tokens: one tile
+    assert [n for n, _ in model.named_parameters()] == names and adapted_layers(model) == layers
+    for mode in (True, False):
+        model.train(mode)
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=ids).logits, before, rtol=0, atol=0)  # 12 tokens: one tile
     tiling.untile(model)
-    assert tiling.tiled(model) is None
-    assert not any("forward" in m.__dict__ for m in model.modules())
+    assert tiling.tiled(model) is None and dict(model.named_modules()) == modules
 
 
 @pytest.mark.parametrize("arch", ["qwen3", "gemma2", "phi3", "gpt_neox"])

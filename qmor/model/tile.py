@@ -7,10 +7,12 @@ forward runs the tiles keeping nothing but the input, the backward recomputes ea
 once, so those tensors exist for one tile only (unsloth's and Arctic's TiledMLP). Only the attention core sees the
 whole sequence, through SDPA's O(T) kernels.
 
-How: `tile(model, tokens)` replaces, per instance, the forward of each layer's `mlp` and of the attention's q/k/v
-projections with a `Tiles` runner, which also applies the norm in front of them (that norm's own forward becomes
-the identity, where the architecture feeds the norm to these modules alone: `FOLD`). The modules stay where they
-are, so names, state dicts and adapter files are unchanged; `untile(model)` restores them. The runner's autograd
+How: `tile(model, tokens)` puts a `_Standing` module in the place of each layer's `mlp` and of the attention's q/k/v
+projections: it holds the same parameters and submodules under the same names (state dicts and adapter files are
+unchanged) and runs the module through a `Tiles` runner, which also applies the norm in front of it; that norm's
+place takes a `_Standing` identity, where the architecture feeds the norm to these modules alone (`FOLD`).
+`untile(model)` puts the modules back. Tile after attaching adapters and untile before detaching them: a
+projection replaced after tiling would miss the norm it reads. The runner's autograd
 Function returns the parameters' gradients itself (one accumulation per step, as DDP's hooks expect), replays each
 tile's RNG state and autocast, and hands a routed module that depends on other tokens (SiRA's capacity and balance
 loss, whose modules define `open_span`) the whole batch's routing, so the result is the untiled one.
@@ -27,6 +29,8 @@ FOLD = dict.fromkeys(["llama", "mistral", "qwen2", "qwen3", "mixtral", "qwen3_mo
                      ("input_layernorm", "post_attention_layernorm"))
 FOLD |= dict.fromkeys(["gemma2", "gemma3_text"], ("input_layernorm", "pre_feedforward_layernorm"))
 ATTENTION_INPUTS = ("q_proj", "k_proj", "v_proj", "qkv_proj")
+TILE = 4096  # the default tile: large enough that a tile's matmuls run at full speed, while its T x intermediate
+# tensors stay about the size of one dequantised MLP weight
 
 
 def _identity(x: torch.Tensor) -> torch.Tensor:
@@ -186,14 +190,41 @@ class Tiles:
         return (None if grad_x is None else grad_x.view_as(x)), grads
 
 
-def _tile_module(module: nn.Module, norm: nn.Module | None, tokens: int) -> None:
+class _Standing(nn.Module):
+    """Stands where `module` stood, holding the very same parameters, buffers and submodules under the same names
+    (state dicts, adapter names and `.to()` see no change), and runs `run` instead of `module`'s forward.
+
+    A new module in the tree rather than a forward replaced on the instance: transformers re-kernelizes modules of
+    hub-kernel classes (its RMSNorms) when the model switches between train and eval, which drops an instance-level
+    forward. Attributes that are not parameters or submodules are read from `module`, which `stands_for` names
+(qmor.adapters.attach.adapted_layers looks through it)."""
+
+    def __init__(self, module: nn.Module, run):
+        super().__init__()
+        self._parameters, self._buffers, self._modules = module._parameters, module._buffers, module._modules
+        self._non_persistent_buffers_set = module._non_persistent_buffers_set
+        object.__setattr__(self, "stands_for", module)  # not a submodule: its parameters are already ours
+        object.__setattr__(self, "run", run)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.stands_for.training = self.training  # `module`'s own forward may read it (an MoE block's jitter)
+        return self.run(x)
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self.__dict__["stands_for"], name)
+
+
+def _tile_module(parent: nn.Module, name: str, norm: nn.Module | None, tokens: int) -> None:
+    module = getattr(parent, name)
     plain = type(module).forward.__get__(module)
     if norm is None:
-        module.forward = Tiles(plain, [module], tokens)
+        setattr(parent, name, _Standing(module, Tiles(plain, [module], tokens)))
         return
     normed = type(norm).forward.__get__(norm)
-    module.forward = Tiles(lambda x: plain(normed(x)), [module, norm], tokens)
-    norm.forward = _identity  # its work is done in the tiles of the modules it feeds
+    setattr(parent, name, _Standing(module, Tiles(lambda x: plain(normed(x)), [module, norm], tokens)))
 
 
 def decoder_layers(model: nn.Module) -> list[nn.Module]:
@@ -209,36 +240,36 @@ def tile(model: nn.Module, tokens: int) -> int:
     fold = FOLD.get(config.model_type)
     count = 0
     for layer in decoder_layers(model):
-        mlp = getattr(layer, "mlp", None)
-        if mlp is None:
+        if getattr(layer, "mlp", None) is None:
             continue
         if fold is None:
-            _tile_module(mlp, None, tokens)
+            _tile_module(layer, "mlp", None, tokens)
             count += 1
             continue
         attention_norm, mlp_norm = (getattr(layer, name) for name in fold)
-        _tile_module(mlp, mlp_norm, tokens)
+        _tile_module(layer, "mlp", mlp_norm, tokens)
         # every projection reading the attention norm must apply it, adapted or not
         for name in ATTENTION_INPUTS:
-            proj = getattr(layer.self_attn, name, None)
-            if proj is not None:
-                _tile_module(proj, attention_norm, tokens)
+            if getattr(layer.self_attn, name, None) is not None:
+                _tile_module(layer.self_attn, name, attention_norm, tokens)
                 count += 1
+        for name in fold:  # their work is done in the tiles of the modules they feed
+            setattr(layer, name, _Standing(getattr(layer, name), _identity))
         count += 1
     return count
 
 
 def untile(model: nn.Module) -> None:
-    """Give every module tiled by `tile` its own forward back."""
-    for m in model.modules():
-        if isinstance(m.__dict__.get("forward"), Tiles) or m.__dict__.get("forward") is _identity:
-            del m.forward
+    """Put back every module `tile` stood in for."""
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, _Standing):
+                setattr(parent, name, child.stands_for)
 
 
 def tiled(model: nn.Module) -> int | None:
     """The tile size `tile` set on `model` (None: untiled)."""
     for m in model.modules():
-        forward = m.__dict__.get("forward")
-        if isinstance(forward, Tiles):
-            return forward.tokens
+        if isinstance(m, _Standing) and isinstance(m.run, Tiles):
+            return m.run.tokens
     return None

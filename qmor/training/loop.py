@@ -36,6 +36,7 @@ from qmor.model.files import expand_builtin
 from qmor.model.load import load_for_training, load_tokenizer, load_trained
 from qmor.model.moe import unadapted_experts
 from qmor.model.quant import paged_adamw_8bit
+from qmor.model.tile import tile as tile_layers
 from qmor.plan import GIB, Plan, estimate
 from qmor.training import fsdp, measure, trackers
 from qmor.training.checkpoint import ADAPTER, load_checkpoint, rng_state, save_checkpoint
@@ -525,7 +526,7 @@ def memory_plan(cfg: TrainConfig, model: torch.nn.Module, accelerator) -> Plan:
                     loss_chunk=cfg.loss_chunk, optimizer="paged-adamw-8bit" if cuda else "adamw",
                     param_dtype_bytes=2 if cuda else 4, device="cuda" if cuda else "cpu",
                     attention=planner_attention(cfg.attn_implementation),
-                    autocast=accelerator.mixed_precision == "bf16")
+                    autocast=accelerator.mixed_precision == "bf16", tile=cfg.tile_tokens)
 
 
 def report_memory(cfg: TrainConfig, model: torch.nn.Module, accelerator) -> None:
@@ -559,6 +560,8 @@ def load_model(cfg: TrainConfig, model_path: str, checkpoint: Path | None, devic
         set_attention(model, cfg.attn_implementation)
     if cfg.gradient_checkpointing:
         enable_checkpointing(model)
+    if cfg.tile_tokens:
+        tile_layers(model, cfg.tile_tokens)
     model.train()
     return model, meta, report
 
