@@ -134,6 +134,13 @@ def test_cli_on_a_local_config_and_a_missing_path(tmp_path):
     assert out.returncode == 0, out.stderr
     data = json.loads(out.stdout)
     assert data["fits"] and data["longest_sequence"] > 4096 and data["seq_len"] == 4096
+    # the longest context with the layer inputs on the GPU and offloaded, and the host RAM offloading needs
+    gpu, host = data["longest"]["on the GPU"], data["longest"]["offloaded"]
+    assert gpu["tokens"] == data["longest_sequence"] and host["tokens"] > 2 * gpu["tokens"]
+    assert gpu["host_bytes"] == 0 and host["host_bytes"] >= 32 * host["tokens"] * 4096 * 2
+    lines = run_cli("--model", str(tmp_path / "config.json"), "--family", "mora", "--rank", "16").stdout
+    assert "tiles of 4096 tokens" in lines and f"offloaded: {host['tokens']:,} tokens" in lines
+    assert f"{host['host_bytes'] / GIB:.1f} GiB of host RAM" in lines
     table = run_cli("--model", str(tmp_path), "--max-len", "2048", "--gpu-gb", "4")
     assert table.returncode == 0 and "does not fit" in table.stdout and "4-bit weights" in table.stdout
     missing = run_cli("--model", str(tmp_path / "nope"))

@@ -12,10 +12,12 @@ projections: it holds the same parameters and submodules under the same names (s
 unchanged) and runs the module through a `Tiles` runner, which also applies the norm in front of it; that norm's
 place takes a `_Standing` identity, where the architecture feeds the norm to these modules alone (`FOLD`).
 `untile(model)` puts the modules back. Tile after attaching adapters and untile before detaching them: a
-projection replaced after tiling would miss the norm it reads. The runner's autograd
-Function returns the parameters' gradients itself (one accumulation per step, as DDP's hooks expect), replays each
-tile's RNG state and autocast, and hands a routed module that depends on other tokens (SiRA's capacity and balance
-loss, whose modules define `open_span`) the whole batch's routing, so the result is the untiled one.
+projection replaced after tiling would miss the norm it reads.
+
+The runner's autograd Function returns the parameters' gradients itself (one accumulation per step, as DDP's hooks
+expect), replays each tile's RNG state and autocast, and hands a routed module that depends on other tokens (SiRA's
+capacity and balance loss; such modules define `open_span`) the whole batch's routing, so the result is the
+untiled one.
 """
 
 from __future__ import annotations

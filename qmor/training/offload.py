@@ -37,7 +37,7 @@ class Offload(saved_tensors_hooks):
         if t.device.type == "cuda":
             if self.stream is None:
                 self.stream = torch.cuda.Stream(t.device)
-            host = torch.empty_like(t, device="cpu", pin_memory=True)
+            host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)  # page-locked: the copies run async
             self.stream.wait_stream(torch.cuda.current_stream(t.device))  # t is complete
             with torch.cuda.stream(self.stream):
                 host.copy_(t, non_blocking=True)
