@@ -137,6 +137,29 @@ def speed(seq: int, tiles: list[int], rounds: int) -> list[dict]:
     return rows
 
 
+def plot(result: dict, path: str) -> None:
+    """Measured and planned layer-phase memory against length, untiled and tiled."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for tile, colour in ((0, "tab:red"), (max(r["tile"] for r in result["memory"]), "tab:blue")):
+        rows = sorted((r for r in result["memory"] if r["tile"] == tile), key=lambda r: r["seq"])
+        label = f"tiles of {tile}" if tile else "untiled"
+        ax.plot([r["seq"] for r in rows], [r["measured"] / GIB for r in rows], "o-", color=colour,
+                label=f"{label}: measured")
+        ax.plot([r["seq"] for r in rows], [r["planned"] / GIB for r in rows], "x--", color=colour,
+                label=f"{label}: planned")
+    ax.set_xlabel("tokens")
+    ax.set_ylabel("layer phase (GiB)")
+    ax.set_title("one Llama-3.1-8B-width layer, LoRA r32, bf16 (CPU)")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--seqs", type=int, nargs="*", default=[4096, 8192, 16384], help="lengths for the memory table")
@@ -146,10 +169,15 @@ def main(argv=None) -> int:
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", help="write the results as JSON here")
+    p.add_argument("--plot", help="draw the memory table into this PNG (with --replot: from that JSON, no runs)")
+    p.add_argument("--replot", help="a JSON this script wrote: only draw --plot from it")
     p.add_argument("--one", type=int, nargs=2, help=argparse.SUPPRESS)  # (seq, tile): one measurement, one process
     args = p.parse_args(argv)
     if args.one:
         print(json.dumps(measure_one(*args.one)))
+        return 0
+    if args.replot:
+        plot(json.loads(Path(args.replot).read_text()), args.plot)
         return 0
     from qmor.model.tile import TILE
 
@@ -162,6 +190,8 @@ def main(argv=None) -> int:
         result["speed"] = speed(args.speed_seq, args.speed_tiles, args.rounds)
     if args.out:
         Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    if args.plot:
+        plot(result, args.plot)
     return 0
 
 
