@@ -31,7 +31,7 @@ from qmor.config import AdapterConfig
 from qmor.errors import QmorError
 from qmor.model.files import expand_builtin, is_local
 from qmor.model.moe import QuantExperts, adapter_owner, meta_experts
-from qmor.model.tile import ATTENTION_INPUTS, FOLD
+from qmor.model.tile import ATTENTION_INPUTS, FOLD, TILE
 
 GIB = 1024**3
 CUDA_CONTEXT = 512 * 1024**2  # CUDA context, cuBLAS workspace and kernels: ~0.5 GiB, outside max_memory_allocated
@@ -419,3 +419,19 @@ def longest_sequence(model_config, gpu_gb: float, batch: int, adapter_cfg: Adapt
         mid = (lo + hi) // 2
         lo, hi = (mid, hi) if fits(mid) else (lo, mid)
     return lo * step
+
+
+SMALLEST_TILE = 512  # below this a tile's matmuls are too small to keep a GPU busy, and each tile dequantises again
+
+
+def pick_tile(model_config, seq_len: int, batch: int, adapter_cfg: AdapterConfig, gpu_gb: float, tile: int = TILE,
+              **kwargs) -> int | None:
+    """The largest tile, `tile` or a power-of-two fraction of it down to SMALLEST_TILE, whose plan fits in `gpu_gb`
+    GiB (larger tiles run faster); None if none does."""
+    g = model_config if isinstance(model_config, Geometry) else geometry(model_config, adapter_cfg.targets,
+                                                                         adapter_cfg.expert_adapters)
+    while tile >= SMALLEST_TILE:
+        if estimate(g, seq_len, batch, adapter_cfg, tile=tile, **kwargs).fits(gpu_gb):
+            return tile
+        tile //= 2
+    return None

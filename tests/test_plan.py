@@ -242,3 +242,16 @@ def test_llama31_8b_on_24gb_reaches_the_issue_targets():
     assert longest_sequence(LLAMA3_8B, 24, 1, cfg, **opts) >= 48 * 1024
     assert longest_sequence(LLAMA3_8B, 24, 1, cfg, offload=True, **opts) >= 128 * 1024
     assert longest_sequence(LLAMA3_8B, 24, 1, cfg, offload=True, optimizer="paged-adamw-8bit") < 128 * 1024
+
+
+def test_the_planner_picks_the_largest_tile_that_fits():
+    from qmor.plan import pick_tile
+
+    cfg = AdapterConfig(family="lora", r=32, alpha=64)
+    opts = {"optimizer": "paged-adamw-8bit"}
+    n = 52224  # just past what tiles of 4096 fit on 24 GiB
+    assert not estimate(LLAMA3_8B, n, 1, cfg, tile=4096, **opts).fits(24)
+    tile = pick_tile(LLAMA3_8B, n, 1, cfg, 24, **opts)
+    assert tile is not None and tile < 4096 and estimate(LLAMA3_8B, n, 1, cfg, tile=tile, **opts).fits(24)
+    assert pick_tile(LLAMA3_8B, 4096, 1, cfg, 24, **opts) == 4096
+    assert pick_tile(LLAMA3_8B, 1 << 17, 1, cfg, 24, **opts) is None  # the layer inputs alone are 32 GiB

@@ -47,7 +47,7 @@ def parser(prog: str | None = None) -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     # loaded when the command runs, so --help and bad options answer at once
     from qmor.commands.train import build_config
-    from qmor.plan import GIB, estimate, geometry, load_config, longest_sequence
+    from qmor.plan import GIB, estimate, geometry, load_config, longest_sequence, pick_tile
     from qmor.training.config import planner_attention
 
     argv = sys.argv[1:] if argv is None else list(argv)
@@ -68,6 +68,10 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
                     tile=cfg.tile_tokens)
         plan = estimate(g, seq, batch, adapter, **opts)
         longest = longest_sequence(g, own["gpu_gb"], batch, adapter, **opts)
+        # a run that does not fit may fit in smaller tiles: the largest that does
+        smaller = None
+        if cfg.tile_tokens and seq * batch > cfg.tile_tokens // 2 and not plan.fits(own["gpu_gb"]):
+            smaller = pick_tile(g, seq, batch, adapter, own["gpu_gb"], **{**opts, "tile": cfg.tile_tokens // 2})
         # the longest sequence with and without offloading, and the host RAM offloading it takes
         both = {}
         if cfg.gradient_checkpointing:
@@ -80,7 +84,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
         return fail(e)
     if own["json"]:
         print(json.dumps({**plan.to_json(), "gpu_gb": own["gpu_gb"], "fits": plan.fits(own["gpu_gb"]),
-                          "longest_sequence": longest,
+                          "longest_sequence": longest, "fits_in_tiles_of": smaller,
                           "longest": {k: {"tokens": n, "host_bytes": h} for k, (n, h) in both.items()}}, indent=2))
         return 0
     print(f"{cfg.model}: {adapter.family} r={adapter.r}, {batch} x {seq} tokens, "
@@ -89,6 +93,8 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
           f"{f'tiles of {cfg.tile_tokens} tokens' if cfg.tile_tokens else 'untiled'}, {own['optimizer']}")
     print(plan.table())
     print(f"{plan.verdict(own['gpu_gb'])}; longest sequence that fits at batch {batch}: {longest:,} tokens")
+    if smaller:
+        print(f"  it fits in smaller tiles: --tile-tokens {smaller}")
     for where, (n, host) in both.items():
         ram = f", {host / GIB:.1f} GiB of host RAM" if host else ""
         print(f"  checkpointed layer inputs {where}: {n:,} tokens{ram}")
