@@ -31,7 +31,7 @@ from qmor.config import AdapterConfig
 from qmor.errors import QmorError
 from qmor.model.files import expand_builtin, is_local
 from qmor.model.moe import QuantExperts, adapter_owner, meta_experts
-from qmor.model.tile import ATTENTION_INPUTS, FOLD, TILE
+from qmor.model.tile import ATTENTION_INPUTS, FOLD, TILE, decoder_layers
 
 GIB = 1024**3
 CUDA_CONTEXT = 512 * 1024**2  # CUDA context, cuBLAS workspace and kernels: ~0.5 GiB, outside max_memory_allocated
@@ -71,6 +71,7 @@ class Geometry:
     kinds: tuple[Layer, ...]  # the decoder layers, grouped by what they compute
     other_params: int  # 16-bit parameters that are not linears: embeddings, norms (head counted separately)
     folded: bool = False  # tiling runs the norms inside the tiles (qmor.model.tile.FOLD)
+    tileable: bool = True  # its layers have an `mlp` that tiling can run (OPT's have none: it runs untiled)
 
     @property
     def intermediate(self) -> int:
@@ -229,6 +230,7 @@ def _geometry(config_json: str, targets_json: str, expert_adapters: str) -> Geom
         adapters=tuple((m.in_features, m.out_features) for m in owners.values()),
         kinds=tuple(replace(kind, count=n) for kind, n in kinds.items()),
         other_params=other, folded=text.model_type in FOLD,
+        tileable=any(getattr(layer, "mlp", None) is not None for layer in decoder_layers(model)),
     )
 
 
@@ -367,7 +369,7 @@ def estimate(
         dequant += largest * 4  # bitsandbytes' CPU path dequantises to fp32 before casting to the compute dtype
     kept, working = {}, {}  # per kind: what the layer keeps for backward, and its recompute's working set
     for k in g.kinds:
-        if tile and tokens > tile:
+        if tile and tokens > tile and g.tileable:
             kept[k], working[k] = tiled_layer(g, adapter_cfg, a, tokens, batch, attention, autocast, k, tile,
                                               checkpointing)
         else:  # what the layer keeps, and the gradient of the MLP's T x intermediate tensor in flight (backward
@@ -393,7 +395,7 @@ def estimate(
     parts["logits + loss"] = loss_phase if phase == "loss" else 0
     kernel = "SDPA flash/memory-efficient kernel, O(T) per head" if attention == "sdpa" else "eager, T x T scores"
     notes = [f"attention: {kernel}", f"loss: {f'chunks of {chunk} tokens' if chunk < tokens else 'whole sequence'}",
-             f"layers: {f'tiles of {tile} tokens' if tile and tokens > tile else 'untiled'}"]
+             f"layers: {f'tiles of {tile} tokens' if tile and tokens > tile and g.tileable else 'untiled'}"]
     if device == "cuda":
         parts["allocator slack"] = int(ALLOCATOR_SLACK * (saved + max(loss_phase, layer_phase)))
         parts["CUDA context"] = CUDA_CONTEXT

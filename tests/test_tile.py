@@ -158,10 +158,12 @@ def test_tiling_keeps_names_and_adapters_and_survives_train_eval_switches(models
     assert tiling.tiled(model) is None and dict(model.named_modules()) == modules
 
 
-@pytest.mark.parametrize("arch", ["qwen3", "gemma2", "phi3", "gpt_neox"])
+@pytest.mark.parametrize("arch", [a for a in SUPPORTED if a not in ("llama", "mixtral", "opt")])
 def test_other_architectures_tile_exactly(tmp_path, arch):
-    """Architectures whose norms fold into the tiles (qwen3's q/k norms, gemma2's pre-feedforward norm, phi3's fused
-    projections) and one whose MLP is tiled alone (gpt_neox, parallel attention)."""
+    """Every other supported architecture: those whose norms fold into the tiles (qwen3's q/k norms, gemma's
+    pre-feedforward norm, phi3's fused projections) and those whose MLP is tiled alone (gpt_neox's parallel
+    attention, olmo2's norms after the modules). OPT's layers have no `mlp` module: it runs untiled, and the
+    planner plans it untiled."""
     folder = make_model(tmp_path / arch, SUPPORTED[arch])
     cfg = AdapterConfig(family="lora", r=4)
     loss, grads = step(folder, cfg, 0)
@@ -169,3 +171,14 @@ def test_other_architectures_tile_exactly(tmp_path, arch):
     assert relative(tiled_loss, loss) <= TOLERANCE
     for name, g in grads.items():
         assert relative(tiled_grads[name], g) <= TOLERANCE, name
+
+
+def test_a_model_without_mlp_modules_runs_and_plans_untiled(tmp_path, models):
+    from qmor.plan import estimate, geometry
+
+    model = load_4bit(str(make_model(tmp_path / "opt", SUPPORTED["opt"])), device="cpu")
+    assert tiling.tile(model, 7) == 0
+    g = geometry(model.config)
+    assert not g.tileable and geometry(load_4bit(str(models["dense"]), device="cpu").config).tileable
+    cfg = AdapterConfig(family="lora", r=4)
+    assert estimate(g, 512, 1, cfg, tile=64).total_bytes == estimate(g, 512, 1, cfg).total_bytes

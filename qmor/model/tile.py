@@ -10,7 +10,8 @@ whole sequence, through SDPA's O(T) kernels.
 How: `tile(model, tokens)` puts a `_Standing` module in the place of each layer's `mlp` and of the attention's q/k/v
 projections: it holds the same parameters and submodules under the same names (state dicts and adapter files are
 unchanged) and runs the module through a `Tiles` runner, which also applies the norm in front of it; that norm's
-place takes a `_Standing` identity, where the architecture feeds the norm to these modules alone (`FOLD`).
+place takes a `_Standing` identity, where the architecture feeds the norm to these modules alone (`FOLD`). A layer
+without an `mlp` module (OPT's) runs untiled.
 `untile(model)` puts the modules back. Tile after attaching adapters and untile before detaching them: a
 projection replaced after tiling would miss the norm it reads.
 
