@@ -282,6 +282,8 @@ def _table() -> list[Flag]:
              "memory", "Offload activations to CPU"),
         Flag("--loss-chunk", "loss_chunk", int, "tokens per cross-entropy chunk (full logits never exist)", "memory",
              "Loss chunk (tokens)", minimum=0),
+        Flag("--tile-tokens", "tile_tokens", int, "tokens per tile of each layer's MLP and attention projections "
+             "(0: untiled)", "memory", "Tile (tokens)", minimum=0),
         Flag("--quant-storage", "quant.storage", str, "container dtype of the 4-bit codes: uint8, or bfloat16 for "
              "FSDP", "memory"),
     ]

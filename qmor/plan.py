@@ -31,6 +31,7 @@ from qmor.config import AdapterConfig
 from qmor.errors import QmorError
 from qmor.model.files import expand_builtin, is_local
 from qmor.model.moe import QuantExperts, adapter_owner, meta_experts
+from qmor.model.tile import ATTENTION_INPUTS, FOLD, TILE, decoder_layers
 
 GIB = 1024**3
 CUDA_CONTEXT = 512 * 1024**2  # CUDA context, cuBLAS workspace and kernels: ~0.5 GiB, outside max_memory_allocated
@@ -49,6 +50,9 @@ class Layer:
     targets: tuple[tuple[int, int, float], ...]  # (d_in, d_out, share of the tokens it sees) of each adapted linear:
     # 1, or k/E for one of E experts of which a token's router picks k
     inputs: tuple[tuple[int, float], ...]  # (width, share) of each distinct tensor its adapted linears read
+    target_parts: tuple[str, ...] = ()  # where each target sits: "mlp", "input" (q/k/v: reads the attention norm)
+    # or "other" (o_proj); tiling runs "mlp" and, where the norm folds in, "input" a tile at a time
+    input_parts: tuple[str, ...] = ()  # the same for each of `inputs`
 
 
 @dataclass(frozen=True)
@@ -66,6 +70,8 @@ class Geometry:
     adapters: tuple[tuple[int, int], ...]  # (d_in, d_out) of every trainable adapter (a shared expert one once)
     kinds: tuple[Layer, ...]  # the decoder layers, grouped by what they compute
     other_params: int  # 16-bit parameters that are not linears: embeddings, norms (head counted separately)
+    folded: bool = False  # tiling runs the norms inside the tiles (qmor.model.tile.FOLD)
+    tileable: bool = True  # its layers have an `mlp` that tiling can run (OPT's have none: it runs untiled)
 
     @property
     def intermediate(self) -> int:
@@ -84,6 +90,7 @@ class Plan:
     peak_phase: str  # "loss" or "layer": which moment of the step is the peak
     phases: dict[str, int] = field(default_factory=dict)  # size of each phase's transient memory
     notes: list[str] = field(default_factory=list)  # assumptions worth printing
+    host_bytes: int = 0  # host RAM (pinned) holding offloaded activations, outside the GPU total
 
     @property
     def total_bytes(self) -> int:
@@ -106,13 +113,15 @@ class Plan:
         rows.append(f"{'total':<{width}}  {self.total_bytes / GIB:>8.3f}")
         rows.append(f"peak at the {self.peak_phase} phase (loss phase {self.phases['loss'] / GIB:.3f} GiB, "
                     f"layer phase {self.phases['layer'] / GIB:.3f} GiB); trainable parameters {self.trainable:,}")
+        if self.host_bytes:
+            rows.append(f"host RAM for the offloaded activations (pinned): {self.host_bytes / GIB:.2f} GiB")
         rows += [f"note: {n}" for n in self.notes]
         return "\n".join(rows)
 
     def to_json(self) -> dict:
         return {"total_bytes": self.total_bytes, "parts": self.parts, "seq_len": self.seq_len, "batch": self.batch,
                 "trainable": self.trainable, "peak_phase": self.peak_phase, "phases": self.phases,
-                "notes": self.notes}
+                "host_bytes": self.host_bytes, "notes": self.notes}
 
 
 def load_config(source: str):
@@ -150,6 +159,13 @@ def load_config(source: str):
 INPUT_GROUPS = dict.fromkeys(["q_proj", "k_proj", "v_proj", "qkv_proj", "query_key_value", "Wqkv", "c_attn"], "attn")
 INPUT_GROUPS |= dict.fromkeys(["gate_proj", "up_proj", "gate_up_proj", "w1", "w3", "c_fc", "fc1"], "mlp")
 LAYER_INDEX = re.compile(r"\.(\d+)\.")  # the decoder layer of a module name: its first numbered part
+
+
+def part_of(name: str) -> str:
+    """Where a linear (or an input group) sits in its layer, for tiling: "mlp", "input" or "other"."""
+    if name == "mlp" or ".mlp." in name:
+        return "mlp"
+    return "input" if name == "attn" or name.rsplit(".", 1)[-1] in ATTENTION_INPUTS else "other"
 
 
 def shared_inputs(names: list[str], linears: dict, share: dict[str, float]) -> dict[str, tuple[int, float]]:
@@ -200,9 +216,10 @@ def _geometry(config_json: str, targets_json: str, expert_adapters: str) -> Geom
     kinds: dict[Layer, int] = {}
     for i in range(text.num_hidden_layers):
         own = by_layer.get(i, [])
+        inputs = shared_inputs(own, linears, share)
         kind = Layer(1, routed if i in sparse else dense_width,
                      tuple((linears[n].in_features, linears[n].out_features, share[n]) for n in own),
-                     tuple(shared_inputs(own, linears, share).values()))
+                     tuple(inputs.values()), tuple(part_of(n) for n in own), tuple(part_of(n) for n in inputs))
         kinds[kind] = kinds.get(kind, 0) + 1
     owners = {adapter_owner(n, expert_adapters): linears[n] for n in names}  # a shared expert adapter counts once
     return Geometry(
@@ -212,7 +229,8 @@ def _geometry(config_json: str, targets_json: str, expert_adapters: str) -> Geom
         quantized=tuple((m.in_features, m.out_features) for m in linears.values()),
         adapters=tuple((m.in_features, m.out_features) for m in owners.values()),
         kinds=tuple(replace(kind, count=n) for kind, n in kinds.items()),
-        other_params=other,
+        other_params=other, folded=text.model_type in FOLD,
+        tileable=any(getattr(layer, "mlp", None) is not None for layer in decoder_layers(model)),
     )
 
 
@@ -231,31 +249,71 @@ def nf4_bytes(numel: int, double_quant: bool = True, blocksize: int = 64) -> int
     return numel // 2 + scales
 
 
-def layer_activation(g: Geometry, cfg: AdapterConfig, a: int, tokens: int, batch: int, attention: str,
-                     autocast: bool = True, layer: Layer | None = None) -> int:
-    """Bytes one decoder layer of kind `layer` (None: the kind that saves most) saves for backward (what a
-    checkpoint recomputes), for `tokens` tokens in all. `autocast`: the adapters run in the compute dtype (bf16
-    autocast); otherwise they compute in their own fp32."""
-    if layer is None:
-        return max(layer_activation(g, cfg, a, tokens, batch, attention, autocast, k) for k in g.kinds)
-    d, m = g.hidden, layer.intermediate
-    per_token = 2 * (4 * d + 4)  # two RMSNorms: fp32 input and 1/rms (the frozen scale saves no output)
-    per_token += a * (2 * g.q_dim + 2 * g.kv_dim) + 4 * g.heads  # attention: rotated q, k, v, output, logsumexp
-    per_token += 3 * a * m  # MLP: gate, silu(gate), up
+def _adapters(g: Geometry, cfg: AdapterConfig, a: int, autocast: bool, layer: Layer, parts: set[str]) -> float:
+    """Bytes per token that the adapters of `parts` of a layer keep for backward."""
     # a frozen 4-bit linear needs no input for backward, only its adapter does
     adapter_bytes = a if autocast else 4
     spec = check_family(cfg.family)
+    target_parts = layer.target_parts or ("other",) * len(layer.targets)
+    input_parts = layer.input_parts or ("other",) * len(layer.inputs)
+    total = 0.0
     if spec.keeps_input:
-        if adapter_bytes == a:
-            per_token += a * sum(width * share for width, share in layer.inputs)  # once, however many read it
+        if adapter_bytes == a:  # once, however many read it
+            total += a * sum(w * share for (w, share), p in zip(layer.inputs, input_parts, strict=True) if p in parts)
         else:  # without autocast each adapter keeps an fp32 copy
-            per_token += 4 * sum(d_in * share for d_in, _, share in layer.targets)
-    for d_in, d_out, share in layer.targets:
-        per_token += adapter_bytes * spec.saved_per_token(d_in, d_out, cfg) * share
+            total += 4 * sum(d_in * share for (d_in, _, share), p in zip(layer.targets, target_parts, strict=True)
+                             if p in parts)
+    for (d_in, d_out, share), p in zip(layer.targets, target_parts, strict=True):
+        if p in parts:
+            total += adapter_bytes * spec.saved_per_token(d_in, d_out, cfg) * share
+    return total
+
+
+ALL_PARTS = {"mlp", "input", "other"}
+NORM = 4  # bytes per hidden unit an RMSNorm keeps: its fp32 input (plus 4 bytes of 1/rms per token)
+
+
+def layer_activation(g: Geometry, cfg: AdapterConfig, a: int, tokens: int, batch: int, attention: str,
+                     autocast: bool = True, layer: Layer | None = None) -> int:
+    """Bytes one decoder layer of kind `layer` (None: the kind that saves most) saves for backward (what a
+    checkpoint recomputes), for `tokens` tokens in all, untiled. `autocast`: the adapters run in the compute dtype
+    (bf16 autocast); otherwise they compute in their own fp32."""
+    if layer is None:
+        return max(layer_activation(g, cfg, a, tokens, batch, attention, autocast, k) for k in g.kinds)
+    d, m = g.hidden, layer.intermediate
+    per_token = 2 * (NORM * d + 4)  # two RMSNorms: fp32 input and 1/rms (the frozen scale saves no output)
+    per_token += a * (2 * g.q_dim + 2 * g.kv_dim) + 4 * g.heads  # attention: rotated q, k, v, output, logsumexp
+    per_token += 3 * a * m  # MLP: gate, silu(gate), up
+    per_token += _adapters(g, cfg, a, autocast, layer, ALL_PARTS)
     total = int(per_token * tokens)
     if attention == "eager":
         total += batch * g.heads * (tokens // batch) ** 2 * (4 + a)  # fp32 softmax + compute-dtype copy
     return total
+
+
+def tiled_layer(g: Geometry, cfg: AdapterConfig, a: int, tokens: int, batch: int, attention: str, autocast: bool,
+                layer: Layer, tile: int, checkpointing: bool) -> tuple[int, int]:
+    """(bytes the layer keeps for the whole sequence, bytes of its tile's working set and of the gradients in
+    flight) of a layer run in tiles of `tile` tokens (qmor.model.tile): only the attention core, what its output
+    projection keeps and the inputs of the tiled parts are per sequence."""
+    d, m = g.hidden, layer.intermediate
+    per_token = a * (2 * g.q_dim + 2 * g.kv_dim) + 4 * g.heads  # attention core: rotated q, k, v, output, logsumexp
+    per_token += a * d  # the MLP's input, kept by its tiles (the q/k/v tiles keep the layer input, the checkpoint's)
+    per_token += _adapters(g, cfg, a, autocast, layer, {"other"} if g.folded else {"other", "input"})
+    if not g.folded:
+        per_token += 2 * (NORM * d + 4)
+    if not checkpointing and g.folded:
+        per_token += a * d  # the layer input, which a checkpoint would have kept
+    whole = int(per_token * tokens)
+    if attention == "eager":
+        whole += batch * g.heads * (tokens // batch) ** 2 * (4 + a)
+    flight = tokens * 2 * a * d  # gradients beside the tiles: the layer output's (incoming) and its input's
+    # a tile: what its MLP (or q/k/v projections) keep, and the gradient of its widest tensor in flight
+    norm = NORM * d + 4 if g.folded else 0
+    mlp = norm + 3 * a * m + _adapters(g, cfg, a, autocast, layer, {"mlp"}) + a * m
+    inputs = norm + a * d + _adapters(g, cfg, a, autocast, layer, {"input"}) + a * (g.q_dim + 2 * g.kv_dim) \
+        if g.folded else 0
+    return whole, flight + int(min(tile, tokens) * max(mlp, inputs))
 
 
 def estimate(
@@ -272,12 +330,14 @@ def estimate(
     device: str = "cuda",
     double_quant: bool = True,
     autocast: bool = True,
+    tile: int = 0,
 ) -> Plan:
     """Peak memory of one training step. `loss_chunk` None or 0 means logits for the whole sequence at once;
     `param_dtype_bytes` is the compute dtype's size (2 for bf16 on CUDA, 4 on the fp32 CPU path), used for
     embeddings, head and activations; `device="cpu"` drops the CUDA context and allocator slack; `autocast`
     False is 16-bit compute without autocast (a GPU without bf16), where every adapter keeps an fp32 copy of its
-    input."""
+    input. `tile`: tokens per tile of each layer's MLP and attention input projections (qmor.model.tile; 0:
+    untiled); a batch of at most `tile` tokens runs untiled."""
     if seq_len < 1 or batch < 1:
         raise QmorError(f"sequence length and batch must be positive, got seq {seq_len}, batch {batch}")
     if offload and not checkpointing:
@@ -302,33 +362,45 @@ def estimate(
         "optimizer states": int(trainable * ADAM_BYTES[optimizer]),
     }
 
-    one_layer = {k: layer_activation(g, adapter_cfg, a, tokens, batch, attention, autocast, k) for k in g.kinds}
     boundary = tokens * g.hidden * a  # one layer's input: what a checkpoint keeps
-    if not checkpointing:
-        saved = sum(k.count * one_layer[k] for k in g.kinds)
-    elif offload:
-        saved = 2 * boundary  # the layer being computed and the copy on its way to or from host memory
-    else:
-        saved = g.layers * boundary
     largest = max(i * o for i, o in g.quantized)
     dequant = largest * a  # a 4-bit matmul dequantises its weight, one layer at a time (the backward uses a view)
+    if device == "cpu" and a < 4:
+        dequant += largest * 4  # bitsandbytes' CPU path dequantises to fp32 before casting to the compute dtype
+    kept, working = {}, {}  # per kind: what the layer keeps for backward, and its recompute's working set
+    for k in g.kinds:
+        if tile and tokens > tile and g.tileable:
+            kept[k], working[k] = tiled_layer(g, adapter_cfg, a, tokens, batch, attention, autocast, k, tile,
+                                              checkpointing)
+        else:  # what the layer keeps, and the gradient of the MLP's T x intermediate tensor in flight (backward
+            # frees each saved tensor as it goes: measured, the peak is what is kept plus about one such gradient)
+            kept[k] = layer_activation(g, adapter_cfg, a, tokens, batch, attention, autocast, k)
+            working[k] = tokens * a * k.intermediate
+    host = 0
+    if not checkpointing:
+        saved = sum(k.count * kept[k] for k in g.kinds)
+    elif offload:
+        saved = 2 * boundary  # the layer being computed and the copy on its way back from host memory
+        host = g.layers * boundary + tokens * g.hidden * 4  # every layer input + the final norm's fp32 input
+    else:
+        saved = g.layers * boundary
     chunk = min(loss_chunk, tokens) if loss_chunk else tokens
     loss_phase = chunk * g.vocab * LOGIT_BYTES + tokens * g.hidden * 4  # + fp32 gradient of the hidden states
     # the backward runs one layer at a time: the kind whose recompute and gradients in flight are largest counts
-    layer_phase = max((one_layer[k] if checkpointing else 0) + dequant
-                      + tokens * (2 * a * k.intermediate + 4 * max(g.hidden, k.intermediate)) for k in g.kinds)
+    layer_phase = max((kept[k] if checkpointing else 0) + dequant + working[k] for k in g.kinds)
     phase = "loss" if loss_phase >= layer_phase else "layer"
 
     parts["activations (saved)"] = saved
     parts["activations (recompute + gradients)"] = layer_phase if phase == "layer" else 0
     parts["logits + loss"] = loss_phase if phase == "loss" else 0
     kernel = "SDPA flash/memory-efficient kernel, O(T) per head" if attention == "sdpa" else "eager, T x T scores"
-    notes = [f"attention: {kernel}", f"loss: {f'chunks of {chunk} tokens' if chunk < tokens else 'whole sequence'}"]
+    notes = [f"attention: {kernel}", f"loss: {f'chunks of {chunk} tokens' if chunk < tokens else 'whole sequence'}",
+             f"layers: {f'tiles of {tile} tokens' if tile and tokens > tile and g.tileable else 'untiled'}"]
     if device == "cuda":
         parts["allocator slack"] = int(ALLOCATOR_SLACK * (saved + max(loss_phase, layer_phase)))
         parts["CUDA context"] = CUDA_CONTEXT
     return Plan(parts=parts, seq_len=seq_len, batch=batch, trainable=trainable, peak_phase=phase,
-                phases={"loss": loss_phase, "layer": layer_phase}, notes=notes)
+                phases={"loss": loss_phase, "layer": layer_phase}, notes=notes, host_bytes=host)
 
 
 def longest_sequence(model_config, gpu_gb: float, batch: int, adapter_cfg: AdapterConfig, step: int = 256,
@@ -349,3 +421,19 @@ def longest_sequence(model_config, gpu_gb: float, batch: int, adapter_cfg: Adapt
         mid = (lo + hi) // 2
         lo, hi = (mid, hi) if fits(mid) else (lo, mid)
     return lo * step
+
+
+SMALLEST_TILE = 512  # below this a tile's matmuls are too small to keep a GPU busy, and each tile dequantises again
+
+
+def pick_tile(model_config, seq_len: int, batch: int, adapter_cfg: AdapterConfig, gpu_gb: float, tile: int = TILE,
+              **kwargs) -> int | None:
+    """The largest tile, `tile` or a power-of-two fraction of it down to SMALLEST_TILE, whose plan fits in `gpu_gb`
+    GiB (larger tiles run faster); None if none does."""
+    g = model_config if isinstance(model_config, Geometry) else geometry(model_config, adapter_cfg.targets,
+                                                                         adapter_cfg.expert_adapters)
+    while tile >= SMALLEST_TILE:
+        if estimate(g, seq_len, batch, adapter_cfg, tile=tile, **kwargs).fits(gpu_gb):
+            return tile
+        tile //= 2
+    return None

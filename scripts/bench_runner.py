@@ -112,13 +112,16 @@ def adapter_config(runner: str, rank: int):
     return AdapterConfig(family=family, r=rank, alpha=2 * rank, targets=TARGETS)
 
 
-def qmor_side(model: nn.Module, runner: str, rank: int, checkpointing: bool, loss_chunk: int):
+def qmor_side(model: nn.Module, runner: str, rank: int, checkpointing: bool, loss_chunk: int, tile: int = 0):
     from qmor.adapters.attach import attach
+    from qmor.model.tile import tile as tile_layers
     from qmor.training.loss import ChunkedLoss, enable_checkpointing
 
     attach(model, adapter_config(runner, rank))
     if checkpointing:
         enable_checkpointing(model)
+    if tile:  # each layer's MLP and attention projections in tiles of this many tokens, as training runs them
+        tile_layers(model, tile)
     loss_fn = ChunkedLoss(model, loss_chunk, offload=runner.endswith("+offload"))
 
     def step(ids: torch.Tensor) -> torch.Tensor:
@@ -205,7 +208,8 @@ class Runner:
         if self.name == BASELINE:
             model, self.step_fn = peft_side(model, spec["rank"], spec["checkpointing"])
         else:
-            model, self.step_fn = qmor_side(model, self.name, spec["rank"], spec["checkpointing"], spec["loss_chunk"])
+            model, self.step_fn = qmor_side(model, self.name, spec["rank"], spec["checkpointing"], spec["loss_chunk"],
+                                            spec.get("tile", 0))
         model.train()
         self.model = model
         self.params = [p for p in model.parameters() if p.requires_grad]
@@ -245,9 +249,11 @@ class Runner:
 
     def close(self) -> None:
         from qmor.adapters.attach import detach
+        from qmor.model.tile import untile
 
         self.opt = self.params = None
         if self.name != BASELINE:
+            untile(self.model)  # before the adapted linears go: a tiled projection applies the norm it reads
             detach(self.model)
         self.memory.reset()
 
@@ -308,7 +314,7 @@ def plan_options(spec: dict) -> dict:
     return {"checkpointing": spec["checkpointing"], "offload": runner.endswith("+offload"),
             "loss_chunk": 0 if runner == BASELINE else spec["loss_chunk"],
             "optimizer": spec.get("optimizer", "adamw"), "param_dtype_bytes": 2 if cuda else 4,
-            "device": spec["device"]}
+            "device": spec["device"], "tile": 0 if runner == BASELINE else spec.get("tile", 0)}
 
 
 def planned_longest(spec: dict, gib: float, step: int, limit: int) -> int:

@@ -33,6 +33,8 @@ from bench_runner import (  # noqa: E402
     search,
 )
 
+from qmor.model.tile import TILE  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[1]
 GIB = 1024**3
 
@@ -282,7 +284,7 @@ def longest(check: Check) -> None:
     """The longest sequence whose full training step fits the card, for peft, qmor and qmor with offloaded
     activations; the time left is shared among the searches still to run."""
     gib = 24.0
-    step, limit = (256, 2048) if check.tiny else (1024, 1 << 17)
+    step, limit = (256, 2048) if check.tiny else (1024, 1 << 18)
     cap = card_cap(check, gib)
     preload()
     memory = Memory(check.device)
@@ -307,7 +309,7 @@ def bracket(probes: dict[int, bool]) -> tuple[int, int | None]:
 
 def search_one(check: Check, model, memory: Memory, name: str, cap: int, gib: float, step: int, limit: int,
                deadline: float) -> None:
-    s = spec(check, name)
+    s = {**spec(check, name), "tile": TILE}  # qmor tiles its layers as training does (the baseline ignores it)
     guess = planned_longest(s, gib, step, limit)
     runner = Runner(s, model, memory)
     probes: dict[int, bool] = {}

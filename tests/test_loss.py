@@ -3,6 +3,8 @@
 import pytest
 import torch
 
+import qmor.training.loss as loss_mod
+import qmor.training.offload as offload_mod
 from qmor.adapters.attach import attach
 from qmor.config import AdapterConfig
 from qmor.model.load import load_4bit
@@ -156,7 +158,22 @@ def test_checkpointing_falls_back_to_the_name_before_transformers_5_23():
     assert calls == [{"use_reentrant": False}]
 
 
-def test_offloaded_checkpointing_gives_the_same_gradients(model):
+@pytest.fixture()
+def offload_all(monkeypatch):
+    """Every saved tensor offloaded (the tiny model's are all under the 1 MiB a real run keeps on the device), each
+    Offload made kept for the test to read."""
+    made = []
+
+    class Recorded(offload_mod.Offload):
+        def __init__(self):
+            super().__init__(min_bytes=0)
+            made.append(self)
+
+    monkeypatch.setattr(loss_mod, "Offload", Recorded)
+    return made
+
+
+def test_offloaded_checkpointing_gives_the_same_gradients(model, offload_all):
     ids, mask, labels = batch(model.config.vocab_size)
     enable_checkpointing(model)
     results = []
@@ -170,29 +187,27 @@ def test_offloaded_checkpointing_gives_the_same_gradients(model):
     for name, g in results[0][1].items():
         torch.testing.assert_close(results[1][1][name], g, rtol=0, atol=0, msg=name)
     assert any(g.abs().sum() > 0 for g in results[0][1].values())
+    assert len(offload_all) == 1 and offload_all[0].host
 
 
-def test_offload_moves_saved_tensors_to_cpu_memory(model, monkeypatch):
-    """The offload path really routes the saved activations through save_on_cpu's pack hook."""
-    import qmor.training.loss as loss_mod
-
-    packed = []
-    real = loss_mod.save_on_cpu
-
-    def counting(**kw):
-        ctx = real(**kw)
-        pack = ctx.pack_hook
-
-        def hook(t):
-            packed.append(t.shape)
-            return pack(t)
-
-        ctx.pack_hook = hook
-        return ctx
-
-    monkeypatch.setattr(loss_mod, "save_on_cpu", counting)
+def test_offload_keeps_the_layer_inputs_and_fetches_each_one_layer_ahead(model, offload_all):
+    """The (B, T, d) layer inputs go through the hooks; backward fetches them last layer first, each one started
+    while the layer after it is being recomputed (before its own unpack), never all at once."""
     enable_checkpointing(model)
     ids, mask, labels = batch(model.config.vocab_size)
     ChunkedLoss(model, offload=True)(input_ids=ids, labels=labels, attention_mask=mask)[0].backward()
+    hooks = offload_all[0]
     hidden = model.config.hidden_size
-    assert any(len(s) == 3 and s[-1] == hidden for s in packed)  # the (B, T, d) layer inputs went through it
+    inputs = [i for i, t in enumerate(hooks.host) if t.shape == (*ids.shape, hidden)]
+    assert len(inputs) >= model.config.num_hidden_layers
+    order = [i for i in hooks.fetched if i in inputs]
+    assert order == sorted(order, reverse=True)  # backward order, each fetched once
+    assert hooks.fetched == sorted(hooks.fetched, reverse=True) and not hooks.back  # nothing left on the device
+
+
+def test_small_saved_tensors_stay_where_they_are():
+    hooks = offload_mod.Offload()
+    small, big = torch.ones(4), torch.ones(1 << 19)  # 16 bytes and 2 MiB
+    assert hooks.pack(small) is small
+    i = hooks.pack(big)
+    assert i == 0 and hooks.unpack(i) is big and hooks.fetched == [0]

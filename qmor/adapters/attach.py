@@ -112,7 +112,9 @@ def attach(model: nn.Module, cfg: AdapterConfig) -> list[str]:
 
 
 def adapted_layers(model: nn.Module) -> dict[str, AdaptedLinear]:
-    return {n: m for n, m in model.named_modules() if isinstance(m, AdaptedLinear)}
+    # a module may stand in for an adapted linear while it runs it differently (qmor.model.tile): it names it
+    layers = {n: getattr(m, "stands_for", m) for n, m in model.named_modules()}
+    return {n: m for n, m in layers.items() if isinstance(m, AdaptedLinear)}
 
 
 def detach(model: nn.Module) -> None:

@@ -14,12 +14,15 @@ The paper's hyperparameters and several details are not public; these are our ch
   a training forward's, None after an eval forward (an eval loss never carries it).
 The experts are computed densely as one rank E·r LoRA with per-token masked gates: the output is the sparse
 mixture's, and at matched parameters the cost is a LoRA's.
+
+Capacity and the balance loss depend on the whole batch, so a layer run tile by tile (qmor.model.tile) hands each
+SiRA a `Span` (`open_span`): the tiles' routing carried across them, so that tiled and untiled training agree.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import torch
@@ -66,6 +69,46 @@ class SiRAOptions:
                             f"learn from the load-balancing loss alone; pass e.g. {hint}")
 
 
+@dataclass
+class Span:
+    """The routing of one batch computed a tile at a time: tiles first run in order (recording), then each is
+    recomputed in backward (`tile` set) with the counts it started from and the batch's routed shares."""
+
+    sira: SiRA
+    total: int  # tokens in the whole batch
+    starts: list[torch.Tensor] = field(default_factory=list)  # (E,) tokens each expert took before each tile
+    routed: torch.Tensor | None = None  # (E,) token slots routed to each expert over the batch
+    probs: torch.Tensor | None = None  # (E,) summed gate probabilities over the batch
+    tile: int | None = None  # the tile being recomputed; None while recording
+
+    def before(self, mask: torch.Tensor) -> torch.Tensor:
+        """(E,) tokens each expert took before this tile."""
+        if self.tile is not None:
+            return self.starts[self.tile]
+        start = self.routed if self.routed is not None else torch.zeros_like(mask[0])
+        self.starts.append(start)
+        self.routed = start + mask.sum(0)
+        return start
+
+    def loss(self, probs: torch.Tensor) -> torch.Tensor | None:
+        """While recording, nothing (the batch is not complete); in a recompute, this tile's share of the balance
+        loss: its gradient is the batch loss's gradient on these tokens (the routed shares are constants)."""
+        s = self.sira
+        if self.tile is None:
+            more = probs.detach().sum(0)
+            self.probs = more if self.probs is None else self.probs + more
+            return None
+        share = self.routed / (self.total * s.top_k)
+        return s.aux_loss_weight * s.experts * (share * probs.sum(0)).sum() / self.total
+
+    def finish(self) -> torch.Tensor:
+        """The batch's balance loss, as the untiled forward computes it (zero outside training)."""
+        s = self.sira
+        if self.probs is None:
+            return torch.zeros((), device=s.router.device)
+        return s.aux_loss_weight * s.experts * (self.routed / (self.total * s.top_k) * self.probs / self.total).sum()
+
+
 class SiRA(nn.Module):
     def __init__(self, d_in: int, d_out: int, cfg: AdapterConfig):
         super().__init__()
@@ -80,6 +123,7 @@ class SiRA(nn.Module):
         nn.init.kaiming_uniform_(self.A, a=math.sqrt(5))
         nn.init.kaiming_uniform_(self.router, a=math.sqrt(5))
         self.aux_loss: torch.Tensor | None = None
+        self.span: Span | None = None  # set while a tiled layer runs this adapter (qmor.model.tile)
 
     @staticmethod
     def num_params(d_in: int, d_out: int, cfg: AdapterConfig) -> int:
@@ -94,11 +138,17 @@ class SiRA(nn.Module):
         # every forward replaces the loss: one left by the last training step would be added to a Trainer's eval loss
         self.aux_loss = None
         if self.training:
-            capacity = math.ceil(self.capacity_factor * self.top_k * x.shape[0] / self.experts)
-            keep = (mask.cumsum(0) <= capacity).to(mask.dtype)  # first come, first served per expert
+            span = self.span
+            total = x.shape[0] if span is None else span.total
+            capacity = math.ceil(self.capacity_factor * self.top_k * total / self.experts)
+            before = 0 if span is None else span.before(mask)
+            keep = (before + mask.cumsum(0) <= capacity).to(mask.dtype)  # first come, first served per expert
             gates = self.gate_dropout(gates * keep)
-            balance = self.experts * (mask.mean(0) / self.top_k * probs.mean(0)).sum()
-            self.aux_loss = self.aux_loss_weight * balance
+            if span is None:
+                balance = self.experts * (mask.mean(0) / self.top_k * probs.mean(0)).sum()
+                self.aux_loss = self.aux_loss_weight * balance
+            else:
+                self.aux_loss = span.loss(probs)
         return gates
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -106,6 +156,10 @@ class SiRA(nn.Module):
         h = (tokens @ self.A.T).view(-1, self.experts, self.r)  # (T, E, r)
         h = h * self.gates(tokens)[..., None]
         return (h.flatten(1) @ self.B.T * self.scale).view(*x.shape[:-1], -1)
+
+    def open_span(self, total: int) -> Span:
+        """Routing state for a batch of `total` tokens run tile by tile (qmor.model.tile)."""
+        return Span(self, total)
 
     @staticmethod
     def saved_per_token(d_in: int, d_out: int, cfg: AdapterConfig) -> int:

@@ -20,7 +20,7 @@ from qmor.flags import by_key, family_flags
 
 # the training options that change the memory of a step
 SHARED = ("model", "family", "rank", "targets", "expert_adapters", "batch_size", "max_len", "gradient_checkpointing",
-          "offload_activations", "loss_chunk", "attn_implementation")
+          "offload_activations", "loss_chunk", "tile_tokens", "attn_implementation")
 DEFAULTS = {"family": "lora", "rank": 16, "batch_size": 1, "max_len": 4096}  # shown in --help
 UNDER = {"adapter": {"family": "lora", "r": 16}, "batch_size": 1, "data": {"max_len": 4096}}  # the same, nested
 # names this command took before it shared the training flags: one line says the new one
@@ -47,7 +47,7 @@ def parser(prog: str | None = None) -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     # loaded when the command runs, so --help and bad options answer at once
     from qmor.commands.train import build_config
-    from qmor.plan import estimate, geometry, load_config, longest_sequence
+    from qmor.plan import GIB, estimate, geometry, load_config, longest_sequence, pick_tile
     from qmor.training.config import planner_attention
 
     argv = sys.argv[1:] if argv is None else list(argv)
@@ -64,18 +64,38 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
         g = geometry(load_config(cfg.model), adapter.targets, adapter.expert_adapters)
         opts = dict(checkpointing=cfg.gradient_checkpointing, offload=cfg.offload_activations,
                     loss_chunk=cfg.loss_chunk, optimizer=own["optimizer"], param_dtype_bytes=own["dtype_bytes"],
-                    attention=planner_attention(cfg.attn_implementation), autocast=not own["no_autocast"])
+                    attention=planner_attention(cfg.attn_implementation), autocast=not own["no_autocast"],
+                    tile=cfg.tile_tokens)
         plan = estimate(g, seq, batch, adapter, **opts)
         longest = longest_sequence(g, own["gpu_gb"], batch, adapter, **opts)
+        # a run that does not fit may fit in smaller tiles: the largest that does
+        smaller = None
+        if cfg.tile_tokens and seq * batch > cfg.tile_tokens // 2 and not plan.fits(own["gpu_gb"]):
+            smaller = pick_tile(g, seq, batch, adapter, own["gpu_gb"], **{**opts, "tile": cfg.tile_tokens // 2})
+        # the longest sequence with and without offloading, and the host RAM offloading it takes
+        both = {}
+        if cfg.gradient_checkpointing:
+            for offload in (False, True):
+                n = longest if offload == cfg.offload_activations else \
+                    longest_sequence(g, own["gpu_gb"], batch, adapter, **{**opts, "offload": offload})
+                host = estimate(g, max(n, 1), batch, adapter, **{**opts, "offload": offload}).host_bytes
+                both["offloaded" if offload else "on the GPU"] = (n, host)
     except QmorError as e:
         return fail(e)
     if own["json"]:
         print(json.dumps({**plan.to_json(), "gpu_gb": own["gpu_gb"], "fits": plan.fits(own["gpu_gb"]),
-                          "longest_sequence": longest}, indent=2))
+                          "longest_sequence": longest, "fits_in_tiles_of": smaller,
+                          "longest": {k: {"tokens": n, "host_bytes": h} for k, (n, h) in both.items()}}, indent=2))
         return 0
     print(f"{cfg.model}: {adapter.family} r={adapter.r}, {batch} x {seq} tokens, "
           f"{'checkpointing' if cfg.gradient_checkpointing else 'no checkpointing'}"
-          f"{', offloaded' if cfg.offload_activations else ''}, {own['optimizer']}")
+          f"{', offloaded' if cfg.offload_activations else ''}, "
+          f"{f'tiles of {cfg.tile_tokens} tokens' if cfg.tile_tokens else 'untiled'}, {own['optimizer']}")
     print(plan.table())
     print(f"{plan.verdict(own['gpu_gb'])}; longest sequence that fits at batch {batch}: {longest:,} tokens")
+    if smaller:
+        print(f"  it fits in smaller tiles: --tile-tokens {smaller}")
+    for where, (n, host) in both.items():
+        ram = f", {host / GIB:.1f} GiB of host RAM" if host else ""
+        print(f"  checkpointed layer inputs {where}: {n:,} tokens{ram}")
     return 0

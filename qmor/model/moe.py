@@ -271,7 +271,8 @@ def unadapted_experts(model: nn.Module, targets: str | list[str], base_params: i
     if not maps or any(isinstance(linear, AdaptedLinear) for linear in maps):
         return None
     share = sum(linear.in_features * linear.out_features for linear in maps) / base_params
-    adapted = [n.rpartition(".")[2] for n, m in model.named_modules() if isinstance(m, AdaptedLinear)]
+    adapted = [n.rpartition(".")[2] for n, m in model.named_modules()
+               if isinstance(getattr(m, "stands_for", m), AdaptedLinear)]  # tiled ones too (qmor.model.tile)
     given = targets if isinstance(targets, str) else ",".join(targets)
     return (f"the MoE experts of {type(model).__name__}, {share:.0%} of its parameters, get no adapter with --targets "
             f"{given}; to adapt them too, pass --targets {','.join([TARGET, *dict.fromkeys(adapted)])}")

@@ -20,6 +20,7 @@ from qmor.adapters import check_trainable
 from qmor.config import AdapterConfig, QuantConfig, check_range, from_dict, to_dict
 from qmor.data.pipeline import DataConfig
 from qmor.errors import QmorError
+from qmor.model.tile import TILE
 
 SECTIONS = {"adapter": AdapterConfig, "quant": QuantConfig, "data": DataConfig}
 # transformers' schedulers that need nothing beyond warmup and total steps (cosine is qmor's own: training/loop.py)
@@ -92,6 +93,8 @@ class TrainConfig:
     gradient_checkpointing: bool = True  # non-reentrant activation checkpointing of every decoder layer
     offload_activations: bool = False  # keep the checkpointed layer inputs in CPU RAM instead of GPU memory
     loss_chunk: int = 1024  # tokens per cross-entropy chunk: full-sequence fp32 logits never exist at once
+    tile_tokens: int = TILE  # tokens per tile of each layer's MLP and attention input projections (qmor.model.tile;
+    # 0: untiled): a longer batch runs tile by tile, so the MLP's T x intermediate tensors never exist whole
     trust_remote_code: bool = False  # run model code shipped with a hub model (only for models you trust)
     device: str = "auto"  # "auto" (CUDA when available), "cpu" or "cuda"
     lr_scheduler_type: str = "cosine"  # cosine (qmor's: warmup, then cosine to zero) or a transformers scheduler
@@ -100,7 +103,7 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         for name in ("max_steps", "grad_accum", "batch_size", "loss_chunk", "save_steps", "eval_steps", "log_steps",
-                     "eval_generate", "keep_checkpoints", "seed"):
+                     "eval_generate", "keep_checkpoints", "seed", "tile_tokens"):
             low = 1 if name in ("grad_accum", "batch_size", "loss_chunk", "log_steps", "keep_checkpoints") else 0
             if getattr(self, name) is not None:  # None: decided when the run starts
                 check_range(name, getattr(self, name), f"an integer >= {low}", low, None,

@@ -38,6 +38,7 @@ from qmor.model.files import expand_builtin
 from qmor.model.load import load_for_training, load_tokenizer, load_trained, model_config
 from qmor.model.moe import unadapted_experts
 from qmor.model.quant import paged_adamw_8bit
+from qmor.model.tile import tile as tile_layers
 from qmor.plan import GIB, Plan, estimate, geometry
 from qmor.training import fsdp, measure, trackers
 from qmor.training.checkpoint import ADAPTER, load_checkpoint, rng_state, save_checkpoint
@@ -581,6 +582,8 @@ def load_model(cfg: TrainConfig, model_path: str, checkpoint: Path | None, devic
         set_attention(model, cfg.attn_implementation)
     if cfg.gradient_checkpointing:
         enable_checkpointing(model)
+    if cfg.tile_tokens:
+        tile_layers(model, cfg.tile_tokens)
     model.train()
     return model, meta, report
 

@@ -13,7 +13,8 @@ import contextlib
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.autograd.graph import save_on_cpu
+
+from qmor.training.offload import Offload
 
 IGNORE = -100  # label of tokens that carry no loss (prompt, padding)
 
@@ -108,8 +109,8 @@ class ChunkedLoss(nn.Module):
         self.offload = offload  # with checkpointing on, the tensors saved outside the layers are the layer inputs
 
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor, **inputs) -> tuple[torch.Tensor, int]:
-        # pinned host memory makes the copies asynchronous, but exists only next to an accelerator
-        offload = save_on_cpu(pin_memory=input_ids.is_cuda) if self.offload else contextlib.nullcontext()
+        # the layer inputs a checkpoint keeps go to host memory and come back one layer ahead of the backward
+        offload = Offload() if self.offload else contextlib.nullcontext()
         with offload:
             hidden = self.lm.get_decoder()(input_ids=input_ids, **inputs).last_hidden_state  # (B, T, d)
         softcap, scale = head_scaling(self.lm.config)

@@ -161,7 +161,7 @@ def plan_options(cfg: TrainConfig, cuda: bool, autocast: bool) -> dict:
     return dict(checkpointing=cfg.gradient_checkpointing, offload=cfg.offload_activations, loss_chunk=cfg.loss_chunk,
                 optimizer="paged-adamw-8bit" if cuda else "adamw", param_dtype_bytes=2 if cuda else 4,
                 device="cuda" if cuda else "cpu", attention=planner_attention(cfg.attn_implementation),
-                autocast=autocast)
+                autocast=autocast, tile=cfg.tile_tokens)
 
 
 def available(free: int | None, cuda: bool, processes: int) -> int | None:
