@@ -13,11 +13,11 @@ from transformers import AutoModelForCausalLM
 
 from qmor import AdapterConfig, QmorError, QuantConfig, save_adapter
 from qmor.adapters import ADAPTERS, build_adapter, mergeable
-from qmor.adapters.attach import adapted_layers, adapter_state, attach
+from qmor.adapters.attach import WEIGHTS, adapted_layers, adapter_state, attach
 from qmor.adapters.layer import AdaptedLinear
 from qmor.model.files import local_folder, weight_files
 from qmor.model.load import load_4bit, load_for_training, load_trained
-from qmor.model.loftq import BASE, apply_base_weights, effective_delta, loftq_layer
+from qmor.model.loftq import BASE, apply_base_weights, effective_delta, intact, loftq_layer
 from qmor.model.quant import dequantize, quantize
 
 KW = {"r": 4, "alpha": 8.0, "experts": 3, "expert_dropout": 0.0}
@@ -203,6 +203,29 @@ def test_cache_is_reused_only_for_the_same_key(tiny_dir, tmp_path, monkeypatch):
                   AdapterConfig(family="lora", r=4)):
         with pytest.raises(AssertionError, match="recomputed"):
             loftq_init(str(tiny_dir), other, cache_dir=tmp_path)
+
+
+@pytest.mark.parametrize("damaged", [BASE, WEIGHTS])
+def test_a_damaged_cache_is_said_in_one_line_and_computed_again(tiny_dir, tmp_path, capsys, damaged):
+    """A cache file cut short (a failing disk, a copy cut short) is derived data: training and a reload of the
+    adapter say so in one line and compute the same init again, instead of a safetensors traceback."""
+    cfg = AdapterConfig(family="lora", r=4, loftq_iters=1, init="loftq")
+    model, meta, _ = load_for_training(str(tiny_dir), cfg, cache_dir=tmp_path / "cache")
+    first = bases(model)
+    save_adapter(model, tmp_path / "adapter", meta)
+    file = Path(meta.base_weights) / damaged
+    file.write_bytes(file.read_bytes()[: file.stat().st_size // 2])
+    capsys.readouterr()
+
+    again, _, _ = load_for_training(str(tiny_dir), cfg, cache_dir=tmp_path / "cache")
+    warned = [line for line in capsys.readouterr().err.splitlines() if "is damaged" in line]
+    assert len(warned) == 1 and warned[0].startswith(f"warning: the LoftQ cache {meta.base_weights} is damaged")
+    assert all(same_bits(first[n], b) for n, b in bases(again).items())
+    assert intact(Path(meta.base_weights))  # written again, whole
+
+    file.write_bytes(file.read_bytes()[:100])
+    reloaded, _ = load_trained(tmp_path / "adapter")
+    assert all(same_bits(first[n], b) for n, b in bases(reloaded).items())
 
 
 @pytest.mark.parametrize("family", ["mor", "sira"])

@@ -26,6 +26,7 @@ import zlib
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm import tqdm
@@ -137,6 +138,23 @@ def _target_linear(model: nn.Module, name: str) -> nn.Module:
     if not is_4bit(linear):
         raise QmorError(f"{name} is not a 4-bit layer; LoftQ base weights go into a model loaded in 4-bit")
     return linear
+
+
+def intact(folder: Path) -> bool:
+    """Whether a LoftQ cache folder holds every file whole. Writes are atomic, so a damaged one comes from outside (a
+    failing disk, a copy cut short); being derived data, it is said in one line and computed again."""
+    if not all((folder / name).is_file() for name in (BASE, WEIGHTS, REPORT)):
+        return False
+    try:
+        for name in (BASE, WEIGHTS):
+            with safe_open(str(folder / name), framework="pt"):  # checks the header and that the data covers it
+                pass
+        load_json(folder / REPORT)
+    except (SafetensorError, OSError, ValueError) as e:
+        print(f"warning: the LoftQ cache {folder} is damaged ({str(e).strip()}); computing the init again",
+              file=sys.stderr)
+        return False
+    return True
 
 
 def apply_base_weights(model: nn.Module, folder: str | Path) -> None:
@@ -265,7 +283,7 @@ def initialise_cached(model: nn.Module, source: str, names: dict[str, Path], tar
     computed layer by layer and cached. Returns (cache folder, report)."""
     key = cache_key(source, list(names.values()), cfg, targets, quant)
     cache = cache_folder(Path(cache_dir) if cache_dir else cache_root(), key, cfg)
-    if (cache / BASE).is_file() and (cache / REPORT).is_file():
+    if intact(cache):
         apply_base_weights(model, cache)
         load_fitted(model, cache, cfg.family)
         report = load_json(cache / REPORT)
@@ -281,11 +299,11 @@ def restore_base(model: nn.Module, meta: AdapterMeta, base: str) -> None:
     """Put a LoftQ adapter's Q_T into an attached 4-bit model: from its cache folder, or recomputed (and cached
     again) with the same seeds when the folder is gone. Leaves the adapters at their LoftQ init."""
     folder = Path(meta.base_weights) if meta.base_weights else None
-    if folder is not None and (folder / BASE).is_file():
+    if folder is not None and intact(folder):
         apply_base_weights(model, folder)
         return
-    print(f"LoftQ base weights {folder} are missing; recomputing them from {base} (deterministic, same settings)",
-          file=sys.stderr)
+    print(f"LoftQ base weights {folder} are missing or damaged; recomputing them from {base} (deterministic, same "
+          "settings)", file=sys.stderr)
     names = weight_files(local_folder(base))
     errors = initialise(model, names, meta.quant, meta.adapter.loftq_iters)
     if folder is not None:
