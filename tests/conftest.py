@@ -56,3 +56,17 @@ def perturb(model, seed=1, size=0.05):
         for p in model.parameters():
             if p.requires_grad:
                 p.add_(torch.randn(p.shape, generator=g) * size)
+
+
+# The quick tier (`pytest -m "not slow"`) for the edit loop leaves out what starts servers, browsers, several
+# processes, llama.cpp's converter or a real model; CI runs everything.
+SLOW_FILES = {"test_app_api.py", "test_app_browser.py", "test_app_eval.py", "test_ddp.py", "test_fsdp.py",
+              "test_gpu_check.py", "test_experiments.py", "test_bench_train.py", "test_gguf.py", "test_hf_trainer.py"}
+SLOW_TESTS = {"test_every_printed_hint_runs_as_printed", "test_cli_on_a_local_config_and_a_missing_path"}  # commands
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        slow = item.path.name in SLOW_FILES or item.originalname in SLOW_TESTS or "subprocess" in item.name
+        if slow or item.get_closest_marker("real_model"):
+            item.add_marker(pytest.mark.slow)
