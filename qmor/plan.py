@@ -412,11 +412,14 @@ def longest_sequence(model_config, gpu_gb: float, batch: int, adapter_cfg: Adapt
     def fits(n: int) -> bool:
         return estimate(g, n * step, batch, adapter_cfg, **kwargs).fits(gpu_gb)
 
+    top = limit // step  # the most it can be, in steps
     lo, hi = 0, 1  # fits(lo * step) holds (or lo == 0); find the first hi that does not fit
-    while hi * step <= limit and fits(hi):
+    while hi <= top and fits(hi):
         lo, hi = hi, hi * 2
-    if hi * step > limit:
-        return lo * step
+    if hi > top:  # doubling passed the limit: what lies between lo and the limit is still to search
+        if fits(top):
+            return top * step
+        hi = top
     while hi - lo > 1:
         mid = (lo + hi) // 2
         lo, hi = (mid, hi) if fits(mid) else (lo, mid)

@@ -18,7 +18,7 @@ from typing import Any
 from qmor.adapters import check_family
 from qmor.config import AdapterConfig
 from qmor.errors import QmorError
-from qmor.plan import CUDA_CONTEXT, GIB, Geometry, Plan, estimate
+from qmor.plan import CUDA_CONTEXT, GIB, Geometry, Plan, estimate, longest_sequence
 from qmor.training.config import (
     DEMO_RUN,
     EFFECTIVE_BATCH,
@@ -141,15 +141,10 @@ class Room:
         return self.free is None or self.plan(adapter, seq_len, batch).total_bytes <= self.free
 
     def longest(self, adapter: AdapterConfig, batch: int, upper: int) -> int:
-        """The longest length up to `upper` that fits at `batch`: `upper` itself, or a multiple of MIN_LEN (0: none).
-        The plan grows with the length, so a bisection finds it."""
+        """The longest length up to `upper` that fits at `batch`: `upper` itself, or a multiple of MIN_LEN (0: none)."""
         if self.fits(adapter, upper, batch):
             return upper
-        lo, hi = 0, upper // MIN_LEN  # lo * MIN_LEN fits (or lo is 0); hi * MIN_LEN is the most it can be
-        while lo < hi:
-            mid = (lo + hi + 1) // 2
-            lo, hi = (mid, hi) if self.fits(adapter, mid * MIN_LEN, batch) else (lo, mid - 1)
-        return lo * MIN_LEN
+        return longest_sequence(self.geometry, self.free_gb, batch, adapter, step=MIN_LEN, limit=upper, **self.options)
 
     def largest_batch(self, adapter: AdapterConfig, seq_len: int, upper: int) -> int:
         """The largest batch up to `upper` that fits at `seq_len` (0 if none)."""
