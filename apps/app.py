@@ -17,6 +17,7 @@ if __package__ in (None, ""):  # run as a script: make `apps` and `qmor` importa
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from apps.command import short_path  # noqa: E402
+from apps.jobs import Jobs  # noqa: E402
 from apps.paths import LOCAL_HOSTS, Workspace, check_launch, make_workspace  # noqa: E402
 from qmor.errors import QmorError  # noqa: E402
 
@@ -34,24 +35,25 @@ def parse(argv: list[str] | None = None, prog: str | None = None) -> argparse.Na
     return p.parse_args(argv)
 
 
-def build(ws: Workspace, env: dict | None = None):
+def build(ws: Workspace, jobs: Jobs, env: dict | None = None):
+    # gradio and the tabs built on it load only when the app starts, so that --help and a refused launch answer at once
     import gradio as gr
 
-    from apps import chat_tab, eval_tab, export_tab, train_tab
-    from apps.ui import CSS
+    from apps import chat_tab, eval_tab, export_tab, train_tab  # gradio: see above
+    from apps.ui import CSS  # gradio: see above
 
     with gr.Blocks(title="qmor") as demo:
         gr.Markdown(f"## qmor · 4-bit fine-tuning\nWorkspace: `{short_path(str(ws.root))}`"
                     + (" (paths confined to it)" if ws.restrict else ""))
         with gr.Tabs():
             with gr.Tab("Train", id="train"):
-                train = train_tab.build(ws, env or {})
+                train = train_tab.build(ws, jobs, env or {})
             with gr.Tab("Chat", id="chat") as chat_tab_block:
                 chat = chat_tab.build(ws)
             with gr.Tab("Export", id="export") as export_tab_block:
-                export = export_tab.build(ws)
+                export = export_tab.build(ws, jobs)
             with gr.Tab("Evaluate", id="evaluate") as eval_tab_block:
-                evaluation = eval_tab.build(ws)
+                evaluation = eval_tab.build(ws, jobs)
         # a refreshed page (or a restarted app) shows the running job at once instead of waiting for a tick
         demo.load(train["poll"], None, train["poll_out"], api_name=False, show_progress="hidden")
         demo.load(train["family_changed"], train["family"], train["specific"], api_name=False)
@@ -64,7 +66,7 @@ def build(ws: Workspace, env: dict | None = None):
 
 
 def _runs(ws: Workspace) -> list[str]:
-    from apps.ui import trained_runs
+    from apps.ui import trained_runs  # imports gradio: see build
 
     return trained_runs(ws)
 
@@ -87,10 +89,9 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
         # the built-in tiny model and LoftQ base weights are files every run refers to: keep them confined too
         os.environ["QMOR_CACHE"] = str(ws.root / "qmor-cache")
 
-    from apps import jobs
-
-    jobs.install_exit_handlers()
-    demo, css = build(ws, env)
+    jobs = Jobs(ws.root)
+    jobs.stop_children_at_exit()
+    demo, css = build(ws, jobs, env)
     demo.queue(default_concurrency_limit=4)
     demo.launch(server_name=args.host, server_port=args.port, share=args.share,
                 auth=(args.user, password) if password else None, allowed_paths=[str(ws.root)],

@@ -1,7 +1,8 @@
 """Chat tab: one base model loaded in the app process; adapters switch on it without reloading the base.
 
 "Compare with base" sends the same conversation through the adapter and then through the bare base, so the
-effect of training shows side by side. One lock serialises generation: there is one model and one GPU.
+effect of training shows side by side. The loaded model and its lock live in one `LoadedChat` that the tab's
+handlers share.
 """
 
 from __future__ import annotations
@@ -11,47 +12,72 @@ import threading
 import time
 
 import gradio as gr
+import torch
 
 from apps.command import short_path
-from apps.paths import Workspace, check_run_sources, model_arg, run_dir
-from apps.ui import adapter_config, error_md, ok_md, trained_runs
+from apps.paths import Workspace, adapter_config, check_run_sources, model_arg, run_dir
+from apps.ui import error_md, ok_md, trained_runs
 from qmor.errors import QmorError
 from qmor.model.files import builtin_name
 from qmor.training.run_dir import RunDir
 
 NONE = "(none: base only)"
-_LOCK = threading.Lock()
-_STATE: dict = {"session": None, "base": None, "adapter": None}
 
 
-def _load(base: str, adapter: str | None, trust_remote_code: bool) -> str:
-    from qmor.chat import ChatSession
+class LoadedChat:
+    """The chat tab's model: one base loaded in the app process, the adapter active on it, and the lock that
+    serialises loading and generation (there is one model and one GPU). The tab's handlers share one."""
 
-    t0 = time.perf_counter()
-    if _STATE["session"] is None or _STATE["base"] != base:
-        _unload()
-        # a built-in name (tiny, smollm2) becomes its cached folder inside ChatSession, as in the training script
-        _STATE["session"] = ChatSession(base, trust_remote_code=trust_remote_code)
-        _STATE["base"] = base
-        what = f"loaded {base}"
-    else:
-        what = f"kept {base} loaded"
-    if adapter != _STATE["adapter"]:
-        _STATE["session"].use_adapter(adapter)
-        _STATE["adapter"] = adapter
-    return f"{what}; adapter {adapter or 'none'} ({time.perf_counter() - t0:.1f} s)"
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.session = None  # qmor.chat.ChatSession, once loaded
+        self.base: str | None = None  # the --model value it was loaded from
+        self.adapter: str | None = None  # the adapter folder active on it (None: the base alone)
 
+    def load(self, base: str, adapter: str | None, trust_remote_code: bool) -> str:
+        """Load `base` unless it is loaded already, then switch to `adapter`; returns what was done, in words.
+        Call with the lock held."""
+        from qmor.chat import ChatSession  # torch and transformers load when a chat starts, not with the app
 
-def _unload() -> None:
-    _STATE.update(session=None, base=None, adapter=None)
-    gc.collect()
-    try:
-        import torch
+        t0 = time.perf_counter()
+        if self.session is None or self.base != base:
+            self.unload()
+            # a built-in name (tiny, smollm2) becomes its cached folder inside ChatSession, as in the training script
+            self.session = ChatSession(base, trust_remote_code=trust_remote_code)
+            self.base, self.adapter = base, None
+            what = f"loaded {base}"
+        else:
+            what = f"kept {base} loaded"
+        if adapter != self.adapter:
+            self.session.use_adapter(adapter)
+            self.adapter = adapter
+        return f"{what}; adapter {adapter or 'none'} ({time.perf_counter() - t0:.1f} s)"
 
+    def unload(self) -> None:
+        """Drop the model and give its memory back. Call with the lock held."""
+        self.session, self.base, self.adapter = None, None, None
+        gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
-    except Exception:
-        pass
+
+    def replies(self, text: str, turns: list[tuple[list[dict], str | None]], **sampling):
+        """Add the user's `text` to each (history, adapter), then stream a reply into each in turn with its adapter
+        active, yielding after every piece; the chosen adapter is active again afterwards."""
+        if self.session is None:
+            raise QmorError("no model is loaded; pick a run (or none) and press Load")
+        for history, _ in turns:
+            history.append({"role": "user", "content": text})
+        with self.lock:
+            chosen = self.adapter
+            try:
+                for history, adapter in turns:
+                    self.session.use_adapter(adapter)
+                    history.append({"role": "assistant", "content": ""})
+                    for piece in self.session.stream(history[:-1], **sampling):
+                        history[-1] = {"role": "assistant", "content": history[-1]["content"] + piece}
+                        yield
+            finally:
+                self.session.use_adapter(chosen)
 
 
 def _plain(history) -> list[dict]:
@@ -66,6 +92,13 @@ def _plain(history) -> list[dict]:
 
 
 def build(ws: Workspace) -> dict:
+    ui = _layout(ws)
+    _wire(ws, ui, LoadedChat())
+    return {"runs": ui["run"], "refresh": lambda: gr.update(choices=[NONE, *trained_runs(ws)])}
+
+
+def _layout(ws: Workspace) -> dict:
+    """The tab's components, by name."""
     with gr.Row():
         run = gr.Dropdown([NONE, *trained_runs(ws)], value=NONE, label="Trained run (adapter)", scale=2,
                           allow_custom_value=True)
@@ -91,6 +124,13 @@ def build(ws: Workspace) -> dict:
         msg = gr.Textbox(placeholder="Type a message and press Enter", show_label=False, scale=5, elem_id="chat-msg")
         send_btn = gr.Button("Send", variant="primary", scale=1, elem_id="chat-send")
         clear_btn = gr.Button("Clear", scale=1)
+    return dict(run=run, base=base, trust=trust, refresh_btn=refresh_btn, load_btn=load_btn, unload_btn=unload_btn,
+                status=status, system=system, temperature=temperature, top_p=top_p, top_k=top_k, max_new=max_new,
+                rep=rep, compare=compare, bot=bot, bot_base=bot_base, msg=msg, send_btn=send_btn, clear_btn=clear_btn)
+
+
+def _wire(ws: Workspace, ui: dict, loaded: LoadedChat) -> None:
+    """The handlers, each given the tab's one LoadedChat."""
 
     def pick_run(name):
         if not name or name == NONE:
@@ -109,14 +149,14 @@ def build(ws: Workspace) -> dict:
                 run = run_dir(ws, name)
                 check_run_sources(ws, run)
                 adapter = str(RunDir(run).adapter)
-            with _LOCK:
-                return ok_md(_load(model_arg(ws, base_text), adapter, bool(trust_rc)))
-        except Exception as e:
+            with loaded.lock:
+                return ok_md(loaded.load(model_arg(ws, base_text), adapter, bool(trust_rc)))
+        except Exception as e:  # shown in the tab, not raised into gradio's generic error
             return error_md(e)
 
     def unload():
-        with _LOCK:
-            _unload()
+        with loaded.lock:
+            loaded.unload()
         return ok_md("unloaded")
 
     def chat(text, history, history_base, cmp, sys_prompt, temp, tp, tk, mx, rp):
@@ -126,36 +166,23 @@ def build(ws: Workspace) -> dict:
             yield history, history_base, "", gr.update()
             return
         try:
-            if _STATE["session"] is None:
-                raise QmorError("no model is loaded; pick a run (or none) and press Load")
-            kwargs = dict(system=sys_prompt or None, temperature=float(temp), top_p=float(tp), top_k=int(tk),
-                          max_new_tokens=int(mx), repetition_penalty=float(rp))
-            targets = [(history, _STATE["adapter"])] + ([(history_base, None)] if cmp else [])
-            for h, _ in targets:
-                h.append({"role": "user", "content": text})
-            with _LOCK:
-                session, adapter = _STATE["session"], _STATE["adapter"]
-                try:
-                    for h, use in targets:
-                        session.use_adapter(use)
-                        h.append({"role": "assistant", "content": ""})
-                        for piece in session.stream(h[:-1], **kwargs):
-                            h[-1] = {"role": "assistant", "content": h[-1]["content"] + piece}
-                            yield history, history_base, "", gr.update()
-                finally:
-                    session.use_adapter(adapter)  # leave the chosen adapter active for the next turn
+            turns = [(history, loaded.adapter)] + ([(history_base, None)] if cmp else [])
+            for _ in loaded.replies(text, turns, system=sys_prompt or None, temperature=float(temp), top_p=float(tp),
+                                    top_k=int(tk), max_new_tokens=int(mx), repetition_penalty=float(rp)):
+                yield history, history_base, "", gr.update()
             yield history, history_base, "", ok_md("reply complete")
-        except Exception as e:
+        except Exception as e:  # shown in the tab, not raised into gradio's generic error
             yield history, history_base, "", error_md(e)
 
-    refresh_btn.click(lambda: gr.update(choices=[NONE, *trained_runs(ws)]), None, run, api_name="chat_runs")
+    run, base, status, bot, bot_base = ui["run"], ui["base"], ui["status"], ui["bot"], ui["bot_base"]
+    ui["refresh_btn"].click(lambda: gr.update(choices=[NONE, *trained_runs(ws)]), None, run, api_name="chat_runs")
     run.change(pick_run, run, base, api_visibility="private")
-    load_btn.click(load, [run, base, trust], status, api_name="chat_load")
-    unload_btn.click(unload, None, status, api_name="chat_unload")
-    compare.change(lambda c: gr.update(visible=bool(c)), compare, bot_base, api_visibility="private")
-    chat_in = [msg, bot, bot_base, compare, system, temperature, top_p, top_k, max_new, rep]
-    chat_out = [bot, bot_base, msg, status]
-    msg.submit(chat, chat_in, chat_out, api_name="chat")
-    send_btn.click(chat, chat_in, chat_out, api_name=False)
-    clear_btn.click(lambda: ([], []), None, [bot, bot_base], api_name=False)
-    return {"runs": run, "refresh": lambda: gr.update(choices=[NONE, *trained_runs(ws)])}
+    ui["load_btn"].click(load, [run, base, ui["trust"]], status, api_name="chat_load")
+    ui["unload_btn"].click(unload, None, status, api_name="chat_unload")
+    ui["compare"].change(lambda c: gr.update(visible=bool(c)), ui["compare"], bot_base, api_visibility="private")
+    chat_in = [ui[k] for k in ("msg", "bot", "bot_base", "compare", "system", "temperature", "top_p", "top_k",
+                               "max_new", "rep")]
+    chat_out = [bot, bot_base, ui["msg"], status]
+    ui["msg"].submit(chat, chat_in, chat_out, api_name="chat")
+    ui["send_btn"].click(chat, chat_in, chat_out, api_name=False)
+    ui["clear_btn"].click(lambda: ([], []), None, [bot, bot_base], api_name=False)

@@ -11,7 +11,8 @@ from pathlib import Path
 
 import gradio as gr
 
-from apps import command, jobs
+from apps import command
+from apps.jobs import Jobs, stopped, tail
 from apps.paths import Workspace, check_name, check_run_sources, confined, dataset_arg, run_dir
 from apps.ui import error_md, ok_md, trained_runs
 from qmor.errors import QmorError
@@ -20,7 +21,6 @@ from qmor.training.run_dir import RunDir
 
 # tqdm's line: "RUN: adapter: answers:  45%|████▌     | 5/11 [...]"; the description is what runs now
 PROGRESS_RE = re.compile(r"(.*):\s+(\d+)%\|[^|]*\|\s*(\d+)/(\d+)")
-STOPPED = 130  # the command's exit status when stopped
 
 
 def progress_html(log_text: str, state: str) -> str:
@@ -74,14 +74,6 @@ def check_sources(ws: Workspace, run: Path) -> None:
         confined(ws, Path(record["path"]), f"export of run {run.name}")
 
 
-def exit_code(ws: Workspace, job: dict) -> int | None:
-    """The job's exit status; a Stop pressed meanwhile reaped it in another request, which recorded it in the
-    registry only."""
-    if job.get("exit_code") is not None:
-        return job["exit_code"]
-    return next((j.get("exit_code") for j in jobs.load_jobs(ws.root) if j["pid"] == job["pid"]), None)
-
-
 def job_outputs(job: dict) -> tuple[list[Path], Path | None]:
     """The run folders and the comparison folder of an evaluation job, read back from its command."""
     args = job["command"][job["command"].index("eval") + 1:]  # after `python -m qmor eval`
@@ -90,23 +82,24 @@ def job_outputs(job: dict) -> tuple[list[Path], Path | None]:
     return runs, out
 
 
-def latest(ws: Workspace) -> tuple:
+def latest(jobs: Jobs) -> tuple:
     """What the tab shows when it opens (or the page is refreshed): the running evaluation, or the last results."""
-    job = jobs.latest(ws.root, "eval")
+    job = jobs.latest("eval")
     if job is None:
         return "", "", "", None, "", ""
-    text = jobs.tail(job["log"])
-    if jobs.alive(ws.root, job):
+    text = tail(job["log"])
+    if jobs.alive(job):
         return (ok_md("an evaluation is running; Stop ends it, its results show here when you open the tab again"),
                 progress_html(text, "running"), "", None, "", text)
     runs, out = job_outputs(job)
-    if exit_code(ws, job) not in (0, 1) or not all((r / report.JSON).is_file() for r in runs):
-        return "", progress_html(text, "stopped" if exit_code(ws, job) == STOPPED else "error"), "", None, "", text
+    if jobs.exit_code(job) not in (0, 1) or not all((r / report.JSON).is_file() for r in runs):
+        state = "stopped" if stopped(jobs.exit_code(job)) else "error"
+        return "", progress_html(text, state), "", None, "", text
     figures, image, replies = results(runs, out)
     return ok_md("the last evaluation"), progress_html(text, "done"), figures, image, replies, text
 
 
-def build(ws: Workspace) -> dict:
+def build(ws: Workspace, jobs: Jobs) -> dict:
     with gr.Row():
         runs = trained_runs(ws)
         picked = gr.Dropdown(runs, value=runs[:1], multiselect=True, label="Runs to evaluate (several: compared)",
@@ -143,41 +136,41 @@ def build(ws: Workspace) -> dict:
             cmd = eval_command(folders, out, dataset_arg(ws, data) if (data or "").strip() else None,
                                whole(n_prompts, "Side-by-side prompts", 0), whole(n_limit, "Examples scored", 1),
                                whole(tokens, "Tokens per reply", 1), bool(ask_general))
-            if jobs.running(ws.root, "eval"):
+            if jobs.running("eval"):
                 raise QmorError("an evaluation is already running; wait for it or stop it")
             log_path = ws.root / "evals" / f"{names[0]}{'-and-more' if out else ''}.log"
             log_path.unlink(missing_ok=True)
-            job = jobs.start(ws.root, "eval", cmd, log_path, out or folders[0])
+            job = jobs.start("eval", cmd, log_path, out or folders[0])
         except Exception as e:
             yield error_md(e), "", gr.update(), gr.update(), gr.update(), ""
             return
         yield ok_md(f"evaluating {', '.join(names)}"), progress_html("", "running"), "", None, "", ""
-        while jobs.alive(ws.root, job):
+        while jobs.alive(job):
             time.sleep(1.0)
-            text = jobs.tail(log_path)
+            text = tail(log_path)
             yield gr.update(), progress_html(text, "running"), gr.update(), gr.update(), gr.update(), text
-        text = jobs.tail(log_path, lines=200)
-        code = exit_code(ws, job)
-        if code == STOPPED:
-            yield ok_md("stopped"), progress_html(text, "stopped"), "", None, "", jobs.tail(log_path)
+        text = tail(log_path, lines=200)
+        code = jobs.exit_code(job)
+        if stopped(code):
+            yield ok_md("stopped"), progress_html(text, "stopped"), "", None, "", tail(log_path)
             return
         if code not in (0, 1):  # 1: done, with an export flagged
             last = [ln for ln in text.splitlines() if ln.strip()][-1:] or ["no output"]
             yield (error_md(QmorError(f"evaluation failed: {last[0]}")), progress_html(text, "error"), "", None, "",
-                   jobs.tail(log_path))
+                   tail(log_path))
             return
         table, image, replies = results(folders, out)
         note = "; an export is flagged (see below)" if code == 1 else ""
         yield ok_md(f"evaluated {', '.join(names)}{note}"), progress_html(text, "done"), table, image, replies, \
-            jobs.tail(log_path)
+            tail(log_path)
 
     def stop() -> str:
         """Stop the running evaluation (the runs it finished keep their reports)."""
         try:
-            job = jobs.running(ws.root, "eval")
+            job = jobs.running("eval")
             if job is None:
                 raise QmorError("no evaluation is running")
-            jobs.stop(ws.root, job, wait_s=20.0)
+            jobs.stop(job, wait_s=20.0)
             return ok_md("stopping the evaluation")
         except Exception as e:
             return error_md(e)
@@ -186,4 +179,4 @@ def build(ws: Workspace) -> dict:
     start_btn.click(evaluate, [picked, dataset, prompts, limit, max_new, general],
                     [status, bar, figures, plot, side, log], api_name="evaluate")
     stop_btn.click(stop, None, status, api_name="stop_eval")
-    return {"runs": picked, "latest": lambda: latest(ws), "shown": [status, bar, figures, plot, side, log]}
+    return {"runs": picked, "latest": lambda: latest(jobs), "shown": [status, bar, figures, plot, side, log]}

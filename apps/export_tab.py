@@ -8,10 +8,11 @@ import time
 
 import gradio as gr
 
-from apps import command, jobs
+from apps import command
 from apps.command import short_path
-from apps.paths import Workspace, check_name, check_run_sources, confined, run_dir
-from apps.ui import adapter_config, error_md, ok_md, trained_runs
+from apps.jobs import Jobs, tail
+from apps.paths import Workspace, adapter_config, check_name, check_run_sources, confined, run_dir
+from apps.ui import error_md, ok_md, trained_runs
 from qmor.adapters import ADAPTERS, check_family, merge_refusal
 from qmor.errors import QmorError
 from qmor.export.gguf import TYPES as GGUF_TYPES
@@ -55,7 +56,7 @@ def default_name(run_name: str, fmt: str, dtype: str, gguf_type: str) -> str:
     return f"{run_name}-{suffix}" if run_name else ""
 
 
-def build(ws: Workspace) -> dict:
+def build(ws: Workspace, jobs: Jobs) -> dict:
     with gr.Row():
         runs = trained_runs(ws)
         run = gr.Dropdown(runs, value=runs[0] if runs else None, label="Run to export", scale=3,
@@ -84,27 +85,27 @@ def build(ws: Workspace) -> dict:
             check_exportable(adapter_config(run_path).get("adapter", {}).get("family"), export_format)
             out_name = check_name(out_name or default_name(run_name, export_format, dt, gguf_weights), "output name")
             out = confined(ws, ws.exports / out_name, "output")
-            if jobs.running(ws.root, "export"):
+            if jobs.running("export"):
                 raise QmorError("an export is already running; wait for it to finish")
             log_path = ws.exports / f"{out.name}.log"
             log_path.unlink(missing_ok=True)
             cmd = command.export_command(run_path, out, flags, bool(ow))
-            job = jobs.start(ws.root, "export", cmd, log_path, out)
+            job = jobs.start("export", cmd, log_path, out)
         except Exception as e:
             yield error_md(e), "", gr.update()
             return
         yield ok_md(f"exporting {run_name} to {out}"), "", ""
-        while jobs.alive(ws.root, job):
+        while jobs.alive(job):
             time.sleep(1.0)
-            yield gr.update(), gr.update(), jobs.tail(log_path)
-        text = jobs.tail(log_path, lines=200)
+            yield gr.update(), gr.update(), tail(log_path)
+        text = tail(log_path, lines=200)
         figures = verification(text)
         if job.get("exit_code") == 0 and out.is_dir():  # the export renames its folder into place when complete
             where = short_path(str(out))
-            yield ok_md(f"exported to {where}"), f"**Output:** `{where}`\n\n{figures or ''}", jobs.tail(log_path)
+            yield ok_md(f"exported to {where}"), f"**Output:** `{where}`\n\n{figures or ''}", tail(log_path)
         else:
             last = [ln for ln in text.splitlines() if ln.strip()][-1:] or ["no output"]
-            yield error_md(QmorError(f"export failed: {last[0]}")), figures or "", jobs.tail(log_path)
+            yield error_md(QmorError(f"export failed: {last[0]}")), figures or "", tail(log_path)
 
     def format_changed(run_name, export_format, dt, gguf_weights):
         return (gr.update(visible=export_format != "gguf"), gr.update(visible=export_format == "gguf"),

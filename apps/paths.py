@@ -6,14 +6,17 @@ link), because then a form field is a way for a stranger to read or overwrite fi
 
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from qmor.adapters.attach import meta_file
 from qmor.data import tasks
 from qmor.data.sources import is_hub_id as is_hub_dataset
 from qmor.errors import QmorError
 from qmor.model.files import is_builtin, is_hub_id
+from qmor.training.run_dir import RunDir
 
 LOCAL_HOSTS = {"127.0.0.1", "localhost", "::1"}
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
@@ -80,11 +83,24 @@ def run_dir(ws: Workspace, name: str) -> Path:
     return confined(ws, ws.runs / check_name(name, "run name"), "run")
 
 
+def run_meta_file(run: Path) -> Path | None:
+    try:
+        return meta_file(RunDir(run).adapter)
+    except QmorError:
+        return None
+
+
+def adapter_config(run: Path) -> dict:
+    try:
+        file = run_meta_file(run)
+        return json.loads(file.read_text()) if file else {}
+    except (OSError, json.JSONDecodeError):
+        return {}
+
+
 def check_run_sources(ws: Workspace, run: Path) -> None:
     """Every path a run's adapter refers to (its base model folder, its LoftQ base weights) stays in the workspace
     when paths are restricted; a hub id is no path and passes."""
-    from apps.ui import adapter_config
-
     meta = adapter_config(run)
     base = meta.get("base_model") or ""
     if base and (base.startswith(("/", ".", "~")) or Path(base).exists()):

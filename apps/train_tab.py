@@ -13,7 +13,8 @@ from pathlib import Path
 import gradio as gr
 import pandas as pd
 
-from apps import command, jobs, progress
+from apps import command, progress
+from apps.jobs import Jobs, tail
 from apps.paths import BUILTIN_DATASETS, Workspace, dataset_arg, run_dir, user_path
 from apps.ui import error_md, ok_md
 from qmor.data.pipeline import FILE_TYPES, preview
@@ -124,10 +125,10 @@ def preview_command(ws: Workspace, *vals) -> str:
         return f"# cannot build the command: {e}"
 
 
-def start(ws: Workspace, env: dict, *vals):
+def start(ws: Workspace, jobs: Jobs, env: dict, *vals):
     """Start a training run with these settings; returns the status and the command."""
     try:
-        if jobs.running(ws.root, "train"):
+        if jobs.running("train"):
             raise QmorError("a training run is already going; stop it first (one GPU, one job)")
         v = _values(vals)
         v["run_name"] = (v["run_name"] or "").strip() or _auto_name(v)
@@ -137,19 +138,19 @@ def start(ws: Workspace, env: dict, *vals):
         except QmorError:
             raise QmorError(f"run {v['run_name']!r} exists already; choose another name, or Resume it") from None
         cmd = command.train_command(command.train_args(ws, v))
-        jobs.start(ws.root, "train", cmd, RunDir(out).log, out, env, log_in_run=True)
+        jobs.start("train", cmd, RunDir(out).log, out, env, log_in_run=True)
         return ok_md(f"started {v['run_name']}"), command.shown(cmd)
     except Exception as e:
         return error_md(e), gr.update()
 
 
-def stop(ws: Workspace) -> str:
+def stop(jobs: Jobs) -> str:
     """Stop the running training run (it writes a checkpoint first)."""
     try:
-        job = jobs.running(ws.root, "train")
+        job = jobs.running("train")
         if job is None:
             raise QmorError("no training run is going")
-        ended = jobs.stop(ws.root, job)
+        ended = jobs.stop(job)
         s = progress.summary(RunDir(job["run_dir"]).read_events())
         where = f"; checkpoint {s['message']}" if s["state"] == "stopped" and s["message"] else ""
         if not ended:
@@ -160,12 +161,12 @@ def stop(ws: Workspace) -> str:
         return error_md(e)
 
 
-def resume(ws: Workspace, env: dict):
+def resume(jobs: Jobs, env: dict):
     """Continue the latest run from its last checkpoint."""
     try:
-        if jobs.running(ws.root, "train"):
+        if jobs.running("train"):
             raise QmorError("a training run is already going; stop it first")
-        job = jobs.latest(ws.root, "train")
+        job = jobs.latest("train")
         if job is None:
             raise QmorError("there is no run to resume yet; press Start")
         run = Path(job["run_dir"])
@@ -175,29 +176,29 @@ def resume(ws: Workspace, env: dict):
             raise QmorError(f"run {run.name} has no checkpoint to resume from; Start it again under the same "
                             "name")
         cmd = command.resume_command(run)
-        jobs.start(ws.root, "train", cmd, RunDir(run).log, run, env, log_in_run=True)
+        jobs.start("train", cmd, RunDir(run).log, run, env, log_in_run=True)
         return ok_md(f"resuming {run.name}"), command.shown(cmd)
     except Exception as e:
         return error_md(e), gr.update()
 
 
-def poll(ws: Workspace):
+def poll(jobs: Jobs):
     """Progress, loss plot, log tail and the Start/Stop states of the latest run."""
-    job = jobs.latest(ws.root, "train")
+    job = jobs.latest("train")
     if job is None:
         return (progress.progress_html(progress.summary([]), "no run yet"), None, "",
                 gr.update(interactive=True), gr.update(interactive=False))
     run = Path(job["run_dir"])
     events = RunDir(run).read_events()
     s = progress.summary(events)
-    is_alive = jobs.alive(ws.root, job)
+    is_alive = jobs.alive(job)
     if not is_alive and s["state"] in ("running", "waiting"):
         code = job.get("exit_code")
         s["state"] = "error" if code not in (0, None) else "ended"
         if code not in (0, None):
             s["message"] = f"exit code {code}; see the log"
     frame = progress.loss_frame(events)
-    return (progress.progress_html(s, run.name), frame if len(frame) else None, jobs.tail(job["log"]),
+    return (progress.progress_html(s, run.name), frame if len(frame) else None, tail(job["log"]),
             gr.update(interactive=not is_alive), gr.update(interactive=is_alive))
 
 
@@ -254,7 +255,7 @@ def _endpoint(fn, *bound, fields: dict | None = None):
     return handler
 
 
-def build(ws: Workspace, env: dict) -> dict:
+def build(ws: Workspace, jobs: Jobs, env: dict) -> dict:
     """Lay out the tab inside the current Blocks context and wire it; returns what app.py wires to demo.load."""
     c, tools = _form(ws)
     p = _run_panel()
@@ -269,12 +270,12 @@ def build(ws: Workspace, env: dict) -> dict:
                                api_name="preview_data")
     tools["upload"].upload(_endpoint(uploaded, ws), tools["upload"], [c["dataset"], tools["preview_md"]],
                            api_name="upload_dataset")
-    p["start"].click(_endpoint(start, ws, env, fields=FIELDS), inputs, [p["status"], p["cmd_box"]],
+    p["start"].click(_endpoint(start, ws, jobs, env, fields=FIELDS), inputs, [p["status"], p["cmd_box"]],
                      api_name="start_training")
-    p["stop"].click(_endpoint(stop, ws), None, p["status"], api_name="stop_training")
-    p["resume"].click(_endpoint(resume, ws, env), None, [p["status"], p["cmd_box"]], api_name="resume_training")
+    p["stop"].click(_endpoint(stop, jobs), None, p["status"], api_name="stop_training")
+    p["resume"].click(_endpoint(resume, jobs, env), None, [p["status"], p["cmd_box"]], api_name="resume_training")
     poll_out = [p["progress"], p["plot"], p["log"], p["start"], p["stop"]]
-    poll_fn = _endpoint(poll, ws)
+    poll_fn = _endpoint(poll, jobs)
     p["timer"].tick(poll_fn, None, poll_out, api_name="poll_training", show_progress="hidden")
     return {"poll": poll_fn, "poll_out": poll_out, "family_changed": _visibility("family"), "family": c["family"],
             "specific": [c[f.key] for f in DEPENDENTS["family"]], "preview_command": preview_fn, "inputs": inputs,

@@ -3,15 +3,11 @@
 from __future__ import annotations
 
 import html
-import json
-from pathlib import Path
 
 import gradio as gr
 
-from apps.paths import Workspace, inside
-from qmor.adapters.attach import meta_file
+from apps.paths import Workspace, inside, run_meta_file
 from qmor.errors import QmorError
-from qmor.training.run_dir import RunDir
 
 
 def message(e: BaseException) -> str:
@@ -29,25 +25,10 @@ def ok_md(text: str) -> str:
     return f"<div class='qmor-ok'>{html.escape(text)}</div>"
 
 
-def _meta_file(run: Path) -> Path | None:
-    try:
-        return meta_file(RunDir(run).adapter)
-    except QmorError:
-        return None
-
-
-def adapter_config(run: Path) -> dict:
-    try:
-        file = _meta_file(run)
-        return json.loads(file.read_text()) if file else {}
-    except (OSError, json.JSONDecodeError):
-        return {}
-
-
 def trained_runs(ws: Workspace) -> list[str]:
     """Runs with a final adapter, newest first (when paths are restricted, no link that leads out of the
     workspace)."""
-    runs = [p for p in ws.runs.iterdir() if _meta_file(p) is not None
+    runs = [p for p in ws.runs.iterdir() if run_meta_file(p) is not None
             and (not ws.restrict or inside(ws, p.resolve()))]
     return [p.name for p in sorted(runs, key=lambda p: p.stat().st_mtime, reverse=True)]
 

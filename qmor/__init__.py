@@ -1,17 +1,11 @@
 """qmor: fine-tune large language models on one consumer GPU with 4-bit NF4 bases and small adapters."""
 
 from qmor.adapters import ADAPTERS, build_adapter, mergeable
-from qmor.adapters.attach import (
-    AdapterMeta,
-    attach,
-    count_parameters,
-    detach,
-    load_adapter,
-    save_adapter,
-    set_enabled,
-)
-from qmor.config import AdapterConfig, QuantConfig
+from qmor.adapters.attach import AdapterMeta, count_parameters, detach, save_adapter, set_enabled
+from qmor.adapters.config import AdapterConfig
+from qmor.config import QuantConfig
 from qmor.errors import NotMergeable, QmorError
+from qmor.model.load import attach, load_adapter
 from qmor.version import __version__
 
 __all__ = [

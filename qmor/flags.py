@@ -18,7 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from qmor.adapters import ADAPTERS, option_defaults, option_fields
-from qmor.config import EXPERT_ADAPTERS, AdapterConfig
+from qmor.adapters.config import EXPERT_ADAPTERS, AdapterConfig
 from qmor.data.pipeline import FILE_TYPES, FORMATS
 from qmor.data.tasks import NAMES as TASKS
 from qmor.errors import QmorError
@@ -146,6 +146,12 @@ def family_uses() -> dict[str, tuple[str, ...]]:
     return uses
 
 
+def rank_help() -> str:
+    """--rank's help: what r is, with each family whose declaration gives it another meaning."""
+    special = [f"{name}: {spec.rank_means}" for name, spec in ADAPTERS.items() if spec.rank_means]
+    return f"adapter rank ({'; '.join(special)})" if special else "adapter rank"
+
+
 def unscaled() -> str:
     """Which families alpha does not scale, as the alpha flag's help says it."""
     names = [name for name, spec in ADAPTERS.items() if not spec.scaled]
@@ -212,7 +218,7 @@ def _table() -> list[Flag]:
              "Skip bad records"),
         Flag("--family", "adapter.family", str, "adapter family", "adapter", "Adapter family", widget="radio",
              choices=tuple(ADAPTERS), scale=3, auto=demo_or(DEMO_ADAPTER["family"], MODEL_ADAPTER["family"])),
-        Flag("--rank", "adapter.r", int, "adapter rank (MoRA: the LoRA rank whose parameter count it matches)",
+        Flag("--rank", "adapter.r", int, rank_help(),
              "adapter", "Rank r", minimum=1, aliases=("--lora-r", "--lora-rank"),
              auto=demo_or(DEMO_ADAPTER["r"], MODEL_ADAPTER["r"])),
         Flag("--alpha", "adapter.alpha", float, f"scale alpha / rank ({unscaled()})", "adapter", "Alpha",
@@ -304,6 +310,17 @@ def config_keys() -> dict[str, Flag]:
     return {name[2:].replace("-", "_"): f for f in FLAGS for name in (f.name, *f.aliases)}
 
 
+def set_field(data: dict, field: str, value) -> None:
+    """data[section][...][name] = value for the dotted TrainConfig field "section.name", making the sections. A
+    section that is no mapping is left as it is: from_json refuses it, naming it."""
+    *sections, name = field.split(".")
+    where = data
+    for section in sections:
+        where = where.setdefault(section, {})
+    if isinstance(where, dict):
+        where[name] = value
+
+
 def nest_config(data: dict, source: str) -> dict:
     """A config file's mapping with its flat keys moved to the nested fields they set (`cutoff_len: 512` ->
     data.max_len), numbers written as text read as numbers (YAML reads 1e-4 as a string); a key that is neither a
@@ -332,10 +349,5 @@ def nest_config(data: dict, source: str) -> dict:
         if flag.field in named:
             raise QmorError(f"{source} sets {flag.field} twice, as {named[flag.field]!r} and {key!r}; keep one")
         named[flag.field] = key
-        *sections, name = flag.field.split(".")
-        where = out
-        for section in sections:
-            where = where.setdefault(section, {})
-        if isinstance(where, dict):  # a section that is not a mapping is refused by from_json, naming it
-            where[name] = flag.to_config(value)
+        set_field(out, flag.field, flag.to_config(value))
     return out

@@ -27,10 +27,11 @@ import torch
 
 from qmor.adapters import check_family
 from qmor.adapters.attach import find_targets
-from qmor.config import AdapterConfig
+from qmor.adapters.config import AdapterConfig
+from qmor.adapters.experts import adapter_owner
 from qmor.errors import QmorError
 from qmor.model.files import expand_builtin, is_local
-from qmor.model.moe import QuantExperts, adapter_owner, meta_experts
+from qmor.model.moe import QuantExperts, meta_experts
 from qmor.model.tile import ATTENTION_INPUTS, FOLD, TILE, decoder_layers
 
 GIB = 1024**3
@@ -265,7 +266,7 @@ def _adapters(g: Geometry, cfg: AdapterConfig, a: int, autocast: bool, layer: La
                              if p in parts)
     for (d_in, d_out, share), p in zip(layer.targets, target_parts, strict=True):
         if p in parts:
-            total += adapter_bytes * spec.saved_per_token(d_in, d_out, cfg) * share
+            total += adapter_bytes * spec.saved_per_token(d_in, d_out, cfg.hyperparams) * share
     return total
 
 
@@ -316,6 +317,36 @@ def tiled_layer(g: Geometry, cfg: AdapterConfig, a: int, tokens: int, batch: int
     return whole, flight + int(min(tile, tokens) * max(mlp, inputs))
 
 
+def check_step(seq_len: int, batch: int, checkpointing: bool, offload: bool, optimizer: str, attention: str) -> None:
+    """Refuse, in one line, a step the planner cannot describe."""
+    if seq_len < 1 or batch < 1:
+        raise QmorError(f"sequence length and batch must be positive, got seq {seq_len}, batch {batch}")
+    if offload and not checkpointing:
+        raise QmorError("offloading moves checkpointed activations to CPU RAM, so it needs checkpointing; "
+                        "drop --no-gradient-checkpointing or --offload-activations")
+    if optimizer not in ADAM_BYTES:
+        raise QmorError(f"unknown optimizer {optimizer!r}; choose one of {', '.join(ADAM_BYTES)}")
+    if attention not in ("sdpa", "eager"):
+        raise QmorError(f"attention must be 'sdpa' or 'eager', got {attention!r}")
+
+
+def resident(g: Geometry, adapter_cfg: AdapterConfig, a: int, optimizer: str, double_quant: bool
+             ) -> tuple[dict[str, int], int]:
+    """What stays in memory through the step whatever its length (weights, the adapters, their gradients and
+    optimizer states), by part, and the number of trainable parameters."""
+    module = check_family(adapter_cfg.family).module
+    trainable = sum(module.num_params(d_in, d_out, adapter_cfg.hyperparams) for d_in, d_out in g.adapters)
+    head = 0 if g.tied else g.vocab * g.hidden
+    parts = {
+        "4-bit weights": sum(nf4_bytes(i * o, double_quant) for i, o in g.quantized),
+        "16-bit embeddings + head": (g.other_params + head) * a,
+        "adapter parameters": trainable * ADAPTER_BYTES,
+        "adapter gradients": trainable * ADAPTER_BYTES,
+        "optimizer states": int(trainable * ADAM_BYTES[optimizer]),
+    }
+    return parts, trainable
+
+
 def estimate(
     model_config,
     seq_len: int,
@@ -338,29 +369,11 @@ def estimate(
     False is 16-bit compute without autocast (a GPU without bf16), where every adapter keeps an fp32 copy of its
     input. `tile`: tokens per tile of each layer's MLP and attention input projections (qmor.model.tile; 0:
     untiled); a batch of at most `tile` tokens runs untiled."""
-    if seq_len < 1 or batch < 1:
-        raise QmorError(f"sequence length and batch must be positive, got seq {seq_len}, batch {batch}")
-    if offload and not checkpointing:
-        raise QmorError("offloading moves checkpointed activations to CPU RAM, so it needs checkpointing; "
-                        "drop --no-gradient-checkpointing or --offload-activations")
-    if optimizer not in ADAM_BYTES:
-        raise QmorError(f"unknown optimizer {optimizer!r}; choose one of {', '.join(ADAM_BYTES)}")
-    if attention not in ("sdpa", "eager"):
-        raise QmorError(f"attention must be 'sdpa' or 'eager', got {attention!r}")
-    module = check_family(adapter_cfg.family).module
+    check_step(seq_len, batch, checkpointing, offload, optimizer, attention)
     g = model_config if isinstance(model_config, Geometry) else geometry(model_config, adapter_cfg.targets,
                                                                          adapter_cfg.expert_adapters)
     a, tokens = param_dtype_bytes, seq_len * batch
-
-    trainable = sum(module.num_params(d_in, d_out, adapter_cfg) for d_in, d_out in g.adapters)
-    head = 0 if g.tied else g.vocab * g.hidden
-    parts = {
-        "4-bit weights": sum(nf4_bytes(i * o, double_quant) for i, o in g.quantized),
-        "16-bit embeddings + head": (g.other_params + head) * a,
-        "adapter parameters": trainable * ADAPTER_BYTES,
-        "adapter gradients": trainable * ADAPTER_BYTES,
-        "optimizer states": int(trainable * ADAM_BYTES[optimizer]),
-    }
+    parts, trainable = resident(g, adapter_cfg, a, optimizer, double_quant)
 
     boundary = tokens * g.hidden * a  # one layer's input: what a checkpoint keeps
     largest = max(i * o for i, o in g.quantized)

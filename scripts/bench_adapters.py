@@ -17,20 +17,20 @@ import time
 import torch
 
 from qmor.adapters import ADAPTERS, build_adapter
+from qmor.adapters.config import AdapterConfig
 from qmor.adapters.layer import AdaptedLinear
 from qmor.adapters.mora import mora_kind
-from qmor.config import AdapterConfig
 from qmor.model.quant import quantize, set_packed
 
 
 def matched_config(family: str, d_in: int, d_out: int, lora_rank: int, experts: int) -> AdapterConfig:
     """The family's config whose trainable parameter count is closest to LoRA's at `lora_rank`."""
-    target = ADAPTERS["lora"].module.num_params(d_in, d_out, AdapterConfig(r=lora_rank))
+    target = ADAPTERS["lora"].module.num_params(d_in, d_out, AdapterConfig(r=lora_rank).hyperparams)
     if family in ("lora", "moslora", "mora"):
         return AdapterConfig(family=family, r=lora_rank)  # MoRA: "auto" operators, as training picks them
     candidates = [AdapterConfig.from_dict({"family": family, "r": r, "experts": experts, "top_k": 2,
                                            "expert_dropout": 0.0}) for r in range(1, lora_rank + 1)]
-    return min(candidates, key=lambda c: abs(ADAPTERS[family].module.num_params(d_in, d_out, c) - target))
+    return min(candidates, key=lambda c: abs(ADAPTERS[family].module.num_params(d_in, d_out, c.hyperparams) - target))
 
 
 def frozen_4bit(d_in: int, d_out: int) -> torch.nn.Linear:
@@ -71,7 +71,7 @@ def bench_shape(d_in: int, d_out: int, tokens: int, lora_rank: int, experts: int
     median = {name: statistics.median(t) for name, t in times.items()}
     rows = []
     for family, cfg in configs.items():
-        params = ADAPTERS[family].module.num_params(d_in, d_out, cfg)
+        params = ADAPTERS[family].module.num_params(d_in, d_out, cfg.hyperparams)
         rows.append({"shape": f"{d_in}->{d_out}", "family": family, "config": describe(cfg), "params": params,
                      "ms": 1000 * median[family], "vs_lora": median[family] / median["lora"],
                      "vs_base": median[family] / median["base"]})
@@ -82,7 +82,7 @@ def bench_shape(d_in: int, d_out: int, tokens: int, lora_rank: int, experts: int
 
 def describe(cfg: AdapterConfig) -> str:
     if cfg.family == "mora":
-        return f"r={cfg.r} ({mora_kind(cfg)})"
+        return f"r={cfg.r} ({mora_kind(cfg.hyperparams)})"
     if cfg.family in ("mor", "sira"):
         extra = f", top-{cfg.options.top_k}" if cfg.family == "sira" else ""
         return f"r={cfg.r}, {cfg.options.experts} experts{extra}"

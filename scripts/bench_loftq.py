@@ -24,7 +24,8 @@ from pathlib import Path
 import torch
 
 from qmor.adapters import build_adapter
-from qmor.config import AdapterConfig, QuantConfig
+from qmor.adapters.config import AdapterConfig
+from qmor.config import QuantConfig
 from qmor.errors import QmorError
 from qmor.model.loftq import loftq_layer
 from qmor.model.quant import dequantize, quantize
@@ -96,7 +97,7 @@ def compare(shape: tuple[int, int], ranks: list[int], iters: list[int], with_pef
 
 STREAM = """
 import resource, sys, json
-from qmor.config import AdapterConfig
+from qmor.adapters.config import AdapterConfig
 from qmor.model.load import load_for_training
 model, meta, report = load_for_training(sys.argv[1], AdapterConfig(r=16, init="loftq"), device="cpu",
                                         cache_dir=sys.argv[2])

@@ -106,7 +106,7 @@ def model_config(spec: dict):
 
 def adapter_config(runner: str, rank: int):
     """qmor's adapter for a runner; the baseline is compared with LoRA of the same rank and targets."""
-    from qmor.config import AdapterConfig
+    from qmor.adapters.config import AdapterConfig
 
     family = "lora" if runner == BASELINE else runner.partition("+")[0]
     return AdapterConfig(family=family, r=rank, alpha=2 * rank, targets=TARGETS)

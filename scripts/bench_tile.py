@@ -41,7 +41,7 @@ GIB = 1024**3
 def build(tile: int):
     """The adapted, checkpointed one-layer model, tiled in tiles of `tile` tokens (0: untiled)."""
     from qmor.adapters.attach import attach
-    from qmor.config import AdapterConfig
+    from qmor.adapters.config import AdapterConfig
     from qmor.model.tile import tile as tile_model
     from qmor.training.loss import enable_checkpointing
 
@@ -79,7 +79,7 @@ def step(model, seq: int, memory: Memory | None = None) -> int:
 
 
 def planned(seq: int, tile: int) -> int:
-    from qmor.config import AdapterConfig
+    from qmor.adapters.config import AdapterConfig
     from qmor.plan import estimate
 
     cfg = AdapterConfig(family="lora", r=RANK, alpha=2 * RANK, targets=TARGETS)

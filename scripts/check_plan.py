@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_runner import llama_config  # noqa: E402
 from bench_train import spawn  # noqa: E402
 
-from qmor.config import AdapterConfig  # noqa: E402
+from qmor.adapters.config import AdapterConfig  # noqa: E402
 from qmor.plan import CUDA_CONTEXT, estimate  # noqa: E402
 
 CASES = [  # (family, layers, seq, checkpointing)

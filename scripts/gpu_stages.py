@@ -110,7 +110,7 @@ def probe_logits(model: torch.nn.Module, device: str) -> torch.Tensor:
 
 
 def train_config(check: Check, family: str, **changes):
-    from qmor.config import AdapterConfig
+    from qmor.adapters.config import AdapterConfig
     from qmor.data.pipeline import DataConfig
     from qmor.training.config import TrainConfig
 
@@ -166,7 +166,7 @@ def export(check: Check, family: str) -> None:
 def loftq(check: Check, family: str) -> None:
     """LoftQ computed on this device and on the CPU, each into a cache of its own: the mean relative error of the
     device's init within 1% of the CPU's."""
-    from qmor.config import AdapterConfig
+    from qmor.adapters.config import AdapterConfig
     from qmor.model.files import expand_builtin
     from qmor.model.load import load_for_training
 

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from qmor.adapters import ADAPTERS, build_adapter, mergeable
+from qmor.adapters.config import AdapterConfig
 from qmor.adapters.mora import ROPE_BELOW_RANK, MoRA, MoRAOptions, mora_kind, rope_tables
-from qmor.config import AdapterConfig
 from qmor.errors import NotMergeable, QmorError
 
 D_IN, D_OUT = 48, 80

@@ -43,9 +43,9 @@ def test_one_run_then_two_compared(app):
 
     # a refreshed page finds the last evaluation again, from the job registry and the reports on disk
     from apps.eval_tab import latest
-    from apps.paths import Workspace
+    from apps.jobs import Jobs
 
-    status, bar, again, plot, side_again, _ = latest(Workspace(ws.resolve(), restrict=False))
+    status, bar, again, plot, side_again, _ = latest(Jobs(ws.resolve()))
     assert "the last evaluation" in status and "data-state='done'" in bar
     assert again.strip() == figures.strip() and side_again.strip() == side.strip()
     assert plot.endswith("learnt-vs-short/eval.png")

@@ -168,12 +168,13 @@ def test_stop_signals_the_whole_group_and_registry_survives(tmp_path):
         "print('ready', flush=True)\n"
         "while True: time.sleep(0.1)\n")
     log = tmp_path / "run" / "train.log"
-    job = jobs.start(root, "train", [sys.executable, str(script)], log, tmp_path / "run")
+    registry = jobs.Jobs(root)
+    job = registry.start("train", [sys.executable, str(script)], log, tmp_path / "run")
     deadline = time.monotonic() + 60
     while "ready" not in jobs.tail(log) and time.monotonic() < deadline:
         time.sleep(0.1)
-    assert jobs.running(root, "train")["pid"] == job["pid"]  # what a refreshed page finds
-    assert jobs.stop(root, job, wait_s=30)
+    assert registry.running("train")["pid"] == job["pid"]  # what a refreshed page finds
+    assert registry.stop(job, wait_s=30)
     assert (tmp_path / "stopped").read_text() == "ok"
     child = int((tmp_path / "child.pid").read_text())
     def gone() -> bool:  # exited (or a zombie waiting for its parent); the entry can vanish while it is read
@@ -186,5 +187,5 @@ def test_stop_signals_the_whole_group_and_registry_survives(tmp_path):
     while time.monotonic() < deadline and not gone():
         time.sleep(0.1)
     assert gone()
-    assert jobs.running(root, "train") is None
-    assert jobs.latest(root, "train")["exit_code"] == 0
+    assert registry.running("train") is None
+    assert registry.latest("train")["exit_code"] == 0

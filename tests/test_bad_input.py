@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from qmor.adapters.attach import CONFIG, LEGACY_CONFIG
-from qmor.config import AdapterConfig
+from qmor.adapters.config import AdapterConfig
 from qmor.data.pipeline import DataConfig
 from qmor.errors import QmorError
 from qmor.model.tiny import make_tiny
@@ -562,12 +562,11 @@ def test_an_adapter_holding_nan_is_refused_by_chat_export_and_the_app(run, tiny_
     pytest.importorskip("gradio")
     from apps import chat_tab
 
-    monkeypatch.setattr(chat_tab, "_STATE", {"session": None, "base": None, "adapter": None})
     with pytest.raises(QmorError, match=f"holds nan values in {key}"):
-        chat_tab._load(str(tiny_dir), str(copy), False)  # what the Chat tab's Load runs
+        chat_tab.LoadedChat().load(str(tiny_dir), str(copy), False)  # what the Chat tab's Load runs
     key = poison(copy / "adapter", math.inf)
     with pytest.raises(QmorError, match=f"holds inf values in {key}"):
-        chat_tab._load(str(tiny_dir), str(copy), False)
+        chat_tab.LoadedChat().load(str(tiny_dir), str(copy), False)
 
 
 def test_resume_passes_over_a_checkpoint_holding_inf(run, tmp_path, capsys):

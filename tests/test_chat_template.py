@@ -4,8 +4,8 @@ import json
 
 import pytest
 
+from qmor.adapters.config import AdapterConfig
 from qmor.chat import ChatSession
-from qmor.config import AdapterConfig
 from qmor.data.pipeline import DataConfig, build_datasets
 from qmor.data.template import CHATML_TEMPLATE, encode_chat, render, with_chat_template
 from qmor.errors import QmorError

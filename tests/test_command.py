@@ -10,11 +10,11 @@ import pytest
 import torch
 
 from qmor import cli
+from qmor.adapters.config import AdapterConfig
 from qmor.commands import app as app_command
 from qmor.commands import plan as plan_command
 from qmor.commands.options import parse
 from qmor.commands.train import build_config, parser
-from qmor.config import AdapterConfig
 from qmor.flags import FLAGS
 from qmor.plan import estimate, geometry, load_config
 from qmor.training.config import TrainConfig

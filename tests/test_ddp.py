@@ -11,7 +11,7 @@ from qmor.training.run_dir import RunDir
 WORKER = """
 import hashlib, json, os, sys
 from qmor.adapters.attach import adapter_state
-from qmor.config import AdapterConfig
+from qmor.adapters.config import AdapterConfig
 from qmor.data.pipeline import DataConfig
 from qmor.training.loop import train
 from qmor.training.config import TrainConfig

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from qmor import cli
-from qmor.config import AdapterConfig
+from qmor.adapters.config import AdapterConfig
 from qmor.data.pipeline import DataConfig
 from qmor.data.template import CHATML_TEMPLATE
 from qmor.eval import general, items

@@ -12,10 +12,11 @@ from torch import nn
 
 from qmor.adapters import ADAPTERS, build_adapter, check_family, merge_refusal, mergeable, option_fields
 from qmor.adapters.attach import AdapterMeta
+from qmor.adapters.config import AdapterConfig
 from qmor.adapters.factor import low_rank
 from qmor.adapters.family import Family, NoOptions, check_options, check_rank, option
 from qmor.adapters.lora import LoRA
-from qmor.config import AdapterConfig, from_dict, to_dict
+from qmor.config import from_dict, to_dict
 from qmor.data.pipeline import DataConfig
 from qmor.errors import QmorError
 from qmor.export.exporter import export_merged, export_peft
@@ -68,7 +69,7 @@ class ScaledLoRA(nn.Module):
 
 TOY = Family(module=ScaledLoRA, options=ScaledOptions, scaled=False, merges=True, peft=ScaledLoRA.peft_factors,
              why_not="", keeps_input=True, saved_per_token=lambda d_in, d_out, cfg: cfg.r, check_shape=check_rank,
-             fitted=("U", "V"), lr=3e-4)
+             fitted=("U", "V"), lr=3e-4, rank_means="the rank of U and V")
 
 
 @pytest.fixture(autouse=True)

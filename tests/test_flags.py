@@ -10,6 +10,7 @@ import pytest
 
 from apps import command
 from apps.paths import make_workspace
+from qmor import flags
 from qmor.adapters import ADAPTERS, option_fields
 from qmor.errors import QmorError
 from qmor.flags import FLAGS, GROUPS, WIDGETS, Flag, by_key, default_of
@@ -177,13 +178,26 @@ def test_the_untouched_form_leaves_what_depends_on_the_model_to_the_run(tmp_path
 
 def test_app_endpoint_names_its_parameters_and_uploads_only_what_training_reads(tmp_path):
     from apps.app import build
+    from apps.jobs import Jobs
     from apps.train_tab import FIELDS
     from qmor.data.pipeline import FILE_TYPES
 
-    demo, _ = build(make_workspace(tmp_path / "ws", restrict=False))
+    ws = make_workspace(tmp_path / "ws", restrict=False)
+    demo, _ = build(ws, Jobs(ws.root))
     params = demo.get_api_info()["named_endpoints"]["/start_training"]["parameters"]
     assert [p["parameter_name"] for p in params] == list(FIELDS)
     assert all(p["parameter_has_default"] for p in params)
     uploads = [b for b in demo.blocks.values() if type(b).__name__ == "File"]
     assert [u.file_types for u in uploads] == [list(FILE_TYPES)]
     assert set(FILE_TYPES) == {".jsonl", ".json", ".parquet", ".csv"}
+
+
+def test_help_that_depends_on_a_family_reads_its_declaration(monkeypatch):
+    # --rank and --alpha name the families whose declaration gives r another meaning, or leaves alpha unused
+    rank, alpha = by_key()["rank"].help, by_key()["alpha"].help
+    unscaled = alpha.partition("not used by ")[2].rstrip(")").split(", ")
+    for name, spec in ADAPTERS.items():
+        assert (f"{name}: {spec.rank_means}" in rank) == bool(spec.rank_means)
+        assert (name in unscaled) == (not spec.scaled)
+    monkeypatch.setitem(ADAPTERS, "mora", dataclasses.replace(ADAPTERS["mora"], rank_means=""))
+    assert "mora" not in flags.rank_help()

@@ -1,6 +1,7 @@
 """qmor's module graph can be read from the top of its files: every module imports in a fresh interpreter, the
-module-level imports between qmor's modules form no cycle, and an import of a qmor module inside a function says
-why it is not at the top (a comment on its line, or above the block of imports it belongs to)."""
+module-level imports between qmor's and the app's modules form no cycle (imports for type hints count), every import
+goes down the layers (LAYERS), and an import of a qmor module inside a function says why it is not at the top (a
+comment on its line, or above the block of imports it belongs to)."""
 
 import ast
 import os
@@ -10,6 +11,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "qmor"
+APPS = ROOT / "apps"
 
 
 def module_name(path: Path) -> str:
@@ -17,7 +19,31 @@ def module_name(path: Path) -> str:
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
 
-MODULES = {module_name(p): p for p in sorted(PACKAGE.rglob("*.py"))}
+MODULES = {module_name(p): p for p in sorted([*PACKAGE.rglob("*.py"), *APPS.rglob("*.py")])}
+# bottom to top: a module may import from its own layer and the ones below, never from one above. Each entry lists
+# the modules of a layer by name prefix (a package's modules, or one module)
+LAYERS = [
+    ("errors", ("qmor.errors", "qmor.files", "qmor.version", "qmor.hints")),  # no qmor import but each other
+    ("config", ("qmor.config",)),
+    ("adapters", ("qmor.adapters",)),
+    ("model", ("qmor.model",)),
+    ("data", ("qmor.data",)),
+    ("plan", ("qmor.plan",)),
+    ("training", ("qmor.training",)),
+    ("export", ("qmor.export",)),
+    ("chat", ("qmor.chat",)),
+    ("eval", ("qmor.eval",)),  # measures chat's replies and the exports
+    ("commands", ("qmor.flags", "qmor.commands", "qmor.cli", "qmor.__main__", "qmor")),  # "qmor": the public API
+    ("apps", ("apps", "qmor.commands.app")),  # `qmor app` starts the app
+]
+
+
+def layer(module: str) -> int:
+    """The index in LAYERS of `module`'s layer (the longest prefix that names it)."""
+    found = [(len(prefix), i) for i, (_, prefixes) in enumerate(LAYERS) for prefix in prefixes
+             if module == prefix or module.startswith(prefix + ".")]
+    assert found, f"{module} is in no layer of LAYERS: add it"
+    return max(found)[1]
 
 
 def qmor_targets(node: ast.Import | ast.ImportFrom, importer: str) -> list[str]:
@@ -42,19 +68,14 @@ def qmor_targets(node: ast.Import | ast.ImportFrom, importer: str) -> list[str]:
     return found
 
 
-def is_type_checking(node: ast.AST) -> bool:
-    return isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test)
-
-
 def imports(module: str) -> tuple[set[str], list[tuple[int, list[str]]]]:
-    """(qmor modules imported when `module` is imported, [(line, targets)] of qmor imports inside functions)."""
+    """(qmor modules `module` imports at its top, those for type hints included; [(line, targets)] of qmor imports
+    inside functions)."""
     tree = ast.parse(MODULES[module].read_text())
     top: set[str] = set()
     inner: list[tuple[int, list[str]]] = []
 
     def visit(node: ast.AST, in_function: bool) -> None:
-        if is_type_checking(node):
-            return  # never runs
         if isinstance(node, ast.Import | ast.ImportFrom):
             targets = qmor_targets(node, module)
             if targets and in_function:
@@ -100,10 +121,26 @@ def test_the_import_reader_sees_every_form():
     assert qmor_targets(node[2], "qmor.chat") == ["qmor.files"]
 
 
-def test_module_level_imports_between_qmor_modules_form_no_cycle():
+def test_module_level_imports_form_no_cycle():
     graph = {module: imports(module)[0] for module in MODULES}
     assert graph["qmor.model.load"] >= {"qmor.model.loftq", "qmor.model.files", "qmor.model.support"}  # real imports
+    assert "qmor.adapters.config" in graph["qmor.adapters.attach"] and "apps.paths" in graph["apps.ui"]
     assert find_cycle(graph) is None, " -> ".join(find_cycle(graph))
+
+
+def test_the_layer_of_a_module_is_its_longest_prefix():
+    assert [LAYERS[layer(m)][0] for m in ("qmor", "qmor.config", "qmor.commands.eval", "qmor.eval.runner", "apps.ui")] \
+        == ["commands", "config", "commands", "eval", "apps"]
+
+
+def test_every_import_goes_down_the_layers():
+    upward = []
+    for module in MODULES:
+        top, inner = imports(module)
+        for target in sorted(top | {t for _, targets in inner for t in targets}):
+            if layer(target) > layer(module):
+                upward.append(f"{module} ({LAYERS[layer(module)][0]}) imports {target} ({LAYERS[layer(target)][0]})")
+    assert not upward, "imports from a lower layer to a higher one: " + "; ".join(upward)
 
 
 def explained(lines: list[str], lineno: int) -> bool:
@@ -133,7 +170,8 @@ def test_qmor_imports_inside_functions_say_why():
 def test_every_module_imports_in_a_fresh_interpreter():
     code = "import importlib, sys\nfor name in sys.argv[1:]:\n    importlib.import_module(name)\nprint('ok')"
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    modules = [m for m in MODULES if not m.endswith(".__main__")]  # importing __main__ runs the program
+    # importing __main__ runs the program; the app's modules import gradio (its own tests import them)
+    modules = [m for m in MODULES if m.split(".")[0] == "qmor" and not m.endswith(".__main__")]
     done = subprocess.run([sys.executable, "-c", code, *modules], cwd=ROOT, env=env, capture_output=True, text=True,
                           timeout=600)
     assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-2000:]

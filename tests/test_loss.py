@@ -6,7 +6,7 @@ import torch
 import qmor.training.loss as loss_mod
 import qmor.training.offload as offload_mod
 from qmor.adapters.attach import attach
-from qmor.config import AdapterConfig
+from qmor.adapters.config import AdapterConfig
 from qmor.model.load import load_4bit
 from qmor.training.loss import ChunkedLoss, chunked_cross_entropy, enable_checkpointing
 

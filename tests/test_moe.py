@@ -10,8 +10,9 @@ from archs import MIXTRAL, QWEN3_MOE, make_model
 from safetensors import safe_open
 from transformers import AutoConfig, AutoModelForCausalLM
 
+from qmor.adapters import experts
 from qmor.adapters.attach import adapted_layers, attach, find_targets
-from qmor.config import AdapterConfig
+from qmor.adapters.config import AdapterConfig
 from qmor.model import moe
 from qmor.model.load import load_4bit
 from qmor.model.quant import dequantize, is_4bit, quantize
@@ -92,7 +93,7 @@ def test_loading_reads_no_expert_tensor_through_transformers(moe_dirs):
 def test_only_routed_experts_run_and_get_gradients(moe_dirs):
     model = load_4bit(str(moe_dirs["qwen3_moe"]), device="cpu")
     names = attach(model, AdapterConfig(r=4, targets=["experts", "q_proj"]))
-    assert sum(moe.is_expert_map(n) for n in names) == 2 * 2 * 4 and any(n.endswith("q_proj") for n in names)
+    assert sum(experts.is_expert_map(n) for n in names) == 2 * 2 * 4 and any(n.endswith("q_proj") for n in names)
     mlp = block(model)
     x = hidden(3)
     _, weights, index = mlp.gate(x)
@@ -110,7 +111,7 @@ def test_only_routed_experts_run_and_get_gradients(moe_dirs):
 
 def test_all_linear_leaves_experts_out(moe_dirs):
     model = load_4bit(str(moe_dirs["mixtral"]), device="cpu")
-    assert not any(moe.is_expert_map(n) for n in find_targets(model, "all-linear"))
+    assert not any(experts.is_expert_map(n) for n in find_targets(model, "all-linear"))
     assert len(find_targets(model, r"experts\.down_proj")) == 2 * 4
     attach(model, AdapterConfig(r=4, targets=["experts"]))
     assert len(adapted_layers(model)) == 2 * 2 * 4
@@ -144,7 +145,7 @@ def test_training_says_when_the_targets_leave_the_experts_out(moe_dirs, arch, tm
 
 
 def experts_only(model, tensors=False):
-    layers = {n: m for n, m in adapted_layers(model).items() if moe.is_expert_map(n)}
+    layers = {n: m for n, m in adapted_layers(model).items() if experts.is_expert_map(n)}
     return {f"{n}.{k}": v.clone() for n, m in layers.items() for k, v in m.adapter.state_dict().items()} \
         if tensors else layers
 
@@ -176,7 +177,7 @@ def test_expert_adapters_save_load_and_export_to_plain_transformers(moe_dirs, tm
     again, meta = load_trained(saved, device="cpu")
     assert meta.adapter.expert_adapters == layout and torch.equal(logits(again, IDS), ref)
     with safe_open(str(saved / "adapter.safetensors"), "pt") as f:  # shared: one set of tensors per block and map
-        assert moe.expert_layout(f.keys()) == layout
+        assert experts.expert_layout(f.keys()) == layout
     expected = experts_only(model, tensors=True)
     assert expected and all(torch.equal(v, experts_only(again, tensors=True)[k]) for k, v in expected.items())
 
@@ -195,7 +196,7 @@ def test_loftq_lowers_the_experts_nf4_error(moe_dirs, tmp_path):
     cfg = AdapterConfig(family="lora", r=8, alpha=16.0, targets=["experts"], init="loftq")
     model, meta, report = load_for_training(str(moe_dirs["mixtral"]), cfg, device="cpu", cache_dir=tmp_path)
     errors = report["layers"]
-    assert len(errors) == 2 * 2 * 4 and all(moe.is_expert_map(n) for n in errors)
+    assert len(errors) == 2 * 2 * 4 and all(experts.is_expert_map(n) for n in errors)
     assert all(e["loftq"] < e["nf4"] for e in errors.values())
     # the model trains on Q_T, and reloading puts the same Q_T back
     from qmor.adapters.attach import save_adapter
@@ -266,7 +267,7 @@ def test_a_shared_adapter_is_one_module_that_every_routed_expert_trains(moe_dirs
     model, _ = shared_model(moe_dirs)
     mlp = block(model)
     shared = {which: getattr(mlp.experts, which)[0].adapter for which in moe.MAPS}
-    assert all(isinstance(a, moe.SharedAdapter) for a in shared.values())
+    assert all(isinstance(a, experts.SharedAdapter) for a in shared.values())
     assert all(m.adapter is shared[which] for which in moe.MAPS for m in getattr(mlp.experts, which))
     for p in mlp.parameters():
         if p.requires_grad and p.dim() == 2 and p.shape[0] != 4:

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from qmor.config import AdapterConfig
+from qmor.adapters.config import AdapterConfig
 from qmor.data.packing import check_documents_apart
 from qmor.data.pipeline import DataConfig, build_datasets, collate, pack
 from qmor.errors import QmorError

@@ -8,7 +8,7 @@ import torch
 from transformers import AutoConfig, LlamaConfig
 
 from qmor.adapters.attach import attach, count_parameters
-from qmor.config import AdapterConfig
+from qmor.adapters.config import AdapterConfig
 from qmor.errors import QmorError
 from qmor.model.load import load_4bit
 from qmor.model.quant import QuantConfig

@@ -4,8 +4,8 @@ import pytest
 import torch
 from conftest import Repacked
 
-from qmor.adapters.attach import attach
-from qmor.config import AdapterConfig
+import qmor
+from qmor.adapters.config import AdapterConfig
 from qmor.errors import QmorError
 from qmor.model.load import load_4bit
 from qmor.model.quant import bnb, dequantize, keep_plain_layout, packed_state, quantize, set_packed
@@ -46,10 +46,17 @@ def test_loaded_and_attached_models_keep_the_layout(tiny_dir):
     after = {n: dequantize(m.weight) for n, m in model.named_modules() if isinstance(m, bnb.nn.Linear4bit)}
     assert before.keys() == after.keys() and all(torch.equal(before[n], after[n]) for n in before)
 
-    layer = linear_4bit(256, 128)  # built by hand: attach is where qmor first sees it
-    holder = torch.nn.Sequential(layer)
-    attach(holder, AdapterConfig(family="lora", r=4))
+
+def test_the_public_api_keeps_the_layout_of_a_model_loaded_elsewhere(tmp_path):
+    # built by hand, as transformers' BitsAndBytesConfig loads it: qmor.attach / qmor.load_adapter first see it
+    cfg = AdapterConfig(family="lora", r=4)
+    holder = torch.nn.Sequential(linear_4bit(256, 128))
+    qmor.attach(holder, cfg)
     eval_forward(holder, torch.randn(2, 256))
+    qmor.save_adapter(holder, tmp_path / "adapter", qmor.AdapterMeta(adapter=cfg))
+    fresh = torch.nn.Sequential(linear_4bit(256, 128))
+    qmor.load_adapter(fresh, tmp_path / "adapter")
+    eval_forward(fresh, torch.randn(2, 256))
 
 
 def test_readers_refuse_a_repacked_weight():

@@ -11,8 +11,8 @@ import json
 import pytest
 import torch
 
+from qmor.adapters.config import AdapterConfig
 from qmor.chat import ChatSession
-from qmor.config import AdapterConfig
 from qmor.data.packing import check_documents_apart
 from qmor.data.pipeline import DataConfig, collate, pack, prompt_text
 from qmor.data.template import encode_chat

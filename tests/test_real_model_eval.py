@@ -12,7 +12,7 @@ import shutil
 import pytest
 
 from qmor import cli
-from qmor.config import AdapterConfig
+from qmor.adapters.config import AdapterConfig
 from qmor.data.pipeline import DataConfig
 from qmor.eval import general
 from qmor.training.config import TrainConfig

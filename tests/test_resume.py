@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import load_file
 
 from qmor import cli
-from qmor.config import AdapterConfig
+from qmor.adapters.config import AdapterConfig
 from qmor.data.pipeline import DataConfig
 from qmor.training.config import TrainConfig
 from qmor.training.loop import resume, train

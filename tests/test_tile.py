@@ -11,8 +11,8 @@ from archs import MIXTRAL, SUPPORTED, make_model
 
 from qmor.adapters import ADAPTERS
 from qmor.adapters.attach import attach, aux_loss
+from qmor.adapters.config import AdapterConfig
 from qmor.adapters.sira import SiRA, SiRAOptions
-from qmor.config import AdapterConfig
 from qmor.model import tile as tiling
 from qmor.model.load import load_4bit
 from qmor.training.loss import ChunkedLoss, enable_checkpointing

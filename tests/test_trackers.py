@@ -4,7 +4,7 @@ as metrics.jsonl, and every run's `done` event sets the measured peak beside the
 import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from qmor.config import AdapterConfig
+from qmor.adapters.config import AdapterConfig
 from qmor.data.pipeline import DataConfig
 from qmor.errors import QmorError
 from qmor.training.config import TrainConfig

@@ -1,113 +1,35 @@
-"""The adapter contract and the registry of families.
+"""The adapter contract, and the package's public names.
 
-Every family is a plain `nn.Module` built as `Module(d_in, d_out, cfg)` that provides:
+Every family is a plain `nn.Module` built as `Module(d_in, d_out, hyperparams)` (`Hyperparams`: rank, alpha and the
+family's options) that provides:
 - `forward(x)`: the contribution Δy (..., d_out) for x (..., d_in), without building the dense ΔW;
 - `delta_weight()`: the exact dense ΔW (d_out, d_in) with forward(x) == x @ ΔW.T, or `NotMergeable`;
 - `fit(residual)`: set the parameters to the family's best approximation of a dense (d_out, d_in) residual
   (what LoftQ calls); routed families fit so that the output does not depend on routing;
-- `num_params(d_in, d_out, cfg)` (static): the trainable parameter count.
+- `num_params(d_in, d_out, hyperparams)` (static): the trainable parameter count.
 A family's default init adds zero. Its file declares the rest in one `Family(...)` (qmor.adapters.family): options,
 whether it merges or goes to PEFT, what its backward keeps, which shapes it takes, which parameters `fit` sets.
 Its options may define `check_trainable()`: refuse, in one line, settings that an adapter saved with them still
-loads and serves with but that cannot train (SiRA's top_k 1). Adding a family is its file and one line in ADAPTERS.
+loads and serves with but that cannot train (SiRA's top_k 1). Adding a family is its file and one line in
+`registry.ADAPTERS`.
+
+The package sits at the bottom of qmor: it imports nothing but `qmor.errors`, `qmor.config`, `qmor.files` and
+`qmor.version`, so the model, training and export code read the families' declarations, never the reverse.
 """
 
-from __future__ import annotations
+from qmor.adapters.config import AdapterConfig
+from qmor.adapters.family import Family, Hyperparams
+from qmor.adapters.layer import build_adapter
+from qmor.adapters.registry import (
+    ADAPTERS,
+    check_family,
+    merge_refusal,
+    mergeable,
+    option_defaults,
+    option_fields,
+    peft_families,
+)
+from qmor.errors import NotMergeable
 
-import dataclasses
-import typing
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
-
-from torch import nn
-
-from qmor.adapters import lora, mor, mora, moslora, sira
-from qmor.adapters.family import Family, Option, check_value, either, option_key, option_spec
-from qmor.errors import NotMergeable, QmorError
-
-if TYPE_CHECKING:
-    from qmor.config import AdapterConfig
-
-__all__ = ["ADAPTERS", "Family", "NotMergeable", "build_adapter", "check_family", "check_trainable", "mergeable",
-           "option_defaults", "option_fields", "peft_families"]
-
-ADAPTERS: dict[str, Family] = {"lora": lora.FAMILY, "moslora": moslora.FAMILY, "mora": mora.FAMILY,
-                               "mor": mor.FAMILY, "sira": sira.FAMILY}
-
-
-def check_family(name: str) -> Family:
-    """The declaration of family `name`, refusing a name that is not registered."""
-    if name not in ADAPTERS:
-        raise QmorError(f"unknown adapter family {name!r}; choose one of {either(ADAPTERS)}")
-    spec = ADAPTERS[name]
-    if not isinstance(spec, Family):
-        raise TypeError(f"ADAPTERS[{name!r}] is {spec!r}, not a Family declaration; register the family file's "
-                        "FAMILY")
-    return spec
-
-
-def check_trainable(cfg: AdapterConfig) -> None:
-    """Refuse, before anything loads, adapter settings that load but cannot train (the options' own check)."""
-    check = getattr(cfg.options, "check_trainable", None)
-    if check is not None:
-        check()
-
-
-def mergeable() -> tuple[str, ...]:
-    """The families whose adapters fold into the base weights."""
-    return tuple(name for name, spec in ADAPTERS.items() if spec.merges)
-
-
-def peft_families() -> tuple[str, ...]:
-    """The families that export to PEFT's LoRA format."""
-    return tuple(name for name, spec in ADAPTERS.items() if spec.peft is not None)
-
-
-def merge_refusal(name: str, instead: str) -> str:
-    """Why family `name` cannot merge, then what to do: `instead`, or train a family that merges."""
-    return f"{name} {check_family(name).why_not}; {instead}, or train {either(mergeable())} to merge"
-
-
-def build_adapter(cfg: AdapterConfig, d_in: int, d_out: int, name: str = "layer") -> nn.Module:
-    """A fresh adapter for a d_in -> d_out linear, after the family's check that it fits the layer."""
-    spec = check_family(cfg.family)
-    spec.check_shape(d_in, d_out, cfg, name)
-    return spec.module(d_in, d_out, cfg)
-
-
-@dataclass(frozen=True)
-class OptionField:
-    """One family option as a CLI flag or an app form field sees it."""
-
-    family: str  # the family it belongs to (a flag such as --experts may serve several)
-    name: str  # its field in the family's options (AdapterConfig.options.<name>)
-    key: str  # its flat name: CLI flag --key-with-dashes, app form field, key in older config files
-    type: type  # int, float or str
-    default: Any
-    spec: Option  # help, example, range or choices, training_only
-
-    @property
-    def flag(self) -> str:
-        return "--" + self.key.replace("_", "-")
-
-    def check(self, value) -> None:
-        """Refuse a value outside this option's range or choices (QmorError, one line)."""
-        check_value(self.key, self.spec, value, isinstance(self.default, int))
-
-
-def option_fields() -> list[OptionField]:
-    """Every family's options, in registry order, with what a flag table needs to derive flags and form fields."""
-    out = []
-    for name, spec in ADAPTERS.items():
-        types = typing.get_type_hints(spec.options)
-        out += [OptionField(name, f.name, option_key(f), types[f.name], f.default, option_spec(f))
-                for f in dataclasses.fields(spec.options)]
-    return out
-
-
-def option_defaults() -> dict[str, Any]:
-    """{flat key: default} over every family's options, in registry order (a shared key takes its first default)."""
-    out: dict[str, Any] = {}
-    for f in option_fields():
-        out.setdefault(f.key, f.default)
-    return out
+__all__ = ["ADAPTERS", "AdapterConfig", "Family", "Hyperparams", "NotMergeable", "build_adapter", "check_family",
+           "merge_refusal", "mergeable", "option_defaults", "option_fields", "peft_families"]

@@ -11,12 +11,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from qmor.adapters import build_adapter
-from qmor.adapters.layer import AdaptedLinear
-from qmor.config import AdapterConfig, QuantConfig, from_dict, to_dict
-from qmor.errors import QmorError
-from qmor.files import atomic_dir, load_json, save_json
-from qmor.model.moe import (
+from qmor.adapters.config import AdapterConfig
+from qmor.adapters.experts import (
     TARGET,
     SharedAdapter,
     adapter_owner,
@@ -25,7 +21,10 @@ from qmor.model.moe import (
     is_expert_map,
     shared_name,
 )
-from qmor.model.quant import keep_plain_layout
+from qmor.adapters.layer import AdaptedLinear, build_adapter
+from qmor.config import QuantConfig, from_dict, to_dict
+from qmor.errors import QmorError
+from qmor.files import atomic_dir, load_json, save_json
 from qmor.version import __version__
 
 WEIGHTS = "adapter.safetensors"
@@ -88,10 +87,10 @@ def find_targets(model: nn.Module, targets: str | list[str]) -> list[str]:
 
 def attach(model: nn.Module, cfg: AdapterConfig) -> list[str]:
     """Freeze the model, wrap each target linear in an AdaptedLinear and return the wrapped names. Under
-    `expert_adapters="shared"` the experts of a block's map all hold one SharedAdapter."""
+    `expert_adapters="shared"` the experts of a block's map all hold one SharedAdapter. (`qmor.attach`, for a 4-bit
+    model loaded elsewhere, first keeps its layers in the plain NF4 layout: qmor.model.load.attach.)"""
     for p in model.parameters():
         p.requires_grad_(False)
-    keep_plain_layout(model)  # for models loaded without qmor.model.load.load_4bit
     names = find_targets(model, cfg.targets)
     check_expert_family(cfg, names)
     shared: dict[str, SharedAdapter] = {}

@@ -1,8 +1,10 @@
 """What a family declares beside its forward, so that the rest of qmor reads it instead of naming families.
 
 A family file holds its `nn.Module`, its options (a dataclass of `option(...)` fields, nested in the adapter config
-as `AdapterConfig.options`) and one `Family(...)` declaration; `qmor.adapters.ADAPTERS` maps its name to that
+as `AdapterConfig.options`) and one `Family(...)` declaration; `qmor.adapters.registry.ADAPTERS` maps its name to that
 declaration. Building, planning, LoftQ, export and the messages that list families all read these declarations.
+A family's module is built from `Hyperparams` alone, not from the whole adapter config: the config checks its family
+against the registry of families, so the families cannot know the config without a cycle.
 """
 
 from __future__ import annotations
@@ -10,17 +12,24 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import nn
 
 from qmor.errors import QmorError, check_range
 
-if TYPE_CHECKING:  # the adapter config nests the options declared here, so it imports this package, not back
-    from qmor.config import AdapterConfig
-
 MODULE_METHODS = ("forward", "delta_weight", "fit", "num_params")
+
+
+@dataclass(frozen=True)
+class Hyperparams:
+    """What a family's module is built from (`AdapterConfig.hyperparams`): the rest of the adapter config (targets,
+    init, dropout) decides where and how adapters go, never their shape."""
+
+    r: int  # rank; for MoRA the LoRA rank whose parameter count it matches; for SiRA per expert
+    alpha: float  # scale alpha / r for the families that are `scaled`
+    options: Any  # the family's options dataclass
 
 
 @dataclass(frozen=True)
@@ -92,11 +101,11 @@ def either(names) -> str:
     return names[0] if len(names) == 1 else f"{', '.join(names[:-1])} or {names[-1]}"
 
 
-def check_rank(d_in: int, d_out: int, cfg: AdapterConfig, name: str) -> None:
+def check_rank(d_in: int, d_out: int, hp: Hyperparams, name: str) -> None:
     """The shape check of a family whose factors have rank r: r may not exceed the layer's smaller side."""
     limit = min(d_in, d_out)
-    if cfg.r > limit:
-        raise QmorError(f"rank r={cfg.r} is larger than {name} allows ({d_in}->{d_out}, so at most {limit}); "
+    if hp.r > limit:
+        raise QmorError(f"rank r={hp.r} is larger than {name} allows ({d_in}->{d_out}, so at most {limit}); "
                         "use a smaller --rank")
 
 
@@ -107,7 +116,7 @@ Factors = Callable[[nn.Module], tuple[torch.Tensor, torch.Tensor]]
 class Family:
     """One adapter family, declared in its own file. Every field is required, so a family cannot forget one."""
 
-    module: type[nn.Module]  # built as module(d_in, d_out, cfg); forward, delta_weight, fit, static num_params
+    module: type[nn.Module]  # built as module(d_in, d_out, hyperparams); forward, delta_weight, fit, static num_params
     options: type  # its own settings, a dataclass of `option(...)` fields (NoOptions: none)
     scaled: bool  # reads alpha: its output is scaled by alpha / r
     merges: bool  # delta_weight() is exact, so it folds into the base weights (merged export)
@@ -115,13 +124,14 @@ class Family:
     # in fp32 on the CPU; None: PEFT's LoRA format cannot hold it
     why_not: str  # why it cannot merge or go to PEFT, as words after its name ("" when it can do both)
     keeps_input: bool  # its backward keeps the layer's input (counted once per tensor that several linears read)
-    saved_per_token: Callable[[int, int, AdapterConfig], int]  # elements per token its backward keeps besides the
+    saved_per_token: Callable[[int, int, Hyperparams], int]  # elements per token its backward keeps besides the
     # input, for the planner
-    check_shape: Callable[[int, int, AdapterConfig, str], None]  # refuse (QmorError) a d_in -> d_out layer it cannot
+    check_shape: Callable[[int, int, Hyperparams, str], None]  # refuse (QmorError) a d_in -> d_out layer it cannot
     # adapt, in one line naming the layer
     fitted: tuple[str, ...]  # the parameters `fit` sets: LoftQ caches these, so the others (a router) keep the
     # run's own seeded init whether the LoftQ init was computed or loaded
     lr: float  # the peak learning rate of a run that leaves it unset (any model but the built-in tiny demo)
+    rank_means: str  # what the rank r is for it when not its factors' rank, in words (--rank's help); "" when it is
 
     def __post_init__(self) -> None:
         name = getattr(self.module, "__name__", repr(self.module))
@@ -144,5 +154,7 @@ class Family:
                 raise TypeError(f"family {name}: {part} must be a function")
         if not (isinstance(self.lr, float) and self.lr > 0):
             raise TypeError(f"family {name}: lr must be a positive float, the default learning rate, e.g. 2e-4")
+        if not isinstance(self.rank_means, str):
+            raise TypeError(f"family {name}: rank_means must say what r means for it, or be \"\"")
         if not self.fitted or not all(isinstance(k, str) for k in self.fitted):
             raise TypeError(f"family {name}: fitted must name the parameters its fit sets, e.g. ('A', 'B')")

@@ -1,7 +1,17 @@
-"""AdaptedLinear: a frozen base linear (plain or 4-bit) with a trainable adapter beside it."""
+"""AdaptedLinear: a frozen base linear (plain or 4-bit) with a trainable adapter beside it, built by its family."""
 
 import torch
 from torch import nn
+
+from qmor.adapters.config import AdapterConfig
+from qmor.adapters.registry import check_family
+
+
+def build_adapter(cfg: AdapterConfig, d_in: int, d_out: int, name: str = "layer") -> nn.Module:
+    """A fresh adapter for a d_in -> d_out linear, after the family's check that it fits the layer."""
+    spec = check_family(cfg.family)
+    spec.check_shape(d_in, d_out, cfg.hyperparams, name)
+    return spec.module(d_in, d_out, cfg.hyperparams)
 
 
 class AdaptedLinear(nn.Module):

@@ -12,17 +12,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from qmor.adapters.factor import low_rank
-from qmor.adapters.family import Family, check_options, check_rank, option
+from qmor.adapters.family import Family, Hyperparams, check_options, check_rank, option
 from qmor.errors import NotMergeable
-
-if TYPE_CHECKING:
-    from qmor.config import AdapterConfig
 
 WHY_NOT = "routes each token to its own mix of experts, so it has no single dense delta weight"
 
@@ -36,21 +32,21 @@ class MoROptions:
 
 
 class MoR(nn.Module):
-    def __init__(self, d_in: int, d_out: int, cfg: AdapterConfig):
+    def __init__(self, d_in: int, d_out: int, hp: Hyperparams):
         super().__init__()
-        self.scale = cfg.alpha / cfg.r
-        self.A = nn.Parameter(torch.empty(cfg.r, d_in))  # (r, d_in), shared
-        self.B = nn.Parameter(torch.zeros(d_out, cfg.r))  # (d_out, r), shared
-        self.lam_A = nn.Parameter(torch.ones(cfg.options.experts, cfg.r))  # (N, r)
-        self.lam_B = nn.Parameter(torch.ones(cfg.options.experts, d_out))  # (N, d_out)
+        self.scale = hp.alpha / hp.r
+        self.A = nn.Parameter(torch.empty(hp.r, d_in))  # (r, d_in), shared
+        self.B = nn.Parameter(torch.zeros(d_out, hp.r))  # (d_out, r), shared
+        self.lam_A = nn.Parameter(torch.ones(hp.options.experts, hp.r))  # (N, r)
+        self.lam_B = nn.Parameter(torch.ones(hp.options.experts, d_out))  # (N, d_out)
         # A random router breaks the symmetry between the identical experts; a zero router would keep them equal.
-        self.router = nn.Parameter(torch.empty(cfg.options.experts, d_in))  # (N, d_in)
+        self.router = nn.Parameter(torch.empty(hp.options.experts, d_in))  # (N, d_in)
         nn.init.kaiming_uniform_(self.A, a=math.sqrt(5))
         nn.init.kaiming_uniform_(self.router, a=math.sqrt(5))
 
     @staticmethod
-    def num_params(d_in: int, d_out: int, cfg: AdapterConfig) -> int:
-        return cfg.r * (d_in + d_out) + cfg.options.experts * (cfg.r + d_out + d_in)
+    def num_params(d_in: int, d_out: int, hp: Hyperparams) -> int:
+        return hp.r * (d_in + d_out) + hp.options.experts * (hp.r + d_out + d_in)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gates = torch.softmax(x @ self.router.T, dim=-1)  # (..., N)
@@ -60,8 +56,8 @@ class MoR(nn.Module):
         return h.flatten(-2) @ stacked.T * self.scale
 
     @staticmethod
-    def saved_per_token(d_in: int, d_out: int, cfg: AdapterConfig) -> int:
-        n, r = cfg.options.experts, cfg.r
+    def saved_per_token(d_in: int, d_out: int, hp: Hyperparams) -> int:
+        n, r = hp.options.experts, hp.r
         return r + 3 * n * r + 2 * n  # A x, the per-expert projections, gates
 
     def delta_weight(self) -> torch.Tensor:
@@ -79,4 +75,5 @@ class MoR(nn.Module):
 FAMILY = Family(module=MoR, options=MoROptions, scaled=True, merges=False, peft=None, why_not=WHY_NOT,
                 keeps_input=True, saved_per_token=MoR.saved_per_token,
                 check_shape=check_rank, fitted=("A", "B", "lam_A", "lam_B"),
+                rank_means="",
                 lr=2e-4)  # LoRA's: on SmolLM2 it memorised at the rates LoRA did (docs/experiments.md)

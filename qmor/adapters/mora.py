@@ -16,16 +16,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
-from qmor.adapters.family import Family, check_options, option
+from qmor.adapters.family import Family, Hyperparams, check_options, option
 from qmor.errors import QmorError
-
-if TYPE_CHECKING:
-    from qmor.config import AdapterConfig
 
 # "auto": the paper's code uses rope for small ranks (r = 8) and sharing, its default, for large ones (r = 128 in
 # pretraining, r = 256 in the memory tasks)
@@ -41,11 +37,11 @@ class MoRAOptions:
         check_options(self)
 
 
-def mora_kind(cfg: AdapterConfig) -> str:
+def mora_kind(hp: Hyperparams) -> str:
     """The operators MoRA uses at this config: "auto" resolved by the rank."""
-    if cfg.options.kind == "auto":
-        return "rope" if cfg.r < ROPE_BELOW_RANK else "sharing"
-    return cfg.options.kind
+    if hp.options.kind == "auto":
+        return "rope" if hp.r < ROPE_BELOW_RANK else "sharing"
+    return hp.options.kind
 
 
 def mora_rank(d_in: int, d_out: int, r: int, kind: str) -> int:
@@ -67,11 +63,11 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 class MoRA(nn.Module):
-    def __init__(self, d_in: int, d_out: int, cfg: AdapterConfig):
+    def __init__(self, d_in: int, d_out: int, hp: Hyperparams):
         super().__init__()
-        self.kind = mora_kind(cfg)
+        self.kind = mora_kind(hp)
         self.d_in, self.d_out = d_in, d_out
-        self.r_hat = mora_rank(d_in, d_out, cfg.r, self.kind)
+        self.r_hat = mora_rank(d_in, d_out, hp.r, self.kind)
         self.n = math.ceil(d_in / self.r_hat)
         self.M = nn.Parameter(torch.zeros(self.r_hat, self.r_hat))  # (r_hat, r_hat)
         cos, sin = rope_tables(self.n, self.r_hat)
@@ -79,8 +75,8 @@ class MoRA(nn.Module):
         self.register_buffer("sin", sin, persistent=False)
 
     @staticmethod
-    def num_params(d_in: int, d_out: int, cfg: AdapterConfig) -> int:
-        return mora_rank(d_in, d_out, cfg.r, mora_kind(cfg)) ** 2
+    def num_params(d_in: int, d_out: int, hp: Hyperparams) -> int:
+        return mora_rank(d_in, d_out, hp.r, mora_kind(hp)) ** 2
 
     def _pad(self, x: torch.Tensor) -> torch.Tensor:  # (..., d_in) -> (..., n * r_hat)
         pad = self.n * self.r_hat - self.d_in
@@ -98,10 +94,10 @@ class MoRA(nn.Module):
         return self._fill((rotated @ self.M.T).flatten(-2))
 
     @staticmethod
-    def saved_per_token(d_in: int, d_out: int, cfg: AdapterConfig) -> int:
+    def saved_per_token(d_in: int, d_out: int, hp: Hyperparams) -> int:
         """Only the compressed input: the summed chunks (sharing) or the rotated, padded input (rope)."""
-        kind = mora_kind(cfg)
-        r_hat = mora_rank(d_in, d_out, cfg.r, kind)
+        kind = mora_kind(hp)
+        r_hat = mora_rank(d_in, d_out, hp.r, kind)
         return -(-d_in // r_hat) * r_hat if kind == "rope" else r_hat
 
     def _rotations(self) -> torch.Tensor:
@@ -150,10 +146,10 @@ class MoRA(nn.Module):
         self.M.copy_(M * ((D * residual).sum() / norm) if norm > 0 else M)
 
 
-def check_shape(d_in: int, d_out: int, cfg: AdapterConfig, name: str) -> None:
-    r_hat = mora_rank(d_in, d_out, cfg.r, mora_kind(cfg))
+def check_shape(d_in: int, d_out: int, hp: Hyperparams, name: str) -> None:
+    r_hat = mora_rank(d_in, d_out, hp.r, mora_kind(hp))
     if r_hat > min(d_in, d_out):
-        raise QmorError(f"MoRA rank r={cfg.r} gives a {r_hat}x{r_hat} matrix, larger than {name} ({d_in}->{d_out}); "
+        raise QmorError(f"MoRA rank r={hp.r} gives a {r_hat}x{r_hat} matrix, larger than {name} ({d_in}->{d_out}); "
                         "use a smaller --rank")
 
 
@@ -162,4 +158,5 @@ FAMILY = Family(module=MoRA, options=MoRAOptions, scaled=False, merges=True, pef
                 "LoRA format cannot hold it exactly",
                 keeps_input=False, saved_per_token=MoRA.saved_per_token, check_shape=check_shape,
                 fitted=("M",),
+                rank_means="the LoRA rank whose parameter count it matches",
                 lr=4e-4)  # twice LoRA's: on SmolLM2 it memorised best at twice LoRA's best rate (docs/experiments.md)

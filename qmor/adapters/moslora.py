@@ -3,38 +3,34 @@
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from qmor.adapters.factor import low_rank
-from qmor.adapters.family import Family, NoOptions, check_rank
-
-if TYPE_CHECKING:
-    from qmor.config import AdapterConfig
+from qmor.adapters.family import Family, Hyperparams, NoOptions, check_rank
 
 
 class MoSLoRA(nn.Module):
-    def __init__(self, d_in: int, d_out: int, cfg: AdapterConfig):
+    def __init__(self, d_in: int, d_out: int, hp: Hyperparams):
         super().__init__()
-        self.scale = cfg.alpha / cfg.r
-        self.A = nn.Parameter(torch.empty(cfg.r, d_in))  # (r, d_in)
-        self.M = nn.Parameter(torch.empty(cfg.r, cfg.r))  # (r, r); a zero mixer would never train
-        self.B = nn.Parameter(torch.zeros(d_out, cfg.r))  # (d_out, r)
+        self.scale = hp.alpha / hp.r
+        self.A = nn.Parameter(torch.empty(hp.r, d_in))  # (r, d_in)
+        self.M = nn.Parameter(torch.empty(hp.r, hp.r))  # (r, r); a zero mixer would never train
+        self.B = nn.Parameter(torch.zeros(d_out, hp.r))  # (d_out, r)
         nn.init.kaiming_uniform_(self.A, a=math.sqrt(5))
         nn.init.kaiming_uniform_(self.M, a=math.sqrt(5))
 
     @staticmethod
-    def num_params(d_in: int, d_out: int, cfg: AdapterConfig) -> int:
-        return cfg.r * (d_in + d_out) + cfg.r**2
+    def num_params(d_in: int, d_out: int, hp: Hyperparams) -> int:
+        return hp.r * (d_in + d_out) + hp.r**2
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return ((x @ self.A.T) @ self.M.T) @ self.B.T * self.scale
 
     @staticmethod
-    def saved_per_token(d_in: int, d_out: int, cfg: AdapterConfig) -> int:
-        return 2 * cfg.r  # A x and M A x
+    def saved_per_token(d_in: int, d_out: int, hp: Hyperparams) -> int:
+        return 2 * hp.r  # A x and M A x
 
     def delta_weight(self) -> torch.Tensor:
         return self.B @ self.M @ self.A * self.scale
@@ -56,4 +52,5 @@ class MoSLoRA(nn.Module):
 FAMILY = Family(module=MoSLoRA, options=NoOptions, scaled=True, merges=True, peft=MoSLoRA.peft_factors, why_not="",
                 keeps_input=True, saved_per_token=MoSLoRA.saved_per_token,
                 check_shape=check_rank, fitted=("A", "M", "B"),
+                rank_means="",
                 lr=2e-4)  # LoRA's: its mixer starts as the identity, and on SmolLM2 it learnt at LoRA's rates

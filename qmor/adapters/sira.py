@@ -23,17 +23,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from qmor.adapters.factor import low_rank
-from qmor.adapters.family import Family, check_options, check_rank, option
+from qmor.adapters.family import Family, Hyperparams, check_options, check_rank, option
 from qmor.errors import NotMergeable, QmorError, check_range
-
-if TYPE_CHECKING:
-    from qmor.config import AdapterConfig
 
 WHY_NOT = "routes each token to its own top-k experts, so it has no single dense delta weight"
 
@@ -110,15 +106,15 @@ class Span:
 
 
 class SiRA(nn.Module):
-    def __init__(self, d_in: int, d_out: int, cfg: AdapterConfig):
+    def __init__(self, d_in: int, d_out: int, hp: Hyperparams):
         super().__init__()
-        self.scale = cfg.alpha / cfg.r
-        o = cfg.options
-        self.experts, self.r, self.top_k = o.experts, cfg.r, o.top_k
+        self.scale = hp.alpha / hp.r
+        o = hp.options
+        self.experts, self.r, self.top_k = o.experts, hp.r, o.top_k
         self.capacity_factor, self.aux_loss_weight = o.capacity_factor, o.aux_loss_weight
         self.gate_dropout = nn.Dropout(o.expert_dropout)
-        self.A = nn.Parameter(torch.empty(o.experts * cfg.r, d_in))  # (E r, d_in): expert e owns rows e r..
-        self.B = nn.Parameter(torch.zeros(d_out, o.experts * cfg.r))  # (d_out, E r)
+        self.A = nn.Parameter(torch.empty(o.experts * hp.r, d_in))  # (E r, d_in): expert e owns rows e r..
+        self.B = nn.Parameter(torch.zeros(d_out, o.experts * hp.r))  # (d_out, E r)
         self.router = nn.Parameter(torch.empty(o.experts, d_in))  # (E, d_in)
         nn.init.kaiming_uniform_(self.A, a=math.sqrt(5))
         nn.init.kaiming_uniform_(self.router, a=math.sqrt(5))
@@ -126,8 +122,8 @@ class SiRA(nn.Module):
         self.span: Span | None = None  # set while a tiled layer runs this adapter (qmor.model.tile)
 
     @staticmethod
-    def num_params(d_in: int, d_out: int, cfg: AdapterConfig) -> int:
-        return cfg.options.experts * (cfg.r * (d_in + d_out) + d_in)
+    def num_params(d_in: int, d_out: int, hp: Hyperparams) -> int:
+        return hp.options.experts * (hp.r * (d_in + d_out) + d_in)
 
     def gates(self, x: torch.Tensor) -> torch.Tensor:
         """Dense (T, E) gate weights: renormalised top-k, zero elsewhere; capacity and dropout when training."""
@@ -162,9 +158,9 @@ class SiRA(nn.Module):
         return Span(self, total)
 
     @staticmethod
-    def saved_per_token(d_in: int, d_out: int, cfg: AdapterConfig) -> int:
-        n = cfg.options.experts
-        return 3 * n * cfg.r + 4 * n  # expert projections, gates, capacity masks
+    def saved_per_token(d_in: int, d_out: int, hp: Hyperparams) -> int:
+        n = hp.options.experts
+        return 3 * n * hp.r + 4 * n  # expert projections, gates, capacity masks
 
     def delta_weight(self) -> torch.Tensor:
         raise NotMergeable(f"SiRA {WHY_NOT}; export it as an adapter, or train a family that merges")
@@ -179,4 +175,5 @@ class SiRA(nn.Module):
 FAMILY = Family(module=SiRA, options=SiRAOptions, scaled=True, merges=False, peft=None, why_not=WHY_NOT,
                 keeps_input=True, saved_per_token=SiRA.saved_per_token,
                 check_shape=check_rank, fitted=("A", "B"),
+                rank_means="per expert",
                 lr=2e-4)  # not above LoRA's: on SmolLM2 it did worse at the higher rate (docs/experiments.md)

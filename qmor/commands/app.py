@@ -13,6 +13,6 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
         print('error: the app needs gradio: pip install "qmor[app]" (in a checkout: pip install -e ".[app]")',
               file=sys.stderr)
         return 2
-    from apps.app import main as app_main
+    from apps.app import main as app_main  # gradio is checked for first, so its absence is one line
 
     return app_main(argv, prog)

@@ -4,7 +4,8 @@
     qmor plan --config run.yaml --gpu-gb 24      # the run a training config describes
 
 The model, adapter, batch, length and memory options are the training flags (same names, aliases and config file);
-the defaults differ where a plan asks about a real model: LoRA r=16, batch 1, 4096 tokens.
+the defaults differ where a plan asks about a real model: a real model's adapter (LoRA r=16), batch 1, 4096
+tokens.
 """
 
 from __future__ import annotations
@@ -17,12 +18,16 @@ from qmor.commands import fail
 from qmor.commands.options import add_flags, parse
 from qmor.errors import QmorError
 from qmor.flags import by_key, family_flags
+from qmor.training.config import MODEL_ADAPTER
 
 # the training options that change the memory of a step
 SHARED = ("model", "family", "rank", "targets", "expert_adapters", "batch_size", "max_len", "gradient_checkpointing",
           "offload_activations", "loss_chunk", "tile_tokens", "attn_implementation")
-DEFAULTS = {"family": "lora", "rank": 16, "batch_size": 1, "max_len": 4096}  # shown in --help
-UNDER = {"adapter": {"family": "lora", "r": 16}, "batch_size": 1, "data": {"max_len": 4096}}  # the same, nested
+# a plan asks about a real model: its training defaults' adapter, one sequence of a length worth asking about
+UNDER = {"adapter": {"family": MODEL_ADAPTER["family"], "r": MODEL_ADAPTER["r"]}, "batch_size": 1,
+         "data": {"max_len": 4096}}
+DEFAULTS = {"family": UNDER["adapter"]["family"], "rank": UNDER["adapter"]["r"], "batch_size": UNDER["batch_size"],
+            "max_len": UNDER["data"]["max_len"]}  # the same, as --help shows them
 # names this command took before it shared the training flags: one line says the new one
 RENAMED = {"--seq": "--max-len", "--batch": "--batch-size", "--no-checkpointing": "--no-gradient-checkpointing",
            "--attention": "--attn-implementation"}

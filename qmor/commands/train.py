@@ -29,7 +29,7 @@ os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
 from qmor.commands import USER_ERRORS, fail  # noqa: E402
 from qmor.commands.options import add_flags, parse  # noqa: E402
 from qmor.errors import QmorError  # noqa: E402
-from qmor.flags import FLAGS, by_key, nest_config  # noqa: E402
+from qmor.flags import FLAGS, by_key, nest_config, set_field  # noqa: E402
 from qmor.training.config import TrainConfig, adapter_for, from_json, read_config_file  # noqa: E402
 
 
@@ -62,12 +62,7 @@ def build_config(args: argparse.Namespace, under: dict | None = None):
         if flag.key not in given:
             continue
         for field in (flag.field, *flag.also):
-            *sections, name = field.split(".")
-            where = data
-            for section in sections:
-                where = where.setdefault(section, {})
-            if isinstance(where, dict):  # a section that is not a mapping is refused by from_json, naming it
-                where[name] = flag.to_config(given[flag.key])
+            set_field(data, field, flag.to_config(given[flag.key]))
     return from_json(data)
 
 

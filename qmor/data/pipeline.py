@@ -20,7 +20,6 @@ from pathlib import Path
 
 import torch
 
-from qmor.config import check_range
 from qmor.data.records import (
     FORMATS,
     apply_columns,
@@ -37,7 +36,7 @@ from qmor.data.records import (
 )
 from qmor.data.sources import FILE_TYPES, Source, open_source
 from qmor.data.template import NoAssistantTokens, encode_chat, render, template_name, with_chat_template
-from qmor.errors import QmorError
+from qmor.errors import QmorError, check_range
 from qmor.model.files import cache_root
 from qmor.version import __version__
 

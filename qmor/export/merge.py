@@ -15,11 +15,12 @@ from safetensors.torch import save_file
 from torch import nn
 from tqdm import tqdm
 
+from qmor.adapters.experts import is_expert_map
 from qmor.adapters.layer import AdaptedLinear
 from qmor.errors import QmorError
 from qmor.files import save_json
 from qmor.model.files import INDEX, tensor_key
-from qmor.model.moe import expert_keys, is_expert_map
+from qmor.model.moe import expert_keys
 from qmor.model.quant import dequantize, is_4bit
 
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}

@@ -14,9 +14,9 @@ from torch import nn
 
 from qmor.adapters import check_family, peft_families
 from qmor.adapters.attach import AdapterMeta, adapted_layers
+from qmor.adapters.experts import is_expert_map
 from qmor.adapters.family import either
 from qmor.errors import QmorError
-from qmor.model.moe import is_expert_map
 
 PEFT_WEIGHTS = "adapter_model.safetensors"
 

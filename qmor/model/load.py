@@ -14,9 +14,10 @@ from safetensors import SafetensorError
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
-from qmor.adapters import check_trainable
-from qmor.adapters.attach import AdapterMeta, attach, load_adapter_weights, read_meta
-from qmor.config import AdapterConfig, QuantConfig
+from qmor.adapters import attach as plain
+from qmor.adapters.attach import AdapterMeta, load_adapter_weights, read_meta
+from qmor.adapters.config import AdapterConfig
+from qmor.config import QuantConfig
 from qmor.errors import QmorError
 from qmor.model import loftq, moe, support
 from qmor.model.files import (
@@ -88,6 +89,18 @@ def load_4bit(
     return model
 
 
+# qmor.attach and qmor.load_adapter: the adapters' own, for a 4-bit model however it was loaded (here, or by
+# transformers with a BitsAndBytesConfig), whose layers first keep the plain NF4 layout (keep_plain_layout says why)
+def attach(model: nn.Module, cfg: AdapterConfig) -> list[str]:
+    keep_plain_layout(model)
+    return plain.attach(model, cfg)
+
+
+def load_adapter(model: nn.Module, path: str | Path) -> AdapterMeta:
+    keep_plain_layout(model)
+    return plain.load_adapter(model, path)
+
+
 def load_tokenizer(name_or_path: str, trust_remote_code: bool = False):
     """The model's tokenizer, with a pad token (the end-of-sequence one when it has none)."""
     check_model_source(name_or_path)
@@ -110,7 +123,7 @@ def load_for_training(
 ) -> tuple[nn.Module, AdapterMeta, dict | None]:
     """4-bit base with the adapter attached: LoftQ-initialised when adapter_cfg.init == "loftq" (then the third
     value is the per-layer error report), else the family's default init that adds zero (report None)."""
-    check_trainable(adapter_cfg)
+    adapter_cfg.check_trainable()
     if adapter_cfg.init == "loftq":
         return _load_loftq(model_path, adapter_cfg, quant, device, cache_dir, trust_remote_code)
     model = load_4bit(model_path, quant, device, trust_remote_code)

@@ -33,12 +33,14 @@ from tqdm import tqdm
 
 from qmor.adapters import check_family
 from qmor.adapters.attach import WEIGHTS, AdapterMeta, adapted_layers
+from qmor.adapters.config import AdapterConfig
+from qmor.adapters.experts import SharedAdapter
 from qmor.adapters.layer import AdaptedLinear
-from qmor.config import AdapterConfig, QuantConfig
+from qmor.config import QuantConfig
 from qmor.errors import NotMergeable, QmorError
 from qmor.files import atomic_dir, load_json, save_json
 from qmor.model.files import cache_root, local_folder, read_tensor, tensor_key, weight_files
-from qmor.model.moe import SharedAdapter, expert_weight
+from qmor.model.moe import expert_weight
 from qmor.model.quant import Packed, dequantize, is_4bit, packed_from_state, packed_state, quantize
 from qmor.model.quant import set_packed as put_packed
 

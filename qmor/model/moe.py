@@ -12,8 +12,8 @@ qmor loads such models in three steps:
 3. each expert's gate/up (H -> 2I, gate rows first) and down (I -> H) map is a 4-bit linear named
    `<block>.gate_up_proj.<e>` / `<block>.down_proj.<e>`, so adapters, LoftQ, merge and export treat it as any other
    4-bit linear. `--targets experts` adapts them; `all-linear` leaves them out (one adapter per expert is many).
-   With `expert_adapters="shared"` every expert's linear of a block's map holds one `SharedAdapter` instead of an
-   adapter of its own: one delta for all experts, saved once as `<block>.<map>.shared`.
+   How adapters sit on those maps (one per expert, or one `SharedAdapter` per block and map) is
+   `qmor.adapters.experts`.
 
 Only the layout most MoE models share is converted (concatenated gate/up, not transposed, no bias, gated); other
 expert classes (gpt-oss, Aria) stay as transformers loads them, and `qmor.model.support` warns with their share.
@@ -21,7 +21,6 @@ expert classes (gpt-oss, Aria) stay as transformers loads them, and `qmor.model.
 
 from __future__ import annotations
 
-import re
 import sys
 from collections.abc import Callable
 from contextlib import contextmanager
@@ -30,22 +29,15 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from qmor.adapters import check_family, mergeable
-from qmor.adapters.family import either
+from qmor.adapters.experts import EXPERT_NAME, TARGET
 from qmor.adapters.layer import AdaptedLinear
-from qmor.config import AdapterConfig, QuantConfig
+from qmor.config import QuantConfig
 from qmor.errors import QmorError
 from qmor.model.files import local_folder, read_tensor, weight_files
 from qmor.model.quant import linear_4bit, quantize
 
-TARGET = "experts"  # the --targets word that selects every expert map
 MAPS = ("gate_up_proj", "down_proj")
-EXPERT_NAME = re.compile(r"(?P<block>.+)\.(?P<map>gate_up_proj|down_proj)\.(?P<e>\d+)$")
 PER_EXPERT = {"gate_up_proj": (("gate_proj", "up_proj"), ("w1", "w3")), "down_proj": (("down_proj",), ("w2",))}
-SHARED = "shared"  # <block>.<map>.shared: the name a block map's shared adapter is saved under
-SHARED_NAME = re.compile(r"(?P<block>.+)\.(?P<map>gate_up_proj|down_proj)\.shared$")
-# an adapter tensor's key, or an adapter's name, on an expert map: which layout wrote it
-LAYOUT_KEY = re.compile(r"\.(?:gate_up_proj|down_proj)\.(?P<which>shared|\d+)(?:\.|$)")
 
 
 class QuantExperts(nn.Module):
@@ -71,44 +63,6 @@ class QuantExperts(nn.Module):
             y = y * top_k_weights[token_idx, top_k_pos, None]
             out.index_add_(0, token_idx, y.to(out.dtype))
         return out
-
-
-class SharedAdapter(nn.Module):
-    """The one adapter of an MoE block's map (gate/up or down) under `expert_adapters="shared"`. Every expert's
-    AdaptedLinear of that map holds this same module, so its delta is added to each expert's 4-bit output, its
-    gradient sums over the routed experts, its parameters count and train once, and merging adds its ΔW to every
-    expert's weight. It has no `fit`: LoftQ leaves shared adapters at their zero init (qmor.model.loftq says why)."""
-
-    def __init__(self, adapter: nn.Module):
-        super().__init__()
-        self.adapter = adapter  # the family's module, built for one expert's (d_in, d_out)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.adapter(x)
-
-    def delta_weight(self) -> torch.Tensor:
-        return self.adapter.delta_weight()
-
-
-def shared_name(name: str) -> str:
-    """`<block>.<map>.shared` for expert map `<block>.<map>.<e>`: the name its block's shared adapter goes by."""
-    match = EXPERT_NAME.fullmatch(name)
-    return f"{match['block']}.{match['map']}.{SHARED}"
-
-
-def adapter_owner(name: str, layout: str) -> str:
-    """The name of the adapter linear `name` adds: its shared one for an expert map under the shared layout, else
-    its own (`name`). Attaching and the planner both count adapters by it."""
-    return shared_name(name) if layout == SHARED and is_expert_map(name) else name
-
-
-def expert_layout(names) -> str | None:
-    """"shared" or "per-expert" for adapter names or tensor keys that include expert adapters; None without."""
-    for name in names:
-        match = LAYOUT_KEY.search(name)
-        if match:
-            return SHARED if match["which"] == SHARED else "per-expert"
-    return None
 
 
 # ---------------------------------------------------------------------------------------------------- loading
@@ -237,10 +191,6 @@ def quantise_experts(model: nn.Module, folder: str | Path, cfg: QuantConfig, dev
     return len(blocks)
 
 
-def is_expert_map(name: str) -> bool:
-    return EXPERT_NAME.fullmatch(name) is not None
-
-
 def expert_maps(model: nn.Module) -> list[str]:
     """Names of every expert's gate/up and down linear."""
     return [f"{n}.{which}.{e}" for n, m in model.named_modules() if isinstance(m, QuantExperts)
@@ -276,14 +226,6 @@ def unadapted_experts(model: nn.Module, targets: str | list[str], base_params: i
     given = targets if isinstance(targets, str) else ",".join(targets)
     return (f"the MoE experts of {type(model).__name__}, {share:.0%} of its parameters, get no adapter with --targets "
             f"{given}; to adapt them too, pass --targets {','.join([TARGET, *dict.fromkeys(adapted)])}")
-
-
-def check_expert_family(cfg: AdapterConfig, targets: list[str]) -> None:
-    """Refuse, on expert maps, a family that does not merge: those route each token among experts of their own,
-    which on top of the block's routing qmor does not support (nor could such adapters be merged or exported)."""
-    if any(is_expert_map(t) for t in targets) and not check_family(cfg.family).merges:
-        raise QmorError(f"{cfg.family} cannot adapt MoE experts (it routes tokens itself, on top of the experts' "
-                        f"router); train {either(mergeable())} on experts, or leave experts out of --targets")
 
 
 def meta_experts(model: nn.Module, top_k: int) -> int | None:

@@ -16,10 +16,10 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from qmor.adapters import check_trainable
-from qmor.config import AdapterConfig, QuantConfig, check_range, from_dict, to_dict
+from qmor.adapters.config import AdapterConfig
+from qmor.config import QuantConfig, from_dict, to_dict
 from qmor.data.pipeline import DataConfig
-from qmor.errors import QmorError
+from qmor.errors import QmorError, check_range
 from qmor.model.tile import TILE
 
 SECTIONS = {"adapter": AdapterConfig, "quant": QuantConfig, "data": DataConfig}
@@ -125,7 +125,7 @@ class TrainConfig:
         if "/" not in self.attn_implementation:  # "org/kernel" names a hub kernel, which transformers checks
             check_choice("attn_implementation", self.attn_implementation, ATTENTION)
         if self.adapter is not None:
-            check_trainable(self.adapter)  # a run trains, resumed or not
+            self.adapter.check_trainable()  # a run trains, resumed or not
 
 
 def to_json(cfg: TrainConfig) -> dict:

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from qmor.adapters import check_family
-from qmor.config import AdapterConfig
+from qmor.adapters.config import AdapterConfig
 from qmor.errors import QmorError
 from qmor.plan import CUDA_CONTEXT, GIB, Geometry, Plan, estimate, longest_sequence
 from qmor.training.config import (

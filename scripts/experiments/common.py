@@ -87,14 +87,14 @@ def records_file(path: Path, records: list[dict]) -> str:
 def count(cfg, shapes: list[tuple[int, int]]) -> int:
     from qmor.adapters import check_family
 
-    return sum(check_family(cfg.family).module.num_params(d_in, d_out, cfg) for d_in, d_out in shapes)
+    return sum(check_family(cfg.family).module.num_params(d_in, d_out, cfg.hyperparams) for d_in, d_out in shapes)
 
 
 def matched_configs(shapes: list[tuple[int, int]], lora_rank: int, mor_experts: int, sira_experts: int,
                     sira_top_k: int, **fields) -> dict[str, tuple]:
     """family -> (AdapterConfig, trainable parameters): for each family the rank whose total parameter count over
     `shapes` is closest to LoRA's at `lora_rank` (MoR and SiRA keep their expert counts fixed)."""
-    from qmor.config import AdapterConfig
+    from qmor.adapters.config import AdapterConfig
 
     target = count(AdapterConfig(family="lora", r=lora_rank), shapes)
     limit = min(min(s) for s in shapes)
@@ -113,7 +113,7 @@ def describe(cfg, shapes: list[tuple[int, int]] | None = None) -> str:
     if cfg.family == "mora":
         from qmor.adapters.mora import mora_kind, mora_rank
 
-        kind = mora_kind(cfg)
+        kind = mora_kind(cfg.hyperparams)
         hats = sorted({mora_rank(d_in, d_out, cfg.r, kind) for d_in, d_out in shapes or []})
         return f"r={cfg.r} ({kind}, r_hat {'/'.join(map(str, hats))})"
     if cfg.family == "mor":

@@ -181,7 +181,7 @@ def loss_of(model, examples: list[dict], pad_id: int) -> float:
 def model_rows(setup: Setup, out: Path) -> tuple[list[dict], dict]:
     from transformers import AutoModelForCausalLM
 
-    from qmor.config import AdapterConfig
+    from qmor.adapters.config import AdapterConfig
     from qmor.model.load import load_for_training, load_tokenizer
 
     folder, curve = pretrain(setup, out)
