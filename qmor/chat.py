@@ -1,7 +1,7 @@
 """Streaming chat on one loaded 4-bit base, switching adapters (or none) without reloading it.
 
-    session = ChatSession("meta-llama/Llama-2-7b-chat-hf")
-    session.use_adapter("runs/NAME")            # a run folder or an adapter folder; None for the base alone
+    session = ChatSession("meta-llama/Llama-2-7b-chat-hf")   # or a Base, a folder, tiny, smollm2
+    session.use_adapter("runs/NAME")            # a run folder, an adapter folder or a TrainedAdapter; None: the base
     for piece in session.stream([{"role": "user", "content": "Hi"}], system="Be brief.", temperature=0):
         print(piece, end="", flush=True)
 
@@ -26,10 +26,10 @@ from qmor.adapters.attach import AdapterMeta, detach
 from qmor.config import QuantConfig
 from qmor.data.template import TemplateError, encode, render, template_text
 from qmor.errors import QmorError
-from qmor.model.files import expand_builtin
-from qmor.model.load import attach_trained, load_4bit, load_tokenizer
+from qmor.model.base import Base, TrainedAdapter
+from qmor.model.load import attach_trained, load_4bit
 from qmor.model.quant import is_4bit, set_packed
-from qmor.training.run_dir import find_adapter
+from qmor.training.run_dir import open_adapter
 
 ROLES = ("system", "user", "assistant")
 
@@ -117,13 +117,12 @@ class TokenStreamer:
 class ChatSession:
     """One 4-bit base in memory; adapters come and go, the base stays."""
 
-    def __init__(self, base_model: str, device: str | None = None, quant: QuantConfig = QuantConfig(),
+    def __init__(self, base: str | Base, device: str | None = None, quant: QuantConfig = QuantConfig(),
                  trust_remote_code: bool = False, allow_other_base: bool = False):
-        base_model = expand_builtin(base_model)  # a built-in name (tiny, smollm2) becomes its cached folder
-        self.base_model = base_model
+        self.base = Base.resolve(base, trust_remote_code=trust_remote_code)
         self.allow_other_base = allow_other_base  # use adapters trained on another base (fingerprint differs)
-        self.model = load_4bit(base_model, quant, device, trust_remote_code).eval()
-        self.tokenizer = load_tokenizer(base_model, trust_remote_code)
+        self.model = load_4bit(self.base, quant, device).eval()
+        self.tokenizer = self.base.tokenizer()
         # the plain NF4 weights, kept by reference so a LoftQ adapter's Q_T can be swapped out again
         self.plain = {n: m.weight for n, m in self.model.named_modules() if is_4bit(m)}
         self.adapter: Path | None = None  # the adapter folder in use, None for the base alone
@@ -138,21 +137,21 @@ class ChatSession:
                 set_packed(linear, packed)
         self.adapter, self.meta = None, None
 
-    def use_adapter(self, path: str | Path | None) -> AdapterMeta | None:
-        """Switch to the adapter in `path` (run or adapter folder), or to the base alone with None."""
+    def use_adapter(self, adapter: str | Path | TrainedAdapter | None) -> AdapterMeta | None:
+        """Switch to `adapter` (a run or adapter folder, or one opened already), or to the base alone with None."""
         with self.lock:
             self._reset()
-            if path is None:
+            if adapter is None:
                 return None
-            folder = find_adapter(path)
+            adapter = open_adapter(adapter, self.base)  # on the base in memory, whatever base it records
             try:
-                meta = attach_trained(self.model, folder, self.base_model, self.allow_other_base)
+                attach_trained(self.model, adapter, self.base, self.allow_other_base)
             except BaseException:
                 self._reset()  # a failed switch leaves the plain base, never half an adapter
                 raise
             self.model.eval()
-            self.adapter, self.meta = folder, meta
-            return meta
+            self.adapter, self.meta = adapter.folder, adapter.meta
+            return adapter.meta
 
     def encode(self, messages: list[dict], system: str | None = None) -> dict[str, torch.Tensor]:
         check_messages(messages)
@@ -216,9 +215,9 @@ class ChatSession:
 
     def describe(self) -> str:
         if self.meta is None:
-            return f"base {self.base_model} (no adapter)"
+            return f"base {self.base} (no adapter)"
         return (f"{self.meta.adapter.family} r={self.meta.adapter.r} ({self.meta.init} init) from {self.adapter} on "
-                f"base {self.base_model}")
+                f"base {self.base}")
 
 
 __all__ = ["ChatSession", "Sampling"]

@@ -11,7 +11,7 @@ from qmor.version import __version__
 
 COMMANDS = {  # name -> (module, one line for the overview)
     "train": ("qmor.commands.train", "fine-tune an adapter on a 4-bit base (the built-in default with no options)"),
-    "export": ("qmor.commands.export", "merge a trained adapter into an fp16 model, or write it as a PEFT adapter"),
+    "export": ("qmor.commands.export", "export a trained adapter: merged fp16 model, PEFT adapter or GGUF file"),
     "chat": ("qmor.commands.chat", "chat in the terminal with a 4-bit base and an adapter"),
     "eval": ("qmor.commands.eval", "evaluate runs: loss, answers, forgetting, exports against the adapter"),
     "plan": ("qmor.commands.plan", "predict a training step's peak GPU memory: will it fit?"),

@@ -89,10 +89,9 @@ def build_model(spec: dict) -> nn.Module:
     if spec.get("geometry"):
         dtype = torch.bfloat16 if spec["device"] == "cuda" else torch.float32
         return build_random_4bit(llama_config(*spec["geometry"]), spec["device"], dtype)
-    from qmor.model.files import expand_builtin
     from qmor.model.load import load_4bit
 
-    return load_4bit(expand_builtin(spec["model"]), device=spec["device"])
+    return load_4bit(spec["model"], device=spec["device"])  # a built-in name, a folder or a hub id
 
 
 def model_config(spec: dict):

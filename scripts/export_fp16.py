@@ -1,5 +1,5 @@
-"""Export a trained adapter, merged into an fp16 model or as a PEFT adapter: the same command as `qmor export`
-(qmor/commands/export.py); --help lists its options."""
+"""Export a trained adapter in every format, merged fp16 (the default), PEFT (--format peft) or GGUF (--format gguf):
+the same command as `qmor export` (qmor/commands/export.py); --help lists its options."""
 
 from __future__ import annotations
 

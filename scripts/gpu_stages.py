@@ -167,13 +167,12 @@ def loftq(check: Check, family: str) -> None:
     """LoftQ computed on this device and on the CPU, each into a cache of its own: the mean relative error of the
     device's init within 1% of the CPU's."""
     from qmor.adapters.config import AdapterConfig
-    from qmor.model.files import expand_builtin
     from qmor.model.load import load_for_training
 
     cfg = AdapterConfig(family=family, r=8, init="loftq", loftq_iters=2)
     errors = {}
     for device in ("cpu", check.device):
-        model, _, report = load_for_training(expand_builtin("tiny"), cfg, device=device,
+        model, _, report = load_for_training("tiny", cfg, device=device,
                                              cache_dir=check.work / f"loftq-{device}-{family}")
         errors[device] = report["mean_loftq"]
         del model

@@ -37,20 +37,21 @@ def parse_args(argv: list[str] | None = None, prog: str | None = None) -> argpar
     return p.parse_args(argv)
 
 
-def pick_base(args: argparse.Namespace) -> str:
-    """--base-model when given, else the base the adapter records."""
+def pick(args: argparse.Namespace):
+    """The adapter to start with (None without --adapter) and the base to load: --base-model when given, else the
+    base the adapter records."""
     # loaded when the command runs, so --help and bad options answer at once
-    from qmor.adapters.attach import read_meta
-    from qmor.model.load import base_of
-    from qmor.training.run_dir import find_adapter
+    from qmor.model.base import Base
+    from qmor.training.run_dir import open_adapter
 
-    if args.base_model:
-        return args.base_model
-    if not args.adapter:
+    if not args.adapter and not args.base_model:
         raise QmorError("pass --adapter (a run folder: its base is the one it records) or --base-model (a model "
                         "folder, hub id, tiny or smollm2)")
-    folder = find_adapter(args.adapter)
-    return base_of(read_meta(folder), folder)
+    trust = args.trust_remote_code
+    if not args.adapter:
+        return None, Base.resolve(args.base_model, trust_remote_code=trust)
+    adapter = open_adapter(args.adapter, args.base_model, trust)
+    return adapter, adapter.located_base()
 
 
 def command(session, line: str, state: dict) -> bool:
@@ -85,10 +86,10 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     try:
         sampling = Sampling(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                             top_k=args.top_k, repetition_penalty=args.repetition_penalty)
-        session = ChatSession(pick_base(args), device=args.device, trust_remote_code=args.trust_remote_code,
-                              allow_other_base=args.allow_other_base)
-        if args.adapter:
-            session.use_adapter(args.adapter)
+        adapter, base = pick(args)
+        session = ChatSession(base, device=args.device, allow_other_base=args.allow_other_base)
+        if adapter:
+            session.use_adapter(adapter)
     except USER_ERRORS as e:
         return fail(e)
     state = {"system": args.system, "history": [], "adapter": args.adapter}  # adapter: as the user named it

@@ -1,4 +1,5 @@
-"""Export a trained adapter: merged into a plain fp16 Hugging Face model (default) or as a PEFT LoRA adapter.
+"""Export a trained adapter in every format: merged into a plain fp16 Hugging Face model (default), as a PEFT LoRA
+adapter, or as a GGUF file for llama.cpp and Ollama (with a Modelfile); each is checked before it is kept.
 
     qmor export runs/NAME --output merged/NAME                 # fp16, merged onto dequant(Q)
     qmor export runs/NAME --output merged/NAME --dtype bf16 --shard-size 5GB
@@ -43,31 +44,38 @@ def parse_args(argv: list[str] | None = None, prog: str | None = None) -> argpar
 
 def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     args = parse_args(argv, prog)
-    # loaded when the command runs, so --help and bad options answer at once
-    from qmor.export.exporter import export_merged, export_peft
-    from qmor.export.gguf import export_gguf
-
-    common = dict(overwrite=args.overwrite, device=args.device, base_model=args.base_model,
-                  trust_remote_code=args.trust_remote_code, tolerance=args.tolerance,
-                  allow_other_base=args.allow_other_base)
     try:
-        if args.format == "gguf" and not args.peft:
-            if args.dtype or args.no_base:
-                raise QmorError(f"{'--dtype' if args.dtype else '--no-base'} does not apply to GGUF exports; the "
-                                "GGUF weights are set with --gguf-type (f16, bf16 or q8_0)")
-            export_gguf(args.source, args.output, gguf_type=args.gguf_type, merge_base=args.merge_base, **common)
-            return 0
-        common.update(dtype=args.dtype or "fp16", shard_size=args.shard_size)
-        if args.peft or args.format == "peft":
-            if args.merge_base != "dequantized":
-                raise QmorError("--merge-base applies to merged exports; a PEFT adapter goes over its dequantised "
-                                "base (or, with --no-base, the original one)")
-            export_peft(args.source, args.output, with_base=not args.no_base, **common)
-        else:
-            if args.no_base:
-                raise QmorError("--no-base applies to PEFT exports only; add --format peft or drop --no-base")
-            export_merged(args.source, args.output, merge_base=args.merge_base, **common)
+        fmt = export_format(args)
+        # loaded when the command runs, so --help and bad options answer at once
+        from qmor.export.exporter import export
+        from qmor.training.run_dir import open_adapter
+
+        adapter = open_adapter(args.source, args.base_model, args.trust_remote_code)
+        export(fmt, adapter, args.output, overwrite=args.overwrite, device=args.device,
+               allow_other_base=args.allow_other_base)
     except USER_ERRORS as e:
         return fail(e)
     return 0
 
+
+def export_format(args: argparse.Namespace):
+    """The format the flags ask for, its settings checked (for GGUF: its type and the converter) before the adapter
+    is looked at."""
+    # loaded when the command runs, so --help and bad options answer at once
+    from qmor.export.exporter import Merged, Peft
+    from qmor.export.gguf import Gguf
+
+    if args.format == "gguf" and not args.peft:
+        if args.dtype or args.no_base:
+            raise QmorError(f"{'--dtype' if args.dtype else '--no-base'} does not apply to GGUF exports; the "
+                            "GGUF weights are set with --gguf-type (f16, bf16 or q8_0)")
+        return Gguf(args.gguf_type, args.merge_base, args.tolerance)
+    dtype = args.dtype or "fp16"
+    if args.peft or args.format == "peft":
+        if args.merge_base != "dequantized":
+            raise QmorError("--merge-base applies to merged exports; a PEFT adapter goes over its dequantised "
+                            "base (or, with --no-base, the original one)")
+        return Peft(not args.no_base, dtype, args.shard_size, args.tolerance)
+    if args.no_base:
+        raise QmorError("--no-base applies to PEFT exports only; add --format peft or drop --no-base")
+    return Merged(dtype, args.merge_base, args.shard_size, args.tolerance)

@@ -19,7 +19,6 @@ from pathlib import Path
 from tqdm import tqdm
 
 from qmor import hints
-from qmor.adapters.attach import read_meta
 from qmor.chat import ChatSession
 from qmor.data.tasks import char_accuracy
 from qmor.errors import QmorError
@@ -28,11 +27,11 @@ from qmor.eval.exports import Export
 from qmor.eval.generate import Reply, greedy
 from qmor.eval.items import DataChoice, EvalSet
 from qmor.eval.stops import end_of_turn, token_text
+from qmor.model.base import Base, TrainedAdapter
 from qmor.model.files import builtin_name
-from qmor.model.load import base_of
 from qmor.training.evaluate import eval_loss
 from qmor.training.loss import ChunkedLoss
-from qmor.training.run_dir import RunDir, find_adapter
+from qmor.training.run_dir import RunDir, open_adapter
 from qmor.version import __version__
 
 # an export is flagged below this top-1 agreement or above this mean KL (nats per token) against the adapter: an
@@ -58,10 +57,13 @@ class EvalOptions:
 @dataclass
 class Target:
     run: RunDir
-    adapter: Path  # its adapter folder
-    base: str  # the base model to load under it
+    adapter: TrainedAdapter  # its adapter, on the base it records or the one given
     exports: list[Export]
     notes: list[str]
+
+    @property
+    def base(self) -> Base:
+        return self.adapter.base
 
 
 def resolve(runs: list[RunDir], opts: EvalOptions) -> list[Target]:
@@ -76,10 +78,10 @@ def resolve(runs: list[RunDir], opts: EvalOptions) -> list[Target]:
             raise QmorError(f"{run} does not exist; pass a run folder (runs/NAME)")
         if run.config.is_file() and run.final_adapter() is None:
             raise QmorError(f"{run} has no adapter yet: its training has not finished; {hints.resume(run)}")
-        adapter = find_adapter(run.path)
-        base = base_of(read_meta(adapter), adapter, opts.base_model)
+        adapter = open_adapter(run.path, opts.base_model)
+        adapter.located_base()  # a base that is not where it was: one line before any model loads
         found, notes = exports.find(run, opts.exports)
-        targets.append(Target(run, adapter, base, found, notes))
+        targets.append(Target(run, adapter, found, notes))
     return targets
 
 
@@ -112,7 +114,7 @@ def evaluate(runs: list[RunDir], opts: EvalOptions, done: Callable[[RunDir, dict
     session, base_cache, reports = None, {}, []
     try:
         for target in targets:
-            if session is None or session.base_model != target.base:
+            if session is None or session.base.path != target.base.path:
                 session = None  # the previous base leaves memory before the next one loads
                 session = ChatSession(target.base, opts.device, allow_other_base=opts.allow_other_base)
             reports.append(Evaluation(session, target, opts, stages, base_cache).run())
@@ -159,7 +161,7 @@ class Evaluation:
                     for e in self.target.exports]
         return {
             "run": str(self.target.run), "qmor_version": __version__, "seconds": round(time.time() - started, 1),
-            "adapter": {"path": str(self.target.adapter), "family": meta.adapter.family, "rank": meta.adapter.r,
+            "adapter": {"path": str(self.target.adapter.folder), "family": meta.adapter.family, "rank": meta.adapter.r,
                         "init": meta.init, "base_model": builtin_name(meta.base_model) or meta.base_model},
             "end_of_turn": token_text(self.tok, self.eot),
             "data": None if data is None else {"source": data.source, "split": data.split,
@@ -179,7 +181,7 @@ class Evaluation:
     def base_key(self, data: EvalSet | None, side: list[list[int]], questions: int) -> str:
         """What the base's results depend on: the base, the examples' tokens, the prompts, the questions asked."""
         examples = [] if data is None else [(e["input_ids"], e["labels"]) for e in data.examples]
-        text = json.dumps([self.session.base_model, examples, side, questions, self.opts.max_new_tokens])
+        text = json.dumps([self.session.base.path, examples, side, questions, self.opts.max_new_tokens])
         return hashlib.sha256(text.encode()).hexdigest()
 
     def side_prompts(self, data: EvalSet | None, questions: list[general.Question]) -> list[list[int]]:

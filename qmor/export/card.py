@@ -8,6 +8,7 @@ absolute path (a detail of one machine) is left out of the card.
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from qmor.model.files import hub_id
@@ -21,13 +22,23 @@ def base_name(base: str | None) -> str:
     return f"local folder `{Path(base).name}`" if base else "not recorded"
 
 
-def card(title: str, rows: list[tuple[str, str]], base: str | None, library: str, tags: list[str],
-         notes: str = "") -> str:
-    """README.md text: front matter for the Hub, a title, a table of what was exported, and notes."""
-    from huggingface_hub import ModelCard, ModelCardData
+@dataclass
+class Card:
+    """A model card as data: the export fills in its fields (each format its own rows and sections), `text()` writes
+    README.md: front matter for the Hub, a title, a table of what was exported, and the sections below it."""
 
-    data = ModelCardData(base_model=hub_id(base), library_name=library, pipeline_tag="text-generation",
-                         tags=["qmor", *dict.fromkeys(tags)])
-    table = "\n".join(f"| {k} | {v} |" for k, v in rows)
-    body = f"# {title}\n\n| | |\n|---|---|\n{table}\n" + (f"\n{notes}\n" if notes else "")
-    return str(ModelCard(f"---\n{data.to_yaml()}\n---\n\n{body}"))
+    title: str
+    base: str | None  # the base the adapter records: a Hub id, or a local folder (named, never by its path)
+    library: str  # the Hub's library_name: transformers, peft
+    tags: list[str]
+    rows: dict[str, str]  # the table: what -> value, in order
+    sections: list[str] = field(default_factory=list)  # markdown under the table (notes, how to use it)
+
+    def text(self) -> str:
+        from huggingface_hub import ModelCard, ModelCardData  # the Hub's card machinery, needed only when writing
+
+        data = ModelCardData(base_model=hub_id(self.base), library_name=self.library, pipeline_tag="text-generation",
+                             tags=["qmor", *dict.fromkeys(self.tags)])
+        table = "\n".join(f"| {k} | {v} |" for k, v in self.rows.items())
+        body = f"# {self.title}\n\n| | |\n|---|---|\n{table}\n" + "".join(f"\n{s}\n" for s in self.sections)
+        return str(ModelCard(f"---\n{data.to_yaml()}\n---\n\n{body}"))

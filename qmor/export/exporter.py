@@ -1,8 +1,13 @@
 """Export a trained adapter: merged into a plain fp16/bf16 Hugging Face model, or as a PEFT LoRA adapter.
 
+Every format goes through `export`, the steps they share: the adapter and its base resolved once, the format's own
+refusals, the output checked, the base checkpoint found, the 4-bit + adapter model loaded, the files written into a
+temporary folder that is renamed into place only once the format has checked them against that model, the model
+card, the export recorded in its run and the next steps printed. A format (`Merged`, `Peft` here, `Gguf` in
+qmor/export/gguf.py) is the step in the middle: what it refuses, and what it writes and checks.
+
 The merge base is dequant(Q), the 4-bit base the adapter was trained against (Q_T for LoftQ adapters); the original
-weights W only on request, and never for LoftQ adapters, which already hold W - Q_T. Every export is checked
-against the 4-bit + adapter model before it is renamed into place.
+weights W only on request, and never for LoftQ adapters, which already hold W - Q_T.
 """
 
 from __future__ import annotations
@@ -11,7 +16,9 @@ import gc
 import os
 import shutil
 import sys
+from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 from safetensors.torch import load_file
@@ -19,16 +26,17 @@ from torch import nn
 
 from qmor import hints
 from qmor.adapters import check_family, merge_refusal
-from qmor.adapters.attach import AdapterMeta, adapted_layers, read_meta
+from qmor.adapters.attach import AdapterMeta, adapted_layers
 from qmor.errors import NotMergeable, QmorError
-from qmor.export.card import base_name, card
+from qmor.export.card import Card, base_name
 from qmor.export.merge import check_dtype, parse_size, write_merged
 from qmor.export.peft import PEFT_WEIGHTS, check_peft_family, write_peft
 from qmor.export.verify import Check, compare, logits, prompt_ids, require
 from qmor.files import atomic_dir, load_json, save_json
-from qmor.model.files import INDEX, expand_builtin, hub_id, local_folder, missing_folder, recorded_base, weight_files
+from qmor.model.base import Base, TrainedAdapter, moved_base
+from qmor.model.files import INDEX, hub_id
 from qmor.model.load import load_trained
-from qmor.training.run_dir import RunDir, find_adapter
+from qmor.training.run_dir import RunDir, open_adapter
 from qmor.version import __version__
 
 MERGE_BASES = ("dequantized", "original")
@@ -36,6 +44,78 @@ MERGE_BASES = ("dequantized", "original")
 SUPPORT = ["tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
            "tokenizer.model", "vocab.json", "vocab.txt", "merges.txt", "*.tiktoken", "chat_template.jinja",
            "chat_template.json", "generation_config.json"]
+TEMPLATE_FILE = "the one training used (chat_template.jinja)"  # where a merged folder carries the chat template
+
+
+# ---------------------------------------------------------------------------------------------------- the pipeline
+
+
+@dataclass
+class Job:
+    """What a format writes from: the 4-bit + adapter model (a format may drop it, to free its memory), the adapter
+    with its base, the base's checkpoint, and the output folder as it will be named once renamed into place."""
+
+    model: nn.Module | None
+    adapter: TrainedAdapter
+    folder: Path  # the base's local folder
+    names: dict[str, Path]  # its tensor -> safetensors file map
+    output: Path
+
+    @property
+    def meta(self) -> AdapterMeta:
+        return self.adapter.meta
+
+    @property
+    def trust_remote_code(self) -> bool:
+        return self.adapter.base.trust_remote_code
+
+
+@dataclass
+class Written:
+    """What a format wrote and checked: its model card, the lines printed once it is in place, the summary returned."""
+
+    card: Card
+    lines: list[str]
+    summary: dict
+
+
+class Format:
+    """One export format, the step in the middle of `export`: what it refuses, and what it writes and checks."""
+
+    name: ClassVar[str]  # what the run's exports.json records: merged, peft, gguf
+
+    def check(self, adapter: TrainedAdapter) -> None:
+        """Refusals that need no model: before the output or the base is looked at."""
+
+    def check_checkpoint(self, folder: Path) -> None:
+        """Refusals that need the base's files, before minutes of loading."""
+
+    def write(self, job: Job, out: Path) -> Written:
+        """Write the export into `out` (renamed to job.output afterwards) and check it; a QmorError keeps nothing."""
+        raise NotImplementedError
+
+
+def export(fmt: Format, source: str | os.PathLike | TrainedAdapter, output: str | os.PathLike,
+           overwrite: bool = False, device: str | None = None, base_model: str | Base | None = None,
+           trust_remote_code: bool = False, allow_other_base: bool = False) -> dict:
+    """Export the adapter in `source` (a run folder, an adapter folder, or one opened already) in `fmt` to
+    `output`, atomically: nothing is left behind unless every check passed. Returns the format's summary."""
+    adapter = open_adapter(source, base_model, trust_remote_code)
+    output = Path(output)
+    fmt.check(adapter)
+    check_output(output, overwrite)
+    folder, names = base_checkpoint(adapter.located_base(), given=adapter.base_given)
+    fmt.check_checkpoint(folder)
+    # the job alone holds the model, so a format can free its memory before a step that needs it
+    job = Job(load_trained(adapter, device, allow_other_base=allow_other_base)[0].eval(), adapter, folder, names,
+              output)
+    with atomic_dir(output, overwrite) as tmp:
+        written = fmt.write(job, tmp)
+        (tmp / "README.md").write_text(written.card.text())
+    evaluate_hint = remember(adapter, output, fmt.name)
+    for line in written.lines + ([evaluate_hint] if evaluate_hint else []):
+        print(line, file=sys.stderr)
+    return written.summary
 
 
 def check_merge(meta: AdapterMeta, merge_base: str, source: str | Path) -> None:
@@ -64,17 +144,32 @@ def check_output(output: Path, overwrite: bool) -> None:
                         "write to")
 
 
-def base_checkpoint(base: str, given: bool = False) -> tuple[Path, dict[str, Path]]:
+def base_checkpoint(base: str | Base, given: bool = False) -> tuple[Path, dict[str, Path]]:
     """The base model's local folder and its tensor -> safetensors file map (never .bin: no unpickling)."""
-    if missing_folder(base):
-        where = "given with --base-model" if given else "recorded in the adapter"
-        raise QmorError(f"the base model folder {base} ({where}) does not exist; pass the folder where it is now with "
-                        "--base-model (it is checked to be the same model)")
-    folder = local_folder(base)
-    if "quantization_config" in load_json(folder / "config.json"):
+    base = Base.resolve(base)
+    if base.missing:
+        raise moved_base(base, given)
+    if "quantization_config" in load_json(base.folder / "config.json"):
         raise QmorError(f"{base} is stored pre-quantised; export merges from the original 16/32-bit checkpoint, "
                         "so pass that with --base-model")
-    return folder, weight_files(folder)
+    return base.folder, base.weight_files
+
+
+def remember(adapter: TrainedAdapter, output: Path, fmt: str) -> str | None:
+    """A run folder records its exports, so `qmor eval RUN` finds them; a run folder that cannot be written loses
+    only that record, not the export. Returns the hint to print last, when it was recorded."""
+    run = RunDir(adapter.source)
+    if run.final_adapter() is None:
+        return None  # an adapter folder given directly: no run to record in
+    try:
+        run.record_export(output, fmt)
+    except OSError as e:
+        print(f"warning: could not record the export in {run.exports} ({e.strerror or e})", file=sys.stderr)
+        return None
+    return hints.evaluate(adapter.source)
+
+
+# ---------------------------------------------------------------------------------------------------- the steps
 
 
 def copy_support(folder: Path, out: Path, dtype: torch.dtype, trust_remote_code: bool) -> None:
@@ -105,19 +200,20 @@ def write_chat_template(out: Path, template: str | None) -> None:
 
 
 def model_card(meta: AdapterMeta, merge_base: str, dtype: torch.dtype, check: Check, what: str,
-               library: str = "transformers", notes: str = "") -> str:
-    """README.md with the Hub's front matter: base_model (a Hub id when the base came from one), library, tags."""
+               library: str = "transformers", sections: list[str] | None = None,
+               template: str = TEMPLATE_FILE) -> Card:
+    """The card's fields: base_model (a Hub id when the base came from one), library, tags, and what was exported;
+    `template` says where the export carries the chat template training used."""
     cfg, quant = meta.adapter, meta.quant
-    rows = [("base model", base_name(meta.base_model)), ("adapter family", cfg.family),
-            ("rank", f"{cfg.r} (alpha {cfg.alpha})"), ("targets", f"`{cfg.targets}`"), ("init", meta.init),
-            ("merge base", merge_base),
-            ("chat template", "the one training used (chat_template.jinja)" if meta.chat_template else "none recorded"),
-            ("quantisation", f"NF4, block size {quant.blocksize}, double quant {quant.double_quant}"),
-            ("dtype", str(dtype).removeprefix("torch.")),
-            ("verification", f"max abs logit difference {check.max_abs:.4g}, top-1 agreement {check.top1:.1%}"),
-            ("exported with", f"qmor {__version__}")]
+    rows = {"base model": base_name(meta.base_model), "adapter family": cfg.family,
+            "rank": f"{cfg.r} (alpha {cfg.alpha})", "targets": f"`{cfg.targets}`", "init": meta.init,
+            "merge base": merge_base, "chat template": template if meta.chat_template else "none recorded",
+            "quantisation": f"NF4, block size {quant.blocksize}, double quant {quant.double_quant}",
+            "dtype": str(dtype).removeprefix("torch."),
+            "verification": f"max abs logit difference {check.max_abs:.4g}, top-1 agreement {check.top1:.1%}",
+            "exported with": f"qmor {__version__}"}
     tags = [cfg.family, "nf4"] + (["lora"] if library == "peft" else ["merged"])
-    return card(what, rows, meta.base_model, library, tags, notes)
+    return Card(what, meta.base_model, library, tags, rows, sections or [])
 
 
 def peft_base(meta: AdapterMeta, folder: Path) -> str:
@@ -155,134 +251,135 @@ def verify_folder(reference: nn.Module, folder: Path, dtype: torch.dtype, tolera
     return check
 
 
-def remember(source: str | Path, output: Path, fmt: str) -> str | None:
-    """A run folder records its exports, so `qmor eval RUN` finds them; a run folder that cannot be written loses
-    only that record, not the export. Returns the hint to print last, when it was recorded."""
-    run = RunDir(source)
-    if run.final_adapter() is None:
-        return None  # an adapter folder given directly: no run to record in
-    try:
-        run.record_export(output, fmt)
-    except OSError as e:
-        print(f"warning: could not record the export in {run.exports} ({e.strerror or e})", file=sys.stderr)
-        return None
-    return hints.evaluate(source)
+def write_checked_merge(job: Job, out: Path, dtype: torch.dtype, shard_bytes: int, merge_base: str,
+                        tolerance: float | None) -> tuple[dict, Check]:
+    """The merged model, its tokenizer and chat template written into `out`, and checked against the 4-bit +
+    adapter model (a QmorError when it drifts); returns the shard index and the check."""
+    template = job.meta.chat_template
+    index = write_merged(job.model, job.names, out, dtype, shard_bytes, merge_base)
+    copy_support(job.folder, out, dtype, job.trust_remote_code)
+    write_chat_template(out, template)
+    check = verify_folder(job.model, out, dtype, tolerance, job.trust_remote_code, template=template)
+    require(check, "the merged export")
+    return index, check
 
 
-def load_source(source: str | Path, device: str | None, base_model: str | None, trust_remote_code: bool,
-                allow_other_base: bool = False):
-    model, meta = load_trained(find_adapter(source), device, base_model, trust_remote_code, allow_other_base)
-    return model.eval(), meta
+@dataclass
+class Merged(Format):
+    """A plain Hugging Face model folder: the adapter merged into its base, in shards."""
+
+    dtype: str = "fp16"
+    merge_base: str = "dequantized"
+    shard_size: str | int = "2GB"
+    tolerance: float | None = None
+    name: ClassVar[str] = "merged"
+
+    def check(self, adapter: TrainedAdapter) -> None:
+        check_merge(adapter.meta, self.merge_base, adapter.source)
+        check_dtype(self.dtype)
+        parse_size(self.shard_size)
+
+    def write(self, job: Job, out: Path) -> Written:
+        dtype = check_dtype(self.dtype)
+        index, check = write_checked_merge(job, out, dtype, parse_size(self.shard_size), self.merge_base,
+                                           self.tolerance)
+        card = model_card(job.meta, self.merge_base, dtype, check,
+                          f"{job.output.name}: merged {job.meta.adapter.family} model")
+        shards = sorted(set(index["weight_map"].values()))
+        lines = [f"wrote {job.output} ({len(shards)} shard(s), {index['metadata']['total_size'] / 1e6:.1f} MB)",
+                 hints.chat_model(job.output)]
+        return Written(card, lines, {"output": str(job.output), "shards": shards, "max_abs": check.max_abs,
+                                     "top1": check.top1, "tolerance": check.tolerance})
+
+
+@dataclass
+class Peft(Format):
+    """A PEFT LoRA adapter, with (by default) the base it belongs on in base/.
+
+    The adapter was trained over dequant(Q), not W, so the matching base is the dequantised 4-bit base, written as
+    a plain fp16 model. Without it (with_base=False) the adapter names the original base: fine for default-init
+    adapters up to NF4 rounding, wrong for LoftQ adapters (they hold W - Q_T), which are refused.
+    """
+
+    with_base: bool = True
+    dtype: str = "fp16"
+    shard_size: str | int = "2GB"
+    tolerance: float | None = None
+    name: ClassVar[str] = "peft"
+
+    def check(self, adapter: TrainedAdapter) -> None:
+        check_peft_family(adapter.meta.adapter.family)
+        if not self.with_base and adapter.meta.init == "loftq":
+            raise QmorError("this adapter was LoftQ-initialised, so it only fits the LoftQ base Q_T, not the original "
+                            "model; export it with its dequantised base (drop --no-base)")
+        check_dtype(self.dtype)
+        parse_size(self.shard_size)
+
+    def write(self, job: Job, out: Path) -> Written:
+        model, meta, dtype = job.model, job.meta, check_dtype(self.dtype)
+        if self.with_base:
+            base_dir = job.output.resolve() / "base"  # where it will be once renamed into place
+            (out / "base").mkdir()
+            write_merged(model, job.names, out / "base", dtype, parse_size(self.shard_size), with_adapter=False)
+            copy_support(job.folder, out / "base", dtype, job.trust_remote_code)
+            write_chat_template(out / "base", meta.chat_template)
+            # a LoftQ adapter fits its own base Q_T only, which exists nowhere but base/; a default-init adapter
+            # names the original base, like any adapter trained on a 4-bit copy (base/ is exact to NF4 rounding)
+            names_base = str(base_dir) if meta.init == "loftq" else peft_base(meta, job.folder)
+            targets = write_peft(model, meta, out, names_base)
+            check = verify_folder(model, out / "base", dtype, self.tolerance, job.trust_remote_code, peft_dir=out,
+                                  template=meta.chat_template)
+            require(check, "the PEFT export")
+        else:
+            targets = write_peft(model, meta, out, peft_base(meta, job.folder))
+            check = Check(0.0, 0.0, 1.0, 0.0)  # no base to run; the factors are checked exactly below
+            check_factors(model, out, meta.adapter.alpha / meta.adapter.r)  # PEFT's scale
+        if meta.chat_template:  # beside the adapter too, for servers that take the base's tokenizer elsewhere
+            (out / "chat_template.jinja").write_text(meta.chat_template)
+        what = f"{job.output.name}: PEFT LoRA adapter ({meta.adapter.family}, {len(targets)} modules)"
+        base_note = "dequantized, in base/" if self.with_base else "original (NF4 rounding not included)"
+        card = model_card(meta, base_note, dtype, check, what, "peft", [peft_notes(self.with_base, meta.init)])
+        return Written(card, [f"wrote {job.output} (PEFT adapter over {len(targets)} modules)"],
+                       {"output": str(job.output), "targets": targets, "max_abs": check.max_abs, "top1": check.top1})
+
+
+# ---------------------------------------------------------------------------------------------------- the API
 
 
 def export_merged(
-    source: str | Path,
+    source: str | Path | TrainedAdapter,
     output: str | Path,
     dtype: str = "fp16",
     merge_base: str = "dequantized",
     shard_size: str | int = "2GB",
     overwrite: bool = False,
     device: str | None = None,
-    base_model: str | None = None,
+    base_model: str | Base | None = None,
     trust_remote_code: bool = False,
     tolerance: float | None = None,
     allow_other_base: bool = False,
 ) -> dict:
     """Merge a run's adapter into its base and write a plain Hugging Face model folder; returns a summary."""
-    base_model = expand_builtin(base_model) if base_model else None  # built-in names work here too
-    output = Path(output)
-    meta = read_meta(find_adapter(source))
-    check_merge(meta, merge_base, source)
-    torch_dtype, shard_bytes = check_dtype(dtype), parse_size(shard_size)
-    check_output(output, overwrite)
-    folder, names = base_checkpoint(base_model or recorded_base(meta.base_model), given=bool(base_model))
-    model, meta = load_source(source, device, base_model, trust_remote_code, allow_other_base)
-    with atomic_dir(output, overwrite) as tmp:
-        index, check = write_checked_merge(model, meta, folder, names, tmp, torch_dtype, shard_bytes, merge_base,
-                                           tolerance, trust_remote_code)
-        (tmp / "README.md").write_text(model_card(meta, merge_base, torch_dtype, check, f"{output.name}: merged "
-                                                  f"{meta.adapter.family} model"))
-    evaluate_hint = remember(source, output, "merged")
-    shards = sorted(set(index["weight_map"].values()))
-    print(f"wrote {output} ({len(shards)} shard(s), {index['metadata']['total_size'] / 1e6:.1f} MB)", file=sys.stderr)
-    print(hints.chat_model(output), file=sys.stderr)
-    if evaluate_hint:
-        print(evaluate_hint, file=sys.stderr)
-    return {"output": str(output), "shards": shards, "max_abs": check.max_abs, "top1": check.top1,
-            "tolerance": check.tolerance}
-
-
-def write_checked_merge(model: nn.Module, meta: AdapterMeta, folder: Path, names: dict[str, Path], out: Path,
-                        dtype: torch.dtype, shard_bytes: int, merge_base: str, tolerance: float | None,
-                        trust_remote_code: bool) -> tuple[dict, Check]:
-    """The merged model, its tokenizer and chat template written into `out`, and checked against the 4-bit +
-    adapter model (a QmorError when it drifts); returns the shard index and the check."""
-    index = write_merged(model, names, out, dtype, shard_bytes, merge_base)
-    copy_support(folder, out, dtype, trust_remote_code)
-    write_chat_template(out, meta.chat_template)
-    check = verify_folder(model, out, dtype, tolerance, trust_remote_code, template=meta.chat_template)
-    require(check, "the merged export")
-    return index, check
+    return export(Merged(dtype, merge_base, shard_size, tolerance), source, output, overwrite, device, base_model,
+                  trust_remote_code, allow_other_base)
 
 
 def export_peft(
-    source: str | Path,
+    source: str | Path | TrainedAdapter,
     output: str | Path,
     with_base: bool = True,
     dtype: str = "fp16",
     shard_size: str | int = "2GB",
     overwrite: bool = False,
     device: str | None = None,
-    base_model: str | None = None,
+    base_model: str | Base | None = None,
     trust_remote_code: bool = False,
     tolerance: float | None = None,
     allow_other_base: bool = False,
 ) -> dict:
-    """PEFT LoRA adapter in `output`, plus (by default) the base it belongs on in `output/base`.
-
-    The adapter was trained over dequant(Q), not W, so the matching base is the dequantised 4-bit base, written as
-    a plain fp16 model. Without it (with_base=False) the adapter names the original base: fine for default-init
-    adapters up to NF4 rounding, wrong for LoftQ adapters (they hold W - Q_T), which are refused.
-    """
-    base_model = expand_builtin(base_model) if base_model else None  # built-in names work here too
-    output = Path(output)
-    meta = read_meta(find_adapter(source))
-    check_peft_family(meta.adapter.family)
-    if not with_base and meta.init == "loftq":
-        raise QmorError("this adapter was LoftQ-initialised, so it only fits the LoftQ base Q_T, not the original "
-                        "model; export it with its dequantised base (drop --no-base)")
-    torch_dtype, shard_bytes = check_dtype(dtype), parse_size(shard_size)
-    check_output(output, overwrite)
-    folder, names = base_checkpoint(base_model or recorded_base(meta.base_model), given=bool(base_model))
-    model, meta = load_source(source, device, base_model, trust_remote_code, allow_other_base)
-    with atomic_dir(output, overwrite) as tmp:
-        if with_base:
-            base_dir = output.resolve() / "base"  # where it will be once renamed into place
-            (tmp / "base").mkdir()
-            write_merged(model, names, tmp / "base", torch_dtype, shard_bytes, with_adapter=False)
-            copy_support(folder, tmp / "base", torch_dtype, trust_remote_code)
-            write_chat_template(tmp / "base", meta.chat_template)
-            # a LoftQ adapter fits its own base Q_T only, which exists nowhere but base/; a default-init adapter
-            # names the original base, like any adapter trained on a 4-bit copy (base/ is exact to NF4 rounding)
-            targets = write_peft(model, meta, tmp, str(base_dir) if meta.init == "loftq" else peft_base(meta, folder))
-            check = verify_folder(model, tmp / "base", torch_dtype, tolerance, trust_remote_code, peft_dir=tmp,
-                                  template=meta.chat_template)
-            require(check, "the PEFT export")
-        else:
-            targets = write_peft(model, meta, tmp, peft_base(meta, folder))
-            check = Check(0.0, 0.0, 1.0, 0.0)  # no base to run; the factors are checked exactly below
-            check_factors(model, tmp, meta.adapter.alpha / meta.adapter.r)  # PEFT's scale
-        if meta.chat_template:  # beside the adapter too, for servers that take the base's tokenizer elsewhere
-            (tmp / "chat_template.jinja").write_text(meta.chat_template)
-        what = f"{output.name}: PEFT LoRA adapter ({meta.adapter.family}, {len(targets)} modules)"
-        base_note = "dequantized, in base/" if with_base else "original (NF4 rounding not included)"
-        (tmp / "README.md").write_text(model_card(meta, base_note, torch_dtype, check, what, "peft",
-                                                  peft_notes(with_base, meta.init)))
-    evaluate_hint = remember(source, output, "peft")
-    print(f"wrote {output} (PEFT adapter over {len(targets)} modules)", file=sys.stderr)
-    if evaluate_hint:
-        print(evaluate_hint, file=sys.stderr)
-    return {"output": str(output), "targets": targets, "max_abs": check.max_abs, "top1": check.top1}
+    """PEFT LoRA adapter in `output`, plus (by default) the base it belongs on in `output/base` (see `Peft`)."""
+    return export(Peft(with_base, dtype, shard_size, tolerance), source, output, overwrite, device, base_model,
+                  trust_remote_code, allow_other_base)
 
 
 def peft_notes(with_base: bool, init: str) -> str:
@@ -308,4 +405,4 @@ def check_factors(model: nn.Module, folder: Path, scale: float) -> None:
             raise QmorError(f"PEFT factors for {name} do not reproduce the adapter's ΔW; the export was not kept")
 
 
-__all__ = ["INDEX", "export_merged", "export_peft"]
+__all__ = ["INDEX", "Merged", "Peft", "export", "export_merged", "export_peft"]

@@ -20,27 +20,19 @@ import re
 import shutil
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 
-from qmor.adapters.attach import read_meta
 from qmor.errors import QmorError
-from qmor.export.exporter import (
-    base_checkpoint,
-    check_merge,
-    check_output,
-    find_adapter,
-    load_source,
-    model_card,
-    remember,
-    write_checked_merge,
-)
+from qmor.export.exporter import Format, Job, Written, check_merge, export, model_card, write_checked_merge
 from qmor.export.merge import check_dtype, parse_size
 from qmor.export.ollama import modelfile
 from qmor.export.verify import PROMPTS, Check, compare, logits, prompt_ids, require
-from qmor.files import atomic_dir, load_json
-from qmor.model.files import expand_builtin, recorded_base
+from qmor.files import load_json
+from qmor.model.base import Base, TrainedAdapter
 
 TYPES = ("f16", "bf16", "q8_0")  # what the converter writes in pure Python (tq1_0/tq2_0 are for ternary models)
 MERGE_DTYPE = {"f16": "fp16", "bf16": "bf16", "q8_0": "fp16"}  # the merged folder each type is converted from
@@ -172,65 +164,75 @@ def verify_gguf(merged: Path, folder: Path, filename: str, gguf_type: str, templ
     return check
 
 
+@dataclass
+class Gguf(Format):
+    """One GGUF file converted from the checked merged model, with an Ollama Modelfile beside it."""
+
+    gguf_type: str = "q8_0"
+    merge_base: str = "dequantized"
+    tolerance: float | None = None  # for the GGUF against the merged model (the merge keeps its own)
+    name: ClassVar[str] = "gguf"
+
+    def __post_init__(self) -> None:  # before the adapter is looked at: what cannot run at all is said first
+        self.gguf_type = check_type(self.gguf_type)
+        check_converter()
+
+    def check(self, adapter: TrainedAdapter) -> None:
+        check_merge(adapter.meta, self.merge_base, adapter.source)
+
+    def check_checkpoint(self, folder: Path) -> None:
+        check_model(folder)
+
+    def write(self, job: Job, out: Path) -> Written:
+        meta, gguf_type = job.meta, self.gguf_type
+        torch_dtype = check_dtype(MERGE_DTYPE[gguf_type])
+        run_on = str(next(job.model.parameters()).device)
+        filename = f"{job.output.name}-{gguf_type}.gguf"
+        merged = out / "merged"
+        merged.mkdir()
+        _, merge_check = write_checked_merge(job, merged, torch_dtype, parse_size("2GB"), self.merge_base, None)
+        job.model = None  # the converter and the check below need the memory
+        gc.collect()
+        convert(merged, out / filename, gguf_type, job.folder.name)
+        check = verify_gguf(merged, out, filename, gguf_type, meta.chat_template, self.tolerance, run_on)
+        require(check, "the GGUF export")
+        generation = load_json(merged / "generation_config.json") if (merged / "generation_config.json").is_file() \
+            else {}
+        (out / "Modelfile").write_text(modelfile(filename, meta.chat_template, merged, generation))
+        card = model_card(meta, self.merge_base, torch_dtype, merge_check,
+                          f"{job.output.name}: merged {meta.adapter.family} model, GGUF {gguf_type}",
+                          sections=[gguf_usage(filename, gguf_type, check)],
+                          template="the one training used (in the GGUF file: tokenizer.chat_template)")
+        shutil.rmtree(merged)
+        size = (out / filename).stat().st_size
+        lines = [f"wrote {job.output / filename} ({size / 1e6:.1f} MB) and {job.output / 'Modelfile'}"]
+        return Written(card, lines, {"output": str(job.output), "file": str(job.output / filename), "bytes": size,
+                                     "max_abs": check.max_abs, "scale": check.scale, "top1": check.top1,
+                                     "tolerance": check.tolerance, "merged_max_abs": merge_check.max_abs})
+
+
 def export_gguf(
-    source: str | Path,
+    source: str | Path | TrainedAdapter,
     output: str | Path,
     gguf_type: str = "q8_0",
     merge_base: str = "dequantized",
     overwrite: bool = False,
     device: str | None = None,
-    base_model: str | None = None,
+    base_model: str | Base | None = None,
     trust_remote_code: bool = False,
     tolerance: float | None = None,
     allow_other_base: bool = False,
 ) -> dict:
     """Merge a run's adapter, convert it to one GGUF file with an Ollama Modelfile beside it, check both steps."""
-    gguf_type = check_type(gguf_type)
-    check_converter()
-    base_model = expand_builtin(base_model) if base_model else None
-    output = Path(output)
-    meta = read_meta(find_adapter(source))
-    check_merge(meta, merge_base, source)
-    check_output(output, overwrite)
-    folder, names = base_checkpoint(base_model or recorded_base(meta.base_model), given=bool(base_model))
-    check_model(folder)
-    torch_dtype = check_dtype(MERGE_DTYPE[gguf_type])
-    model, meta = load_source(source, device, base_model, trust_remote_code, allow_other_base)
-    run_on = str(next(model.parameters()).device)
-    filename = f"{output.name}-{gguf_type}.gguf"
-    with atomic_dir(output, overwrite) as tmp:
-        merged = tmp / "merged"
-        merged.mkdir()
-        _, merge_check = write_checked_merge(model, meta, folder, names, merged, torch_dtype, parse_size("2GB"),
-                                             merge_base, None, trust_remote_code)  # --tolerance: for the GGUF
-        del model  # the converter and the check below need the memory
-        gc.collect()
-        convert(merged, tmp / filename, gguf_type, folder.name)
-        check = verify_gguf(merged, tmp, filename, gguf_type, meta.chat_template, tolerance, run_on)
-        require(check, "the GGUF export")
-        generation = load_json(merged / "generation_config.json") if (merged / "generation_config.json").is_file() \
-            else {}
-        (tmp / "Modelfile").write_text(modelfile(filename, meta.chat_template, merged, generation))
-        card = model_card(meta, merge_base, torch_dtype, merge_check, f"{output.name}: merged {meta.adapter.family} "
-                          f"model, GGUF {gguf_type}")
-        card = card.replace("(chat_template.jinja)", "(in the GGUF file: tokenizer.chat_template)")
-        (tmp / "README.md").write_text(card + gguf_usage(filename, gguf_type, check))
-        shutil.rmtree(merged)
-    evaluate_hint = remember(source, output, "gguf")
-    size = (output / filename).stat().st_size
-    print(f"wrote {output / filename} ({size / 1e6:.1f} MB) and {output / 'Modelfile'}", file=sys.stderr)
-    if evaluate_hint:
-        print(evaluate_hint, file=sys.stderr)
-    return {"output": str(output), "file": str(output / filename), "bytes": size, "max_abs": check.max_abs,
-            "scale": check.scale, "top1": check.top1, "tolerance": check.tolerance,
-            "merged_max_abs": merge_check.max_abs}
+    return export(Gguf(gguf_type, merge_base, tolerance), source, output, overwrite, device, base_model,
+                  trust_remote_code, allow_other_base)
 
 
 def gguf_usage(filename: str, gguf_type: str, check: Check) -> str:
-    return (f"\n## GGUF\n\n`{filename}` ({gguf_type}), written by llama.cpp's converter from the merged model above "
+    return (f"## GGUF\n\n`{filename}` ({gguf_type}), written by llama.cpp's converter from the merged model above "
             f"and checked against it: max |Δlogit| {check.max_abs:.4g} ({check.max_abs / max(check.scale, 1e-9):.2%}"
             f" of the largest logit), top-1 agreement {check.top1:.1%}.\n\n"
-            f"```\nollama create NAME -f Modelfile && ollama run NAME\nllama-cli -m {filename} -cnv\n```\n")
+            f"```\nollama create NAME -f Modelfile && ollama run NAME\nllama-cli -m {filename} -cnv\n```")
 
 
-__all__ = ["TYPES", "check_type", "export_gguf"]
+__all__ = ["TYPES", "Gguf", "check_type", "export_gguf"]

@@ -7,8 +7,8 @@
   files are read from the Hugging Face cache, never downloaded here.
 - Weights are safetensors only (one model.safetensors, or shards listed in an index), read one tensor at a time.
 
-Training, LoftQ, chat, export, the planner and the app all ask here, and the one-line errors for a model that is
-not where it was said to be are written here.
+A base is resolved through these once, where the user names it (`qmor.model.base.Base`), and the planner asks here
+for a config; the one-line errors for a model that is not where it was said to be are written here.
 """
 
 from __future__ import annotations

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import sys
 from pathlib import Path
 
 import torch
@@ -20,7 +19,7 @@ from safetensors import safe_open
 
 from qmor.errors import QmorError
 from qmor.files import load_json
-from qmor.model.files import DamagedWeights, local_folder, missing_folder, weight_files
+from qmor.model.files import local_folder, weight_files
 
 ROWS = 4  # rows sampled per matrix, evenly spaced from the first to the last
 COLS = 64  # leading columns of each sampled row
@@ -30,18 +29,21 @@ def base_fingerprint(model_path: str) -> dict:
     """{"architecture", "matrices", "shapes", "weights"} of a local folder or cached hub model (QmorError if its
     weights cannot be read: not downloaded, or no safetensors)."""
     folder = local_folder(model_path)
-    names = weight_files(folder)
+    return fingerprint_of(folder, weight_files(folder))
+
+
+def fingerprint_of(folder: Path, names: dict[str, Path]) -> dict:
+    """The fingerprint of the model in `folder`, whose tensors are in the files `names` maps them to."""
     # chat compares on every adapter switch: the same files (same sizes and times) are read once
     stamp = tuple(sorted((str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in set(names.values())))
-    return dict(_fingerprint(folder, stamp))
+    return dict(_fingerprint(folder, tuple(sorted(names.items())), stamp))
 
 
 @functools.lru_cache(maxsize=8)
-def _fingerprint(folder: Path, stamp: tuple) -> tuple:
+def _fingerprint(folder: Path, names: tuple[tuple[str, Path], ...], stamp: tuple) -> tuple:
     config = load_json(folder / "config.json")
-    names = weight_files(folder)
     by_file: dict[Path, list[str]] = {}
-    for name, file in names.items():
+    for name, file in names:
         by_file.setdefault(file, []).append(name)
     sampled: dict[str, tuple[bytes, bytes]] = {}  # matrix name -> (its name and shape, its sampled values)
     for file, keys in by_file.items():
@@ -66,41 +68,3 @@ def _fingerprint(folder: Path, stamp: tuple) -> tuple:
 
 def _bytes(t: torch.Tensor) -> bytes:
     return t.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
-
-
-def record(model_path: str) -> dict | None:
-    """The fingerprint to store in an adapter, or None (with a note) when the weights cannot be read."""
-    try:
-        return base_fingerprint(model_path)
-    except QmorError as e:
-        print(f"note: the base {model_path} cannot be fingerprinted ({e}); loading this adapter onto another base "
-              "will not be detected", file=sys.stderr)
-        return None
-
-
-def check_base(recorded: dict | None, trained_on: str, base: str, allow_other_base: bool = False) -> None:
-    """Refuse `base` when its fingerprint differs from the one recorded at training time (nothing recorded: old
-    adapters, or weights that could not be read, pass unchecked)."""
-    if recorded is None or missing_folder(base):
-        return  # nothing to compare with, or a folder that is not there (loading it says so in its own words)
-    try:
-        found = base_fingerprint(base)
-    except DamagedWeights:
-        raise  # loading that base would fail on the same file, only later
-    except QmorError as e:
-        print(f"warning: cannot check that {base} is the base this adapter was trained on ({e})", file=sys.stderr)
-        return
-    if found == recorded:
-        return
-    if found["architecture"] != recorded["architecture"]:
-        why = f"it is a {found['architecture']}, the adapter was trained on a {recorded['architecture']}"
-    elif (found["matrices"], found["shapes"]) != (recorded["matrices"], recorded["shapes"]):
-        why = "its layers differ in names or shapes"
-    else:
-        why = "same architecture and shapes, other weights: another model"
-    if allow_other_base:
-        print(f"warning: {base} is not the base this adapter was trained on: {why}; using it anyway "
-              "(--allow-other-base)", file=sys.stderr)
-        return
-    raise QmorError(f"{base} is not the base this adapter was trained on ({trained_on}): {why}; pass that base, or "
-                    "--allow-other-base to use this one anyway")

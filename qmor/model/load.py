@@ -12,49 +12,36 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError
 from torch import nn
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
 from qmor.adapters import attach as plain
-from qmor.adapters.attach import AdapterMeta, load_adapter_weights, read_meta
+from qmor.adapters.attach import AdapterMeta, load_adapter_weights
 from qmor.adapters.config import AdapterConfig
 from qmor.config import QuantConfig
 from qmor.errors import QmorError
 from qmor.model import loftq, moe, support
-from qmor.model.files import (
-    LOAD_ERRORS,
-    check_model_source,
-    expand_builtin,
-    load_failed,
-    load_path,
-    local_folder,
-    missing_folder,
-    model_source,
-    recorded_base,
-    weight_files,
-)
-from qmor.model.fingerprint import check_base, record
+from qmor.model.base import Base, TrainedAdapter
+from qmor.model.files import LOAD_ERRORS, load_failed, load_path, weight_files
 from qmor.model.quant import compute_dtype, keep_plain_layout, storage_dtype
 
+# Each function takes a `Base` or a `TrainedAdapter` resolved by its caller; a name or a path (what a user of the
+# Python API passes) is resolved at the top, once.
 
-def model_config(name_or_path: str, trust_remote_code: bool = False):
-    """The model's config, read as loading reads it; a model qmor cannot train is refused here, before any weight
-    is read."""
-    try:
-        config = AutoConfig.from_pretrained(load_path(name_or_path), trust_remote_code=trust_remote_code)
-    except LOAD_ERRORS as e:
-        raise load_failed(name_or_path, e) from None
-    support.refuse_transposed(config, trust_remote_code)
-    return config
+
+def load_tokenizer(base: str | Base, trust_remote_code: bool = False):
+    """The model's tokenizer, with a pad token (the end-of-sequence one when it has none)."""
+    return Base.resolve(base, trust_remote_code=trust_remote_code).tokenizer()
 
 
 def load_4bit(
-    name_or_path: str,
+    base: str | Base,
     cfg: QuantConfig = QuantConfig(),
     device: str | None = None,
     trust_remote_code: bool = False,
 ) -> nn.Module:
     """Load a causal LM with every linear layer but the output head in NF4 (double quantisation by default)."""
-    check_model_source(name_or_path)
+    base = Base.resolve(base, trust_remote_code=trust_remote_code)
+    base.check()
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = compute_dtype(cfg, device)
     quant = BitsAndBytesConfig(
@@ -66,23 +53,22 @@ def load_4bit(
     )
     if cfg.blocksize != 64:
         raise QmorError("transformers loads NF4 with block size 64 only; set QuantConfig.blocksize = 64")
-    source = load_path(name_or_path)
-    config = model_config(name_or_path, trust_remote_code)
+    config = base.config()
     try:
         with moe.experts_left_out(config):  # MoE experts are read and quantised expert by expert below
             model = AutoModelForCausalLM.from_pretrained(
-                source,
+                load_path(base.path),
                 quantization_config=quant,
                 dtype=dtype,
                 device_map={"": device},
-                trust_remote_code=trust_remote_code,
+                trust_remote_code=base.trust_remote_code,
             )
     except LOAD_ERRORS as e:
-        raise load_failed(name_or_path, e) from None
+        raise load_failed(base.path, e) from None
     except SafetensorError:  # transformers' own read of a damaged file, which its error does not name
-        weight_files(local_folder(source))  # names it in one line
+        weight_files(base.folder)  # names it in one line
         raise
-    moe.quantise_experts(model, source, cfg, device, dtype)
+    moe.quantise_experts(model, base, cfg, device, dtype)
     support.check_quantised(model)
     model.config.use_cache = False
     keep_plain_layout(model)
@@ -101,20 +87,8 @@ def load_adapter(model: nn.Module, path: str | Path) -> AdapterMeta:
     return plain.load_adapter(model, path)
 
 
-def load_tokenizer(name_or_path: str, trust_remote_code: bool = False):
-    """The model's tokenizer, with a pad token (the end-of-sequence one when it has none)."""
-    check_model_source(name_or_path)
-    try:
-        tok = AutoTokenizer.from_pretrained(load_path(name_or_path), trust_remote_code=trust_remote_code)
-    except LOAD_ERRORS as e:
-        raise load_failed(name_or_path, e, "tokenizer") from None
-    if tok.pad_token_id is None:
-        tok.pad_token = tok.eos_token  # padding is masked out of attention and loss, so any id will do
-    return tok
-
-
 def load_for_training(
-    model_path: str,
+    base: str | Base,
     adapter_cfg: AdapterConfig,
     quant: QuantConfig = QuantConfig(),
     device: str | None = None,
@@ -124,75 +98,62 @@ def load_for_training(
     """4-bit base with the adapter attached: LoftQ-initialised when adapter_cfg.init == "loftq" (then the third
     value is the per-layer error report), else the family's default init that adds zero (report None)."""
     adapter_cfg.check_trainable()
+    base = Base.resolve(base, trust_remote_code=trust_remote_code)
     if adapter_cfg.init == "loftq":
-        return _load_loftq(model_path, adapter_cfg, quant, device, cache_dir, trust_remote_code)
-    model = load_4bit(model_path, quant, device, trust_remote_code)
+        return _load_loftq(base, adapter_cfg, quant, device, cache_dir)
+    model = load_4bit(base, quant, device)
     attach(model, adapter_cfg)
-    meta = AdapterMeta(adapter=adapter_cfg, base_model=model_source(model_path), quant=quant,
-                       base_fingerprint=record(model_path))
+    meta = AdapterMeta(adapter=adapter_cfg, base_model=base.source, quant=quant,
+                       base_fingerprint=base.fingerprint_to_record())
     return model, meta, None
 
 
-def _load_loftq(model_path: str, adapter_cfg: AdapterConfig, quant: QuantConfig, device: str | None,
-                cache_dir: str | Path | None, trust_remote_code: bool) -> tuple[nn.Module, AdapterMeta, dict]:
+def _load_loftq(base: Base, adapter_cfg: AdapterConfig, quant: QuantConfig, device: str | None,
+                cache_dir: str | Path | None) -> tuple[nn.Module, AdapterMeta, dict]:
     """4-bit model with LoftQ-initialised adapters: loaded from the cache when the same key was computed before,
     else computed layer by layer from the checkpoint and cached."""
     if adapter_cfg.loftq_iters < 1:
         raise QmorError(f"loftq_iters must be at least 1, got {adapter_cfg.loftq_iters}; pass e.g. --loftq-iters 1")
-    folder = local_folder(model_path)
-    names = weight_files(folder)
-    model = load_4bit(str(folder), quant, device, trust_remote_code)
+    names = base.weight_files
+    local = base.local()  # the snapshot LoftQ reads is the one loaded
+    model = load_4bit(local, quant, device)
     targets = attach(model, adapter_cfg)
-    source = model_source(model_path)
-    cache, report = loftq.initialise_cached(model, source, names, targets, adapter_cfg, quant, cache_dir)
-    meta = AdapterMeta(adapter=adapter_cfg, base_model=source, quant=quant, init="loftq", base_weights=str(cache),
-                       base_fingerprint=record(str(folder)))
+    cache, report = loftq.initialise_cached(model, base.source, names, targets, adapter_cfg, quant, cache_dir)
+    meta = AdapterMeta(adapter=adapter_cfg, base_model=base.source, quant=quant, init="loftq", base_weights=str(cache),
+                       base_fingerprint=local.fingerprint_to_record())
     return model, meta, report
 
 
 def load_trained(
-    adapter_dir: str | Path,
+    adapter: str | Path | TrainedAdapter,
     device: str | None = None,
-    base_model: str | None = None,
+    base_model: str | Base | None = None,
     trust_remote_code: bool = False,
     allow_other_base: bool = False,
 ) -> tuple[nn.Module, AdapterMeta]:
     """The 4-bit base an adapter was trained on (Q_T for LoftQ adapters) with the adapter attached and loaded;
-    a base whose fingerprint differs from the recorded one is refused unless `allow_other_base`."""
-    meta = read_meta(adapter_dir)
-    base = base_of(meta, adapter_dir, base_model)
-    check_base(meta.base_fingerprint, meta.base_model, base, allow_other_base)  # before minutes of loading
-    model = load_4bit(base, meta.quant, device, trust_remote_code)
-    _fill(model, adapter_dir, meta, base)
-    return model, meta
+    `base_model` in place of the recorded base, whose fingerprint, when it differs from the recorded one, is refused
+    unless `allow_other_base`."""
+    adapter = TrainedAdapter.of(adapter, base_model, trust_remote_code)
+    base = adapter.check_base(allow_other_base)  # before minutes of loading
+    model = load_4bit(base, adapter.meta.quant, device)
+    _fill(model, adapter)
+    return model, adapter.meta
 
 
-def base_of(meta: AdapterMeta, adapter_dir: str | Path, base_model: str | None = None) -> str:
-    """The base to load under an adapter: `base_model` when given (a built-in name becomes its folder), else the one
-    the adapter records."""
-    if base_model:
-        return expand_builtin(base_model)
-    base = recorded_base(meta.base_model)
-    if not base:
-        raise QmorError(f"adapter {adapter_dir} does not record its base model; pass the base with --base-model")
-    if missing_folder(base):
-        raise QmorError(f"the base model folder {base} (recorded in the adapter) does not exist; pass the folder where "
-                        "it is now with --base-model (it is checked to be the same model)")
-    return base
+def attach_trained(model: nn.Module, adapter: str | Path | TrainedAdapter, base: str | Base,
+                   allow_other_base: bool = False) -> AdapterMeta:
+    """Attach a saved adapter to `model`, the 4-bit `base` already loaded without adapters, as `load_trained` would
+    have built it; returns the adapter's metadata."""
+    adapter = TrainedAdapter.of(adapter, base)
+    adapter.check_base(allow_other_base)
+    _fill(model, adapter)
+    return adapter.meta
 
 
-def attach_trained(model: nn.Module, adapter_dir: str | Path, base: str, allow_other_base: bool = False) -> AdapterMeta:
-    """Attach the adapter saved in `adapter_dir` to `model`, the 4-bit `base` already loaded without adapters, as
-    `load_trained` would have built it; returns the adapter's metadata."""
-    meta = read_meta(adapter_dir)
-    check_base(meta.base_fingerprint, meta.base_model, base, allow_other_base)
-    _fill(model, adapter_dir, meta, base)
-    return meta
-
-
-def _fill(model: nn.Module, adapter_dir: str | Path, meta: AdapterMeta, base: str) -> None:
+def _fill(model: nn.Module, adapter: TrainedAdapter) -> None:
     """Attach the family, put a LoftQ adapter's Q_T into the 4-bit layers, then load the trained weights."""
-    attach(model, meta.adapter)
-    if meta.init == "loftq":
-        loftq.restore_base(model, meta, base)
-    load_adapter_weights(model, adapter_dir)
+    attach(model, adapter.meta.adapter)
+    if adapter.meta.init == "loftq":
+        loftq.restore_base(model, adapter.meta, adapter.base)
+    load_adapter_weights(model, adapter.folder)

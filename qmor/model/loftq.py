@@ -39,7 +39,8 @@ from qmor.adapters.layer import AdaptedLinear
 from qmor.config import QuantConfig
 from qmor.errors import NotMergeable, QmorError
 from qmor.files import atomic_dir, load_json, save_json
-from qmor.model.files import cache_root, local_folder, read_tensor, tensor_key, weight_files
+from qmor.model.base import Base
+from qmor.model.files import cache_root, read_tensor, tensor_key
 from qmor.model.moe import expert_weight
 from qmor.model.quant import Packed, dequantize, is_4bit, packed_from_state, packed_state, quantize
 from qmor.model.quant import set_packed as put_packed
@@ -297,7 +298,7 @@ def initialise_cached(model: nn.Module, source: str, names: dict[str, Path], tar
     return cache, report
 
 
-def restore_base(model: nn.Module, meta: AdapterMeta, base: str) -> None:
+def restore_base(model: nn.Module, meta: AdapterMeta, base: Base) -> None:
     """Put a LoftQ adapter's Q_T into an attached 4-bit model: from its cache folder, or recomputed (and cached
     again) with the same seeds when the folder is gone. Leaves the adapters at their LoftQ init."""
     folder = Path(meta.base_weights) if meta.base_weights else None
@@ -306,12 +307,12 @@ def restore_base(model: nn.Module, meta: AdapterMeta, base: str) -> None:
         return
     print(f"LoftQ base weights {folder} are missing or damaged; recomputing them from {base} (deterministic, same "
           "settings)", file=sys.stderr)
-    names = weight_files(local_folder(base))
+    names = base.weight_files
     errors = initialise(model, names, meta.quant, meta.adapter.loftq_iters)
     if folder is not None:
         try:
-            save_cache(model, folder, {"model": base, "recomputed": True}, make_report(errors, meta.adapter, folder),
-                       meta.adapter.family)
+            save_cache(model, folder, {"model": base.path, "recomputed": True},
+                       make_report(errors, meta.adapter, folder), meta.adapter.family)
         except OSError as e:
             print(f"could not write the LoftQ cache {folder} ({e}); it will be recomputed next time", file=sys.stderr)
 

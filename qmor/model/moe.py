@@ -25,6 +25,7 @@ import sys
 from collections.abc import Callable
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -33,8 +34,11 @@ from qmor.adapters.experts import EXPERT_NAME, TARGET
 from qmor.adapters.layer import AdaptedLinear
 from qmor.config import QuantConfig
 from qmor.errors import QmorError
-from qmor.model.files import local_folder, read_tensor, weight_files
+from qmor.model.files import read_tensor
 from qmor.model.quant import linear_4bit, quantize
+
+if TYPE_CHECKING:
+    from qmor.model.base import Base
 
 MAPS = ("gate_up_proj", "down_proj")
 PER_EXPERT = {"gate_up_proj": (("gate_proj", "up_proj"), ("w1", "w3")), "down_proj": (("down_proj",), ("w2",))}
@@ -166,13 +170,13 @@ def stripped_blocks(model: nn.Module) -> dict[str, nn.Module]:
 
 
 @torch.no_grad()
-def quantise_experts(model: nn.Module, folder: str | Path, cfg: QuantConfig, device, dtype: torch.dtype) -> int:
-    """Put a QuantExperts, read expert by expert from the checkpoint in `folder`, in place of every block that
+def quantise_experts(model: nn.Module, base: Base, cfg: QuantConfig, device, dtype: torch.dtype) -> int:
+    """Put a QuantExperts, read expert by expert from the checkpoint of `base`, in place of every block that
     `experts_left_out` built empty; returns the number of blocks converted."""
     blocks = stripped_blocks(model)
     if not blocks:
         return 0
-    names = weight_files(local_folder(str(folder)))
+    names = base.weight_files
     prefix = getattr(model, "base_model_prefix", "model")
     for name, block in blocks.items():
         n_experts, hidden, inter = block.expert_shape

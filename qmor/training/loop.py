@@ -34,8 +34,8 @@ from qmor.data.pipeline import collate, data_notes, empty_warning, prepare, read
 from qmor.data.template import template_text
 from qmor.errors import QmorError
 from qmor.files import save_json
-from qmor.model.files import expand_builtin
-from qmor.model.load import load_for_training, load_tokenizer, load_trained, model_config
+from qmor.model.base import Base, TrainedAdapter
+from qmor.model.load import load_for_training, load_trained
 from qmor.model.moe import unadapted_experts
 from qmor.model.quant import paged_adamw_8bit
 from qmor.model.tile import tile as tile_layers
@@ -265,14 +265,14 @@ class Training:
         # whole-model plan is not what a process holds, so nothing is refused
         free = self.shared(None if fsdp.requested() else measure.free_bytes(accelerator.device))
         with accelerator.main_process_first():  # the tiny model and the LoftQ cache are built once, then read
-            model_path = expand_builtin(cfg.model, cfg.seed)
-            self.tokenizer = load_tokenizer(model_path, cfg.trust_remote_code)
+            base = Base.resolve(cfg.model, cfg.seed, cfg.trust_remote_code)
+            self.tokenizer = base.tokenizer()
             examples = read_examples(self.tokenizer, cfg.data)
-            self.cfg = cfg = self.fit(cfg, examples.longest, model_path, free)
+            self.cfg = cfg = self.fit(cfg, examples.longest, base, free)
             if checkpoint is None:
                 self.say(self.settings.block())
             self.train_set, self.val_set, self.stats = prepare(examples, cfg.data)
-            self.model, self.meta, self.loftq_report = load_model(cfg, model_path, checkpoint, str(accelerator.device))
+            self.model, self.meta, self.loftq_report = load_model(cfg, base, checkpoint, str(accelerator.device))
         self.total_steps = planned_steps(cfg, len(self.train_set), self.world)
         # chat and export render conversations with exactly the template training used (None: plain text, no template)
         self.meta.chat_template = None if self.stats.format == "text" else template_text(self.tokenizer)
@@ -286,9 +286,9 @@ class Training:
             if warning:
                 tqdm.write(f"warning: {warning}", file=sys.stderr)
 
-    def fit(self, cfg: TrainConfig, longest: int, model_path: str, free: int | None) -> TrainConfig:
+    def fit(self, cfg: TrainConfig, longest: int, base: Base, free: int | None) -> TrainConfig:
         """The sequence length and batch the config leaves unset, decided against the memory free on the device."""
-        config = model_config(model_path, cfg.trust_remote_code)
+        config = base.config()
         cuda = self.accelerator.device.type == "cuda"
         shapes = geometry(config, cfg.adapter.targets, cfg.adapter.expert_adapters)
         self.room = Room(shapes, plan_options(cfg, cuda, self.accelerator.mixed_precision == "bf16"),
@@ -568,15 +568,14 @@ def report_memory(cfg: TrainConfig, model: torch.nn.Module, accelerator, free: i
                f"{cfg.data.max_len} tokens; the breakdown on a GPU: {breakdown}")
 
 
-def load_model(cfg: TrainConfig, model_path: str, checkpoint: Path | None, device: str):
+def load_model(cfg: TrainConfig, base: Base, checkpoint: Path | None, device: str):
     """A fresh model (LoftQ-initialised or default), or on resume the base it started from plus the checkpoint's
     adapter (for LoftQ that base is the cached Q_T, not nf4(W))."""
     if checkpoint is not None:
-        model, meta = load_trained(checkpoint / ADAPTER, device, model_path, cfg.trust_remote_code)
+        model, meta = load_trained(TrainedAdapter.open(checkpoint / ADAPTER, base), device)
         report = None
     else:
-        model, meta, report = load_for_training(model_path, cfg.adapter, cfg.quant, device,
-                                                trust_remote_code=cfg.trust_remote_code)
+        model, meta, report = load_for_training(base, cfg.adapter, cfg.quant, device)
     model.config.use_cache = False
     if cfg.attn_implementation != "auto":
         set_attention(model, cfg.attn_implementation)

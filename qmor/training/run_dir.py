@@ -28,6 +28,7 @@ from qmor.adapters.attach import CONFIG as ADAPTER_META
 from qmor.adapters.attach import meta_file
 from qmor.errors import QmorError
 from qmor.files import load_json, save_json
+from qmor.model.base import Base, TrainedAdapter
 from qmor.training.checkpoint import STATE, Damaged, check_checkpoint
 from qmor.training.config import TrainConfig, from_json
 
@@ -232,3 +233,12 @@ def find_adapter(path: str | os.PathLike) -> Path:
         raise QmorError(f"{path} holds neither {ADAPTER_META} nor {RunDir.ADAPTER}/{ADAPTER_META}; pass a run folder "
                         "(runs/NAME) or its adapter folder")
     return found
+
+
+def open_adapter(path: str | os.PathLike | TrainedAdapter, base: str | Base | None = None,
+                 trust_remote_code: bool = False) -> TrainedAdapter:
+    """A run folder's adapter, or an adapter folder, with its metadata and its base (`base` when given, else the one
+    it records): what export, chat and eval resolve once where the user names them."""
+    if isinstance(path, TrainedAdapter):
+        return TrainedAdapter.of(path, base, trust_remote_code)
+    return TrainedAdapter.open(find_adapter(path), base, trust_remote_code, source=path)

@@ -50,11 +50,11 @@ def tiny_base(folder: Path, seed: int, hidden: int, layers: int) -> Path:
 def base_model(setup, out: Path) -> Path:
     """The comparison's frozen base: the seeded tiny random model, or `setup.model` (a built-in such as smollm2, a
     local folder or a Hub id from the cache), whose own weights the seed does not touch."""
-    from qmor.model.files import expand_builtin
+    from qmor.model.base import Base
 
     if setup.model == "tiny":
         return tiny_base(out / "models", setup.seed, setup.hidden, setup.layers)
-    return Path(expand_builtin(setup.model))
+    return Path(Base.resolve(setup.model).path)
 
 
 def target_shapes(model_path: str | Path, targets: str = "all-linear") -> list[tuple[int, int]]:
