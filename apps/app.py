@@ -35,7 +35,7 @@ def parse(argv: list[str] | None = None, prog: str | None = None) -> argparse.Na
     return p.parse_args(argv)
 
 
-def build(ws: Workspace, jobs: Jobs, env: dict | None = None):
+def build(ws: Workspace, jobs: Jobs):
     # gradio and the tabs built on it load only when the app starts, so that --help and a refused launch answer at once
     import gradio as gr
 
@@ -47,7 +47,7 @@ def build(ws: Workspace, jobs: Jobs, env: dict | None = None):
                     + (" (paths confined to it)" if ws.restrict else ""))
         with gr.Tabs():
             with gr.Tab("Train", id="train"):
-                train = train_tab.build(ws, jobs, env or {})
+                train = train_tab.build(ws, jobs)
             with gr.Tab("Chat", id="chat") as chat_tab_block:
                 chat = chat_tab.build(ws)
             with gr.Tab("Export", id="export") as export_tab_block:
@@ -71,6 +71,15 @@ def _runs(ws: Workspace) -> list[str]:
     return trained_runs(ws)
 
 
+def job_env(ws: Workspace) -> dict:
+    """What every job's environment sets over the app's own: the hub's download cache and qmor's (built-in models,
+    LoftQ bases) confined with the runs when paths are (the app's own chat uses ws.cache)."""
+    env = {"PYTHONUNBUFFERED": "1"}
+    if ws.restrict:
+        env.update(HF_HOME=str(ws.root / "hf-cache"), QMOR_CACHE=str(ws.cache))
+    return env
+
+
 def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     args = parse(argv, prog)
     password = args.password or os.environ.get("QMOR_APP_PASSWORD") or None
@@ -81,17 +90,11 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     except (QmorError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    # keep gradio's upload cache, and a hub download cache when exposed, inside the workspace
+    # gradio's upload folder inside the workspace: gradio reads it from its environment only, before it starts
     os.environ["GRADIO_TEMP_DIR"] = str(ws.root / ".uploads")
-    env = {"PYTHONUNBUFFERED": "1"}
-    if ws.restrict:
-        env["HF_HOME"] = str(ws.root / "hf-cache")
-        # the built-in tiny model and LoftQ base weights are files every run refers to: keep them confined too
-        os.environ["QMOR_CACHE"] = str(ws.root / "qmor-cache")
-
-    jobs = Jobs(ws.root)
+    jobs = Jobs(ws.root, job_env(ws))
     jobs.stop_children_at_exit()
-    demo, css = build(ws, jobs, env)
+    demo, css = build(ws, jobs)
     demo.queue(default_concurrency_limit=4)
     demo.launch(server_name=args.host, server_port=args.port, share=args.share,
                 auth=(args.user, password) if password else None, allowed_paths=[str(ws.root)],

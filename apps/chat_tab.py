@@ -18,6 +18,7 @@ from apps.command import short_path
 from apps.paths import Workspace, adapter_config, check_run_sources, model_arg, run_dir
 from apps.ui import error_md, ok_md, trained_runs
 from qmor.errors import QmorError
+from qmor.model.base import Base
 from qmor.model.files import builtin_name
 from qmor.training.run_dir import RunDir
 
@@ -31,23 +32,23 @@ class LoadedChat:
     def __init__(self):
         self.lock = threading.Lock()
         self.session = None  # qmor.chat.ChatSession, once loaded
-        self.base: str | None = None  # the --model value it was loaded from
+        self.base: Base | None = None  # the base it was loaded from
         self.adapter: str | None = None  # the adapter folder active on it (None: the base alone)
 
-    def load(self, base: str, adapter: str | None, trust_remote_code: bool) -> str:
-        """Load `base` unless it is loaded already, then switch to `adapter`; returns what was done, in words.
-        Call with the lock held."""
+    def load(self, base: Base, adapter: str | None) -> str:
+        """Load `base` unless it is loaded already (the app's own: a built-in is built in the workspace's cache
+        when paths are confined), then switch to `adapter`; returns what was done, in words. Call with the lock
+        held."""
         from qmor.chat import ChatSession  # torch and transformers load when a chat starts, not with the app
 
         t0 = time.perf_counter()
         if self.session is None or self.base != base:
             self.unload()
-            # a built-in name (tiny, smollm2) becomes its cached folder inside ChatSession, as in the training script
-            self.session = ChatSession(base, trust_remote_code=trust_remote_code)
+            self.session = ChatSession(base)
             self.base, self.adapter = base, None
-            what = f"loaded {base}"
+            what = f"loaded {base.name}"
         else:
-            what = f"kept {base} loaded"
+            what = f"kept {base.name} loaded"
         if adapter != self.adapter:
             self.session.use_adapter(adapter)
             self.adapter = adapter
@@ -140,7 +141,7 @@ def _wire(ws: Workspace, ui: dict, loaded: LoadedChat) -> None:
         except QmorError:  # a run that leads out of the workspace: Load says so
             return gr.update()
         base = meta.get("base_model") or "tiny"
-        return gr.update(value=builtin_name(base) or short_path(base))
+        return gr.update(value=builtin_name(base, ws.cache) or short_path(base))
 
     def load(name, base_text, trust_rc):
         try:
@@ -150,7 +151,8 @@ def _wire(ws: Workspace, ui: dict, loaded: LoadedChat) -> None:
                 check_run_sources(ws, run)
                 adapter = str(RunDir(run).adapter)
             with loaded.lock:
-                return ok_md(loaded.load(model_arg(ws, base_text), adapter, bool(trust_rc)))
+                base = Base.resolve(model_arg(ws, base_text), trust_remote_code=bool(trust_rc), cache=ws.cache)
+                return ok_md(loaded.load(base, adapter))
         except Exception as e:  # shown in the tab, not raised into gradio's generic error
             return error_md(e)
 

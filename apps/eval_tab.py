@@ -100,6 +100,14 @@ def latest(jobs: Jobs) -> tuple:
 
 
 def build(ws: Workspace, jobs: Jobs) -> dict:
+    ui = _layout(ws)
+    shown = [ui[k] for k in ("status", "bar", "figures", "plot", "side", "log")]
+    _wire(ws, jobs, ui, shown)
+    return {"runs": ui["picked"], "latest": lambda: latest(jobs), "shown": shown}
+
+
+def _layout(ws: Workspace) -> dict:
+    """The tab's components, by name."""
     with gr.Row():
         runs = trained_runs(ws)
         picked = gr.Dropdown(runs, value=runs[:1], multiselect=True, label="Runs to evaluate (several: compared)",
@@ -122,6 +130,13 @@ def build(ws: Workspace, jobs: Jobs) -> dict:
     with gr.Accordion("Side by side: base, adapter and each export", open=True):
         side = gr.Markdown(elem_id="eval-side")
     log = gr.Textbox(label="Log (tail)", lines=8, max_lines=8, autoscroll=True, elem_id="eval-log")
+    return dict(picked=picked, refresh_btn=refresh_btn, dataset=dataset, prompts=prompts, limit=limit,
+                max_new=max_new, general=general, start_btn=start_btn, stop_btn=stop_btn, status=status, bar=bar,
+                figures=figures, plot=plot, side=side, log=log)
+
+
+def _wire(ws: Workspace, jobs: Jobs, ui: dict, shown: list) -> None:
+    """The handlers: evaluate as a job, stop it."""
 
     def evaluate(names, data="", n_prompts=6, n_limit=100, tokens=48, ask_general=True):
         try:
@@ -175,8 +190,7 @@ def build(ws: Workspace, jobs: Jobs) -> dict:
         except Exception as e:
             return error_md(e)
 
-    refresh_btn.click(lambda: gr.update(choices=trained_runs(ws)), None, picked, api_name="eval_runs")
-    start_btn.click(evaluate, [picked, dataset, prompts, limit, max_new, general],
-                    [status, bar, figures, plot, side, log], api_name="evaluate")
-    stop_btn.click(stop, None, status, api_name="stop_eval")
-    return {"runs": picked, "latest": lambda: latest(jobs), "shown": [status, bar, figures, plot, side, log]}
+    ui["refresh_btn"].click(lambda: gr.update(choices=trained_runs(ws)), None, ui["picked"], api_name="eval_runs")
+    ui["start_btn"].click(evaluate, [ui[k] for k in ("picked", "dataset", "prompts", "limit", "max_new", "general")],
+                          shown, api_name="evaluate")
+    ui["stop_btn"].click(stop, None, ui["status"], api_name="stop_eval")

@@ -48,8 +48,9 @@ class Jobs:
     """The jobs of one workspace: its registry file, and the processes this app started (reaped with poll(),
     stopped when the app exits)."""
 
-    def __init__(self, root: Path):
+    def __init__(self, root: Path, env: dict | None = None):
         self.root = Path(root)
+        self.env = env or {}  # set for every job, over the app's own environment
         self.registry = self.root / "jobs.json"
         self.lock = threading.RLock()  # the registry's read-modify-write, from the tabs' handler threads
         self.children: dict[int, subprocess.Popen] = {}
@@ -73,8 +74,7 @@ class Jobs:
                     j.update(fields)
             self._save(jobs)
 
-    def start(self, kind: str, cmd: list[str], log: Path, run_dir: Path, env: dict | None = None,
-              log_in_run: bool = False) -> dict:
+    def start(self, kind: str, cmd: list[str], log: Path, run_dir: Path, log_in_run: bool = False) -> dict:
         """Start `cmd` with stdout and stderr appended to `log`; record it in the registry.
 
         log_in_run: the log lies inside `run_dir`, which the command itself must create (see runlog.py).
@@ -90,7 +90,7 @@ class Jobs:
             out.flush()
         try:
             proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                    start_new_session=True, env={**os.environ, **own_tree(), **(env or {})})
+                                    start_new_session=True, env={**os.environ, **own_tree(), **self.env})
         finally:
             if out is not subprocess.DEVNULL:
                 out.close()

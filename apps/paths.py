@@ -36,6 +36,12 @@ class Workspace:
         return self.root / "data"
 
     @property
+    def cache(self) -> Path | None:
+        """qmor's cache (built-in models, LoftQ bases, tokenised data) when paths are confined, since every run refers
+        to its files; None: the user's own (~/.cache/qmor or $QMOR_CACHE)."""
+        return self.root / "qmor-cache" if self.restrict else None
+
+    @property
     def exports(self) -> Path:
         return self.root / "exports"
 

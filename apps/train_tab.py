@@ -125,7 +125,7 @@ def preview_command(ws: Workspace, *vals) -> str:
         return f"# cannot build the command: {e}"
 
 
-def start(ws: Workspace, jobs: Jobs, env: dict, *vals):
+def start(ws: Workspace, jobs: Jobs, *vals):
     """Start a training run with these settings; returns the status and the command."""
     try:
         if jobs.running("train"):
@@ -138,7 +138,7 @@ def start(ws: Workspace, jobs: Jobs, env: dict, *vals):
         except QmorError:
             raise QmorError(f"run {v['run_name']!r} exists already; choose another name, or Resume it") from None
         cmd = command.train_command(command.train_args(ws, v))
-        jobs.start("train", cmd, RunDir(out).log, out, env, log_in_run=True)
+        jobs.start("train", cmd, RunDir(out).log, out, log_in_run=True)
         return ok_md(f"started {v['run_name']}"), command.shown(cmd)
     except Exception as e:
         return error_md(e), gr.update()
@@ -161,7 +161,7 @@ def stop(jobs: Jobs) -> str:
         return error_md(e)
 
 
-def resume(jobs: Jobs, env: dict):
+def resume(jobs: Jobs):
     """Continue the latest run from its last checkpoint."""
     try:
         if jobs.running("train"):
@@ -176,7 +176,7 @@ def resume(jobs: Jobs, env: dict):
             raise QmorError(f"run {run.name} has no checkpoint to resume from; Start it again under the same "
                             "name")
         cmd = command.resume_command(run)
-        jobs.start("train", cmd, RunDir(run).log, run, env, log_in_run=True)
+        jobs.start("train", cmd, RunDir(run).log, run, log_in_run=True)
         return ok_md(f"resuming {run.name}"), command.shown(cmd)
     except Exception as e:
         return error_md(e), gr.update()
@@ -255,7 +255,7 @@ def _endpoint(fn, *bound, fields: dict | None = None):
     return handler
 
 
-def build(ws: Workspace, jobs: Jobs, env: dict) -> dict:
+def build(ws: Workspace, jobs: Jobs) -> dict:
     """Lay out the tab inside the current Blocks context and wire it; returns what app.py wires to demo.load."""
     c, tools = _form(ws)
     p = _run_panel()
@@ -270,10 +270,10 @@ def build(ws: Workspace, jobs: Jobs, env: dict) -> dict:
                                api_name="preview_data")
     tools["upload"].upload(_endpoint(uploaded, ws), tools["upload"], [c["dataset"], tools["preview_md"]],
                            api_name="upload_dataset")
-    p["start"].click(_endpoint(start, ws, jobs, env, fields=FIELDS), inputs, [p["status"], p["cmd_box"]],
+    p["start"].click(_endpoint(start, ws, jobs, fields=FIELDS), inputs, [p["status"], p["cmd_box"]],
                      api_name="start_training")
     p["stop"].click(_endpoint(stop, jobs), None, p["status"], api_name="stop_training")
-    p["resume"].click(_endpoint(resume, jobs, env), None, [p["status"], p["cmd_box"]], api_name="resume_training")
+    p["resume"].click(_endpoint(resume, jobs), None, [p["status"], p["cmd_box"]], api_name="resume_training")
     poll_out = [p["progress"], p["plot"], p["log"], p["start"], p["stop"]]
     poll_fn = _endpoint(poll, jobs)
     p["timer"].tick(poll_fn, None, poll_out, api_name="poll_training", show_progress="hidden")

@@ -189,3 +189,22 @@ def test_stop_signals_the_whole_group_and_registry_survives(tmp_path):
     assert gone()
     assert registry.running("train") is None
     assert registry.latest("train")["exit_code"] == 0
+
+
+def test_a_confined_workspace_keeps_every_cache_inside_it(tmp_path, monkeypatch):
+    from apps.app import job_env
+    from qmor.model.base import Base
+
+    monkeypatch.setenv("QMOR_CACHE", str(tmp_path / "outside"))
+    ws = make_workspace(tmp_path / "ws", restrict=True)
+    assert Path(Base.resolve("tiny", cache=ws.cache).path).parent == ws.root / "qmor-cache"  # the chat tab's base
+    registry = jobs.Jobs(ws.root, job_env(ws))
+    log = ws.root / "env.log"
+    job = registry.start("eval", [sys.executable, "-c", "import os; print(os.environ['QMOR_CACHE'], "
+                                  "os.environ['HF_HOME'])"], log, ws.runs)
+    deadline = time.monotonic() + 60
+    while registry.alive(job) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert jobs.tail(log).splitlines()[-1] == f"{ws.root / 'qmor-cache'} {ws.root / 'hf-cache'}"
+    assert os.environ["QMOR_CACHE"] == str(tmp_path / "outside")  # the app's own environment is left as it was
+    assert job_env(make_workspace(tmp_path / "open", restrict=False)) == {"PYTHONUNBUFFERED": "1"}

@@ -561,12 +561,13 @@ def test_an_adapter_holding_nan_is_refused_by_chat_export_and_the_app(run, tiny_
     assert "base checkpoint" not in line and not out.exists()
     pytest.importorskip("gradio")
     from apps import chat_tab
+    from qmor.model.base import Base
 
     with pytest.raises(QmorError, match=f"holds nan values in {key}"):
-        chat_tab.LoadedChat().load(str(tiny_dir), str(copy), False)  # what the Chat tab's Load runs
+        chat_tab.LoadedChat().load(Base.resolve(str(tiny_dir)), str(copy))  # what the Chat tab's Load runs
     key = poison(copy / "adapter", math.inf)
     with pytest.raises(QmorError, match=f"holds inf values in {key}"):
-        chat_tab.LoadedChat().load(str(tiny_dir), str(copy), False)
+        chat_tab.LoadedChat().load(Base.resolve(str(tiny_dir)), str(copy))
 
 
 def test_resume_passes_over_a_checkpoint_holding_inf(run, tmp_path, capsys):

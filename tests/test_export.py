@@ -13,8 +13,9 @@ from safetensors import safe_open
 
 from qmor import AdapterConfig, NotMergeable, QmorError, attach, cli, save_adapter
 from qmor.adapters.attach import AdapterMeta
-from qmor.export.exporter import base_checkpoint, copy_support, export_merged, export_peft
+from qmor.export.exporter import base_checkpoint, export_merged, export_peft
 from qmor.export.merge import write_merged
+from qmor.export.steps import copy_support
 from qmor.model.load import load_4bit, load_for_training, load_trained
 
 KW = {"r": 4, "alpha": 8.0, "experts": 3, "expert_dropout": 0.0}

@@ -14,7 +14,8 @@ from spm_model import CHATML, make_spm_llama
 
 from qmor import AdapterConfig, QmorError, attach, save_adapter
 from qmor.adapters.attach import AdapterMeta
-from qmor.export.gguf import check_converter, check_model, check_type, export_gguf
+from qmor.export.exporter import export_gguf
+from qmor.export.gguf import check_converter, check_model, check_type
 from qmor.export.ollama import LAYOUTS, match, modelfile
 from qmor.model.load import load_4bit, load_trained
 

@@ -66,8 +66,7 @@ def jsonl(path, pairs):
 
 @pytest.fixture(scope="module")
 def evaluated(smollm2, tmp_path_factory):
-    from qmor.export.exporter import export_merged
-    from qmor.export.gguf import export_gguf
+    from qmor.export.exporter import export_gguf, export_merged
 
     folder = tmp_path_factory.mktemp("real-eval")
     data = jsonl(folder / "facts_and_replay.jsonl", FACTS + REPLAY)

@@ -62,8 +62,9 @@ def export_format(args: argparse.Namespace):
     """The format the flags ask for, its settings checked (for GGUF: its type and the converter) before the adapter
     is looked at."""
     # loaded when the command runs, so --help and bad options answer at once
-    from qmor.export.exporter import Merged, Peft
     from qmor.export.gguf import Gguf
+    from qmor.export.merged import Merged
+    from qmor.export.peft import Peft
 
     if args.format == "gguf" and not args.peft:
         if args.dtype or args.no_base:

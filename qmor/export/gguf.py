@@ -27,12 +27,12 @@ from typing import ClassVar
 import torch
 
 from qmor.errors import QmorError
-from qmor.export.exporter import Format, Job, Written, check_merge, export, model_card, write_checked_merge
 from qmor.export.merge import check_dtype, parse_size
 from qmor.export.ollama import modelfile
+from qmor.export.steps import Job, Written, check_merge, model_card, write_checked_merge
 from qmor.export.verify import PROMPTS, Check, compare, logits, prompt_ids, require
 from qmor.files import load_json
-from qmor.model.base import Base, TrainedAdapter
+from qmor.model.base import TrainedAdapter
 
 TYPES = ("f16", "bf16", "q8_0")  # what the converter writes in pure Python (tq1_0/tq2_0 are for ternary models)
 MERGE_DTYPE = {"f16": "fp16", "bf16": "bf16", "q8_0": "fp16"}  # the merged folder each type is converted from
@@ -165,7 +165,7 @@ def verify_gguf(merged: Path, folder: Path, filename: str, gguf_type: str, templ
 
 
 @dataclass
-class Gguf(Format):
+class Gguf:
     """One GGUF file converted from the checked merged model, with an Ollama Modelfile beside it."""
 
     gguf_type: str = "q8_0"
@@ -211,23 +211,6 @@ class Gguf(Format):
                                      "tolerance": check.tolerance, "merged_max_abs": merge_check.max_abs})
 
 
-def export_gguf(
-    source: str | Path | TrainedAdapter,
-    output: str | Path,
-    gguf_type: str = "q8_0",
-    merge_base: str = "dequantized",
-    overwrite: bool = False,
-    device: str | None = None,
-    base_model: str | Base | None = None,
-    trust_remote_code: bool = False,
-    tolerance: float | None = None,
-    allow_other_base: bool = False,
-) -> dict:
-    """Merge a run's adapter, convert it to one GGUF file with an Ollama Modelfile beside it, check both steps."""
-    return export(Gguf(gguf_type, merge_base, tolerance), source, output, overwrite, device, base_model,
-                  trust_remote_code, allow_other_base)
-
-
 def gguf_usage(filename: str, gguf_type: str, check: Check) -> str:
     return (f"## GGUF\n\n`{filename}` ({gguf_type}), written by llama.cpp's converter from the merged model above "
             f"and checked against it: max |Δlogit| {check.max_abs:.4g} ({check.max_abs / max(check.scale, 1e-9):.2%}"
@@ -235,4 +218,4 @@ def gguf_usage(filename: str, gguf_type: str, check: Check) -> str:
             f"```\nollama create NAME -f Modelfile && ollama run NAME\nllama-cli -m {filename} -cnv\n```")
 
 
-__all__ = ["TYPES", "Gguf", "check_type", "export_gguf"]
+__all__ = ["TYPES", "Gguf", "check_type"]

@@ -48,11 +48,13 @@ class Base:
     trust_remote_code: bool = False  # run the model repository's own code
 
     @classmethod
-    def resolve(cls, name: str | os.PathLike | Base, seed: int = 0, trust_remote_code: bool = False) -> Base:
-        """A built-in name, a local folder or a hub id (a `Base` passes through, keeping what it has read)."""
+    def resolve(cls, name: str | os.PathLike | Base, seed: int = 0, trust_remote_code: bool = False,
+                cache: Path | None = None) -> Base:
+        """A built-in name (built into `cache`, else qmor's cache), a local folder or a hub id (a `Base` passes
+        through, keeping what it has read)."""
         if isinstance(name, Base):
             return replace(name, trust_remote_code=True) if trust_remote_code and not name.trust_remote_code else name
-        return cls(str(name), expand_builtin(str(name), seed), trust_remote_code)
+        return cls(str(name), expand_builtin(str(name), seed, cache), trust_remote_code)
 
     @classmethod
     def recorded(cls, recorded: str, trust_remote_code: bool = False) -> Base:

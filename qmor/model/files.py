@@ -76,19 +76,22 @@ def cache_root() -> Path:
     return Path(os.environ.get("QMOR_CACHE") or Path.home() / ".cache" / "qmor")
 
 
-def expand_builtin(name: str, seed: int = 0) -> str:
-    """The folder of a built-in model (built on first use), or `name` itself for anything else."""
+def expand_builtin(name: str, seed: int = 0, cache: Path | None = None) -> str:
+    """The folder of a built-in model (built on first use in `cache`, else in cache_root()), or `name` itself for
+    anything else."""
+    cache = cache or cache_root()
     if name == "tiny":
-        return str(make_tiny(cache_root() / f"tiny-{seed}", seed))
+        return str(make_tiny(cache / f"tiny-{seed}", seed))
     if name == "smollm2":
-        return str(smollm2.convert(cache_root() / smollm2.FOLDER))
+        return str(smollm2.convert(cache / smollm2.FOLDER))
     return name
 
 
-def builtin_name(path: str) -> str | None:
+def builtin_name(path: str, cache: Path | None = None) -> str | None:
     """The built-in name whose cache folder `path` is (`tiny` for the default seed 0), else None: what the app shows
     for a run whose adapter records that folder as its base."""
-    folders = {cache_root() / smollm2.FOLDER: "smollm2", cache_root() / "tiny-0": "tiny"}
+    cache = cache or cache_root()
+    folders = {cache / smollm2.FOLDER: "smollm2", cache / "tiny-0": "tiny"}
     try:
         return folders.get(Path(path).expanduser().resolve())
     except (OSError, RuntimeError):
