@@ -208,3 +208,18 @@ def test_a_confined_workspace_keeps_every_cache_inside_it(tmp_path, monkeypatch)
     assert jobs.tail(log).splitlines()[-1] == f"{ws.root / 'qmor-cache'} {ws.root / 'hf-cache'}"
     assert os.environ["QMOR_CACHE"] == str(tmp_path / "outside")  # the app's own environment is left as it was
     assert job_env(make_workspace(tmp_path / "open", restrict=False)) == {"PYTHONUNBUFFERED": "1"}
+
+
+def test_runlog_opens_the_log_once_the_command_made_the_run_folder(tmp_path, monkeypatch):
+    # the forwarder a training job runs under: the trainer refuses an output folder holding files, so the log may
+    # only appear once the trainer has made the folder, with what it printed before that first
+    sys.path.insert(0, str(Path(command.__file__).parent))
+    import runlog
+
+    monkeypatch.setattr(runlog.signal, "signal", lambda *args: None)  # the stop signals stay this test's own
+    run = tmp_path / "run"
+    trainer = ("import os, sys; print('before', flush=True); os.makedirs(sys.argv[1]); "
+               "open(os.path.join(sys.argv[1], 'config.json'), 'w').close(); print('after'); sys.exit(3)")
+    code = runlog.main([str(run / "train.log"), str(run), "qmor train", "--", sys.executable, "-c", trainer, str(run)])
+    assert code == 3  # the trainer's own exit code
+    assert (run / "train.log").read_text().splitlines() == ["$ qmor train", "before", "after"]
