@@ -2,6 +2,8 @@ import pytest
 import torch
 from transformers.utils import logging as hf_logging
 
+from qmor import AdapterConfig, AdapterMeta, attach, save_adapter
+from qmor.model.load import load_4bit
 from qmor.model.quant import bnb
 from qmor.model.tiny import make_tiny
 
@@ -56,6 +58,16 @@ def perturb(model, seed=1, size=0.05):
         for p in model.parameters():
             if p.requires_grad:
                 p.add_(torch.randn(p.shape, generator=g) * size)
+
+
+def perturbed_lora(base_dir, folder, **meta):
+    """A saved LoRA r4 adapter on the base in `base_dir`, its weights perturbed (not zero), in `folder`; `meta`:
+    further AdapterMeta fields (chat_template)."""
+    model = load_4bit(str(base_dir))
+    cfg = AdapterConfig(family="lora", r=4, alpha=8.0)
+    attach(model, cfg)
+    perturb(model)
+    return save_adapter(model, folder, AdapterMeta(adapter=cfg, base_model=str(base_dir), **meta))
 
 
 # The quick tier (`pytest -m "not slow"`) for the edit loop leaves out what starts servers, browsers, several

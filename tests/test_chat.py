@@ -7,10 +7,10 @@ import shutil
 
 import pytest
 import torch
-from conftest import perturb
+from conftest import perturbed_lora
 
-from qmor import AdapterConfig, QmorError, attach, cli, save_adapter
-from qmor.adapters.attach import AdapterMeta, adapted_layers
+from qmor import AdapterConfig, QmorError, cli, save_adapter
+from qmor.adapters.attach import adapted_layers
 from qmor.chat import ChatSession
 from qmor.model.files import expand_builtin
 from qmor.model.load import load_4bit, load_for_training
@@ -26,11 +26,7 @@ def session(tiny_dir):
 
 @pytest.fixture(scope="module")
 def lora_dir(tiny_dir, tmp_path_factory):
-    model = load_4bit(str(tiny_dir))
-    cfg = AdapterConfig(family="lora", r=4, alpha=8.0)
-    attach(model, cfg)
-    perturb(model)
-    return save_adapter(model, tmp_path_factory.mktemp("chat") / "adapter", AdapterMeta(cfg, str(tiny_dir)))
+    return perturbed_lora(tiny_dir, tmp_path_factory.mktemp("chat") / "adapter")
 
 
 @torch.no_grad()

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 from archs import SUPPORTED, make_model
-from conftest import perturb
+from conftest import perturbed_lora
 from spm_model import CHATML, make_spm_llama
 
 from qmor import AdapterConfig, QmorError, attach, save_adapter
@@ -30,12 +30,7 @@ def spm_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def adapter(spm_dir, tmp_path_factory):
-    model = load_4bit(str(spm_dir))
-    cfg = AdapterConfig(family="lora", r=4, alpha=8.0)
-    attach(model, cfg)
-    perturb(model)
-    return save_adapter(model, tmp_path_factory.mktemp("run") / "adapter",
-                        AdapterMeta(adapter=cfg, base_model=str(spm_dir), chat_template=CHATML))
+    return perturbed_lora(spm_dir, tmp_path_factory.mktemp("run") / "adapter", chat_template=CHATML)
 
 
 @torch.no_grad()
