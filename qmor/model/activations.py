@@ -19,7 +19,10 @@ from torch import nn
 from qmor.errors import QmorError
 from qmor.model.tile import decoder_layers
 
-Inputs = list[tuple[torch.Tensor, dict]]  # per sequence: a decoder layer's hidden states (1, T, d), its kwargs
+# per batch of sequences: a decoder layer's hidden states (B, T, d), its kwargs, and which positions are tokens
+# (B, T) rather than right padding (their activations stay out of every H)
+Inputs = list[tuple[torch.Tensor, dict, torch.Tensor]]
+BATCH = 16  # sequences per forward: a decoder layer's call costs about as much for one sequence as for sixteen
 
 
 class _Stop(Exception):
@@ -41,20 +44,28 @@ def blocks_of(model: nn.Module, names: list[str]) -> list[tuple[nn.Module, list[
 
 @torch.no_grad()
 def first_inputs(model: nn.Module, sequences: list[torch.Tensor], device: torch.device) -> Inputs:
-    """What the first decoder layer receives for each sequence (embeddings, position embeddings, mask)."""
+    """What the first decoder layer receives (embeddings, position embeddings, attention mask), for the sequences
+    right-padded in batches of BATCH: causal attention never lets a token see the padding after it."""
     caught: Inputs = []
 
     def catch(module, args, kwargs):
         kwargs = dict(kwargs)
         hidden = args[0] if args else kwargs.pop("hidden_states")
-        caught.append((hidden, kwargs))
+        caught.append((hidden, kwargs, mask))
         raise _Stop
 
     handle = decoder_layers(model)[0].register_forward_pre_hook(catch, with_kwargs=True)
     try:
-        for ids in sequences:
+        for start in range(0, len(sequences), BATCH):
+            batch = sequences[start : start + BATCH]
+            width = max(len(s) for s in batch)
+            ids = torch.zeros(len(batch), width, dtype=torch.long)
+            mask = torch.zeros(len(batch), width, dtype=torch.bool)
+            for row, s in enumerate(batch):
+                ids[row, : len(s)], mask[row, : len(s)] = s, True
+            mask = mask.to(device)
             try:
-                model(input_ids=ids[None].to(device), use_cache=False)
+                model(input_ids=ids.to(device), attention_mask=mask.long(), use_cache=False)
             except _Stop:
                 pass
     finally:
@@ -69,7 +80,7 @@ def _output(out) -> torch.Tensor:
 @torch.no_grad()
 def forward(layer: nn.Module, inputs: Inputs) -> Inputs:
     """The next layer's inputs: this one's outputs, with the same keyword arguments."""
-    return [(_output(layer(hidden, **kwargs)), kwargs) for hidden, kwargs in inputs]
+    return [(_output(layer(hidden, **kwargs)), kwargs, mask) for hidden, kwargs, mask in inputs]
 
 
 @torch.no_grad()
@@ -93,7 +104,7 @@ def _next_group(layer: nn.Module, inputs: Inputs, pending: dict[str, nn.Module])
             x = args[0]
             if "x" not in seen:  # the first pending linear the layer calls opens the group
                 seen["x"] = x
-                flat = x.reshape(-1, x.shape[-1]).to(torch.float32)
+                flat = x[seen["mask"]].to(torch.float32)  # (tokens, d_in): the padding left out
                 gram["H"] = flat.T @ flat if "H" not in gram else gram["H"].addmm_(flat.T, flat)
             elif x is not seen["x"]:  # another input: the group is complete for this sequence
                 raise _Stop
@@ -103,8 +114,9 @@ def _next_group(layer: nn.Module, inputs: Inputs, pending: dict[str, nn.Module])
     handles = [m.register_forward_pre_hook(hook(n)) for n, m in pending.items()]
     members = None
     try:
-        for hidden, kwargs in inputs:
+        for hidden, kwargs, mask in inputs:
             seen.clear()
+            seen["mask"] = mask
             try:
                 layer(hidden, **kwargs)
             except _Stop:
@@ -120,5 +132,5 @@ def _next_group(layer: nn.Module, inputs: Inputs, pending: dict[str, nn.Module])
     if not members:
         raise QmorError(f"calibration never reached {next(iter(pending))}: the layer did not call it; leave it out "
                         "of --targets, or pass --init loftq")
-    tokens = sum(h.shape[0] * h.shape[1] for h, _ in inputs)
+    tokens = sum(int(mask.sum()) for _, _, mask in inputs)
     return members, gram["H"] / max(tokens, 1)
