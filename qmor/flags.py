@@ -234,9 +234,15 @@ def _table() -> list[Flag]:
              choices=EXPERT_ADAPTERS),
         *family_flags(),
         Flag("--init", "adapter.init", str, "adapter initialisation", "init", "Initialisation", widget="radio",
-             choices=("loftq", "default"), auto=demo_or(DEMO_ADAPTER["init"], MODEL_ADAPTER["init"])),
-        Flag("--loftq-iters", "adapter.loftq_iters", int, "LoftQ alternations T", "init", "LoftQ iterations",
-             only_when=("init", ("loftq",)), minimum=1),
+             choices=("loftq", "calibrated", "default"), auto=demo_or(DEMO_ADAPTER["init"], MODEL_ADAPTER["init"])),
+        Flag("--loftq-iters", "adapter.loftq_iters", int, "alternations T of rounding and fit (LoftQ's, and the "
+             "calibrated init's)", "init", "LoftQ iterations", only_when=("init", ("loftq", "calibrated")),
+             minimum=1),
+        Flag("--calibration-samples", "adapter.calibration_samples", int, "sequences the calibrated init runs "
+             "through the model (the first of the data)", "init", "Calibration samples",
+             only_when=("init", ("calibrated",)), minimum=1),
+        Flag("--calibration", "calibration", str, "data file the calibrated init reads instead of the training data",
+             "init", only_when=("init", ("calibrated",))),
         Flag("--lr", "lr", float, "peak learning rate (after the warmup)", "training", "Learning rate",
              aliases=("--learning-rate",), auto=demo_or(rate(DEMO_RUN["lr"]), f"the family's: {family_rates()}")),
         Flag("--lr-scheduler-type", "lr_scheduler_type", str, "learning rate schedule after the linear warmup "

@@ -25,7 +25,8 @@ import flags_table  # noqa: E402
 OPTION_NAMES = {f.key: f.name for f in option_fields()}  # flat key -> field in the family's options
 FILE_ONLY = {"quant.blocksize", "quant.double_quant", "quant.compute_dtype"}
 TEXT_VALUES = {"model": "smollm2", "dataset": "reverse", "targets": "q_proj,v_proj", "output": "runs/x",
-               "quant_storage": "bfloat16", "split": "test", "subset": "main", "columns": "prompt=q,completion=a"}
+               "quant_storage": "bfloat16", "split": "test", "subset": "main", "columns": "prompt=q,completion=a",
+               "calibration": "calib.jsonl"}
 
 
 def other_value(flag: Flag):
@@ -159,7 +160,7 @@ def test_form_fields_are_the_table_rows_shown_in_the_app():
     assert all(train_tab.FIELDS[k] == by_key()[k].default for k in train_tab.FIELDS if k != "run_name")
     assert {f.key for f in train_tab.DEPENDENTS["family"]} == {
         "alpha", "mora_kind", "experts", "top_k", "capacity_factor", "expert_dropout", "aux_loss_weight"}
-    assert [f.key for f in train_tab.DEPENDENTS["init"]] == ["loftq_iters"]
+    assert [f.key for f in train_tab.DEPENDENTS["init"]] == ["loftq_iters", "calibration_samples"]
 
 
 def test_the_untouched_form_leaves_what_depends_on_the_model_to_the_run(tmp_path):

@@ -28,6 +28,7 @@ from qmor.files import atomic_dir, load_json, save_json
 from qmor.version import __version__
 
 WEIGHTS = "adapter.safetensors"
+OWN_BASE = ("loftq", "calibrated")  # inits that change the quantised base: the adapter fits that Q_T only
 CONFIG = "qmor_adapter.json"  # a name of our own: PEFT and transformers read "adapter_config.json" as PEFT's layout
 LEGACY_CONFIG = "adapter_config.json"  # what earlier versions wrote; still read
 
@@ -39,10 +40,16 @@ class AdapterMeta:
     adapter: AdapterConfig
     base_model: str = ""  # hub id or local path of the base the adapter was trained on
     quant: QuantConfig = field(default_factory=QuantConfig)
-    init: str = "default"  # "default" or "loftq": LoftQ changes the quantised base, so the merge base must be Q_T
-    base_weights: str | None = None  # folder with the LoftQ-initialised 4-bit base (Q_T), when init == "loftq"
+    init: str = "default"  # "default", "loftq" or "calibrated": the last two change the quantised base, so the merge
+    # base must be their Q_T
+    base_weights: str | None = None  # folder with the initialised 4-bit base (Q_T), when `own_base`
     base_fingerprint: dict | None = None  # the base's fingerprint (qmor.model.fingerprint): another base is refused
     chat_template: str | None = None  # the Jinja chat template training rendered conversations with (None: none)
+
+    @property
+    def own_base(self) -> bool:
+        """Whether the adapter was fitted to a base of its own (Q_T), not to plain NF4 of the original weights."""
+        return self.init in OWN_BASE
 
     def to_json(self) -> dict:
         return {"adapter": to_dict(self.adapter), "base_model": self.base_model, "quant": to_dict(self.quant),

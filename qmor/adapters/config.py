@@ -12,6 +12,7 @@ from qmor.adapters.registry import check_family, option_fields
 from qmor.errors import QmorError, check_range
 
 TRAINING_ONLY = {"training_only": True}  # field metadata: changes only training, never what `fit` gives
+INITS = ("default", "loftq", "calibrated")  # how the adapter starts (the field's comment says each)
 EXPERT_ADAPTERS = ("per-expert", "shared")  # MoE experts' adapters: one per expert, or one per block and map
 
 
@@ -25,9 +26,12 @@ class AdapterConfig:
     # suffixes such as ["q_proj", "v_proj"], or a regex string matched against the full module name
     expert_adapters: str = "per-expert"  # MoE experts (targets "experts"): "per-expert", an adapter each, or
     # "shared", one per block and map (gate/up, down) whose delta every expert adds (adapters.experts.SharedAdapter)
-    init: str = field(default="default", metadata=TRAINING_ONLY)  # "default" (adapter adds zero) or "loftq" (fit to
-    # the quantisation residual)
-    loftq_iters: int = 1  # LoftQ alternations T, used when init == "loftq"
+    init: str = field(default="default", metadata=TRAINING_ONLY)  # "default" (adapter adds zero), "loftq" (fit to
+    # the quantisation residual) or "calibrated" (NF4 rounding and fit weighted by calibration inputs)
+    loftq_iters: int = 1  # alternations T of rounding and fit, used when init is "loftq" or "calibrated"
+    # leaving LoftQ's cache key unchanged: the calibrated init's key holds the digest of the tokens it selects
+    calibration_samples: int = field(default=128, metadata=TRAINING_ONLY)  # sequences the calibrated init reads:
+    # the first of the training data, or of --calibration FILE
     options: Any = None  # the family's own settings: its options dataclass (e.g. MoRAOptions(kind="rope"), declared
     # in qmor/adapters/<family>.py) or a dict of its fields; None: the family's defaults
 
@@ -39,8 +43,10 @@ class AdapterConfig:
         if self.expert_adapters not in EXPERT_ADAPTERS:
             raise QmorError(f"expert_adapters must be per-expert or shared, got {self.expert_adapters!r}; pass e.g. "
                             "--expert-adapters shared")
-        if self.init not in ("default", "loftq"):
-            raise QmorError(f"init must be 'default' or 'loftq', got {self.init!r}")
+        if self.init not in INITS:
+            raise QmorError(f"init must be one of {', '.join(INITS)}, got {self.init!r}; pass e.g. --init loftq")
+        check_range("calibration_samples", self.calibration_samples, ">= 1", 1, None, "--calibration-samples 128",
+                    integer=True)
         # alpha = 0 makes the adapter add nothing (and LoftQ divide by zero)
         check_range("alpha", self.alpha, "> 0", 0.0, None, "--alpha 16", open_low=True)
         check_range("loftq_iters", self.loftq_iters, ">= 1", 1, None, "--loftq-iters 1", integer=True)

@@ -47,5 +47,5 @@ class LoRA(nn.Module):
 FAMILY = Family(module=LoRA, options=NoOptions, scaled=True, merges=True, peft=LoRA.peft_factors, why_not="",
                 keeps_input=True, saved_per_token=LoRA.saved_per_token,
                 check_shape=check_rank, fitted=("A", "B"),
-                rank_means="",
+                rank_means="", input_factor="A",
                 lr=2e-4)  # QLoRA's rate for 7-13B bases, unsloth's and TRL's LoRA recipes

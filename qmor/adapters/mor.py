@@ -75,5 +75,5 @@ class MoR(nn.Module):
 FAMILY = Family(module=MoR, options=MoROptions, scaled=True, merges=False, peft=None, why_not=WHY_NOT,
                 keeps_input=True, saved_per_token=MoR.saved_per_token,
                 check_shape=check_rank, fitted=("A", "B", "lam_A", "lam_B"),
-                rank_means="",
+                rank_means="", input_factor="A",
                 lr=2e-4)  # LoRA's: on SmolLM2 it memorised at the rates LoRA did (docs/experiments.md)

@@ -145,6 +145,34 @@ class MoRA(nn.Module):
         norm = (D * D).sum()
         self.M.copy_(M * ((D * residual).sum() / norm) if norm > 0 else M)
 
+    @torch.no_grad()
+    def fit_weighted(self, residual: torch.Tensor, root: torch.Tensor, steps: int = 50) -> None:
+        """Least-squares M in the activation-weighted norm ||(R - ΔW(M)) L|| (qmor.adapters.weighted): conjugate
+        gradients on the normal equations in M's own space, r_hat² unknowns where the dense system would have
+        d_out·d_in; each step is one expand, two products with L and one adjoint. Starts from the plain fit."""
+        residual = residual.to(torch.float32)
+        root = root.to(torch.float32)
+
+        def normal(M: torch.Tensor) -> torch.Tensor:  # M -> adjoint(ΔW(M) L Lᵀ)
+            return self._adjoint(self._expand(M) @ root @ root.T)[0]
+
+        self.fit(residual)
+        M = self.M.detach().to(torch.float32).clone()
+        target = self._adjoint(residual @ root @ root.T)[0]
+        r = target - normal(M)
+        p, rr = r.clone(), (r * r).sum()
+        stop = 1e-10 * (target * target).sum()
+        for _ in range(steps):
+            if rr <= stop:
+                break
+            Ap = normal(p)
+            step = rr / (p * Ap).sum()
+            M += step * p
+            r -= step * Ap
+            rr, last = (r * r).sum(), rr
+            p = r + (rr / last) * p
+        self.M.copy_(M)
+
 
 def check_shape(d_in: int, d_out: int, hp: Hyperparams, name: str) -> None:
     r_hat = mora_rank(d_in, d_out, hp.r, mora_kind(hp))

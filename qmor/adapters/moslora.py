@@ -52,5 +52,5 @@ class MoSLoRA(nn.Module):
 FAMILY = Family(module=MoSLoRA, options=NoOptions, scaled=True, merges=True, peft=MoSLoRA.peft_factors, why_not="",
                 keeps_input=True, saved_per_token=MoSLoRA.saved_per_token,
                 check_shape=check_rank, fitted=("A", "M", "B"),
-                rank_means="",
+                rank_means="", input_factor="A",
                 lr=2e-4)  # LoRA's: its mixer starts as the identity, and on SmolLM2 it learnt at LoRA's rates

@@ -175,5 +175,5 @@ class SiRA(nn.Module):
 FAMILY = Family(module=SiRA, options=SiRAOptions, scaled=True, merges=False, peft=None, why_not=WHY_NOT,
                 keeps_input=True, saved_per_token=SiRA.saved_per_token,
                 check_shape=check_rank, fitted=("A", "B"),
-                rank_means="per expert",
+                rank_means="per expert", input_factor="A",
                 lr=2e-4)  # not above LoRA's: on SmolLM2 it did worse at the higher rate (docs/experiments.md)

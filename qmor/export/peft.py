@@ -16,7 +16,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from qmor.adapters import check_family, peft_families
-from qmor.adapters.attach import AdapterMeta, adapted_layers
+from qmor.adapters.attach import OWN_BASE, AdapterMeta, adapted_layers
 from qmor.adapters.experts import is_expert_map
 from qmor.adapters.family import either
 from qmor.errors import QmorError
@@ -89,9 +89,10 @@ class Peft:
 
     def check(self, adapter: TrainedAdapter) -> None:
         check_peft_family(adapter.meta.adapter.family)
-        if not self.with_base and adapter.meta.init == "loftq":
-            raise QmorError("this adapter was LoftQ-initialised, so it only fits the LoftQ base Q_T, not the original "
-                            "model; export it with its dequantised base (drop --no-base)")
+        if not self.with_base and adapter.meta.own_base:
+            how = "LoftQ" if adapter.meta.init == "loftq" else "calibrated"
+            raise QmorError(f"this adapter was {how}-initialised, so it only fits its own base Q_T, not "
+                            "the original model; export it with its dequantised base (drop --no-base)")
         check_dtype(self.dtype)
         parse_size(self.shard_size)
 
@@ -108,7 +109,7 @@ class Peft:
             write_chat_template(out / "base", meta.chat_template)
             # a LoftQ adapter fits its own base Q_T only, which exists nowhere but base/; a default-init adapter
             # names the original base, like any adapter trained on a 4-bit copy (base/ is exact to NF4 rounding)
-            names_base = str(base_dir) if meta.init == "loftq" else peft_base(meta, job.folder)
+            names_base = str(base_dir) if meta.own_base else peft_base(meta, job.folder)
             targets = write_peft(model, meta, out, names_base)
             check = verify_folder(model, out / "base", dtype, self.tolerance, job.trust_remote_code, peft_dir=out,
                                   template=meta.chat_template)
@@ -130,8 +131,9 @@ def peft_notes(with_base: bool, init: str) -> str:
     if not with_base:
         return "Load with `AutoPeftModelForCausalLM.from_pretrained(this folder)`, or over the base with PeftModel."
     exact = "`PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(\"base\"), \".\")`"
-    if init == "loftq":
-        return (f"This LoftQ adapter fits the base in `base/` only (its 4-bit initialisation Q_T, dequantized), "
+    if init in OWN_BASE:
+        how = "LoftQ" if init == "loftq" else "calibrated"
+        return (f"This {how} adapter fits the base in `base/` only (its 4-bit initialisation Q_T, dequantized), "
                 "which `adapter_config.json` names by its path at export time; after moving this folder, load it as "
                 f"{exact}.")
     return (f"`base/` holds the dequantized 4-bit base the adapter was trained over: {exact} reproduces the trained "

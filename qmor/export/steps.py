@@ -73,8 +73,9 @@ def check_merge(meta: AdapterMeta, merge_base: str, source: str | Path) -> None:
         raise NotMergeable(merge_refusal(family, f"serve it with {hints.command('chat', '--adapter', source)}"))
     if merge_base not in MERGE_BASES:
         raise QmorError(f"merge base {merge_base!r} is unknown; choose one of {', '.join(MERGE_BASES)}")
-    if merge_base == "original" and meta.init == "loftq":
-        raise QmorError("this adapter was LoftQ-initialised, so it already holds W - Q_T; merging it onto the "
+    if merge_base == "original" and meta.own_base:
+        how = "LoftQ" if meta.init == "loftq" else "calibrated"
+        raise QmorError(f"this adapter was {how}-initialised, so it already holds W - Q_T; merging it onto the "
                         "original weights W would count that residual twice: use --merge-base dequantized")
 
 

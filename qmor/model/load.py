@@ -15,11 +15,12 @@ from torch import nn
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
 from qmor.adapters import attach as plain
-from qmor.adapters.attach import AdapterMeta, load_adapter_weights
+from qmor.adapters.attach import OWN_BASE, AdapterMeta, load_adapter_weights
 from qmor.adapters.config import AdapterConfig
+from qmor.adapters.weighted import check_weighted
 from qmor.config import QuantConfig
 from qmor.errors import QmorError
-from qmor.model import loftq, moe, support
+from qmor.model import calibrated, loftq, moe, support
 from qmor.model.base import Base, TrainedAdapter
 from qmor.model.files import LOAD_ERRORS, load_failed, load_path, weight_files
 from qmor.model.quant import compute_dtype, keep_plain_layout, storage_dtype
@@ -94,13 +95,15 @@ def load_for_training(
     device: str | None = None,
     cache_dir: str | Path | None = None,
     trust_remote_code: bool = False,
+    calibration: list[torch.Tensor] | None = None,
 ) -> tuple[nn.Module, AdapterMeta, dict | None]:
-    """4-bit base with the adapter attached: LoftQ-initialised when adapter_cfg.init == "loftq" (then the third
-    value is the per-layer error report), else the family's default init that adds zero (report None)."""
+    """4-bit base with the adapter attached: LoftQ- or calibrated-initialised when adapter_cfg.init says so (then
+    the third value is the per-layer error report; the calibrated init reads `calibration`, token id sequences),
+    else the family's default init that adds zero (report None)."""
     adapter_cfg.check_trainable()
     base = Base.resolve(base, trust_remote_code=trust_remote_code)
-    if adapter_cfg.init == "loftq":
-        return _load_loftq(base, adapter_cfg, quant, device, cache_dir)
+    if adapter_cfg.init in OWN_BASE:
+        return _load_loftq(base, adapter_cfg, quant, device, cache_dir, calibration)
     model = load_4bit(base, quant, device)
     attach(model, adapter_cfg)
     meta = AdapterMeta(adapter=adapter_cfg, base_model=base.source, quant=quant,
@@ -109,17 +112,28 @@ def load_for_training(
 
 
 def _load_loftq(base: Base, adapter_cfg: AdapterConfig, quant: QuantConfig, device: str | None,
-                cache_dir: str | Path | None) -> tuple[nn.Module, AdapterMeta, dict]:
-    """4-bit model with LoftQ-initialised adapters: loaded from the cache when the same key was computed before,
-    else computed layer by layer from the checkpoint and cached."""
+                cache_dir: str | Path | None, calibration: list[torch.Tensor] | None = None,
+                ) -> tuple[nn.Module, AdapterMeta, dict]:
+    """4-bit model with LoftQ- or calibrated-initialised adapters: loaded from the cache when the same key was
+    computed before, else computed layer by layer from the checkpoint and cached."""
     if adapter_cfg.loftq_iters < 1:
         raise QmorError(f"loftq_iters must be at least 1, got {adapter_cfg.loftq_iters}; pass e.g. --loftq-iters 1")
+    if adapter_cfg.init == "calibrated":
+        check_weighted(adapter_cfg.family)  # before minutes of loading
+        if not calibration:
+            raise QmorError("--init calibrated needs calibration token ids (qmor train takes the first "
+                            "--calibration-samples sequences of its data); pass calibration=[...] or --init loftq")
     names = base.weight_files
     local = base.local()  # the snapshot LoftQ reads is the one loaded
     model = load_4bit(local, quant, device)
     targets = attach(model, adapter_cfg)
-    cache, report = loftq.initialise_cached(model, base.source, names, targets, adapter_cfg, quant, cache_dir)
-    meta = AdapterMeta(adapter=adapter_cfg, base_model=base.source, quant=quant, init="loftq", base_weights=str(cache),
+    if adapter_cfg.init == "calibrated":
+        cache, report = calibrated.initialise_cached(model, base.source, names, targets, adapter_cfg, quant,
+                                                     calibration, cache_dir)
+    else:
+        cache, report = loftq.initialise_cached(model, base.source, names, targets, adapter_cfg, quant, cache_dir)
+    meta = AdapterMeta(adapter=adapter_cfg, base_model=base.source, quant=quant, init=adapter_cfg.init,
+                       base_weights=str(cache),
                        base_fingerprint=local.fingerprint_to_record())
     return model, meta, report
 
@@ -156,4 +170,6 @@ def _fill(model: nn.Module, adapter: TrainedAdapter) -> None:
     attach(model, adapter.meta.adapter)
     if adapter.meta.init == "loftq":
         loftq.restore_base(model, adapter.meta, adapter.base)
+    elif adapter.meta.init == "calibrated":
+        calibrated.restore_base(model, adapter.meta)
     load_adapter_weights(model, adapter.folder)

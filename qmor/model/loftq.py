@@ -18,6 +18,7 @@ E=64), while it would cost a pass over every expert and a cached Q_T of the whol
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -241,18 +242,8 @@ def initialise(model: nn.Module, names: dict[str, Path], quant: QuantConfig, ite
     errors = {}
     for name, layer in tqdm(layers.items(), desc="LoftQ init", unit="layer", file=sys.stderr):
         device = layer.base.weight.device
-        W = expert_weight(name, names, prefix)  # an MoE expert's map, or None
-        key = name if W is not None else tensor_key(name, names, prefix)
-        if key is None:
-            raise QmorError(f"the checkpoint has no tensor for {name}.weight; LoftQ streaming needs checkpoint tensor "
-                            "names that match the model's modules (re-save the model with save_pretrained)")
-        W = (read_tensor(names, key) if W is None else W).to(device, torch.float32)  # (d_out, d_in)
-        if not bool(torch.isfinite(W).all()):
-            raise QmorError(f"the checkpoint's {key} holds nan or inf values, so no quantisation of it can be right; "
-                            "use an intact copy of the model")
-        # svd_lowrank draws random vectors: a per-layer seed makes Q_T reproducible when the cache is gone
-        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-            torch.manual_seed(zlib.crc32(name.encode()))
+        W = read_weight(name, names, prefix, device)
+        with seeded(name, device):
             packed, plain, err = loftq_layer(W, layer.adapter, quant, iters)
         if not (math.isfinite(plain) and math.isfinite(err)):  # never train, or cache, from a base that is not numbers
             raise QmorError(f"LoftQ init of {name} gave a non-finite error (NF4 {plain}, LoftQ {err}); check the "
@@ -261,6 +252,29 @@ def initialise(model: nn.Module, names: dict[str, Path], quant: QuantConfig, ite
         errors[name] = {"nf4": plain, "loftq": err}
         del W
     return errors
+
+
+def read_weight(name: str, names: dict[str, Path], prefix: str, device: torch.device) -> torch.Tensor:
+    """Module `name`'s full-precision weight (d_out, d_in), fp32 on `device`, read from the checkpoint alone."""
+    W = expert_weight(name, names, prefix)  # an MoE expert's map, or None
+    key = name if W is not None else tensor_key(name, names, prefix)
+    if key is None:
+        raise QmorError(f"the checkpoint has no tensor for {name}.weight; LoftQ streaming needs checkpoint tensor "
+                        "names that match the model's modules (re-save the model with save_pretrained)")
+    W = (read_tensor(names, key) if W is None else W).to(device, torch.float32)
+    if not bool(torch.isfinite(W).all()):
+        raise QmorError(f"the checkpoint's {key} holds nan or inf values, so no quantisation of it can be right; "
+                        "use an intact copy of the model")
+    return W
+
+
+@contextlib.contextmanager
+def seeded(name: str, device: torch.device):
+    """A per-layer seed around a layer's init: svd_lowrank draws random vectors, and the seed makes the result
+    reproducible when the cache is gone."""
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(zlib.crc32(name.encode()))
+        yield
 
 
 def make_report(errors: dict[str, dict], cfg: AdapterConfig, folder: Path) -> dict:

@@ -109,6 +109,32 @@ def dequantize(packed: Packed) -> torch.Tensor:
     return bnb.functional.dequantize_4bit(packed.data, packed.quant_state).to(torch.float32)
 
 
+def levels(packed: Packed) -> torch.Tensor:
+    """The 16 values of the NF4 codebook (ascending), in fp32: code c dequantises to levels[c] times its block's
+    scale."""
+    return packed.quant_state.code.to(torch.float32)
+
+
+def block_scales(packed: Packed) -> torch.Tensor:
+    """Each 64-weight block's absmax as `dequantize` reads it: after double quantisation when it is on, so a code
+    rounded against these scales dequantises to exactly what it was rounded to."""
+    state = _plain(packed).quant_state
+    if state.nested:
+        return (bnb.functional.dequantize_blockwise(state.absmax, state.state2) + state.offset).to(torch.float32)
+    return state.absmax.to(torch.float32)
+
+
+def with_codes(packed: Packed, codes: torch.Tensor) -> Packed:
+    """A copy of `packed` holding `codes` (one NF4 index 0..15 per weight, in row-major order) under the same
+    quant_state: ordinary bitsandbytes storage, two codes a byte, the first in the high nibble."""
+    codes = codes.flatten().to(torch.uint8)
+    data = _plain(packed).data.clone()
+    data.view(torch.uint8).view(-1).copy_(codes[0::2] << 4 | codes[1::2])
+    return bnb.nn.Params4bit(data, requires_grad=False, quant_state=packed.quant_state, blocksize=packed.blocksize,
+                             compress_statistics=packed.compress_statistics, quant_type="nf4",
+                             quant_storage=packed.quant_storage, bnb_quantized=True)
+
+
 def is_4bit(module: nn.Module) -> bool:
     return isinstance(module, bnb.nn.Linear4bit)
 

@@ -100,6 +100,7 @@ class TrainConfig:
     lr_scheduler_type: str = "cosine"  # cosine (qmor's: warmup, then cosine to zero) or a transformers scheduler
     report_to: str = "none"  # experiment trackers, comma-separated: tensorboard, wandb, trackio, mlflow (or none)
     attn_implementation: str = "auto"  # transformers' attention kernel: auto (its default), sdpa, eager, flash_...
+    calibration: str = ""  # --init calibrated: a data file (any training format) to calibrate on; "": the training data
 
     def __post_init__(self) -> None:
         for name in ("max_steps", "grad_accum", "batch_size", "loss_chunk", "save_steps", "eval_steps", "log_steps",

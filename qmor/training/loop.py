@@ -41,6 +41,7 @@ from qmor.model.quant import paged_adamw_8bit
 from qmor.model.tile import tile as tile_layers
 from qmor.plan import GIB, Plan, estimate, geometry
 from qmor.training import fsdp, measure, trackers
+from qmor.training.calibration import calibration_ids
 from qmor.training.checkpoint import ADAPTER, load_checkpoint, rng_state, save_checkpoint
 from qmor.training.config import TrainConfig, to_json
 from qmor.training.evaluate import eval_loss, score_task
@@ -272,7 +273,10 @@ class Training:
             if checkpoint is None:
                 self.say(self.settings.block())
             self.train_set, self.val_set, self.stats = prepare(examples, cfg.data)
-            self.model, self.meta, self.loftq_report = load_model(cfg, base, checkpoint, str(accelerator.device))
+            calibration = (calibration_ids(cfg, self.train_set, self.tokenizer)
+                           if checkpoint is None and cfg.adapter.init == "calibrated" else None)
+            self.model, self.meta, self.loftq_report = load_model(cfg, base, checkpoint, str(accelerator.device),
+                                                                  calibration)
         self.total_steps = planned_steps(cfg, len(self.train_set), self.world)
         # chat and export render conversations with exactly the template training used (None: plain text, no template)
         self.meta.chat_template = None if self.stats.format == "text" else template_text(self.tokenizer)
@@ -568,14 +572,15 @@ def report_memory(cfg: TrainConfig, model: torch.nn.Module, accelerator, free: i
                f"{cfg.data.max_len} tokens; the breakdown on a GPU: {breakdown}")
 
 
-def load_model(cfg: TrainConfig, base: Base, checkpoint: Path | None, device: str):
-    """A fresh model (LoftQ-initialised or default), or on resume the base it started from plus the checkpoint's
-    adapter (for LoftQ that base is the cached Q_T, not nf4(W))."""
+def load_model(cfg: TrainConfig, base: Base, checkpoint: Path | None, device: str,
+               calibration: list[torch.Tensor] | None = None):
+    """A fresh model (LoftQ- or calibrated-initialised, or default), or on resume the base it started from plus the
+    checkpoint's adapter (for LoftQ and calibrated that base is the cached Q_T, not nf4(W))."""
     if checkpoint is not None:
         model, meta = load_trained(TrainedAdapter.open(checkpoint / ADAPTER, base), device)
         report = None
     else:
-        model, meta, report = load_for_training(base, cfg.adapter, cfg.quant, device)
+        model, meta, report = load_for_training(base, cfg.adapter, cfg.quant, device, calibration=calibration)
     model.config.use_cache = False
     if cfg.attn_implementation != "auto":
         set_attention(model, cfg.attn_implementation)

@@ -56,6 +56,10 @@ class Setup:
     finetune_lr: float = 1e-3  # its peak learning rate
     batch_size: int = 8  # its sequences per step
     families: tuple[str, ...] = common.FAMILIES  # the families to compare
+    calibrated_iters: tuple[int, ...] = (1,)  # with --model: the calibrated init's alternations T to compare too
+    ablations: tuple[str, ...] = ("zero", "plain")  # with --model: "zero" (calibrated rounding, zero adapter),
+    # "plain" (LoftQ's fit on calibrated rounding); "none": neither
+    calibration_samples: int = 128  # training sequences the calibrated init reads
 
 
 QUICK = Setup(iters=(1, 2), lora_rank=8, matrix=(128, 256), matrix_rank=8, hidden=64, layers=1, pretrain_steps=20,

@@ -1,5 +1,8 @@
-"""LoftQ on a pretrained model (`loftq_init.py --model ...`): for every family and T in (0, *iters), the mean
+"""LoftQ on a pretrained model (`loftq_init.py --model ...`): for every family and init (plain NF4 = T0, LoftQ at
+each T in iters, the calibrated init at each T in calibrated_iters: C1, ..., and its ablations: Czero, calibrated
+rounding with the adapter left at zero, and Cplain<T>, LoftQ's plain fit on calibrated rounding), the mean
 per-layer NF4 weight error, the loss on held-out prose at init, and the loss after the same short fine-tune.
+The calibrated init reads the first training sequences, as `qmor train` does.
 
 The prose is Python's own documentation (`pydoc_data.topics`, shipped with every Python): a quarter of its topics
 are held out for the loss, the others feed the fine-tune, so the two never share a paragraph.
@@ -57,19 +60,47 @@ def loss_on(model, examples: list[dict], pad_id: int) -> float:
     return eval_loss(ChunkedLoss(model), examples, 16, pad_id, "cpu")
 
 
+def variants(setup) -> list[tuple[str, int, str, dict]]:
+    """(label, T, init, recipe fields) of every init compared."""
+    out = [("T0", 0, "default", {})] + [(f"T{t}", t, "loftq", {}) for t in setup.iters]
+    out += [(f"C{t}", t, "calibrated", {}) for t in setup.calibrated_iters]
+    if "zero" in setup.ablations:
+        out.append(("Czero", 1, "calibrated", {"fit": "zero"}))
+    if "plain" in setup.ablations:
+        out += [(f"Cplain{t}", t, "calibrated", {"fit": "plain"}) for t in setup.calibrated_iters]
+    return out
+
+
+def calibration(cfg) -> list:
+    """The calibration sequences `qmor train` reads for this config (so the fine-tune's load hits the cache)."""
+    from qmor.data.pipeline import build_datasets
+    from qmor.model.load import load_tokenizer
+    from qmor.training.calibration import calibration_ids
+
+    tokenizer = load_tokenizer(cfg.model, False)
+    return calibration_ids(cfg, build_datasets(tokenizer, cfg.data)[0], tokenizer)
+
+
 def run(job: tuple) -> dict:
-    """One (family, T) cell: load with the init, measure; fine-tune through qmor.training.loop; measure again. The
-    LoftQ result is cached, so the fine-tune's own load reuses the first one's."""
+    """One (family, init) cell: load with the init, measure; fine-tune through qmor.training.loop; measure again.
+    The init is cached, so the fine-tune's own load reuses the first one's."""
+    from qmor.model import calibrated
     from qmor.model.load import load_for_training
     from qmor.training.loop import train
 
-    cfg, T, held_out_file, setup = job
+    cfg, label, recipe, held_out_file, setup = job
     common.single_thread()
+    calibrated.RECIPE = calibrated.Recipe(**recipe)  # this worker's cells only; the cache key holds the recipe
     start = time.time()
     examples, pad = held_out(cfg.model, held_out_file, setup)
-    model, _, report = load_for_training(cfg.model, cfg.adapter, device="cpu")
-    row = {"family": cfg.adapter.family, "T": T, "loss_init": loss_on(model, examples, pad),
-           "err_nf4": report["mean_nf4"] if report else None, "err": report["mean_loftq"] if report else None}
+    ids = calibration(cfg) if cfg.adapter.init == "calibrated" else None
+    model, _, report = load_for_training(cfg.model, cfg.adapter, device="cpu", calibration=ids)
+    init_s = time.time() - start
+    row = {"family": cfg.adapter.family, "T": label, "loss_init": loss_on(model, examples, pad), "init_s": init_s,
+           "err_nf4": report["mean_nf4"] if report else None, "err": report["mean_loftq"] if report else None,
+           "act_nf4": report.get("mean_act_nf4") if report else None,
+           "act": report.get("mean_act") if report else None,
+           "init_wall_s": report.get("wall_s") if report else None}
     del model
     after = {}
 
@@ -100,60 +131,65 @@ def rows(setup, out: Path, workers: int) -> tuple[list[dict], dict]:
     for family, (adapter, _) in configs.items():
         if family not in setup.families:
             continue
-        for T in (0, *setup.iters):
-            init = replace(adapter, init="loftq", loftq_iters=T) if T else adapter
-            cfg = TrainConfig(model=str(base), output=str(out / "runs" / f"{family}-T{T}"), adapter=init,
+        for label, T, kind, recipe in variants(setup):
+            init = adapter if kind == "default" else replace(adapter, init=kind, loftq_iters=T,
+                                                              calibration_samples=setup.calibration_samples)
+            cfg = TrainConfig(model=str(base), output=str(out / "runs" / f"{family}-{label}"), adapter=init,
                               data=DataConfig(source=train_path, format="text", max_len=64, seed=setup.seed),
                               lr=setup.finetune_lr, max_steps=setup.finetune_steps, batch_size=setup.batch_size,
                               grad_accum=1, warmup_ratio=0.05, save_steps=0, eval_generate=0, log_steps=1,
                               seed=setup.seed, gradient_checkpointing=False, device="cpu")
-            jobs.append((cfg, T, held_out_file, setup))
+            jobs.append((cfg, label, recipe, held_out_file, setup))
     cells = common.run_all(run, jobs, workers)
     out_rows = []
     for family, (adapter, n) in configs.items():
         mine = {c["T"]: c for c in cells if c["family"] == family}
         if not mine:
             continue
+        known = [c for c in mine.values() if c["err_nf4"] is not None]
         row = {"family": family, "config": common.describe(adapter, shapes), "params": n,
-               "err_nf4": next(c["err_nf4"] for c in mine.values() if c["err_nf4"] is not None)}
-        for T, c in mine.items():
-            row[f"err_T{T}"] = row["err_nf4"] if T == 0 else c["err"]
-            row[f"loss_T{T}"], row[f"after_T{T}"] = c["loss_init"], c["loss_after"]
-            row[f"wall_T{T}"] = c["wall_s"]
+               "err_nf4": known[0]["err_nf4"] if known else None}
+        for label, c in mine.items():
+            row[f"err_{label}"] = row["err_nf4"] if label == "T0" else c["err"]
+            row[f"loss_{label}"], row[f"after_{label}"] = c["loss_init"], c["loss_after"]
+            row[f"wall_{label}"], row[f"act_{label}"] = c["wall_s"], c["act"]
+            row[f"init_{label}"] = c["init_wall_s"]
         out_rows.append(row)
     return out_rows, {"full_loss": full, "shapes": shapes, "cells": cells, "train_file": train_path,
                       "held_out_file": held_out_file}
 
 
 def table(setup, rows: list[dict], info: dict) -> str:
-    Ts = (0, *setup.iters)
+    labels = [v[0] for v in variants(setup)]
     for r in rows:
         gap = r["loss_T0"] - info["full_loss"]
-        for t in setup.iters:
-            r[f"closed_T{t}"] = (r["loss_T0"] - r[f"loss_T{t}"]) / gap if abs(gap) > 1e-12 else 0.0
+        for t in labels[1:]:
+            r[f"closed_{t}"] = (r["loss_T0"] - r[f"loss_{t}"]) / gap if abs(gap) > 1e-12 else 0.0
     columns = {"family": "family", "config": "config", "params": "params",
-               **{f"err_T{t}": f"weight err T={t}" for t in Ts}, **{f"loss_T{t}": f"loss at init T={t}" for t in Ts},
-               **{f"closed_T{t}": f"NF4 gap closed T={t}" for t in setup.iters},
-               **{f"after_T{t}": f"loss after fine-tune T={t}" for t in Ts}}
-    return (f"{setup.model}: held-out loss of the unquantised model {info['full_loss']:.4f}; T=0 is plain NF4. "
-            f"Fine-tune: {setup.finetune_steps} steps of {setup.batch_size} at lr {setup.finetune_lr:g}.\n\n"
-            + common.markdown_table(rows, columns, signed=tuple(f"closed_T{t}" for t in setup.iters)))
+               **{f"err_{t}": f"weight err {t}" for t in labels}, **{f"loss_{t}": f"loss at init {t}" for t in labels},
+               **{f"closed_{t}": f"NF4 gap closed {t}" for t in labels[1:]},
+               **{f"after_{t}": f"loss after fine-tune {t}" for t in labels}}
+    return (f"{setup.model}: held-out loss of the unquantised model {info['full_loss']:.4f}; T0 is plain NF4, T<n> "
+            "LoftQ, C<n> calibrated, Czero calibrated rounding with a zero adapter, Cplain<n> LoftQ's fit on "
+            f"calibrated rounding. Fine-tune: {setup.finetune_steps} steps of {setup.batch_size} at lr "
+            f"{setup.finetune_lr:g}, seed {setup.seed}.\n\n"
+            + common.markdown_table(rows, columns, signed=tuple(f"closed_{t}" for t in labels[1:])))
 
 
 def plot(setup, rows: list[dict], info: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
-    Ts = (0, *setup.iters)
+    Ts = [v[0] for v in variants(setup)]
     fig, axes = plt.subplots(1, 3, figsize=(15, 3.8))
     families = [r["family"] for r in rows]
     width = 0.8 / len(Ts)
-    for ax, (title, key) in zip(axes, [("mean per-layer weight error", "err_T"), ("held-out loss at init", "loss_T"),
-                                       ("held-out loss after the fine-tune", "after_T")], strict=True):
+    for ax, (title, key) in zip(axes, [("mean per-layer weight error", "err_"), ("held-out loss at init", "loss_"),
+                                       ("held-out loss after the fine-tune", "after_")], strict=True):
         for i, t in enumerate(Ts):
             xs = [f + (i - len(Ts) / 2 + 0.5) * width for f in range(len(families))]
-            ax.bar(xs, [r[f"{key}{t}"] for r in rows], width, label="plain NF4" if t == 0 else f"LoftQ T={t}")
+            ax.bar(xs, [r[f"{key}{t}"] for r in rows], width, label="plain NF4" if t == "T0" else t)
         values = [r[f"{key}{t}"] for r in rows for t in Ts]
-        if key != "err_T":
+        if key != "err_":
             ax.axhline(info["full_loss"], color="black", linestyle="--", label="unquantised model")
             values.append(info["full_loss"])
         spread = max(values) - min(values)
@@ -162,5 +198,6 @@ def plot(setup, rows: list[dict], info: dict, path: Path) -> None:
         ax.set_title(title, fontsize="medium")
         ax.grid(axis="y", alpha=0.3)
     axes[1].legend(fontsize="small")
-    fig.suptitle(f"LoftQ on {setup.model}, {len(info['shapes'])} adapted linears")
+    fig.suptitle(f"LoftQ and the calibrated init on {setup.model}, {len(info['shapes'])} adapted linears, "
+                 f"seed {setup.seed}")
     plots.save(fig, path)
