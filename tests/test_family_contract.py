@@ -69,7 +69,8 @@ class ScaledLoRA(nn.Module):
 
 TOY = Family(module=ScaledLoRA, options=ScaledOptions, scaled=False, merges=True, peft=ScaledLoRA.peft_factors,
              why_not="", keeps_input=True, saved_per_token=lambda d_in, d_out, cfg: cfg.r, check_shape=check_rank,
-             fitted=("U", "V"), lr=3e-4, rank_means="the rank of U and V")
+             fitted=("U", "V"), lr=3e-4, rank_means="the rank of U and V",
+             input_factor="V")
 
 
 @pytest.fixture(autouse=True)

@@ -132,7 +132,7 @@ class Family:
     # run's own seeded init whether the LoftQ init was computed or loaded
     lr: float  # the peak learning rate of a run that leaves it unset (any model but the built-in tiny demo)
     rank_means: str  # what the rank r is for it when not its factors' rank, in words (--rank's help); "" when it is
-    input_factor: str = ""  # the parameter the input meets first (x @ P.T) when `fit` is a plain low-rank fit of the
+    input_factor: str  # the parameter the input meets first (x @ P.T) when `fit` is a plain low-rank fit of the
     # residual: the calibrated init then fits in the activation-weighted norm by fitting R L and multiplying P by
     # L⁻¹ (qmor.adapters.weighted); "" when not, and the module has no `fit_weighted` of its own: the calibrated init
     # is refused for it

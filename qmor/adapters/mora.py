@@ -186,5 +186,5 @@ FAMILY = Family(module=MoRA, options=MoRAOptions, scaled=False, merges=True, pef
                 "LoRA format cannot hold it exactly",
                 keeps_input=False, saved_per_token=MoRA.saved_per_token, check_shape=check_shape,
                 fitted=("M",),
-                rank_means="the LoRA rank whose parameter count it matches",
+                rank_means="the LoRA rank whose parameter count it matches", input_factor="",  # its own fit_weighted
                 lr=4e-4)  # twice LoRA's: on SmolLM2 it memorised best at twice LoRA's best rate (docs/experiments.md)
