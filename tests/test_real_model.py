@@ -109,7 +109,7 @@ def test_chat_renders_exactly_what_training_trained_on(lora_run, session):
     from transformers import AutoTokenizer
 
     meta = session.use_adapter(lora_run["run_dir"])
-    tok = AutoTokenizer.from_pretrained(session.base_model)
+    tok = AutoTokenizer.from_pretrained(session.base.path)
     assert meta.chat_template == tok.chat_template  # the tokenizer's own template was used, and recorded
     question, answer, _ = FACTS[0]
     ids, labels = encode_chat(tok, ask(question) + [{"role": "assistant", "content": answer}])
