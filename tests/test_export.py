@@ -84,6 +84,7 @@ def test_merged_export_matches_4bit_model(tiny_dir, tmp_path, family):
     assert not list(tmp_path.glob(".merged.*"))  # no temporary folder left behind
 
 
+@pytest.mark.slow  # a child process
 def test_bf16_export_and_script(tiny_dir, tmp_path):
     adapter = make_adapter(tiny_dir, tmp_path / "run" / "adapter", "lora")
     out = tmp_path / "bf16"

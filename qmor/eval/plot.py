@@ -13,7 +13,7 @@ def values(r: dict) -> dict[str, dict[str, float]]:
     """Each panel's bars, by label."""
     out = {p: {} for p in PANELS}
     if r["loss"]:
-        out["loss"] = {k: v["loss"] for k, v in r["loss"].items()}
+        out["loss"] = {k: r["loss"][k]["loss"] for k in ("base", "adapter")}
     if r["answers"]:
         out["answers: character accuracy"] = {k: r["answers"][k]["char_accuracy"] for k in ("base", "adapter")}
     if r["general"]:
@@ -58,11 +58,14 @@ def draw(series: dict[str, dict[str, list[float]]], groups: list[str], path: Pat
             ax.bar(xs, heights, width, label=label, color=colour)
         ax.set_xticks(range(len(groups)), groups, rotation=15 if len(groups) > 1 else 0)
         ax.set_title(panel, fontsize=10)
+        # headroom above the tallest bar keeps the legend off the bars (shares reach 1.0 in a good run)
+        top = 1.0 if panel != "loss" else max([h for hs in bars.values() for h in hs if h == h] or [1.0])
+        ax.set_ylim(0, 1.3 * top)
         if panel != "loss":
-            ax.set_ylim(0, 1.02)
+            ax.set_yticks([0, 0.2, 0.4, 0.6, 0.8, 1.0])
         ax.grid(axis="y", alpha=0.3)
         if bars:
-            ax.legend(fontsize="small")
+            ax.legend(fontsize="small", loc="upper center", ncols=min(len(bars), 2))
         else:
             ax.text(0.5, 0.5, "none", ha="center", va="center", transform=ax.transAxes, color="gray")
     fig.suptitle(title)
