@@ -17,6 +17,7 @@ import torch
 from apps.command import short_path
 from apps.paths import Workspace, adapter_config, check_run_sources, model_arg, run_dir
 from apps.ui import error_md, ok_md, trained_runs
+from qmor.config import QuantConfig
 from qmor.errors import QmorError
 from qmor.model.base import Base
 from qmor.model.files import builtin_name
@@ -33,20 +34,21 @@ class LoadedChat:
         self.lock = threading.Lock()
         self.session = None  # qmor.chat.ChatSession, once loaded
         self.base: Base | None = None  # the base it was loaded from
+        self.quantised = True  # in 4-bit; False: unquantised (a merged export), which takes no adapter
         self.adapter: str | None = None  # the adapter folder active on it (None: the base alone)
 
-    def load(self, base: Base, adapter: str | None) -> str:
-        """Load `base` unless it is loaded already (the app's own: a built-in is built in the workspace's cache
-        when paths are confined), then switch to `adapter`; returns what was done, in words. Call with the lock
-        held."""
+    def load(self, base: Base, adapter: str | None, quantised: bool = True) -> str:
+        """Load `base` (in 4-bit, or unquantised) unless it is loaded so already (the app's own: a built-in is built
+        in the workspace's cache when paths are confined), then switch to `adapter`; returns what was done, in
+        words. Call with the lock held."""
         from qmor.chat import ChatSession  # torch and transformers load when a chat starts, not with the app
 
         t0 = time.perf_counter()
-        if self.session is None or self.base != base:
+        if self.session is None or self.base != base or self.quantised != quantised:
             self.unload()
-            self.session = ChatSession(base)
-            self.base, self.adapter = base, None
-            what = f"loaded {base.name}"
+            self.session = ChatSession(base, quant=QuantConfig() if quantised else None)
+            self.base, self.adapter, self.quantised = base, None, quantised
+            what = f"loaded {base.name}" + ("" if quantised else " unquantised")
         else:
             what = f"kept {base.name} loaded"
         if adapter != self.adapter:
@@ -104,7 +106,10 @@ def _layout(ws: Workspace) -> dict:
         run = gr.Dropdown([NONE, *trained_runs(ws)], value=NONE, label="Trained run (adapter)", scale=2,
                           allow_custom_value=True)
         base = gr.Textbox("tiny", label="Base model (filled in from the run)", scale=3)
-        trust = gr.Checkbox(False, label="Trust remote code", scale=1)
+        with gr.Column(scale=1, min_width=160):
+            trust = gr.Checkbox(False, label="Trust remote code")
+            # a merged export in 4-bit is quantised a second time, away from the adapter it came from
+            unquantised = gr.Checkbox(False, label="Unquantised (a merged export; no adapter)")
     with gr.Row():
         refresh_btn = gr.Button("Refresh runs", size="sm")
         load_btn = gr.Button("Load", variant="primary", size="sm", elem_id="chat-load")
@@ -125,9 +130,10 @@ def _layout(ws: Workspace) -> dict:
         msg = gr.Textbox(placeholder="Type a message and press Enter", show_label=False, scale=5, elem_id="chat-msg")
         send_btn = gr.Button("Send", variant="primary", scale=1, elem_id="chat-send")
         clear_btn = gr.Button("Clear", scale=1)
-    return dict(run=run, base=base, trust=trust, refresh_btn=refresh_btn, load_btn=load_btn, unload_btn=unload_btn,
-                status=status, system=system, temperature=temperature, top_p=top_p, top_k=top_k, max_new=max_new,
-                rep=rep, compare=compare, bot=bot, bot_base=bot_base, msg=msg, send_btn=send_btn, clear_btn=clear_btn)
+    return dict(run=run, base=base, trust=trust, unquantised=unquantised, refresh_btn=refresh_btn, load_btn=load_btn,
+                unload_btn=unload_btn, status=status, system=system, temperature=temperature, top_p=top_p, top_k=top_k,
+                max_new=max_new, rep=rep, compare=compare, bot=bot, bot_base=bot_base, msg=msg, send_btn=send_btn,
+                clear_btn=clear_btn)
 
 
 def _wire(ws: Workspace, ui: dict, loaded: LoadedChat) -> None:
@@ -143,7 +149,7 @@ def _wire(ws: Workspace, ui: dict, loaded: LoadedChat) -> None:
         base = meta.get("base_model") or "tiny"
         return gr.update(value=builtin_name(base, ws.cache) or short_path(base))
 
-    def load(name, base_text, trust_rc):
+    def load(name, base_text, trust_rc, unquantised=False):
         try:
             adapter = None
             if name and name != NONE:
@@ -152,7 +158,7 @@ def _wire(ws: Workspace, ui: dict, loaded: LoadedChat) -> None:
                 adapter = str(RunDir(run).adapter)
             with loaded.lock:
                 base = Base.resolve(model_arg(ws, base_text), trust_remote_code=bool(trust_rc), cache=ws.cache)
-                return ok_md(loaded.load(base, adapter))
+                return ok_md(loaded.load(base, adapter, quantised=not unquantised))
         except Exception as e:  # shown in the tab, not raised into gradio's generic error
             return error_md(e)
 
@@ -179,7 +185,7 @@ def _wire(ws: Workspace, ui: dict, loaded: LoadedChat) -> None:
     run, base, status, bot, bot_base = ui["run"], ui["base"], ui["status"], ui["bot"], ui["bot_base"]
     ui["refresh_btn"].click(lambda: gr.update(choices=[NONE, *trained_runs(ws)]), None, run, api_name="chat_runs")
     run.change(pick_run, run, base, api_visibility="private")
-    ui["load_btn"].click(load, [run, base, ui["trust"]], status, api_name="chat_load")
+    ui["load_btn"].click(load, [run, base, ui["trust"], ui["unquantised"]], status, api_name="chat_load")
     ui["unload_btn"].click(unload, None, status, api_name="chat_unload")
     ui["compare"].change(lambda c: gr.update(visible=bool(c)), ui["compare"], bot_base, api_visibility="private")
     chat_in = [ui[k] for k in ("msg", "bot", "bot_base", "compare", "system", "temperature", "top_p", "top_k",

@@ -27,7 +27,7 @@ from qmor.config import QuantConfig
 from qmor.data.template import TemplateError, encode, render, template_text
 from qmor.errors import QmorError
 from qmor.model.base import Base, TrainedAdapter
-from qmor.model.load import attach_trained, load_4bit
+from qmor.model.load import attach_trained, load_4bit, load_unquantised
 from qmor.model.quant import is_4bit, set_packed
 from qmor.training.run_dir import open_adapter
 
@@ -115,13 +115,15 @@ class TokenStreamer:
 
 
 class ChatSession:
-    """One 4-bit base in memory; adapters come and go, the base stays."""
+    """One 4-bit base in memory; adapters come and go, the base stays. With `quant=None` the base is loaded
+    unquantised instead (a merged export, as plain transformers runs it), and takes no adapter."""
 
-    def __init__(self, base: str | Base, device: str | None = None, quant: QuantConfig = QuantConfig(),
+    def __init__(self, base: str | Base, device: str | None = None, quant: QuantConfig | None = QuantConfig(),
                  trust_remote_code: bool = False, allow_other_base: bool = False):
         self.base = Base.resolve(base, trust_remote_code=trust_remote_code)
         self.allow_other_base = allow_other_base  # use adapters trained on another base (fingerprint differs)
-        self.model = load_4bit(self.base, quant, device).eval()
+        self.quantised = quant is not None
+        self.model = (load_4bit(self.base, quant, device) if quant else load_unquantised(self.base, device)).eval()
         self.tokenizer = self.base.tokenizer()
         # the plain NF4 weights, kept by reference so a LoftQ adapter's Q_T can be swapped out again
         self.plain = {n: m.weight for n, m in self.model.named_modules() if is_4bit(m)}
@@ -143,6 +145,9 @@ class ChatSession:
             self._reset()
             if adapter is None:
                 return None
+            if not self.quantised:
+                raise QmorError("an adapter needs the 4-bit base it was trained on, and this base is loaded "
+                                "unquantised; load it in 4-bit (chat without --no-4bit) to use one")
             adapter = open_adapter(adapter, self.base)  # on the base in memory, whatever base it records
             try:
                 attach_trained(self.model, adapter, self.base, self.allow_other_base)
@@ -215,7 +220,7 @@ class ChatSession:
 
     def describe(self) -> str:
         if self.meta is None:
-            return f"base {self.base} (no adapter)"
+            return f"base {self.base} ({'no adapter' if self.quantised else 'unquantised, no adapter'})"
         return (f"{self.meta.adapter.family} r={self.meta.adapter.r} ({self.meta.init} init) from {self.adapter} on "
                 f"base {self.base}")
 

@@ -17,8 +17,8 @@ def chat(adapter: str | os.PathLike) -> str:
     return f"chat with it: {command('chat', '--adapter', adapter)}"
 
 
-def chat_model(model: str | os.PathLike) -> str:
-    return f"chat with it: {command('chat', '--base-model', model)}"
+def chat_merged(model: str | os.PathLike) -> str:
+    return f"chat with it: {command('chat', '--base-model', model, '--no-4bit')}"
 
 
 def export(source: str | os.PathLike) -> str:

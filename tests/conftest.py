@@ -75,7 +75,12 @@ def perturbed_lora(base_dir, folder, **meta):
 SLOW_FILES = {"test_app_api.py", "test_app_browser.py", "test_app_eval.py", "test_ddp.py", "test_fsdp.py",
               "test_gpu_check.py", "test_experiments.py", "test_bench_train.py"}
 SLOW_TESTS = {"test_every_printed_hint_runs_as_printed", "test_cli_on_a_local_config_and_a_missing_path",  # commands
-              "test_smollm2_gguf_reads_through_the_installed_gguf_module"}  # converts a real model
+              "test_smollm2_gguf_reads_through_the_installed_gguf_module",  # converts a real model
+              # each starts a child process: the export script, a run stopped by SIGTERM, a run's notices, the app
+              # refusing to start, every module imported afresh
+              "test_bf16_export_and_script", "test_sigterm_leaves_a_resumable_checkpoint",
+              "test_a_run_offline_prints_no_hub_kernel_notice", "test_app_refuses_to_start_exposed_without_password",
+              "test_every_module_imports_in_a_fresh_interpreter"}
 
 
 def pytest_collection_modifyitems(items):

@@ -121,6 +121,14 @@ def test_train_chat_export_through_the_api(app, tiny_dir):
     assert "max abs logit difference" in result and "top-1 agreement" in result
     assert (ws / "exports" / "api-fp16" / "config.json").is_file()
 
+    # chat with the export unquantised, as exported; an adapter on an unquantised base is refused in words
+    status = client.predict("(none: base only)", str(ws / "exports" / "api-fp16"), False, True, api_name="/chat_load")
+    assert "api-fp16 unquantised; adapter none" in status, status
+    *_, status = client.predict("hello", [], [], False, "", 0.0, 1.0, 0, 8, 1.0, api_name="/chat")
+    assert "reply complete" in status, status
+    status = client.predict("api", str(tiny_dir), False, True, api_name="/chat_load")
+    assert "needs the 4-bit base" in status, status
+
 
 def saved_run(ws: Path, name: str, base: Path, family: str) -> None:
     """runs/NAME/adapter as training leaves it, with B moved off zero so the export has something to merge."""

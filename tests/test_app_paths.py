@@ -108,7 +108,6 @@ def test_exposed_app_needs_a_password():
     check_launch("0.0.0.0", False, "pw")
 
 
-@pytest.mark.slow  # a child process
 def test_app_refuses_to_start_exposed_without_password(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "QMOR_APP_PASSWORD"}
     r = subprocess.run([sys.executable, str(ROOT / "apps" / "app.py"), "--host", "0.0.0.0", "--workspace",

@@ -13,7 +13,8 @@ from qmor import AdapterConfig, QmorError, cli, save_adapter
 from qmor.adapters.attach import adapted_layers
 from qmor.chat import ChatSession
 from qmor.model.files import expand_builtin
-from qmor.model.load import load_4bit, load_for_training
+from qmor.model.load import load_4bit, load_for_training, load_trained
+from qmor.model.quant import is_4bit
 
 MESSAGES = [{"role": "user", "content": "Hello there, how are you?"}]
 GREEDY = {"temperature": 0, "max_new_tokens": 24}
@@ -134,3 +135,34 @@ def test_a_recorded_builtin_base_is_built_again_when_its_folder_is_gone(tmp_path
     code, out, err = chat(monkeypatch, capsys, "--adapter", str(adapter))
     assert code == 0, err
     assert f"on base {folder}" in out
+
+
+def test_a_merged_export_chats_unquantised_as_exported(lora_dir, tmp_path, monkeypatch, capsys):
+    """--no-4bit loads a merged export as transformers does: its logits stay with the 4-bit + adapter model it was
+    merged from, where a 4-bit load of the export quantises it a second time and moves away."""
+    from transformers import AutoModelForCausalLM
+
+    from qmor.export.exporter import export_merged
+
+    merged = tmp_path / "merged"
+    export_merged(lora_dir, merged)
+    plain = ChatSession(str(merged), quant=None)
+    assert not any(is_4bit(m) for m in plain.model.modules())
+    assert plain.describe() == f"base {merged} (unquantised, no adapter)"
+    x = plain.encode(MESSAGES)["input_ids"]
+    with torch.no_grad():
+        adapter = load_trained(lora_dir)[0].eval()(x).logits
+        requantised = ChatSession(str(merged)).model(x).logits
+        unquantised = plain.model(x).logits
+        exported = AutoModelForCausalLM.from_pretrained(str(merged), dtype=torch.float32).eval()(x).logits
+    assert torch.equal(unquantised, exported)
+    assert (unquantised - adapter).abs().max() < 0.1 * (requantised - adapter).abs().max()
+    with pytest.raises(QmorError, match="needs the 4-bit base"):
+        plain.use_adapter(lora_dir)
+
+    code, out, _ = chat(monkeypatch, capsys, "--base-model", str(merged), "--no-4bit", "--temperature", "0",
+                        "--max-new-tokens", "8", typed="Hello there, how are you?\n/quit\n")
+    assert code == 0 and f"[base {merged} (unquantised, no adapter)]" in out
+    assert plain.reply(MESSAGES, temperature=0, max_new_tokens=8) in out
+    code, _, err = chat(monkeypatch, capsys, "--adapter", str(lora_dir), "--no-4bit")
+    assert code == 2 and err.startswith("error: --no-4bit loads the base unquantised") and len(err.splitlines()) == 1

@@ -84,7 +84,6 @@ def test_merged_export_matches_4bit_model(tiny_dir, tmp_path, family):
     assert not list(tmp_path.glob(".merged.*"))  # no temporary folder left behind
 
 
-@pytest.mark.slow  # a child process
 def test_bf16_export_and_script(tiny_dir, tmp_path):
     adapter = make_adapter(tiny_dir, tmp_path / "run" / "adapter", "lora")
     out = tmp_path / "bf16"
@@ -182,10 +181,11 @@ def test_base_model_is_optional_and_model_is_its_other_name(tiny_dir, tmp_path, 
     adapter = make_adapter(tiny_dir, tmp_path / "adapter", "lora")
     copy = shutil.copytree(tiny_dir, tmp_path / "my base")
     assert cli.main(["export", str(adapter), "--output", str(tmp_path / "recorded")]) == 0
-    assert capsys.readouterr().err.splitlines()[-1] == f"chat with it: qmor chat --base-model {tmp_path / 'recorded'}"
+    hint = f"chat with it: qmor chat --base-model {tmp_path / 'recorded'} --no-4bit"
+    assert capsys.readouterr().err.splitlines()[-1] == hint
     assert cli.main(["export", str(adapter), "--output", str(tmp_path / "other"), "--model", str(copy)]) == 0
     err = capsys.readouterr().err
-    assert err.splitlines()[-1] == f"chat with it: qmor chat --base-model {tmp_path / 'other'}"
+    assert err.splitlines()[-1] == f"chat with it: qmor chat --base-model {tmp_path / 'other'} --no-4bit"
     assert (tmp_path / "other" / "model.safetensors.index.json").is_file()
 
 

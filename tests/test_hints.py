@@ -46,5 +46,5 @@ def test_every_printed_hint_runs_as_printed(tmp_path):
             todo += hints_in(run(line))
     # the export says how to chat with the merged model and how to compare it with the adapter; the chat (on the base
     # the adapter records) how to export
-    assert ran == [*printed, "qmor chat --base-model 'my run-fp16'", "qmor eval 'my run'"]
+    assert ran == [*printed, "qmor chat --base-model 'my run-fp16' --no-4bit", "qmor eval 'my run'"]
     assert (work / "my run-fp16" / "config.json").is_file()

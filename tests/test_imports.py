@@ -9,8 +9,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "qmor"
 APPS = ROOT / "apps"
@@ -169,7 +167,6 @@ def test_qmor_imports_inside_functions_say_why():
     assert not unexplained, "imports inside functions without a comment saying why: " + "; ".join(unexplained)
 
 
-@pytest.mark.slow  # a child process
 def test_every_module_imports_in_a_fresh_interpreter():
     code = "import importlib, sys\nfor name in sys.argv[1:]:\n    importlib.import_module(name)\nprint('ok')"
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}

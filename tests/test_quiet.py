@@ -6,8 +6,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-
 ROOT = Path(__file__).resolve().parents[1]
 AS_AVX512_BF16 = Path(__file__).resolve().parent / "as_avx512_bf16"  # a sitecustomize, see its docstring
 NOTICES = ("kernels-community", "publisher trust", "gemm_4bit_forward")
@@ -24,7 +22,6 @@ def notices(stderr: str) -> list[str]:
     return [line for line in stderr.splitlines() if any(n in line for n in NOTICES)]
 
 
-@pytest.mark.slow  # a child process
 def test_a_run_offline_prints_no_hub_kernel_notice(tmp_path):
     cmd = [sys.executable, "-m", "qmor", "train", "--max-steps", "1", "--num-examples", "8", "--eval-generate", "0",
            "--output", str(tmp_path / "run")]

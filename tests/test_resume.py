@@ -80,7 +80,6 @@ def test_resume_without_checkpoint_is_a_clear_error(tiny_dir, tmp_path):
         resume(tmp_path / "run")
 
 
-@pytest.mark.slow  # a child process
 def test_sigterm_leaves_a_resumable_checkpoint(tiny_dir, tmp_path):
     out = tmp_path / "run"
     env = {**os.environ, "QMOR_CACHE": str(tmp_path / "cache")}

@@ -2,6 +2,7 @@
 
     qmor chat --adapter runs/NAME --temperature 0.7          # on the base the adapter records
     qmor chat --base-model meta-llama/Llama-3.1-8B-Instruct  # the base alone
+    qmor chat --base-model merged/NAME --no-4bit             # a merged export, unquantised as exported
 
 Commands: /adapter DIR (switch adapter, base stays loaded), /base (no adapter), /system TEXT, /clear, /quit.
 """
@@ -30,6 +31,9 @@ def parse_args(argv: list[str] | None = None, prog: str | None = None) -> argpar
     p.add_argument("--top-k", type=int, default=50)
     p.add_argument("--max-new-tokens", type=int, default=256)
     p.add_argument("--repetition-penalty", type=float, default=1.0)
+    p.add_argument("--no-4bit", dest="quantise", action="store_false",
+                   help="load --base-model unquantised (bf16 on CUDA, fp32 on CPU), as plain transformers runs it: "
+                   "for a merged export, which 4-bit would quantise a second time; takes no adapter")
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     p.add_argument("--trust-remote-code", action="store_true", help="run the model repository's own code")
     p.add_argument("--allow-other-base", action="store_true",
@@ -44,6 +48,9 @@ def pick(args: argparse.Namespace):
     from qmor.model.base import Base
     from qmor.training.run_dir import open_adapter
 
+    if args.adapter and not args.quantise:
+        raise QmorError("--no-4bit loads the base unquantised, and an adapter needs the 4-bit base it was trained on; "
+                        "pass --no-4bit with --base-model alone (a merged export), or drop it")
     if not args.adapter and not args.base_model:
         raise QmorError("pass --adapter (a run folder: its base is the one it records) or --base-model (a model "
                         "folder, hub id, tiny or smollm2)")
@@ -82,12 +89,14 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     args = parse_args(argv, prog)
     # loaded when the command runs, so --help and bad options answer at once
     from qmor.chat import ChatSession, Sampling
+    from qmor.config import QuantConfig
 
     try:
         sampling = Sampling(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                             top_k=args.top_k, repetition_penalty=args.repetition_penalty)
         adapter, base = pick(args)
-        session = ChatSession(base, device=args.device, allow_other_base=args.allow_other_base)
+        session = ChatSession(base, device=args.device, quant=QuantConfig() if args.quantise else None,
+                              allow_other_base=args.allow_other_base)
         if adapter:
             session.use_adapter(adapter)
     except USER_ERRORS as e:

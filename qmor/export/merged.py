@@ -38,6 +38,6 @@ class Merged:
                           f"{job.output.name}: merged {job.meta.adapter.family} model")
         shards = sorted(set(index["weight_map"].values()))
         lines = [f"wrote {job.output} ({len(shards)} shard(s), {index['metadata']['total_size'] / 1e6:.1f} MB)",
-                 hints.chat_model(job.output)]
+                 hints.chat_merged(job.output)]
         return Written(card, lines, {"output": str(job.output), "shards": shards, "max_abs": check.max_abs,
                                      "top1": check.top1, "tolerance": check.tolerance})

@@ -7,6 +7,8 @@ is the LoftQ-initialised Q_T, not plain nf4(W).
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -34,6 +36,18 @@ def load_tokenizer(base: str | Base, trust_remote_code: bool = False):
     return Base.resolve(base, trust_remote_code=trust_remote_code).tokenizer()
 
 
+@contextmanager
+def reading(base: Base) -> Iterator[None]:
+    """transformers' errors while it reads the base, as one line that names it."""
+    try:
+        yield
+    except LOAD_ERRORS as e:
+        raise load_failed(base.path, e) from None
+    except SafetensorError:  # transformers' own read of a damaged file, which its error does not name
+        weight_files(base.folder)  # names it in one line
+        raise
+
+
 def load_4bit(
     base: str | Base,
     cfg: QuantConfig = QuantConfig(),
@@ -55,24 +69,32 @@ def load_4bit(
     if cfg.blocksize != 64:
         raise QmorError("transformers loads NF4 with block size 64 only; set QuantConfig.blocksize = 64")
     config = base.config()
-    try:
-        with moe.experts_left_out(config):  # MoE experts are read and quantised expert by expert below
-            model = AutoModelForCausalLM.from_pretrained(
-                load_path(base.path),
-                quantization_config=quant,
-                dtype=dtype,
-                device_map={"": device},
-                trust_remote_code=base.trust_remote_code,
-            )
-    except LOAD_ERRORS as e:
-        raise load_failed(base.path, e) from None
-    except SafetensorError:  # transformers' own read of a damaged file, which its error does not name
-        weight_files(base.folder)  # names it in one line
-        raise
+    with reading(base), moe.experts_left_out(config):  # MoE experts are read and quantised expert by expert below
+        model = AutoModelForCausalLM.from_pretrained(
+            load_path(base.path),
+            quantization_config=quant,
+            dtype=dtype,
+            device_map={"": device},
+            trust_remote_code=base.trust_remote_code,
+        )
     moe.quantise_experts(model, base, cfg, device, dtype)
     support.check_quantised(model)
     model.config.use_cache = False
     keep_plain_layout(model)
+    return model
+
+
+def load_unquantised(base: str | Base, device: str | None = None, trust_remote_code: bool = False) -> nn.Module:
+    """Load a causal LM as plain transformers does, in the compute dtype (bf16 on CUDA, fp32 on CPU): for a merged
+    export, which a 4-bit load would quantise a second time, away from the adapter it was merged from."""
+    base = Base.resolve(base, trust_remote_code=trust_remote_code)
+    base.check()
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    with reading(base):
+        model = AutoModelForCausalLM.from_pretrained(load_path(base.path), dtype=compute_dtype(QuantConfig(), device),
+                                                     device_map={"": device},
+                                                     trust_remote_code=base.trust_remote_code)
+    model.config.use_cache = False
     return model
 
 
