@@ -49,7 +49,7 @@ def pick(args: argparse.Namespace):
     from qmor.training.run_dir import open_adapter
 
     if args.adapter and not args.quantise:
-        raise QmorError("--no-4bit loads the base unquantised, and an adapter needs the 4-bit base it was trained on; "
+        raise QmorError("an adapter needs the 4-bit base it was trained on, and --no-4bit loads the base unquantised; "
                         "pass --no-4bit with --base-model alone (a merged export), or drop it")
     if not args.adapter and not args.base_model:
         raise QmorError("pass --adapter (a run folder: its base is the one it records) or --base-model (a model "
