@@ -123,7 +123,8 @@ class ChatSession:
         self.base = Base.resolve(base, trust_remote_code=trust_remote_code)
         self.allow_other_base = allow_other_base  # use adapters trained on another base (fingerprint differs)
         self.quantised = quant is not None
-        self.model = (load_4bit(self.base, quant, device) if quant else load_unquantised(self.base, device)).eval()
+        self.model = (load_4bit(self.base, quant, device) if self.quantised
+                      else load_unquantised(self.base, device)).eval()
         self.tokenizer = self.base.tokenizer()
         # the plain NF4 weights, kept by reference so a LoftQ adapter's Q_T can be swapped out again
         self.plain = {n: m.weight for n, m in self.model.named_modules() if is_4bit(m)}

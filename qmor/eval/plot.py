@@ -3,6 +3,7 @@ plot puts several runs' adapters side by side on the same panels."""
 
 from __future__ import annotations
 
+import math
 import uuid
 from pathlib import Path
 
@@ -59,7 +60,7 @@ def draw(series: dict[str, dict[str, list[float]]], groups: list[str], path: Pat
         ax.set_xticks(range(len(groups)), groups, rotation=15 if len(groups) > 1 else 0)
         ax.set_title(panel, fontsize=10)
         # headroom above the tallest bar keeps the legend off the bars (shares reach 1.0 in a good run)
-        top = 1.0 if panel != "loss" else max([h for hs in bars.values() for h in hs if h == h] or [1.0])
+        top = 1.0 if panel != "loss" else max([h for hs in bars.values() for h in hs if not math.isnan(h)] or [1.0])
         ax.set_ylim(0, 1.3 * top)
         if panel != "loss":
             ax.set_yticks([0, 0.2, 0.4, 0.6, 0.8, 1.0])

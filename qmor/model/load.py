@@ -36,6 +36,13 @@ def load_tokenizer(base: str | Base, trust_remote_code: bool = False):
     return Base.resolve(base, trust_remote_code=trust_remote_code).tokenizer()
 
 
+def resolved(base: str | Base, device: str | None, trust_remote_code: bool) -> tuple[Base, str]:
+    """The base to load, resolved and checked, and the device to load it on (cuda when there is one)."""
+    base = Base.resolve(base, trust_remote_code=trust_remote_code)
+    base.check()
+    return base, device or ("cuda" if torch.cuda.is_available() else "cpu")
+
+
 @contextmanager
 def reading(base: Base) -> Iterator[None]:
     """transformers' errors while it reads the base, as one line that names it."""
@@ -55,9 +62,7 @@ def load_4bit(
     trust_remote_code: bool = False,
 ) -> nn.Module:
     """Load a causal LM with every linear layer but the output head in NF4 (double quantisation by default)."""
-    base = Base.resolve(base, trust_remote_code=trust_remote_code)
-    base.check()
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    base, device = resolved(base, device, trust_remote_code)
     dtype = compute_dtype(cfg, device)
     quant = BitsAndBytesConfig(
         load_in_4bit=True,
@@ -87,9 +92,7 @@ def load_4bit(
 def load_unquantised(base: str | Base, device: str | None = None, trust_remote_code: bool = False) -> nn.Module:
     """Load a causal LM as plain transformers does, in the compute dtype (bf16 on CUDA, fp32 on CPU): for a merged
     export, which a 4-bit load would quantise a second time, away from the adapter it was merged from."""
-    base = Base.resolve(base, trust_remote_code=trust_remote_code)
-    base.check()
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    base, device = resolved(base, device, trust_remote_code)
     with reading(base):
         model = AutoModelForCausalLM.from_pretrained(load_path(base.path), dtype=compute_dtype(QuantConfig(), device),
                                                      device_map={"": device},
